@@ -1,0 +1,1 @@
+//! KV transfer: the paged-block layout descriptor, the reshard plan from prefill stages (layer ranges, all KV heads) to decode ranks (all layers, their KV heads), and the `Transport` backends (UCX, QUIC, in-process). Filled by the disaggregated-serving and UCX issues.

@@ -1,0 +1,101 @@
+//! The model's shape, read from GGUF metadata or a Hugging Face `config.json`.
+
+use serde::{Deserialize, Serialize};
+
+/// Llama-family architectures Tandem runs. They share one transformer; the
+/// differences are flags on [`ModelConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    pub fn parse(name: &str) -> Option<Arch> {
+        match name {
+            "llama" => Some(Arch::Llama),
+            "mistral" => Some(Arch::Mistral),
+            "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
+            _ => None,
+        }
+    }
+
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3";
+}
+
+/// Shape and numerics of a decoder-only transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub name: String,
+    pub arch: Arch,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    /// RoPE rotates the two halves of a head (GPT-NeoX style) rather than
+    /// adjacent pairs. GGUF llama files have Q/K permuted for adjacent pairs;
+    /// Qwen GGUFs and every Hugging Face checkpoint use halves.
+    pub rope_neox: bool,
+    /// Q/K/V projections carry a bias (Qwen2).
+    pub qkv_bias: bool,
+    /// Per-head RMS norm on Q and K before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+impl ModelConfig {
+    /// Query heads per KV head (GQA group size).
+    pub fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// The tensor-parallel degrees this model accepts: divisors of the KV-head count.
+    pub fn valid_tp(&self) -> Vec<usize> {
+        (1..=self.n_kv_heads)
+            .filter(|t| self.n_kv_heads % t == 0 && self.intermediate % t == 0)
+            .collect()
+    }
+
+    /// Bytes of KV per token for the whole model at `elem_bytes` per element.
+    pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.head_dim * elem_bytes
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let pos = [
+            ("block_count", self.n_layers),
+            ("embedding_length", self.hidden),
+            ("head_count", self.n_heads),
+            ("head_count_kv", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("feed_forward_length", self.intermediate),
+            ("vocab_size", self.vocab_size),
+        ];
+        for (name, v) in pos {
+            if v == 0 {
+                return Err(format!("{name} is 0"));
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(format!(
+                "head_count {} is not a multiple of head_count_kv {}",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head dimension {} is odd", self.head_dim));
+        }
+        if !(self.rope_theta > 0.0) || !(self.rms_eps > 0.0) {
+            return Err("rope theta and RMS epsilon must be positive".into());
+        }
+        Ok(())
+    }
+}

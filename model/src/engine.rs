@@ -1,0 +1,382 @@
+//! Composed slices in one process: `pp` pipeline stages run in sequence, each
+//! with `tp` ranks as threads that own their weight shard and KV pool. With
+//! `pp = tp = 1` this is the single-process reference path (`tandem
+//! generate`); with more, it proves the slices compose to the same model.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use crate::attention::SeqSpan;
+use crate::comm::{AllReduce, ThreadGroup};
+use crate::error::{ModelError, Result};
+use crate::file::ModelFile;
+use crate::kv::{BlockAllocator, BlockId, KvDtype, KvLayout, KvPool};
+use crate::linear::Formats;
+use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::slice::{ModelSlice, Phase, SliceInput, SliceOutput, SliceSpec};
+use crate::stream::{FinishReason, StopState};
+use crate::ModelConfig;
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub pp: usize,
+    pub tp: usize,
+    /// Explicit layer ranges per stage; `None` splits evenly.
+    pub layer_split: Option<Vec<std::ops::Range<usize>>>,
+    pub block_size: usize,
+    pub kv_dtype: KvDtype,
+    /// Blocks in each rank's pool.
+    pub kv_blocks: usize,
+    pub formats: Formats,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            pp: 1,
+            tp: 1,
+            layer_split: None,
+            block_size: KvLayout::DEFAULT_BLOCK_SIZE,
+            kv_dtype: KvDtype::F32,
+            kv_blocks: 1024,
+            formats: Formats::BOTH,
+        }
+    }
+}
+
+struct Job {
+    tokens: Option<Vec<u32>>,
+    hidden: Option<Vec<f32>>,
+    spans: Vec<(usize, usize, Vec<BlockId>)>,
+    phase: Phase,
+}
+
+struct Rank {
+    tx: Option<mpsc::SyncSender<Job>>,
+    rx: mpsc::Receiver<Result<SliceOutput>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A sequence's state in the engine: its tokens and the blocks holding their KV.
+#[derive(Debug, Default, Clone)]
+pub struct Sequence {
+    pub tokens: Vec<u32>,
+    pub blocks: Vec<BlockId>,
+    /// Tokens whose KV is in the cache.
+    pub computed: usize,
+}
+
+pub struct Engine {
+    pub config: ModelConfig,
+    stages: Vec<Vec<Rank>>,
+    alloc: BlockAllocator,
+    block_size: usize,
+}
+
+impl Engine {
+    pub fn new(file: &ModelFile, opts: &EngineOptions) -> Result<Engine> {
+        let cfg = &file.config;
+        let split = match &opts.layer_split {
+            Some(s) => {
+                check_split(s, cfg.n_layers)?;
+                s.clone()
+            }
+            None => SliceSpec::even_split(cfg.n_layers, opts.pp)?,
+        };
+        let mut stages = Vec::new();
+        for layers in split {
+            let groups = ThreadGroup::new(opts.tp);
+            let mut ranks = Vec::new();
+            for (r, group) in groups.into_iter().enumerate() {
+                let spec = SliceSpec {
+                    layers: layers.clone(),
+                    tp_rank: r,
+                    tp: opts.tp,
+                };
+                let slice = ModelSlice::load(file, &spec, opts.formats)?;
+                let pool = KvPool::new(
+                    slice.kv_layout(opts.block_size, opts.kv_dtype),
+                    opts.kv_blocks,
+                );
+                let (tx, job_rx) = mpsc::sync_channel::<Job>(1);
+                let (out_tx, rx) = mpsc::sync_channel(1);
+                let thread = std::thread::Builder::new()
+                    .name(format!("slice-{}-{}-r{r}", layers.start, layers.end))
+                    .spawn(move || rank_loop(slice, pool, group, job_rx, out_tx))
+                    .map_err(|e| ModelError::Worker(format!("cannot start a rank thread: {e}")))?;
+                ranks.push(Rank {
+                    tx: Some(tx),
+                    rx,
+                    thread: Some(thread),
+                });
+            }
+            stages.push(ranks);
+        }
+        Ok(Engine {
+            config: cfg.clone(),
+            stages,
+            alloc: BlockAllocator::new(opts.kv_blocks),
+            block_size: opts.block_size,
+        })
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.alloc.free_count()
+    }
+
+    /// Runs new tokens of several sequences through every stage; returns the
+    /// logits of each sequence's last new token.
+    fn run(&mut self, seqs: &[(&Sequence, usize)], phase: Phase) -> Result<Vec<f32>> {
+        let tokens: Vec<u32> = seqs
+            .iter()
+            .flat_map(|(s, n)| s.tokens[s.computed..s.computed + n].iter().copied())
+            .collect();
+        let spans: Vec<(usize, usize, Vec<BlockId>)> = seqs
+            .iter()
+            .map(|(s, n)| (s.computed, *n, s.blocks.clone()))
+            .collect();
+        let mut hidden: Option<Vec<f32>> = None;
+        let n_stages = self.stages.len();
+        for (si, ranks) in self.stages.iter().enumerate() {
+            for rank in ranks {
+                let job = Job {
+                    tokens: (si == 0).then(|| tokens.clone()),
+                    hidden: hidden.clone(),
+                    spans: spans.clone(),
+                    phase,
+                };
+                rank.tx
+                    .as_ref()
+                    .expect("senders live until drop")
+                    .send(job)
+                    .map_err(|_| ModelError::Worker("a rank thread has stopped".into()))?;
+            }
+            let mut outs = Vec::new();
+            for rank in ranks {
+                outs.push(
+                    rank.rx
+                        .recv()
+                        .map_err(|_| ModelError::Worker("a rank thread has stopped".into()))??,
+                );
+            }
+            match outs.swap_remove(0) {
+                SliceOutput::Hidden(h) if si + 1 < n_stages => hidden = Some(h),
+                SliceOutput::Logits(l) if si + 1 == n_stages => return Ok(l),
+                _ => {
+                    return Err(ModelError::Worker(
+                        "a stage returned the wrong kind of output".into(),
+                    ))
+                }
+            }
+        }
+        Err(ModelError::Worker("no stages".into()))
+    }
+
+    fn ensure_blocks(&mut self, seq: &mut Sequence, positions: usize) -> Result<()> {
+        let need = positions.div_ceil(self.block_size);
+        if need > seq.blocks.len() {
+            let more = self.alloc.alloc(need - seq.blocks.len()).ok_or_else(|| {
+                ModelError::Kv(format!(
+                    "out of KV blocks: {} needed, {} free",
+                    need - seq.blocks.len(),
+                    self.alloc.free_count()
+                ))
+            })?;
+            seq.blocks.extend(more);
+        }
+        Ok(())
+    }
+
+    /// Prefills every not-yet-computed token of `seq` in chunks of at most
+    /// `chunk` tokens; returns the last token's logits.
+    pub fn prefill(&mut self, seq: &mut Sequence, chunk: usize) -> Result<Vec<f32>> {
+        let total = seq.tokens.len();
+        if seq.computed >= total {
+            return Err(ModelError::Invalid("nothing to prefill".into()));
+        }
+        self.ensure_blocks(seq, total)?;
+        let mut logits = Vec::new();
+        while seq.computed < total {
+            let n = chunk.max(1).min(total - seq.computed);
+            logits = self.run(&[(seq, n)], Phase::Prefill)?;
+            seq.computed += n;
+        }
+        Ok(logits)
+    }
+
+    /// One decode step for every sequence: each must have exactly one token
+    /// not yet computed. Returns `[seqs, vocab]` logits.
+    pub fn decode(&mut self, seqs: &mut [&mut Sequence]) -> Result<Vec<f32>> {
+        for s in seqs.iter_mut() {
+            if s.tokens.len() != s.computed + 1 {
+                return Err(ModelError::Invalid(
+                    "a decode step takes exactly one new token per sequence".into(),
+                ));
+            }
+            let len = s.tokens.len();
+            self.ensure_blocks(s, len)?;
+        }
+        let refs: Vec<(&Sequence, usize)> = seqs.iter().map(|s| (&**s, 1)).collect();
+        let logits = self.run(&refs, Phase::Decode)?;
+        for s in seqs.iter_mut() {
+            s.computed += 1;
+        }
+        Ok(logits)
+    }
+
+    pub fn release(&mut self, seq: &mut Sequence) {
+        self.alloc.release_all(&seq.blocks);
+        seq.blocks.clear();
+        seq.computed = 0;
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for ranks in &mut self.stages {
+            for r in ranks.iter_mut() {
+                r.tx.take();
+            }
+            for r in ranks.iter_mut() {
+                if let Some(t) = r.thread.take() {
+                    let _ = t.join();
+                }
+            }
+        }
+    }
+}
+
+fn rank_loop(
+    slice: ModelSlice,
+    mut pool: KvPool,
+    group: ThreadGroup,
+    jobs: mpsc::Receiver<Job>,
+    out: mpsc::SyncSender<Result<SliceOutput>>,
+) {
+    while let Ok(job) = jobs.recv() {
+        let spans: Vec<SeqSpan> = job
+            .spans
+            .iter()
+            .map(|(pos, n, b)| SeqSpan {
+                pos: *pos,
+                n: *n,
+                blocks: b,
+            })
+            .collect();
+        let input = match (&job.tokens, &job.hidden) {
+            (Some(t), _) => SliceInput::Tokens(t),
+            (None, Some(h)) => SliceInput::Hidden(h),
+            (None, None) => {
+                let _ = out.send(Err(ModelError::Worker("a job without input".into())));
+                continue;
+            }
+        };
+        let r = slice.forward(
+            input,
+            &spans,
+            &mut pool,
+            &group as &dyn AllReduce,
+            job.phase,
+        );
+        if out.send(r).is_err() {
+            break;
+        }
+    }
+}
+
+fn check_split(split: &[std::ops::Range<usize>], n_layers: usize) -> Result<()> {
+    let mut next = 0;
+    for r in split {
+        if r.start != next || r.end <= r.start {
+            return Err(ModelError::InvalidSlice(format!(
+                "layer split {split:?} must cover 0..{n_layers} with contiguous, non-empty ranges (stage starting at {} should start at {next})",
+                r.start
+            )));
+        }
+        next = r.end;
+    }
+    if next != n_layers {
+        return Err(ModelError::InvalidSlice(format!(
+            "layer split {split:?} ends at {next}, the model has {n_layers} layers"
+        )));
+    }
+    Ok(())
+}
+
+/// What a finished generation produced.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+/// Generates a continuation of `prompt`, calling `on_text` with each piece of
+/// text as soon as it is final.
+pub fn generate(
+    engine: &mut Engine,
+    tok: &crate::Tokenizer,
+    prompt: &[u32],
+    params: &SamplingParams,
+    chunk: usize,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(ModelError::Invalid("the prompt is empty".into()));
+    }
+    let ctx = engine.config.context_length;
+    if prompt.len() >= ctx {
+        return Err(ModelError::Invalid(format!(
+            "the prompt has {} tokens; the context holds {ctx}",
+            prompt.len()
+        )));
+    }
+    let mut seq = Sequence {
+        tokens: prompt.to_vec(),
+        ..Default::default()
+    };
+    let mut sampler = Sampler::new(params);
+    let mut stop = StopState::new(tok, params);
+    let mut out = Generation {
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+        text: String::new(),
+        finish: FinishReason::Length,
+        prompt_tokens: prompt.len(),
+        prefill_secs: 0.0,
+        decode_secs: 0.0,
+    };
+    let t0 = std::time::Instant::now();
+    let result = (|| -> Result<()> {
+        let logits = engine.prefill(&mut seq, chunk)?;
+        out.prefill_secs = t0.elapsed().as_secs_f64();
+        let mut next: Sampled = sampler.sample(&logits);
+        let t1 = std::time::Instant::now();
+        loop {
+            out.tokens.push(next.token);
+            out.logprobs.push(next.logprob);
+            let mut step = stop.push(tok, next.token);
+            if step.finished.is_none() && seq.tokens.len() + 1 >= ctx {
+                step = stop.finish(FinishReason::Length, true);
+            }
+            on_text(&step.text);
+            out.text.push_str(&step.text);
+            if let Some(f) = step.finished {
+                out.finish = f;
+                break;
+            }
+            seq.tokens.push(next.token);
+            let logits = engine.decode(&mut [&mut seq])?;
+            next = sampler.sample(&logits);
+        }
+        out.decode_secs = t1.elapsed().as_secs_f64();
+        Ok(())
+    })();
+    engine.release(&mut seq);
+    result.map(|_| out)
+}

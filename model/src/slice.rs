@@ -1,0 +1,589 @@
+//! A slice of the model: a layer range `[a, b)` times a KV-head shard (rank
+//! `r` of `tp`). Every role runs one: the single-process reference holds the
+//! whole model, a prefill stage a layer range with all heads, a decode rank
+//! all layers with its heads.
+//!
+//! A tensor-parallel shard holds the Q/K/V rows of its KV heads and their
+//! query groups, the matching input columns of the attention output, and
+//! `1/tp` of the MLP's intermediate dimension. Each layer's attention output
+//! and MLP down projection yield partial sums that [`AllReduce`] combines.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::attention::{paged_attention, SeqSpan};
+use crate::comm::AllReduce;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::file::{ModelFile, T};
+use crate::kv::{KvDtype, KvLayout, KvPool};
+use crate::linear::{Format, Formats, Linear};
+use crate::quant::QMat;
+use crate::source::RawTensor;
+
+/// Which part of the model a slice holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceSpec {
+    pub layers: Range<usize>,
+    pub tp_rank: usize,
+    pub tp: usize,
+}
+
+impl SliceSpec {
+    pub fn full(cfg: &ModelConfig) -> SliceSpec {
+        SliceSpec {
+            layers: 0..cfg.n_layers,
+            tp_rank: 0,
+            tp: 1,
+        }
+    }
+
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
+        if self.layers.start >= self.layers.end || self.layers.end > cfg.n_layers {
+            return Err(ModelError::InvalidSlice(format!(
+                "layer range {}..{} is empty or outside the model's {} layers",
+                self.layers.start, self.layers.end, cfg.n_layers
+            )));
+        }
+        if self.tp == 0 || !cfg.valid_tp().contains(&self.tp) {
+            return Err(ModelError::InvalidSlice(format!(
+                "tensor-parallel degree {} does not divide the model's {} KV heads; valid values: {:?}",
+                self.tp,
+                cfg.n_kv_heads,
+                cfg.valid_tp()
+            )));
+        }
+        if self.tp_rank >= self.tp {
+            return Err(ModelError::InvalidSlice(format!(
+                "rank {} is not below tp {}",
+                self.tp_rank, self.tp
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn first(&self) -> bool {
+        self.layers.start == 0
+    }
+
+    pub fn last(&self, cfg: &ModelConfig) -> bool {
+        self.layers.end == cfg.n_layers
+    }
+
+    /// KV heads held by this shard.
+    pub fn kv_heads(&self, cfg: &ModelConfig) -> Range<usize> {
+        let per = cfg.n_kv_heads / self.tp;
+        self.tp_rank * per..(self.tp_rank + 1) * per
+    }
+
+    /// Intermediate (MLP) columns held by this shard.
+    pub fn intermediate(&self, cfg: &ModelConfig) -> Range<usize> {
+        let per = cfg.intermediate / self.tp;
+        self.tp_rank * per..(self.tp_rank + 1) * per
+    }
+
+    /// Splits `n_layers` into `pp` contiguous ranges as evenly as possible.
+    pub fn even_split(n_layers: usize, pp: usize) -> Result<Vec<Range<usize>>> {
+        if pp == 0 || pp > n_layers {
+            return Err(ModelError::InvalidSlice(format!(
+                "cannot split {n_layers} layers into {pp} pipeline stages (1..={n_layers})"
+            )));
+        }
+        let (base, extra) = (n_layers / pp, n_layers % pp);
+        let mut start = 0;
+        Ok((0..pp)
+            .map(|i| {
+                let len = base + usize::from(i < extra);
+                let r = start..start + len;
+                start += len;
+                r
+            })
+            .collect())
+    }
+}
+
+/// Which weight format a pass runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Prompt processing: dense weights, one GEMM per chunk.
+    Prefill,
+    /// Token generation: quantized matrix-vector products.
+    Decode,
+}
+
+impl Phase {
+    fn format(self) -> Format {
+        match self {
+            Phase::Prefill => Format::Dense,
+            Phase::Decode => Format::Quant,
+        }
+    }
+}
+
+/// What enters a slice: token ids (first stage) or hidden states `[tokens, hidden]`.
+#[derive(Debug, Clone)]
+pub enum SliceInput<'a> {
+    Tokens(&'a [u32]),
+    Hidden(&'a [f32]),
+}
+
+/// What leaves a slice: hidden states for the next stage, or (last stage,
+/// rank 0) the logits of each sequence's last new token, `[seqs, vocab]`.
+#[derive(Debug, Clone)]
+pub enum SliceOutput {
+    Hidden(Vec<f32>),
+    Logits(Vec<f32>),
+    /// Last-stage ranks other than 0: their part is already in rank 0's logits.
+    Nothing,
+}
+
+enum Table {
+    Quant(QMat),
+    Dense { cols: usize, data: Vec<f32> },
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    qkv: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    o: Linear,
+    ffn_norm: Vec<f32>,
+    gate_up: Linear,
+    down: Linear,
+}
+
+struct Head {
+    norm: Vec<f32>,
+    lm: Linear,
+}
+
+/// Weights of one slice and the code that runs them.
+pub struct ModelSlice {
+    pub config: ModelConfig,
+    pub spec: SliceSpec,
+    embed: Option<Table>,
+    layers: Vec<Layer>,
+    head: Option<Head>,
+    inv_freq: Vec<f32>,
+    n_q: usize,
+    n_kv: usize,
+    inter: usize,
+}
+
+impl std::fmt::Debug for ModelSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSlice")
+            .field("spec", &self.spec)
+            .finish()
+    }
+}
+
+impl ModelSlice {
+    /// Loads the weights `spec` covers, in the formats asked for.
+    pub fn load(file: &ModelFile, spec: &SliceSpec, formats: Formats) -> Result<ModelSlice> {
+        let cfg = &file.config;
+        spec.validate(cfg)?;
+        let src = &file.source;
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
+        let kvh = spec.kv_heads(cfg);
+        let qh = kvh.start * cfg.group_size()..kvh.end * cfg.group_size();
+        let inter = spec.intermediate(cfg);
+        let name = |t: T, l: usize| file.tensor_name(t, l);
+        let vec1 = |t: T, l: usize, n: usize| -> Result<Vec<f32>> {
+            Ok(src.load_shaped(&name(t, l), &[n], false)?.f32_data())
+        };
+        let keep_quant = formats.quant;
+
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for l in spec.layers.clone() {
+            let q = src.load_shaped(&name(T::Q, l), &[cfg.n_heads * hd, h], keep_quant)?;
+            let k = src.load_shaped(&name(T::K, l), &[cfg.n_kv_heads * hd, h], keep_quant)?;
+            let v = src.load_shaped(&name(T::V, l), &[cfg.n_kv_heads * hd, h], keep_quant)?;
+            let qkv = RawTensor::concat_rows(vec![
+                q.slice_rows(qh.start * hd, qh.end * hd),
+                k.slice_rows(kvh.start * hd, kvh.end * hd),
+                v.slice_rows(kvh.start * hd, kvh.end * hd),
+            ]);
+            let bias = if cfg.qkv_bias {
+                let mut b =
+                    vec1(T::QBias, l, cfg.n_heads * hd)?[qh.start * hd..qh.end * hd].to_vec();
+                b.extend_from_slice(
+                    &vec1(T::KBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd],
+                );
+                b.extend_from_slice(
+                    &vec1(T::VBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd],
+                );
+                Some(b)
+            } else {
+                None
+            };
+            let o = src.load_shaped(&name(T::O, l), &[h, cfg.n_heads * hd], keep_quant)?;
+            let gate = src.load_shaped(&name(T::Gate, l), &[cfg.intermediate, h], keep_quant)?;
+            let up = src.load_shaped(&name(T::Up, l), &[cfg.intermediate, h], keep_quant)?;
+            let down = src.load_shaped(&name(T::Down, l), &[h, cfg.intermediate], keep_quant)?;
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (Some(vec1(T::QNorm, l, hd)?), Some(vec1(T::KNorm, l, hd)?))
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                attn_norm: vec1(T::AttnNorm, l, h)?,
+                qkv: Linear::new(qkv, bias, formats)?,
+                q_norm,
+                k_norm,
+                o: Linear::new(o.slice_cols(qh.start * hd, qh.end * hd), None, formats)?,
+                ffn_norm: vec1(T::FfnNorm, l, h)?,
+                gate_up: Linear::new(
+                    RawTensor::concat_rows(vec![
+                        gate.slice_rows(inter.start, inter.end),
+                        up.slice_rows(inter.start, inter.end),
+                    ]),
+                    None,
+                    formats,
+                )?,
+                down: Linear::new(down.slice_cols(inter.start, inter.end), None, formats)?,
+            });
+        }
+
+        let table = |raw: RawTensor| match raw {
+            RawTensor::Quant {
+                kind,
+                rows,
+                cols,
+                data,
+            } => Table::Quant(QMat {
+                kind,
+                rows,
+                cols,
+                data,
+            }),
+            RawTensor::F32 { shape, data } => Table::Dense {
+                cols: shape[1],
+                data,
+            },
+        };
+        let embed = if spec.first() {
+            Some(table(src.load_shaped(
+                &name(T::Embed, 0),
+                &[cfg.vocab_size, h],
+                true,
+            )?))
+        } else {
+            None
+        };
+        // The LM head runs once per sequence per step, so it keeps its
+        // quantized form in every phase (dense only when the file has no other).
+        let head = if spec.last(cfg) && spec.tp_rank == 0 {
+            let out_name = if src.has(&name(T::Output, 0)) {
+                T::Output
+            } else {
+                T::Embed
+            };
+            let lm = src.load_shaped(&name(out_name, 0), &[cfg.vocab_size, h], true)?;
+            Some(Head {
+                norm: vec1(T::OutNorm, 0, h)?,
+                lm: Linear::new(lm, None, Formats::DECODE)?,
+            })
+        } else {
+            None
+        };
+        let mut inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        if src.has(&name(T::RopeFreqs, 0)) {
+            let f = src
+                .load_shaped(&name(T::RopeFreqs, 0), &[hd / 2], false)?
+                .f32_data();
+            for (v, f) in inv_freq.iter_mut().zip(f) {
+                *v /= f;
+            }
+        }
+        Ok(ModelSlice {
+            config: cfg.clone(),
+            spec: spec.clone(),
+            embed,
+            layers,
+            head,
+            inv_freq,
+            n_q: qh.len(),
+            n_kv: kvh.len(),
+            inter: inter.len(),
+        })
+    }
+
+    /// The KV layout of this slice's pool.
+    pub fn kv_layout(&self, block_size: usize, dtype: KvDtype) -> KvLayout {
+        KvLayout {
+            layers: self.layers.len(),
+            kv_heads: self.n_kv,
+            block_size,
+            head_dim: self.config.head_dim,
+            dtype,
+        }
+    }
+
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.qkv.weight_bytes()
+                    + l.o.weight_bytes()
+                    + l.gate_up.weight_bytes()
+                    + l.down.weight_bytes()
+            })
+            .sum::<usize>()
+            + self.head.as_ref().map_or(0, |h| h.lm.weight_bytes())
+    }
+
+    /// Runs the slice over a batch: each span's new tokens, in order. Writes
+    /// their K/V into `pool` at the spans' blocks and attends over everything
+    /// cached before them.
+    pub fn forward(
+        &self,
+        input: SliceInput,
+        seqs: &[SeqSpan],
+        pool: &mut KvPool,
+        comm: &dyn AllReduce,
+        phase: Phase,
+    ) -> Result<SliceOutput> {
+        let h = self.config.hidden;
+        let t: usize = seqs.iter().map(|s| s.n).sum();
+        let mut x = match input {
+            SliceInput::Tokens(ids) => {
+                let table = self.embed.as_ref().ok_or_else(|| {
+                    ModelError::InvalidSlice("token input to a slice without the embedding".into())
+                })?;
+                if ids.len() != t {
+                    return Err(ModelError::Invalid(format!(
+                        "{} tokens for spans covering {t}",
+                        ids.len()
+                    )));
+                }
+                let mut x = vec![0f32; t * h];
+                for (row, id) in x.chunks_mut(h).zip(ids) {
+                    let id = *id as usize;
+                    if id >= self.config.vocab_size {
+                        return Err(ModelError::Invalid(format!(
+                            "token id {id} is outside the vocabulary of {}",
+                            self.config.vocab_size
+                        )));
+                    }
+                    match table {
+                        Table::Quant(q) => q.dequantize_row(id, row),
+                        Table::Dense { cols, data } => {
+                            row.copy_from_slice(&data[id * cols..(id + 1) * cols])
+                        }
+                    }
+                }
+                x
+            }
+            SliceInput::Hidden(x) => {
+                if x.len() != t * h {
+                    return Err(ModelError::Invalid(format!(
+                        "hidden state of {} values for {t} tokens of width {h}",
+                        x.len()
+                    )));
+                }
+                x.to_vec()
+            }
+        };
+        let layout = pool.layout;
+        if layout.layers != self.layers.len() || layout.kv_heads != self.n_kv {
+            return Err(ModelError::Kv(
+                "pool layout does not match the slice".into(),
+            ));
+        }
+        for s in seqs {
+            if layout.blocks_for(s.pos + s.n) > s.blocks.len() {
+                return Err(ModelError::Kv(format!(
+                    "{} blocks cannot hold {} positions",
+                    s.blocks.len(),
+                    s.pos + s.n
+                )));
+            }
+            if s.pos + s.n > self.config.context_length {
+                return Err(ModelError::Invalid(format!(
+                    "position {} is beyond the model's context length {}",
+                    s.pos + s.n,
+                    self.config.context_length
+                )));
+            }
+        }
+        let positions: Vec<usize> = seqs.iter().flat_map(|s| s.pos..s.pos + s.n).collect();
+        let rope = RopeTable::new(&self.inv_freq, &positions);
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.layer_forward(
+                layer,
+                li,
+                &mut x,
+                t,
+                seqs,
+                pool,
+                comm,
+                phase.format(),
+                &rope,
+            )?;
+        }
+        let Some(head) = &self.head else {
+            return Ok(if self.spec.last(&self.config) {
+                SliceOutput::Nothing
+            } else {
+                SliceOutput::Hidden(x)
+            });
+        };
+        // Logits for each sequence's last new token only.
+        let mut last = Vec::with_capacity(seqs.len() * h);
+        let mut end = 0;
+        for s in seqs {
+            end += s.n;
+            last.extend_from_slice(&x[(end - 1) * h..end * h]);
+        }
+        rms_norm_rows(&mut last, &head.norm, self.config.rms_eps, h);
+        Ok(SliceOutput::Logits(head.lm.forward(
+            &last,
+            seqs.len(),
+            Format::Quant,
+        )?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        li: usize,
+        x: &mut [f32],
+        t: usize,
+        seqs: &[SeqSpan],
+        pool: &mut KvPool,
+        comm: &dyn AllReduce,
+        fmt: Format,
+        rope: &RopeTable,
+    ) -> Result<()> {
+        let (h, hd, eps) = (
+            self.config.hidden,
+            self.config.head_dim,
+            self.config.rms_eps,
+        );
+        let (nq, nkv) = (self.n_q, self.n_kv);
+        let mut xn = x.to_vec();
+        rms_norm_rows(&mut xn, &l.attn_norm, eps, h);
+        let qkv = l.qkv.forward(&xn, t, fmt)?;
+        let w = (nq + 2 * nkv) * hd;
+        let mut q = vec![0f32; t * nq * hd];
+        let mut k = vec![0f32; t * nkv * hd];
+        let mut v = vec![0f32; t * nkv * hd];
+        for ti in 0..t {
+            let row = &qkv[ti * w..(ti + 1) * w];
+            q[ti * nq * hd..(ti + 1) * nq * hd].copy_from_slice(&row[..nq * hd]);
+            k[ti * nkv * hd..(ti + 1) * nkv * hd].copy_from_slice(&row[nq * hd..(nq + nkv) * hd]);
+            v[ti * nkv * hd..(ti + 1) * nkv * hd].copy_from_slice(&row[(nq + nkv) * hd..]);
+        }
+        if let Some(n) = &l.q_norm {
+            rms_norm_rows(&mut q, n, eps, hd);
+        }
+        if let Some(n) = &l.k_norm {
+            rms_norm_rows(&mut k, n, eps, hd);
+        }
+        rope.apply(&mut q, nq, hd, self.config.rope_neox);
+        rope.apply(&mut k, nkv, hd, self.config.rope_neox);
+        let bs = pool.layout.block_size;
+        let mut ti = 0;
+        for s in seqs {
+            for i in 0..s.n {
+                let (block, slot) = s.locate(s.pos + i, bs);
+                for head in 0..nkv {
+                    let off = (ti * nkv + head) * hd;
+                    pool.write(block, li, 0, head, slot, &k[off..off + hd])?;
+                    pool.write(block, li, 1, head, slot, &v[off..off + hd])?;
+                }
+                ti += 1;
+            }
+        }
+        let mut attn = vec![0f32; t * nq * hd];
+        paged_attention(pool, li, seqs, &q, nq, nq / nkv, &mut attn);
+        let mut o = l.o.forward(&attn, t, fmt)?;
+        comm.all_reduce_sum(&mut o)?;
+        for (x, o) in x.iter_mut().zip(&o) {
+            *x += o;
+        }
+        let mut xn = x.to_vec();
+        rms_norm_rows(&mut xn, &l.ffn_norm, eps, h);
+        let gu = l.gate_up.forward(&xn, t, fmt)?;
+        let inter = self.inter;
+        let mut act = vec![0f32; t * inter];
+        act.par_chunks_mut(inter)
+            .zip(gu.par_chunks(2 * inter))
+            .for_each(|(a, gu)| {
+                let (g, u) = gu.split_at(inter);
+                for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        let mut d = l.down.forward(&act, t, fmt)?;
+        comm.all_reduce_sum(&mut d)?;
+        for (x, d) in x.iter_mut().zip(&d) {
+            *x += d;
+        }
+        Ok(())
+    }
+}
+
+fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32, width: usize) {
+    for row in x.chunks_mut(width) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let s = 1.0 / (ms + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(w) {
+            *v *= s * w;
+        }
+    }
+}
+
+/// cos/sin of every (position, frequency) pair in a batch.
+struct RopeTable {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(inv_freq: &[f32], positions: &[usize]) -> RopeTable {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
+            for f in inv_freq {
+                let a = *p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        RopeTable { half, cos, sin }
+    }
+
+    /// Rotates `x`, `[tokens, heads * hd]`, in place.
+    fn apply(&self, x: &mut [f32], heads: usize, hd: usize, neox: bool) {
+        for (ti, row) in x.chunks_mut(heads * hd).enumerate() {
+            let c = &self.cos[ti * self.half..(ti + 1) * self.half];
+            let s = &self.sin[ti * self.half..(ti + 1) * self.half];
+            for head in row.chunks_mut(hd) {
+                for i in 0..self.half {
+                    let (a, b) = if neox {
+                        (i, i + self.half)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c[i] - x1 * s[i];
+                    head[b] = x0 * s[i] + x1 * c[i];
+                }
+            }
+        }
+    }
+}

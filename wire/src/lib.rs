@@ -1,0 +1,1 @@
+//! Wire protocol: every message exchanged between Tandem nodes (serde + bincode, versioned), the QUIC endpoints with mutual TLS, and the cluster configuration file. Filled by the disaggregated-serving issue.
