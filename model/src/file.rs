@@ -118,9 +118,9 @@ impl std::fmt::Debug for ModelFile {
 impl ModelFile {
     /// Opens a `.gguf` file or a Hugging Face model directory.
     pub fn open(path: &Path) -> Result<ModelFile> {
-        let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        let meta = std::fs::metadata(path).map_err(|err| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         if meta.is_dir() {
             return Self::open_hf(path);
@@ -128,9 +128,9 @@ impl ModelFile {
         let mut magic = [0u8; 4];
         {
             use std::io::Read;
-            let mut f = std::fs::File::open(path).map_err(|source| ModelError::Io {
+            let mut f = std::fs::File::open(path).map_err(|err| ModelError::Io {
                 path: path.to_path_buf(),
-                source,
+                err,
             })?;
             f.read_exact(&mut magic)
                 .map_err(|_| ModelError::malformed(path, "file is shorter than a GGUF header"))?;
@@ -225,7 +225,7 @@ impl ModelFile {
     fn open_hf(dir: &Path) -> Result<ModelFile> {
         let read = |name: &str| -> Result<String> {
             let p = dir.join(name);
-            std::fs::read_to_string(&p).map_err(|source| ModelError::Io { path: p, source })
+            std::fs::read_to_string(&p).map_err(|err| ModelError::Io { path: p, err })
         };
         let cfg: serde_json::Value = serde_json::from_str(&read("config.json")?)
             .map_err(|e| ModelError::malformed(&dir.join("config.json"), e.to_string()))?;
@@ -242,9 +242,9 @@ impl ModelFile {
         let n_heads = req("num_attention_heads")?;
         let hidden = req("hidden_size")?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| ModelError::Io {
+            .map_err(|err| ModelError::Io {
                 path: dir.to_path_buf(),
-                source,
+                err,
             })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))

@@ -1,11 +1,11 @@
 //! Quantized weights and the matrix-vector kernels decode runs on.
 //!
 //! Decode is memory-bound: each step reads every weight once for a handful of
-//! tokens. Tandem keeps GGUF's Q4_1 and Q8_0 blocks as they are stored and
-//! multiplies them with activations quantized to 8 bits per 32-element block
-//! (the same scheme llama.cpp uses), with AVX2 integer dot products where the
-//! CPU has them and a portable scalar path otherwise. Both paths compute the
-//! same integer sums, so results do not depend on the path taken.
+//! tokens. Tandem keeps GGUF's Q4_1 and Q8_0 blocks as they are stored,
+//! unpacks one block at a time into registers and multiplies it with f32
+//! activations (AVX-512 where the CPU has it, a portable scalar path
+//! otherwise). A block is unpacked once for a tile of up to eight tokens, so
+//! batched decode reads and unpacks each weight once per step.
 
 use half::f16;
 use rayon::prelude::*;
@@ -113,76 +113,54 @@ impl QMat {
     }
 
     /// `out[t, r] = sum_c self[r, c] * x[t, c]` for `t` tokens.
+    ///
+    /// Activations stay f32: weights are unpacked block by block and
+    /// multiplied in f32, so the result is a continuous function of the
+    /// input (tensor-parallel shards, which sum partial products in another
+    /// order, agree with the whole to rounding error, which 8-bit activations
+    /// would turn into whole quantization steps).
     pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
         debug_assert_eq!(x.len(), t * self.cols);
         debug_assert_eq!(out.len(), t * self.rows);
-        let xq: Vec<Vec<BlockQ8>> = x.chunks(self.cols).map(quantize_q8).collect();
+        let nb = self.cols / 32;
+        // Per-block sums of each token's activations (the Q4_1 minimum term).
+        let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
         const ROWS_PER_TASK: usize = 16;
-        if t == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(ci, o)| {
-                    for (j, o) in o.iter_mut().enumerate() {
-                        *o = self.dot(ci * ROWS_PER_TASK + j, &xq[0]);
-                    }
-                });
-            return;
-        }
         let mut tmp = vec![0f32; t * self.rows];
         tmp.par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(ci, o)| {
                 for (j, o) in o.chunks_mut(t).enumerate() {
-                    let r = ci * ROWS_PER_TASK + j;
-                    for (ti, o) in o.iter_mut().enumerate() {
-                        *o = self.dot(r, &xq[ti]);
+                    let row = self.row(ci * ROWS_PER_TASK + j);
+                    let mut t0 = 0;
+                    while t0 < t {
+                        let n = (t - t0).min(TILE);
+                        dot_tile(
+                            self.kind,
+                            row,
+                            &x[t0 * self.cols..(t0 + n) * self.cols],
+                            &xsum[t0 * nb..(t0 + n) * nb],
+                            self.cols,
+                            &mut o[t0..t0 + n],
+                        );
+                        t0 += n;
                     }
                 }
             });
+        if t == 1 {
+            out.copy_from_slice(&tmp);
+            return;
+        }
         for r in 0..self.rows {
             for ti in 0..t {
                 out[ti * self.rows + r] = tmp[r * t + ti];
             }
         }
     }
-
-    fn dot(&self, r: usize, x: &[BlockQ8]) -> f32 {
-        match self.kind {
-            QKind::Q4_1 => dot_q4_1(self.row(r), x),
-            QKind::Q8_0 => dot_q8_0(self.row(r), x),
-        }
-    }
 }
 
-/// An activation block: 32 signed bytes with scale `d` and `s = d * sum(qs)`.
-#[derive(Debug, Clone, Copy)]
-#[repr(C, align(8))]
-pub struct BlockQ8 {
-    pub d: f32,
-    pub s: f32,
-    pub qs: [i8; 32],
-}
-
-pub fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
-    x.chunks_exact(32)
-        .map(|c| {
-            let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut qs = [0i8; 32];
-            let mut sum = 0i32;
-            for (q, v) in qs.iter_mut().zip(c) {
-                *q = (v * id).round() as i8;
-                sum += *q as i32;
-            }
-            BlockQ8 {
-                d,
-                s: d * sum as f32,
-                qs,
-            }
-        })
-        .collect()
-}
+/// Tokens multiplied against one unpacked weight block at a time.
+const TILE: usize = 8;
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -210,140 +188,131 @@ pub fn dequantize_row(kind: QKind, row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Dot product of one Q4_1 row with quantized activations.
-pub fn dot_q4_1(row: &[u8], x: &[BlockQ8]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+/// `out[i] = row · x[i]` for up to [`TILE`] tokens `x` (each `cols` long),
+/// with `xsum` their per-block sums.
+fn dot_tile(kind: QKind, row: &[u8], x: &[f32], xsum: &[f32], cols: usize, out: &mut [f32]) {
+    assert!(
+        out.len() <= TILE
+            && x.len() == out.len() * cols
+            && row.len() == cols / 32 * kind.block_bytes()
+    );
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     {
-        // SAFETY: the cfg guarantees AVX2 and FMA; the slices are sized as the kernel reads them.
-        unsafe { avx2::dot_q4_1(row, x) }
+        // SAFETY: the cfg guarantees AVX-512F; the assert above sizes every slice as the kernel reads it.
+        unsafe { avx512::dot_tile(kind, row, x, xsum, cols, out) }
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
     {
-        dot_q4_1_scalar(row, x)
+        dot_tile_scalar(kind, row, x, xsum, cols, out)
     }
 }
 
-/// Dot product of one Q8_0 row with quantized activations.
-pub fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        // SAFETY: the cfg guarantees AVX2 and FMA; the slices are sized as the kernel reads them.
-        unsafe { avx2::dot_q8_0(row, x) }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        dot_q8_0_scalar(row, x)
-    }
-}
-
-pub fn dot_q4_1_scalar(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = 0f32;
-    for (blk, xb) in row.chunks_exact(20).zip(x) {
-        let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let q = blk[4 + j];
-            sumi += (q & 0x0F) as i32 * xb.qs[j] as i32 + (q >> 4) as i32 * xb.qs[j + 16] as i32;
+pub fn dot_tile_scalar(
+    kind: QKind,
+    row: &[u8],
+    x: &[f32],
+    xsum: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    let nb = cols / 32;
+    let bb = kind.block_bytes();
+    for (i, o) in out.iter_mut().enumerate() {
+        let x = &x[i * cols..(i + 1) * cols];
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let blk = &row[b * bb..(b + 1) * bb];
+            let xb = &x[b * 32..(b + 1) * 32];
+            let d = f16_at(blk, 0);
+            let mut s = 0f32;
+            match kind {
+                QKind::Q4_1 => {
+                    for j in 0..16 {
+                        let q = blk[4 + j];
+                        s += (q & 0x0F) as f32 * xb[j] + (q >> 4) as f32 * xb[j + 16];
+                    }
+                    acc += d * s + f16_at(blk, 2) * xsum[i * nb + b];
+                }
+                QKind::Q8_0 => {
+                    for j in 0..32 {
+                        s += (blk[2 + j] as i8) as f32 * xb[j];
+                    }
+                    acc += d * s;
+                }
+            }
         }
-        acc += d * xb.d * sumi as f32 + m * xb.s;
+        *o = acc;
     }
-    acc
 }
 
-pub fn dot_q8_0_scalar(row: &[u8], x: &[BlockQ8]) -> f32 {
-    let mut acc = 0f32;
-    for (blk, xb) in row.chunks_exact(34).zip(x) {
-        let d = f16_at(blk, 0);
-        let mut sumi = 0i32;
-        for j in 0..32 {
-            sumi += (blk[2 + j] as i8) as i32 * xb.qs[j] as i32;
-        }
-        acc += d * xb.d * sumi as f32;
-    }
-    acc
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-mod avx2 {
-    use super::{f16_at, BlockQ8};
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod avx512 {
+    use super::{f16_at, QKind, TILE};
     use std::arch::x86_64::*;
 
-    #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
     /// # Safety
-    /// Needs AVX2 and FMA; `row` holds `x.len()` Q4_1 blocks.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1(row: &[u8], x: &[BlockQ8]) -> f32 {
-        let n = x.len().min(row.len() / 20);
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut accm = 0f32;
-        let p = row.as_ptr();
-        for (b, xb) in x.iter().enumerate().take(n) {
-            let blk = p.add(b * 20);
-            // SAFETY: block b lies within `row` (b < n ≤ row.len() / 20).
-            let q16 = _mm_loadu_si128(blk.add(4) as *const __m128i);
-            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q16, 4), q16), mask);
-            let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let s = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
-            let bs = std::slice::from_raw_parts(blk, 4);
-            let d = f16_at(bs, 0) * xb.d;
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d), acc);
-            accm += f16_at(bs, 2) * xb.s;
+    /// Needs AVX-512F. `row` holds `cols / 32` blocks of `kind`; `x` holds
+    /// `out.len() <= TILE` rows of `cols` values; `xsum` their block sums.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_tile(
+        kind: QKind,
+        row: &[u8],
+        x: &[f32],
+        xsum: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let n = out.len();
+        let nb = cols / 32;
+        let bb = kind.block_bytes();
+        let mut acc = [_mm512_setzero_ps(); TILE];
+        let mut accm = [0f32; TILE];
+        let mask = _mm_set1_epi8(0x0F);
+        let xp = x.as_ptr();
+        for b in 0..nb {
+            let blk = &row[b * bb..(b + 1) * bb];
+            let d = _mm512_set1_ps(f16_at(blk, 0));
+            let (lo, hi) = match kind {
+                QKind::Q4_1 => {
+                    // SAFETY: a Q4_1 block is 20 bytes; bytes 4..20 are its 16 packed nibble pairs.
+                    let q = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                        _mm_srli_epi16(q, 4),
+                        mask,
+                    )));
+                    let m = f16_at(blk, 2);
+                    for (i, a) in accm.iter_mut().enumerate().take(n) {
+                        *a += m * xsum[i * nb + b];
+                    }
+                    (lo, hi)
+                }
+                QKind::Q8_0 => {
+                    // SAFETY: a Q8_0 block is 34 bytes; bytes 2..34 are its 32 signed weights.
+                    let p = blk.as_ptr().add(2);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p as *const __m128i,
+                    )));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        p.add(16) as *const __m128i
+                    )));
+                    (lo, hi)
+                }
+            };
+            for (i, a) in acc.iter_mut().enumerate().take(n) {
+                // SAFETY: token i's block b spans x[i * cols + b * 32 .. + 32], inside `x`.
+                let xb = xp.add(i * cols + b * 32);
+                let s = _mm512_fmadd_ps(
+                    lo,
+                    _mm512_loadu_ps(xb),
+                    _mm512_mul_ps(hi, _mm512_loadu_ps(xb.add(16))),
+                );
+                *a = _mm512_fmadd_ps(s, d, *a);
+            }
         }
-        hsum(acc) + accm
-    }
-
-    /// # Safety
-    /// Needs AVX2 and FMA; `row` holds `x.len()` Q8_0 blocks.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0(row: &[u8], x: &[BlockQ8]) -> f32 {
-        let n = x.len().min(row.len() / 34);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let p = row.as_ptr();
-        for (b, xb) in x.iter().enumerate().take(n) {
-            let blk = p.add(b * 34);
-            // SAFETY: block b lies within `row` (b < n ≤ row.len() / 34).
-            let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let y = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let s = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)),
-                ones,
-            );
-            let d = f16_at(std::slice::from_raw_parts(blk, 2), 0) * xb.d;
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d), acc);
+        for i in 0..n {
+            out[i] = _mm512_reduce_add_ps(acc[i]) + accm[i];
         }
-        hsum(acc)
     }
 }
 
@@ -352,7 +321,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn random_q4_1(rows: usize, cols: usize, seed: u64) -> QMat {
+    fn random_blocks(kind: QKind, rows: usize, cols: usize, seed: u64) -> QMat {
         let mut s = seed;
         let mut next = || {
             s = s
@@ -363,15 +332,17 @@ mod tests {
         let mut data = Vec::new();
         for _ in 0..rows * cols / 32 {
             let d = f16::from_f32((next() % 1000) as f32 / 50_000.0);
-            let m = f16::from_f32(-((next() % 1000) as f32) / 10_000.0);
             data.extend_from_slice(&d.to_le_bytes());
-            data.extend_from_slice(&m.to_le_bytes());
-            for _ in 0..16 {
+            if kind == QKind::Q4_1 {
+                let m = f16::from_f32(-((next() % 1000) as f32) / 10_000.0);
+                data.extend_from_slice(&m.to_le_bytes());
+            }
+            for _ in 0..kind.block_bytes() - data.len() % kind.block_bytes() {
                 data.push(next() as u8);
             }
         }
         QMat {
-            kind: QKind::Q4_1,
+            kind,
             rows,
             cols,
             data,
@@ -380,56 +351,50 @@ mod tests {
 
     proptest! {
         #[test]
-        fn simd_q4_1_matches_scalar(seed in 0u64..1000, blocks in 1usize..20) {
-            let w = random_q4_1(3, blocks * 32, seed);
-            let x: Vec<f32> = (0..blocks * 32).map(|i| ((i as f32 + seed as f32) * 0.37).sin()).collect();
-            let xq = quantize_q8(&x);
-            for r in 0..3 {
-                let a = dot_q4_1(w.row(r), &xq);
-                let b = dot_q4_1_scalar(w.row(r), &xq);
-                prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{} vs {}", a, b);
-            }
-        }
-
-        #[test]
-        fn quantized_matmul_approximates_f32(seed in 0u64..1000, t in 1usize..5) {
-            let w = random_q4_1(40, 64, seed);
+        fn matmul_equals_dequantized_product(seed in 0u64..1000, t in 1usize..12, blocks in 1usize..6, q8 in any::<bool>()) {
+            let kind = if q8 { QKind::Q8_0 } else { QKind::Q4_1 };
+            let cols = blocks * 32;
+            let w = random_blocks(kind, 37, cols, seed);
             let wf = w.to_f32();
-            let x: Vec<f32> = (0..t * 64).map(|i| ((i as f32 * 1.3 + seed as f32) * 0.11).cos()).collect();
-            let mut out = vec![0f32; t * 40];
+            let x: Vec<f32> = (0..t * cols).map(|i| ((i as f32 * 1.3 + seed as f32) * 0.11).cos()).collect();
+            let mut out = vec![0f32; t * 37];
             w.matmul(&x, t, &mut out);
+            let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
             for ti in 0..t {
-                for r in 0..40 {
-                    let exact: f32 = (0..64).map(|c| wf[r * 64 + c] * x[ti * 64 + c]).sum();
-                    let scale: f32 = (0..64).map(|c| (wf[r * 64 + c] * x[ti * 64 + c]).abs()).sum();
-                    prop_assert!((out[ti * 40 + r] - exact).abs() <= 0.02 * scale + 1e-5);
+                let mut scalar = [0f32; 1];
+                for r in 0..37 {
+                    let exact: f32 = (0..cols).map(|c| wf[r * cols + c] * x[ti * cols + c]).sum();
+                    let scale: f32 = (0..cols).map(|c| (wf[r * cols + c] * x[ti * cols + c]).abs()).sum();
+                    prop_assert!((out[ti * 37 + r] - exact).abs() <= 1e-5 * (1.0 + scale), "{} vs {}", out[ti * 37 + r], exact);
+                    dot_tile_scalar(kind, w.row(r), &x[ti * cols..(ti + 1) * cols], &xsum[ti * blocks..(ti + 1) * blocks], cols, &mut scalar);
+                    prop_assert!((out[ti * 37 + r] - scalar[0]).abs() <= 1e-5 * (1.0 + scale));
                 }
             }
         }
     }
 
     #[test]
-    fn q8_0_simd_matches_scalar() {
-        let mut data = Vec::new();
-        for b in 0..4 {
-            data.extend_from_slice(&f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes());
-            for j in 0..32 {
-                data.push(((b * 37 + j * 11) % 256) as u8);
+    fn column_shards_sum_to_the_whole() {
+        let w = random_blocks(QKind::Q4_1, 40, 128, 3);
+        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut full = vec![0f32; 40];
+        w.matmul(&x, 1, &mut full);
+        let mut sum = vec![0f32; 40];
+        for (c0, c1) in [(0, 64), (64, 128)] {
+            let mut part = vec![0f32; 40];
+            w.slice_cols(c0, c1)
+                .expect("aligned")
+                .matmul(&x[c0..c1], 1, &mut part);
+            for (s, p) in sum.iter_mut().zip(&part) {
+                *s += p;
             }
         }
-        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.21).sin()).collect();
-        let xq = quantize_q8(&x);
-        let a = dot_q8_0(&data, &xq);
-        let b = dot_q8_0_scalar(&data, &xq);
-        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
-        let w = QMat {
-            kind: QKind::Q8_0,
-            rows: 1,
-            cols: 128,
-            data,
-        };
-        let cols = w.slice_cols(32, 96).expect("block aligned");
-        assert_eq!(cols.cols, 64);
-        assert!(w.slice_cols(16, 96).is_none());
+        for (a, b) in full.iter().zip(&sum) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        assert!(
+            w.slice_cols(16, 96).is_none(),
+            "unaligned column ranges are refused"
+        );
     }
 }

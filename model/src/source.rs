@@ -51,9 +51,9 @@ pub(crate) enum TensorSource {
 
 impl TensorSource {
     pub fn open_gguf(path: &Path) -> Result<(Self, HashMap<String, gguf_file::Value>)> {
-        let mut file = File::open(path).map_err(|source| ModelError::Io {
+        let mut file = File::open(path).map_err(|err| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| ModelError::malformed(path, format!("not a readable GGUF file ({e})")))?;
@@ -127,9 +127,9 @@ impl TensorSource {
                         data,
                     });
                 }
-                let mut file = File::open(path).map_err(|source| ModelError::Io {
+                let mut file = File::open(path).map_err(|err| ModelError::Io {
                     path: path.clone(),
-                    source,
+                    err,
                 })?;
                 let q = info
                     .read(&mut file, content.tensor_data_offset, &Device::Cpu)

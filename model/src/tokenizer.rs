@@ -131,6 +131,9 @@ impl Tokenizer {
             }
         };
         inner.with_pre_tokenizer(Some(pre_tok));
+        inner.with_decoder(Some(tokenizers::DecoderWrapper::ByteLevel(
+            ByteLevel::default(),
+        )));
         let special: Vec<bool> = types
             .iter()
             .map(|t| *t == TOKEN_TYPE_CONTROL || *t == TOKEN_TYPE_USER_DEFINED)
@@ -295,6 +298,13 @@ impl Tokenizer {
             .flat_map(|id| self.token_bytes(*id).iter().copied())
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The tokenizer as a Hugging Face `tokenizer.json` document.
+    pub fn to_hf_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     pub fn token_id(&self, text: &str) -> Option<u32> {

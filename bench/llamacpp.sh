@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Reference measurements with llama.cpp.
+#
+# Builds `llama-bench` and `llama-server` from the llama.cpp sources vendored
+# in the PyPI sdist of llama-cpp-python (vendor/llama.cpp), CPU only, and runs
+# llama-bench as a reference point for Tandem's own numbers.
+#
+# Usage:
+#   bench/llamacpp.sh build                 build once into $LLAMACPP_DIR/bin
+#   bench/llamacpp.sh bench MODEL [THREADS] pp512 / tg128 tok/s (3 reps)
+#   bench/llamacpp.sh server-path           print the llama-server path
+#
+# Environment:
+#   LLAMACPP_DIR   install dir (default ${TANDEM_HOME:-$HOME/.cache/tandem}/llamacpp)
+#   LLAMACPP_JSON  if set, `bench` also saves llama-bench's raw JSON there
+#   LLAMACPP_JOBS  parallel compile jobs (default 2)
+set -euo pipefail
+
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMACPP_DIR=${LLAMACPP_DIR:-${TANDEM_HOME:-$HOME/.cache/tandem}/llamacpp}
+BIN_DIR=$LLAMACPP_DIR/bin
+JOBS=${LLAMACPP_JOBS:-2}
+
+log() { echo "[llamacpp] $*" >&2; }
+die() { echo "[llamacpp] error: $*" >&2; exit 1; }
+
+ensure_tools() {
+    local missing=()
+    command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+    command -v make >/dev/null 2>&1 || missing+=(make)
+    command -v g++ >/dev/null 2>&1 || missing+=(g++)
+    if ((${#missing[@]})); then
+        command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get"
+        local sudo=()
+        [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+        log "installing ${missing[*]} with apt-get"
+        "${sudo[@]}" apt-get update
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "${missing[@]}"
+    fi
+    command -v python3 >/dev/null 2>&1 || die "python3 is required"
+}
+
+cmd_build() {
+    if [[ -x $BIN_DIR/llama-bench && -x $BIN_DIR/llama-server ]]; then
+        log "already built"
+        echo "llama-bench:  $BIN_DIR/llama-bench"
+        echo "llama-server: $BIN_DIR/llama-server"
+        return 0
+    fi
+    ensure_tools
+
+    local tmp
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/tandem-llamacpp.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$tmp'" EXIT
+
+    # Only the target package is forced to its sdist. `--no-binary :all:` would
+    # also force pip's metadata step to build its build backend's dependencies
+    # (cmake, ninja) from source, which takes far longer than llama.cpp itself.
+    log "downloading llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
+    python3 -m pip download --no-deps --no-binary llama-cpp-python \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$tmp/dl" >&2
+    local sdist
+    sdist=$(ls "$tmp"/dl/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION".tar.gz 2>/dev/null) \
+        || die "sdist not found in $tmp/dl"
+    tar -xzf "$sdist" -C "$tmp"
+    local src=$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp
+    [[ -f $src/CMakeLists.txt ]] || die "no vendor/llama.cpp in the sdist"
+
+    # LLAMA_CURL is deprecated/ignored in this llama.cpp but harmless to pass.
+    # The web UI is neither built (npm) nor downloaded: llama-server then runs
+    # without an embedded UI, which the API does not need.
+    log "configuring $src"
+    cmake -S "$src" -B "$tmp/build" \
+        -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_NATIVE=ON \
+        -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF \
+        -DBUILD_SHARED_LIBS=OFF \
+        -DLLAMA_BUILD_COMMON=ON \
+        -DLLAMA_BUILD_TOOLS=ON \
+        -DLLAMA_BUILD_SERVER=ON \
+        -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_UI=OFF \
+        -DLLAMA_USE_PREBUILT_UI=OFF >&2
+
+    log "building llama-bench and llama-server with -j$JOBS"
+    local t0=$SECONDS
+    cmake --build "$tmp/build" --config Release -j "$JOBS" \
+        --target llama-bench llama-server >&2
+    log "compiled in $((SECONDS - t0)) s"
+
+    mkdir -p "$BIN_DIR"
+    local b
+    for b in llama-bench llama-server; do
+        [[ -x $tmp/build/bin/$b ]] || die "$b was not produced"
+        install -m 0755 "$tmp/build/bin/$b" "$BIN_DIR/$b.new"
+        mv -f "$BIN_DIR/$b.new" "$BIN_DIR/$b"
+    done
+    echo "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >"$LLAMACPP_DIR/VERSION"
+    echo "llama-bench:  $BIN_DIR/llama-bench"
+    echo "llama-server: $BIN_DIR/llama-server"
+}
+
+cmd_bench() {
+    local model=${1:-}
+    local threads=${2:-2}
+    [[ -n $model ]] || die "usage: $0 bench MODEL [THREADS]"
+    [[ -f $model ]] || die "model not found: $model"
+    [[ -x $BIN_DIR/llama-bench ]] || die "llama-bench not built; run: $0 build"
+
+    local out
+    out=$(mktemp "${TMPDIR:-/tmp}/llama-bench.XXXXXX.json")
+    # shellcheck disable=SC2064
+    trap "rm -f '$out'" EXIT
+    log "llama-bench -m $model -t $threads -p 512 -n 128 -r 3"
+    "$BIN_DIR/llama-bench" -m "$model" -t "$threads" -p 512 -n 128 -r 3 -o json >"$out"
+    if [[ -n ${LLAMACPP_JSON:-} ]]; then
+        cp "$out" "$LLAMACPP_JSON"
+        log "raw JSON saved to $LLAMACPP_JSON"
+    fi
+    python3 - "$out" "$model" "$threads" <<'EOF'
+import json, os, sys
+path, model, threads = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(path) as f:
+    rows = json.load(f)
+print(f"model:   {os.path.basename(model)}")
+print(f"threads: {threads}")
+for r in rows:
+    if r.get("n_prompt", 0) and not r.get("n_gen", 0):
+        name = f"pp{r['n_prompt']}"
+    elif r.get("n_gen", 0) and not r.get("n_prompt", 0):
+        name = f"tg{r['n_gen']}"
+    else:
+        name = f"pp{r.get('n_prompt', 0)}+tg{r.get('n_gen', 0)}"
+    print(f"{name:>8}: {r['avg_ts']:10.2f} tok/s  (+/- {r.get('stddev_ts', 0.0):.2f})")
+EOF
+}
+
+cmd_server_path() {
+    [[ -x $BIN_DIR/llama-server ]] || die "llama-server not built; run: $0 build"
+    echo "$BIN_DIR/llama-server"
+}
+
+case ${1:-} in
+    build) shift; cmd_build "$@" ;;
+    bench) shift; cmd_bench "$@" ;;
+    server-path) shift; cmd_server_path "$@" ;;
+    *) echo "usage: $0 {build|bench MODEL [THREADS]|server-path}" >&2; exit 2 ;;
+esac

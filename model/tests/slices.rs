@@ -1,0 +1,193 @@
+//! Composed slices (pipeline stages × tensor-parallel ranks) compute the same
+//! model as the whole: equal logits and identical greedy continuations.
+
+mod common;
+
+use tandem_model::{ChatMessage, Engine, EngineOptions, ModelFile, SamplingParams, Sequence};
+
+const PROMPTS: [&str; 3] = [
+    "What is the capital of France?",
+    "Write a short poem about a lighthouse keeper who counts the waves.",
+    "List three uses of a paperclip.",
+];
+
+fn prompt_ids(file: &ModelFile, p: &str) -> Vec<u32> {
+    let t = file.chat_template.as_ref().expect("chat template");
+    file.tokenizer
+        .encode_prompt(
+            &t.render(&[ChatMessage::new("user", p)], true)
+                .expect("renders"),
+        )
+        .expect("encodes")
+}
+
+/// Prefill logits, then the logits of one decode step after the greedy token.
+fn logits(engine: &mut Engine, ids: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let mut seq = Sequence {
+        tokens: ids.to_vec(),
+        ..Default::default()
+    };
+    let pre = engine.prefill(&mut seq, 512).expect("prefill");
+    seq.tokens.push(tandem_model::sampling::argmax(&pre));
+    let dec = engine.decode(&mut [&mut seq]).expect("decode");
+    engine.release(&mut seq);
+    (pre, dec)
+}
+
+fn continuation(engine: &mut Engine, file: &ModelFile, ids: &[u32]) -> Vec<u32> {
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(64)
+    };
+    tandem_model::generate(engine, &file.tokenizer, ids, &params, 512, |_| {})
+        .expect("generates")
+        .tokens
+}
+
+#[test]
+fn composed_slices_equal_the_full_model() {
+    let file = common::open();
+    let opts = |pp, tp| EngineOptions {
+        pp,
+        tp,
+        kv_blocks: 64,
+        ..Default::default()
+    };
+    let mut full = Engine::new(&file, &opts(1, 1)).expect("full model");
+    let reference: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| {
+            let ids = prompt_ids(&file, p);
+            (
+                logits(&mut full, &ids),
+                continuation(&mut full, &file, &ids),
+            )
+        })
+        .collect();
+    drop(full);
+    for (pp, tp) in [(2, 1), (3, 1), (5, 1), (1, 3), (2, 3)] {
+        let mut e = Engine::new(&file, &opts(pp, tp)).expect("composed engine");
+        for (p, ((pre, dec), cont)) in PROMPTS.iter().zip(&reference) {
+            let ids = prompt_ids(&file, p);
+            let (pre2, dec2) = logits(&mut e, &ids);
+            let (dp, dd) = (common::rel_diff(pre, &pre2), common::rel_diff(dec, &dec2));
+            assert!(
+                dp <= 1e-3,
+                "PP={pp} TP={tp} {p:?}: prefill logits differ by {dp}"
+            );
+            assert!(
+                dd <= 1e-3,
+                "PP={pp} TP={tp} {p:?}: decode logits differ by {dd}"
+            );
+            assert_eq!(
+                &continuation(&mut e, &file, &ids),
+                cont,
+                "PP={pp} TP={tp} {p:?}: greedy continuation"
+            );
+        }
+        assert_eq!(e.free_blocks(), 64, "every block is returned");
+    }
+}
+
+#[test]
+fn invalid_tp_is_refused_with_the_valid_values() {
+    let file = common::open();
+    let err = Engine::new(
+        &file,
+        &EngineOptions {
+            tp: 2,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("tp 2 does not divide 3 KV heads");
+    let msg = err.to_string();
+    assert!(msg.contains("[1, 3]") && msg.contains("KV heads"), "{msg}");
+    let err = Engine::new(
+        &file,
+        &EngineOptions {
+            pp: 31,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("31 stages for 30 layers");
+    assert!(err.to_string().contains("30 layers"), "{err}");
+    let bad = EngineOptions {
+        layer_split: Some(vec![0..10, 12..30]),
+        ..Default::default()
+    };
+    let err = Engine::new(&file, &bad)
+        .err()
+        .expect("a split that misses layers");
+    assert!(err.to_string().contains("should start at 10"), "{err}");
+}
+
+#[test]
+fn chunked_prefill_equals_one_pass() {
+    let file = common::open();
+    let mut e = Engine::new(
+        &file,
+        &EngineOptions {
+            kv_blocks: 64,
+            ..Default::default()
+        },
+    )
+    .expect("engine");
+    let text = "Paged attention keeps the cache in fixed-size blocks. ".repeat(12);
+    let ids = file.tokenizer.encode(&text).expect("encodes");
+    assert!(ids.len() > 100, "prompt of {} tokens", ids.len());
+    let one_pass = {
+        let mut s = Sequence {
+            tokens: ids.clone(),
+            ..Default::default()
+        };
+        let l = e.prefill(&mut s, ids.len()).expect("prefill");
+        e.release(&mut s);
+        l
+    };
+    for chunk in [1, 7, 16, 100] {
+        let mut s = Sequence {
+            tokens: ids.clone(),
+            ..Default::default()
+        };
+        let l = e.prefill(&mut s, chunk).expect("chunked prefill");
+        e.release(&mut s);
+        let d = common::rel_diff(&one_pass, &l);
+        assert!(d <= 1e-4, "chunks of {chunk}: logits differ by {d}");
+    }
+}
+
+#[test]
+fn half_precision_kv_stays_close() {
+    let file = common::open();
+    let ids = prompt_ids(&file, PROMPTS[0]);
+    let mut base = Engine::new(
+        &file,
+        &EngineOptions {
+            kv_blocks: 16,
+            ..Default::default()
+        },
+    )
+    .expect("engine");
+    let (pre, dec) = logits(&mut base, &ids);
+    for dtype in [tandem_model::KvDtype::F16, tandem_model::KvDtype::Bf16] {
+        let mut e = Engine::new(
+            &file,
+            &EngineOptions {
+                kv_blocks: 16,
+                kv_dtype: dtype,
+                ..Default::default()
+            },
+        )
+        .expect("engine");
+        let (p2, d2) = logits(&mut e, &ids);
+        assert_eq!(
+            tandem_model::sampling::argmax(&pre),
+            tandem_model::sampling::argmax(&p2),
+            "{dtype:?}"
+        );
+        let d = common::rel_diff(&dec, &d2);
+        assert!(d < 0.05, "{dtype:?} KV moves decode logits by {d}");
+    }
+}
