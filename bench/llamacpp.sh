@@ -17,6 +17,8 @@
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36
+# Bump when the build recipe changes, so `build` redoes an older build.
+RECIPE="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION recipe=2"
 LLAMACPP_DIR=${LLAMACPP_DIR:-${TANDEM_HOME:-$HOME/.cache/tandem}/llamacpp}
 BIN_DIR=$LLAMACPP_DIR/bin
 JOBS=${LLAMACPP_JOBS:-2}
@@ -41,7 +43,8 @@ ensure_tools() {
 }
 
 cmd_build() {
-    if [[ -x $BIN_DIR/llama-bench && -x $BIN_DIR/llama-server ]]; then
+    if [[ -x $BIN_DIR/llama-bench && -x $BIN_DIR/llama-server &&
+          $(cat "$LLAMACPP_DIR/VERSION" 2>/dev/null) == "$RECIPE" ]]; then
         log "already built"
         echo "llama-bench:  $BIN_DIR/llama-bench"
         echo "llama-server: $BIN_DIR/llama-server"
@@ -70,10 +73,25 @@ cmd_build() {
     # LLAMA_CURL is deprecated/ignored in this llama.cpp but harmless to pass.
     # The web UI is neither built (npm) nor downloaded: llama-server then runs
     # without an embedded UI, which the API does not need.
+    # GCC 12's amxtileintrin.h declares that _tile_loadconfig reads only 8
+    # bytes, so the optimizer drops the stores that fill ggml's AMX tile
+    # config; with -march=native on an AMX CPU, ldtilecfg then faults
+    # (SIGSEGV in ggml_backend_amx_mul_mat). Turn AMX off for GCC < 13; the
+    # AVX512/VNNI kernels are used instead.
+    local extra_flags=""
+    if g++ --version 2>/dev/null | head -1 | grep -qiE 'g\+\+|gcc' &&
+       (($(g++ -dumpversion | cut -d. -f1) < 13)); then
+        extra_flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        log "GCC < 13: building without AMX ($extra_flags)"
+    fi
+
     log "configuring $src"
     cmake -S "$src" -B "$tmp/build" \
         -DCMAKE_BUILD_TYPE=Release \
         -DGGML_NATIVE=ON \
+        -DGGML_CCACHE=OFF \
+        -DCMAKE_C_FLAGS="$extra_flags" \
+        -DCMAKE_CXX_FLAGS="$extra_flags" \
         -DLLAMA_CURL=OFF \
         -DLLAMA_OPENSSL=OFF \
         -DBUILD_SHARED_LIBS=OFF \
@@ -99,7 +117,7 @@ cmd_build() {
         install -m 0755 "$tmp/build/bin/$b" "$BIN_DIR/$b.new"
         mv -f "$BIN_DIR/$b.new" "$BIN_DIR/$b"
     done
-    echo "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >"$LLAMACPP_DIR/VERSION"
+    echo "$RECIPE" >"$LLAMACPP_DIR/VERSION"
     echo "llama-bench:  $BIN_DIR/llama-bench"
     echo "llama-server: $BIN_DIR/llama-server"
 }

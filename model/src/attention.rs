@@ -2,9 +2,16 @@
 //! sequences of different lengths. The same function serves a decode step
 //! (one new token per sequence) and a prefill chunk (many new tokens of one
 //! sequence attending to its cached prefix and causally to each other).
+//!
+//! Long spans (prefill chunks) gather each KV head's keys and values into
+//! contiguous matrices and run tiles of queries through two GEMMs, skipping
+//! the keys a tile's causal mask hides. Short spans (decode) walk the blocks
+//! directly, reading each key and value once for every query head of its
+//! group.
 
 use rayon::prelude::*;
 
+use crate::gemm::{sgemm, Strides};
 use crate::kv::{BlockId, KvElem, KvLayout, KvPool, KvStorage};
 
 /// One sequence's part of a batch: `n` new tokens at positions `pos..pos + n`,
@@ -23,7 +30,14 @@ impl SeqSpan<'_> {
     }
 }
 
-/// `q` is `[tokens, n_q * head_dim]` for the batch's new tokens in sequence
+/// Spans with at least this many new tokens take the GEMM path.
+const GEMM_MIN_TOKENS: usize = 16;
+/// Query tokens per GEMM tile.
+const QUERY_TILE: usize = 32;
+/// Below this many (query head × key) products a decode batch runs on one thread.
+const PARALLEL_MIN_WORK: usize = 16 * 1024;
+
+/// `q` is `[tokens, n_q * head_dim]` for the batch's new tokens in span
 /// order; `out` has the same shape. Query head `h` reads KV head `h / group`
 /// of `layer` (indices local to the pool's slice). Every new token's K and V
 /// must already be in the pool.
@@ -43,6 +57,15 @@ pub fn paged_attention(
     }
 }
 
+struct Ctx<'a, T> {
+    data: &'a [T],
+    layout: &'a KvLayout,
+    layer: usize,
+    n_q: usize,
+    group: usize,
+    scale: f32,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attention_impl<T: KvElem>(
     data: &[T],
@@ -55,101 +78,250 @@ fn attention_impl<T: KvElem>(
     out: &mut [f32],
 ) {
     let hd = layout.head_dim;
-    // (sequence, absolute position) of every new token.
-    let tokens: Vec<(usize, usize)> = seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(s, span)| (0..span.n).map(move |i| (s, span.pos + i)))
-        .collect();
-    let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (i, o)| {
-            let (t, h) = (i / n_q, i % n_q);
-            let (s, p) = tokens[t];
-            let qv = &q[i * hd..(i + 1) * hd];
-            attend_one(
-                data,
-                layout,
-                layer,
-                h / group,
-                seqs[s].blocks,
-                p + 1,
-                qv,
-                scale,
-                scores,
-                o,
+    let cx = Ctx {
+        data,
+        layout,
+        layer,
+        n_q,
+        group,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let row = n_q * hd;
+    let mut first = 0;
+    // Short spans are gathered into one decode batch; long ones go one by one.
+    let mut short: Vec<(usize, SeqSpan)> = Vec::new();
+    for s in seqs {
+        if s.n >= GEMM_MIN_TOKENS {
+            prefill_span(
+                &cx,
+                s,
+                &q[first * row..(first + s.n) * row],
+                &mut out[first * row..(first + s.n) * row],
             );
-        });
+        } else {
+            short.push((first, *s));
+        }
+        first += s.n;
+    }
+    if !short.is_empty() {
+        decode_spans(&cx, &short, q, out);
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attend_one<T: KvElem>(
-    data: &[T],
-    layout: &KvLayout,
-    layer: usize,
-    kv_head: usize,
+/// Each (token, KV head) of short spans: walk the blocks once for the group's query heads.
+fn decode_spans<T: KvElem>(cx: &Ctx<T>, spans: &[(usize, SeqSpan)], q: &[f32], out: &mut [f32]) {
+    let hd = cx.layout.head_dim;
+    let n_kv = cx.n_q / cx.group;
+    let tasks: Vec<(usize, usize, usize)> = spans
+        .iter()
+        .flat_map(|(first, s)| {
+            (0..s.n).flat_map(move |i| (0..n_kv).map(move |g| (first + i, s.pos + i + 1, g)))
+        })
+        .collect();
+    let span_of = |tok: usize| {
+        spans
+            .iter()
+            .find(|(f, s)| tok >= *f && tok < f + s.n)
+            .map(|(_, s)| s.blocks)
+            .expect("every token belongs to a span")
+    };
+    let work: usize = tasks.iter().map(|(_, ctx, _)| ctx * cx.group).sum();
+    let run = |&(tok, ctx, g): &(usize, usize, usize), scores: &mut Vec<f32>| -> Vec<f32> {
+        let qo = tok * cx.n_q * hd + g * cx.group * hd;
+        let mut o = vec![0f32; cx.group * hd];
+        attend_group(
+            cx,
+            span_of(tok),
+            g,
+            ctx,
+            &q[qo..qo + cx.group * hd],
+            scores,
+            &mut o,
+        );
+        o
+    };
+    let results: Vec<Vec<f32>> = if work >= PARALLEL_MIN_WORK {
+        tasks
+            .par_iter()
+            .map_init(Vec::new, |s, t| run(t, s))
+            .collect()
+    } else {
+        let mut s = Vec::new();
+        tasks.iter().map(|t| run(t, &mut s)).collect()
+    };
+    for ((tok, _, g), o) in tasks.iter().zip(results) {
+        let off = tok * cx.n_q * hd + g * cx.group * hd;
+        out[off..off + o.len()].copy_from_slice(&o);
+    }
+}
+
+/// Attention of `group` query heads (`q`, `[group, hd]`) sharing KV head `g`
+/// over positions `0..ctx`.
+fn attend_group<T: KvElem>(
+    cx: &Ctx<T>,
     blocks: &[BlockId],
+    g: usize,
     ctx: usize,
     q: &[f32],
-    scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (bs, hd, be) = (layout.block_size, layout.head_dim, layout.block_elems());
-    let k_off = layout.offset(layer, 0, kv_head, 0);
-    let v_off = layout.offset(layer, 1, kv_head, 0);
+    let (bs, hd, be) = (
+        cx.layout.block_size,
+        cx.layout.head_dim,
+        cx.layout.block_elems(),
+    );
+    let gs = cx.group;
+    let k_off = cx.layout.offset(cx.layer, 0, g, 0);
+    let v_off = cx.layout.offset(cx.layer, 1, g, 0);
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for (bi, b) in blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
+    scores.resize(gs * ctx, 0.0);
+    let n_blocks = ctx.div_ceil(bs);
+    for (bi, b) in blocks.iter().enumerate().take(n_blocks) {
         let base = b.0 as usize * be + k_off;
-        let slots = (ctx - bi * bs).min(bs);
-        for slot in 0..slots {
-            let k = &data[base + slot * hd..base + (slot + 1) * hd];
-            let s = dot(q, k) * scale;
-            max = max.max(s);
-            scores.push(s);
-        }
-    }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.fill(0.0);
-    for (bi, b) in blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
-        let base = b.0 as usize * be + v_off;
-        let slots = (ctx - bi * bs).min(bs);
-        for slot in 0..slots {
-            let w = scores[bi * bs + slot];
-            let v = &data[base + slot * hd..base + (slot + 1) * hd];
-            for (o, v) in out.iter_mut().zip(v) {
-                *o += w * v.to_f32();
+        for slot in 0..(ctx - bi * bs).min(bs) {
+            let k = &cx.data[base + slot * hd..base + (slot + 1) * hd];
+            for j in 0..gs {
+                scores[j * ctx + bi * bs + slot] = dot(&q[j * hd..(j + 1) * hd], k) * cx.scale;
             }
         }
     }
+    for j in 0..gs {
+        softmax(&mut scores[j * ctx..(j + 1) * ctx]);
+    }
+    out.fill(0.0);
+    for (bi, b) in blocks.iter().enumerate().take(n_blocks) {
+        let base = b.0 as usize * be + v_off;
+        for slot in 0..(ctx - bi * bs).min(bs) {
+            let v = &cx.data[base + slot * hd..base + (slot + 1) * hd];
+            for j in 0..gs {
+                let w = scores[j * ctx + bi * bs + slot];
+                for (o, v) in out[j * hd..(j + 1) * hd].iter_mut().zip(v) {
+                    *o += w * v.to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// A long span: per KV head, gather K and V, then tiles of queries through GEMMs.
+fn prefill_span<T: KvElem>(cx: &Ctx<T>, s: &SeqSpan, q: &[f32], out: &mut [f32]) {
+    let (hd, gs) = (cx.layout.head_dim, cx.group);
+    let n_kv = cx.n_q / gs;
+    let ctx = s.pos + s.n;
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..n_kv)
+        .into_par_iter()
+        .map(|g| {
+            (
+                gather(cx, s.blocks, g, 0, ctx),
+                gather(cx, s.blocks, g, 1, ctx),
+            )
+        })
+        .collect();
+    let tiles: Vec<(usize, usize)> = (0..n_kv)
+        .flat_map(|g| (0..s.n).step_by(QUERY_TILE).map(move |t0| (g, t0)))
+        .collect();
+    let results: Vec<Vec<f32>> = tiles
+        .par_iter()
+        .map(|&(g, t0)| {
+            let t1 = (t0 + QUERY_TILE).min(s.n);
+            let rows = (t1 - t0) * gs;
+            let mut qt = vec![0f32; rows * hd];
+            for t in t0..t1 {
+                let src = t * cx.n_q * hd + g * gs * hd;
+                qt[(t - t0) * gs * hd..(t - t0 + 1) * gs * hd]
+                    .copy_from_slice(&q[src..src + gs * hd]);
+            }
+            let keys = s.pos + t1;
+            let (k, v) = &kv[g];
+            let mut sc = vec![0f32; rows * keys];
+            sgemm(
+                rows,
+                keys,
+                hd,
+                &qt,
+                Strides::row_major(hd),
+                k,
+                Strides::col_major(hd),
+                &mut sc,
+                false,
+            );
+            for (r, srow) in sc.chunks_mut(keys).enumerate() {
+                let visible = s.pos + t0 + r / gs + 1;
+                for x in srow[..visible].iter_mut() {
+                    *x *= cx.scale;
+                }
+                softmax(&mut srow[..visible]);
+                srow[visible..].fill(0.0);
+            }
+            let mut o = vec![0f32; rows * hd];
+            sgemm(
+                rows,
+                hd,
+                keys,
+                &sc,
+                Strides::row_major(keys),
+                v,
+                Strides::row_major(hd),
+                &mut o,
+                false,
+            );
+            o
+        })
+        .collect();
+    for (&(g, t0), o) in tiles.iter().zip(results) {
+        for (r, orow) in o.chunks(gs * hd).enumerate() {
+            let dst = (t0 + r) * cx.n_q * hd + g * gs * hd;
+            out[dst..dst + gs * hd].copy_from_slice(orow);
+        }
+    }
+}
+
+/// K (`kv = 0`) or V (`kv = 1`) of head `g` for positions `0..ctx`, as `[ctx, hd]`.
+fn gather<T: KvElem>(cx: &Ctx<T>, blocks: &[BlockId], g: usize, kv: usize, ctx: usize) -> Vec<f32> {
+    let (bs, hd, be) = (
+        cx.layout.block_size,
+        cx.layout.head_dim,
+        cx.layout.block_elems(),
+    );
+    let off = cx.layout.offset(cx.layer, kv, g, 0);
+    let mut m = Vec::with_capacity(ctx * hd);
+    for (bi, b) in blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
+        let base = b.0 as usize * be + off;
+        let n = (ctx - bi * bs).min(bs) * hd;
+        m.extend(cx.data[base..base + n].iter().map(|v| v.to_f32()));
+    }
+    m
+}
+
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
     let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
+    for v in x.iter_mut() {
+        *v *= inv;
     }
 }
 
 #[inline]
 fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
+    let mut acc = [0f32; 16];
+    let chunks = a.len() / 16;
     for c in 0..chunks {
-        for j in 0..8 {
-            acc[j] += a[c * 8 + j] * b[c * 8 + j].to_f32();
+        for j in 0..16 {
+            acc[j] += a[c * 16 + j] * b[c * 16 + j].to_f32();
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
+    for i in chunks * 16..a.len() {
         s += a[i] * b[i].to_f32();
     }
     s
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,7 +360,7 @@ mod tests {
             hd_half in 1usize..9,
             block_size in 1usize..7,
             layers in 1usize..3,
-            lens in prop::collection::vec((1usize..30, 1usize..6), 1..4),
+            lens in prop::collection::vec((0usize..30, prop_oneof![1usize..6, 16usize..70]), 1..4),
         ) {
             let hd = hd_half * 2;
             let n_q = kv_heads * group;

@@ -20,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod file;
+pub mod gemm;
 pub mod kv;
 pub mod linear;
 pub mod quant;

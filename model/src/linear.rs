@@ -3,9 +3,8 @@
 //! (memory-bound, matrix-vector). Which one runs is the caller's choice, made
 //! per phase so that every layout computes a phase the same way.
 
-use candle_core::{Device, Tensor};
-
 use crate::error::Result;
+use crate::gemm::{sgemm, Strides};
 use crate::quant::QMat;
 use crate::source::RawTensor;
 
@@ -45,8 +44,8 @@ impl Formats {
 pub struct Linear {
     pub rows: usize,
     pub cols: usize,
-    /// Transposed weight `[cols, rows]`, so `x @ dense` is the product.
-    dense: Option<Tensor>,
+    /// Row-major `[rows, cols]` f32 weight.
+    dense: Option<Vec<f32>>,
     quant: Option<QMat>,
     bias: Option<Vec<f32>>,
 }
@@ -75,14 +74,7 @@ impl Linear {
         };
         // A weight with no quantized form keeps its dense form whatever was asked.
         let keep_dense = formats.dense || quant.is_none();
-        let dense = match dense_data.filter(|_| keep_dense) {
-            Some(d) => Some(
-                Tensor::from_vec(d, (rows, cols), &Device::Cpu)?
-                    .t()?
-                    .contiguous()?,
-            ),
-            None => None,
-        };
+        let dense = dense_data.filter(|_| keep_dense);
         Ok(Linear {
             rows,
             cols,
@@ -101,8 +93,20 @@ impl Linear {
                 out
             }
             (_, Some(w), _) => {
-                let xt = Tensor::from_slice(x, (t, self.cols), &Device::Cpu)?;
-                xt.matmul(w)?.flatten_all()?.to_vec1::<f32>()?
+                let mut out = vec![0f32; t * self.rows];
+                // x[t, cols] · wᵀ: element (c, r) of wᵀ is w[r * cols + c].
+                sgemm(
+                    t,
+                    self.rows,
+                    self.cols,
+                    x,
+                    Strides::row_major(self.cols),
+                    w,
+                    Strides::col_major(self.cols),
+                    &mut out,
+                    true,
+                );
+                out
             }
             (_, None, None) => unreachable!("a Linear always holds at least one weight format"),
         };
@@ -117,7 +121,7 @@ impl Linear {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.dense.as_ref().map_or(0, |d| d.elem_count() * 4)
+        self.dense.as_ref().map_or(0, |d| d.len() * 4)
             + self.quant.as_ref().map_or(0, |q| q.data.len())
     }
 }
