@@ -1,5 +1,6 @@
 //! The `tandem` binary: parses arguments and calls into the crates.
 
+mod bench;
 mod generate;
 
 use std::path::PathBuf;
@@ -47,26 +48,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Prefill and decode throughput of the model engine.
-    Engine(BenchEngineArgs),
-}
-
-#[derive(Args)]
-struct BenchEngineArgs {
-    /// GGUF file or Hugging Face directory (default: the embedded default model).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    #[arg(long, default_value_t = 512)]
-    prompt_tokens: usize,
-    #[arg(long, default_value_t = 128)]
-    decode_steps: usize,
-    /// Batch sizes for aggregate decode throughput.
-    #[arg(long, value_delimiter = ',', default_value = "8,32")]
-    batches: Vec<usize>,
-    #[arg(long, default_value_t = 3)]
-    repeats: usize,
-    /// Write the report as JSON here too.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    Engine(bench::BenchEngineArgs),
 }
 
 impl Common {
@@ -135,35 +117,6 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", p.display());
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Engine(a)) => {
-            let path = cli.common.model_path(&a.model)?;
-            let file = tandem_model::ModelFile::open(&path)?;
-            let opts = tandem_bench::engine::EngineBenchOptions {
-                prompt_tokens: a.prompt_tokens,
-                decode_prompt_tokens: 128,
-                decode_steps: a.decode_steps,
-                batches: a.batches,
-                repeats: a.repeats,
-            };
-            let r = tandem_bench::engine::run(&file, threads, &opts)?;
-            println!("model            {}", file.config.name);
-            println!("threads          {}", r.threads);
-            println!(
-                "prefill          {:8.1} tok/s  ({} tokens, best of {})",
-                r.prefill_tokens_per_s, r.prompt_tokens, opts.repeats
-            );
-            println!(
-                "decode batch 1   {:8.1} tok/s  ({} steps after a 128-token prompt)",
-                r.decode_tokens_per_s_batch1, r.decode_steps
-            );
-            for (b, tps) in &r.decode_batched {
-                println!("decode batch {b:<3} {tps:8.1} tok/s  (aggregate)");
-            }
-            if let Some(p) = a.json {
-                std::fs::write(&p, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
-            Ok(())
-        }
+        Cmd::Bench(BenchCmd::Engine(a)) => bench::engine(&cli.common, threads, a),
     }
 }

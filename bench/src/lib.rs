@@ -3,3 +3,4 @@
 //! OpenAI-compatible endpoint joins it with the benchmark-harness issue.
 
 pub mod engine;
+pub mod llamacpp;

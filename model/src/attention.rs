@@ -35,7 +35,7 @@ const GEMM_MIN_TOKENS: usize = 16;
 /// Query tokens per GEMM tile.
 const QUERY_TILE: usize = 32;
 /// Below this many (query head × key) products a decode batch runs on one thread.
-const PARALLEL_MIN_WORK: usize = 16 * 1024;
+const PARALLEL_MIN_WORK: usize = 1536;
 
 /// `q` is `[tokens, n_q * head_dim]` for the batch's new tokens in span
 /// order; `out` has the same shape. Query head `h` reads KV head `h / group`
@@ -177,12 +177,18 @@ fn attend_group<T: KvElem>(
     scores.clear();
     scores.resize(gs * ctx, 0.0);
     let n_blocks = ctx.div_ceil(bs);
+    let simd = T::as_f32(cx.data).filter(|_| hd % 16 == 0);
     for (bi, b) in blocks.iter().enumerate().take(n_blocks) {
         let base = b.0 as usize * be + k_off;
         for slot in 0..(ctx - bi * bs).min(bs) {
             let k = &cx.data[base + slot * hd..base + (slot + 1) * hd];
             for j in 0..gs {
-                scores[j * ctx + bi * bs + slot] = dot(&q[j * hd..(j + 1) * hd], k) * cx.scale;
+                let qj = &q[j * hd..(j + 1) * hd];
+                let s = match simd {
+                    Some(d) => simd::dot(qj, &d[base + slot * hd..base + (slot + 1) * hd]),
+                    None => dot(qj, k),
+                };
+                scores[j * ctx + bi * bs + slot] = s * cx.scale;
             }
         }
     }
@@ -196,9 +202,68 @@ fn attend_group<T: KvElem>(
             let v = &cx.data[base + slot * hd..base + (slot + 1) * hd];
             for j in 0..gs {
                 let w = scores[j * ctx + bi * bs + slot];
-                for (o, v) in out[j * hd..(j + 1) * hd].iter_mut().zip(v) {
-                    *o += w * v.to_f32();
+                let oj = &mut out[j * hd..(j + 1) * hd];
+                match simd {
+                    Some(d) => simd::axpy(w, &d[base + slot * hd..base + (slot + 1) * hd], oj),
+                    None => {
+                        for (o, v) in oj.iter_mut().zip(v) {
+                            *o += w * v.to_f32();
+                        }
+                    }
                 }
+            }
+        }
+    }
+}
+
+/// Vector kernels for f32 KV with head dimensions that are multiples of 16.
+mod simd {
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        assert!(a.len() == b.len() && a.len() % 16 == 0);
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            use std::arch::x86_64::*;
+            // SAFETY: AVX-512F is enabled at compile time; every 16-wide load is inside both slices (checked above).
+            unsafe {
+                let mut acc = _mm512_setzero_ps();
+                for c in (0..a.len()).step_by(16) {
+                    acc = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(a.as_ptr().add(c)),
+                        _mm512_loadu_ps(b.as_ptr().add(c)),
+                        acc,
+                    );
+                }
+                _mm512_reduce_add_ps(acc)
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+        {
+            super::dot(a, b)
+        }
+    }
+
+    /// `out += w * v`
+    pub fn axpy(w: f32, v: &[f32], out: &mut [f32]) {
+        assert!(v.len() == out.len() && v.len() % 16 == 0);
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        {
+            use std::arch::x86_64::*;
+            // SAFETY: AVX-512F is enabled at compile time; every 16-wide access is inside both slices (checked above).
+            unsafe {
+                let wv = _mm512_set1_ps(w);
+                for c in (0..v.len()).step_by(16) {
+                    let o = out.as_mut_ptr().add(c);
+                    _mm512_storeu_ps(
+                        o,
+                        _mm512_fmadd_ps(wv, _mm512_loadu_ps(v.as_ptr().add(c)), _mm512_loadu_ps(o)),
+                    );
+                }
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+        {
+            for (o, v) in out.iter_mut().zip(v) {
+                *o += w * v;
             }
         }
     }

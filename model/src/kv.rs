@@ -87,6 +87,11 @@ impl KvLayout {
 pub trait KvElem: Copy + Send + Sync + Default + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// The slice itself when the storage is already f32 (fast paths read it directly).
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl KvElem for f32 {
@@ -97,6 +102,9 @@ impl KvElem for f32 {
     #[inline]
     fn from_f32(v: f32) -> Self {
         v
+    }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 

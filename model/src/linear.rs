@@ -5,6 +5,7 @@
 
 use crate::error::Result;
 use crate::gemm::{sgemm, Strides};
+use crate::qmatmul::PackedMat;
 use crate::quant::QMat;
 use crate::source::RawTensor;
 
@@ -46,7 +47,7 @@ pub struct Linear {
     pub cols: usize,
     /// Row-major `[rows, cols]` f32 weight.
     dense: Option<Vec<f32>>,
-    quant: Option<QMat>,
+    quant: Option<PackedMat>,
     bias: Option<Vec<f32>>,
 }
 
@@ -69,7 +70,7 @@ impl Linear {
                     data,
                 };
                 let dense = formats.dense.then(|| q.to_f32());
-                (dense, formats.quant.then_some(q))
+                (dense, formats.quant.then(|| PackedMat::pack(&q)))
             }
         };
         // A weight with no quantized form keeps its dense form whatever was asked.
@@ -122,7 +123,7 @@ impl Linear {
 
     pub fn weight_bytes(&self) -> usize {
         self.dense.as_ref().map_or(0, |d| d.len() * 4)
-            + self.quant.as_ref().map_or(0, |q| q.data.len())
+            + self.quant.as_ref().map_or(0, PackedMat::bytes)
     }
 }
 

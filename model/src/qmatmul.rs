@@ -1,0 +1,402 @@
+//! The decode kernels: quantized weights times f32 activations.
+//!
+//! Decode is memory-bound: each step reads every weight once for a handful of
+//! tokens. A [`PackedMat`] keeps GGUF's Q4_1 or Q8_0 values as they are, with
+//! the per-block f16 scales (and Q4_1 minimums) moved into arrays of their
+//! own, so the kernel converts sixteen of them with one instruction instead
+//! of one scalar conversion per block. Weights are unpacked into registers
+//! and multiplied in f32: the result is a continuous function of the input,
+//! so tensor-parallel shards (which sum partial products in another order)
+//! agree with the whole to rounding error, where 8-bit activations would turn
+//! those differences into whole quantization steps.
+//!
+//! Four rows share each activation load at batch 1; a block is unpacked once
+//! for up to eight tokens in batched decode. AVX-512 where the CPU has it, a
+//! portable scalar path otherwise.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::quant::{QKind, QMat};
+
+/// Rows computed together against one token.
+const ROW_GROUP: usize = 4;
+/// Tokens computed together against one row.
+const TOKEN_TILE: usize = 8;
+const ROWS_PER_TASK: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct PackedMat {
+    pub kind: QKind,
+    pub rows: usize,
+    pub cols: usize,
+    nb: usize,
+    d: Vec<f16>,
+    m: Vec<f16>,
+    qs: Vec<u8>,
+}
+
+impl PackedMat {
+    pub fn pack(q: &QMat) -> PackedMat {
+        let nb = q.cols / 32;
+        let (qb, off) = match q.kind {
+            QKind::Q4_1 => (16, 4),
+            QKind::Q8_0 => (32, 2),
+        };
+        let mut p = PackedMat {
+            kind: q.kind,
+            rows: q.rows,
+            cols: q.cols,
+            nb,
+            d: Vec::with_capacity(q.rows * nb),
+            m: Vec::new(),
+            qs: Vec::with_capacity(q.rows * nb * qb),
+        };
+        for blk in q.data.chunks_exact(q.kind.block_bytes()) {
+            p.d.push(f16::from_le_bytes([blk[0], blk[1]]));
+            if q.kind == QKind::Q4_1 {
+                p.m.push(f16::from_le_bytes([blk[2], blk[3]]));
+            }
+            p.qs.extend_from_slice(&blk[off..off + qb]);
+        }
+        p
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * (self.d.len() + self.m.len())
+    }
+
+    fn qb(&self) -> usize {
+        match self.kind {
+            QKind::Q4_1 => 16,
+            QKind::Q8_0 => 32,
+        }
+    }
+
+    /// `out[t, r] = sum_c self[r, c] * x[t, c]` for `t` tokens.
+    pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), t * self.cols, "activations are [t, cols]");
+        assert_eq!(out.len(), t * self.rows, "output is [t, rows]");
+        // Per-block sums of each token's activations (the Q4_1 minimum term).
+        let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+        if t == 1 {
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(ci, o)| {
+                    let r0 = ci * ROWS_PER_TASK;
+                    let mut j = 0;
+                    while j + ROW_GROUP <= o.len() {
+                        let mut res = [[0f32; 1]; ROW_GROUP];
+                        self.tile::<ROW_GROUP, 1>(r0 + j, x, &xsum, &mut res);
+                        for k in 0..ROW_GROUP {
+                            o[j + k] = res[k][0];
+                        }
+                        j += ROW_GROUP;
+                    }
+                    for k in j..o.len() {
+                        let mut res = [[0f32; 1]; 1];
+                        self.tile::<1, 1>(r0 + k, x, &xsum, &mut res);
+                        o[k] = res[0][0];
+                    }
+                });
+            return;
+        }
+        let (cols, nb) = (self.cols, self.nb);
+        let mut tmp = vec![0f32; t * self.rows];
+        tmp.par_chunks_mut(ROWS_PER_TASK * t)
+            .enumerate()
+            .for_each(|(ci, o)| {
+                for (j, o) in o.chunks_mut(t).enumerate() {
+                    let r = ci * ROWS_PER_TASK + j;
+                    let mut t0 = 0;
+                    while t0 < t {
+                        let (xs, ss) = (&x[t0 * cols..], &xsum[t0 * nb..]);
+                        let n = match t - t0 {
+                            n if n >= TOKEN_TILE => {
+                                let mut res = [[0f32; TOKEN_TILE]; 1];
+                                self.tile::<1, TOKEN_TILE>(r, xs, ss, &mut res);
+                                o[t0..t0 + TOKEN_TILE].copy_from_slice(&res[0]);
+                                TOKEN_TILE
+                            }
+                            n if n >= 4 => {
+                                let mut res = [[0f32; 4]; 1];
+                                self.tile::<1, 4>(r, xs, ss, &mut res);
+                                o[t0..t0 + 4].copy_from_slice(&res[0]);
+                                4
+                            }
+                            _ => {
+                                let mut res = [[0f32; 1]; 1];
+                                self.tile::<1, 1>(r, xs, ss, &mut res);
+                                o[t0] = res[0][0];
+                                1
+                            }
+                        };
+                        t0 += n;
+                    }
+                }
+            });
+        for r in 0..self.rows {
+            for ti in 0..t {
+                out[ti * self.rows + r] = tmp[r * t + ti];
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + R` against the first `N` tokens of `x` (rows of `cols`).
+    fn tile<const R: usize, const N: usize>(
+        &self,
+        r0: usize,
+        x: &[f32],
+        xsum: &[f32],
+        out: &mut [[f32; N]; R],
+    ) {
+        assert!(r0 + R <= self.rows && x.len() >= N * self.cols && xsum.len() >= N * self.nb);
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vl",
+            target_feature = "f16c"
+        ))]
+        {
+            // SAFETY: the cfg guarantees the CPU features; the assert above
+            // bounds every row, token and block the kernel touches.
+            unsafe { avx512::tile::<R, N>(self, r0, x, xsum, out) }
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vl",
+            target_feature = "f16c"
+        )))]
+        {
+            for r in 0..R {
+                for n in 0..N {
+                    out[r][n] = self.dot_scalar(
+                        r0 + r,
+                        &x[n * self.cols..(n + 1) * self.cols],
+                        &xsum[n * self.nb..(n + 1) * self.nb],
+                    );
+                }
+            }
+        }
+    }
+
+    /// One row against one token, without SIMD (the reference the kernels are tested against).
+    pub fn dot_scalar(&self, r: usize, x: &[f32], xsum: &[f32]) -> f32 {
+        let qb = self.qb();
+        let mut acc = 0f32;
+        for b in 0..self.nb {
+            let i = r * self.nb + b;
+            let q = &self.qs[i * qb..(i + 1) * qb];
+            let xb = &x[b * 32..(b + 1) * 32];
+            let mut s = 0f32;
+            match self.kind {
+                QKind::Q4_1 => {
+                    for j in 0..16 {
+                        s += (q[j] & 0x0F) as f32 * xb[j] + (q[j] >> 4) as f32 * xb[j + 16];
+                    }
+                    acc += self.d[i].to_f32() * s + self.m[i].to_f32() * xsum[b];
+                }
+                QKind::Q8_0 => {
+                    for j in 0..32 {
+                        s += (q[j] as i8) as f32 * xb[j];
+                    }
+                    acc += self.d[i].to_f32() * s;
+                }
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "avx512bw",
+    target_feature = "avx512vl",
+    target_feature = "f16c"
+))]
+mod avx512 {
+    use super::PackedMat;
+    use crate::quant::QKind;
+    use std::arch::x86_64::*;
+
+    /// Sixteen f16 values at `p` (the first `mask` bits' worth) as f32.
+    #[inline(always)]
+    unsafe fn load_f16x16(p: *const half::f16, mask: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
+    }
+
+    /// # Safety
+    /// Needs AVX-512F/BW/VL and F16C; rows `r0..r0 + R` exist; `x` holds `N`
+    /// rows of `p.cols` values and `xsum` their `N * p.nb` block sums.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn tile<const R: usize, const N: usize>(
+        p: &PackedMat,
+        r0: usize,
+        x: &[f32],
+        xsum: &[f32],
+        out: &mut [[f32; N]; R],
+    ) {
+        let (nb, cols, qb) = (p.nb, p.cols, p.qb());
+        let q4 = p.kind == QKind::Q4_1;
+        let table = _mm512_setr_ps(
+            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+        );
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        let mut accm = [[_mm512_setzero_ps(); N]; R];
+        let (dp, mp, qp, xp, sp) = (
+            p.d.as_ptr(),
+            p.m.as_ptr(),
+            p.qs.as_ptr(),
+            x.as_ptr(),
+            xsum.as_ptr(),
+        );
+        let mut c = 0;
+        while c < nb {
+            let len = (nb - c).min(16);
+            let mask: __mmask16 = if len == 16 { 0xFFFF } else { (1u16 << len) - 1 };
+            // SAFETY (pointer arithmetic below): c + len <= nb, r < R with
+            // r0 + R <= rows, n < N: every index stays inside its array.
+            let mut ds = [[0f32; 16]; R];
+            for r in 0..R {
+                let row_blk = (r0 + r) * nb + c;
+                _mm512_storeu_ps(ds[r].as_mut_ptr(), load_f16x16(dp.add(row_blk), mask));
+                if q4 {
+                    let mv = load_f16x16(mp.add(row_blk), mask);
+                    for n in 0..N {
+                        accm[r][n] = _mm512_fmadd_ps(
+                            mv,
+                            _mm512_maskz_loadu_ps(mask, sp.add(n * nb + c)),
+                            accm[r][n],
+                        );
+                    }
+                }
+            }
+            for b in c..c + len {
+                let mut xl = [_mm512_setzero_ps(); N];
+                let mut xh = [_mm512_setzero_ps(); N];
+                for n in 0..N {
+                    xl[n] = _mm512_loadu_ps(xp.add(n * cols + b * 32));
+                    xh[n] = _mm512_loadu_ps(xp.add(n * cols + b * 32 + 16));
+                }
+                for r in 0..R {
+                    let q = qp.add(((r0 + r) * nb + b) * qb);
+                    let (lo, hi) = if q4 {
+                        // Each 32-bit lane holds one byte; the permute reads a
+                        // lane's low four bits as its index: nibble -> float.
+                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i));
+                        (
+                            _mm512_permutexvar_ps(v, table),
+                            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table),
+                        )
+                    } else {
+                        (
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                q as *const __m128i,
+                            ))),
+                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                q.add(16) as *const __m128i
+                            ))),
+                        )
+                    };
+                    let d = _mm512_set1_ps(ds[r][b - c]);
+                    for n in 0..N {
+                        let s = _mm512_fmadd_ps(lo, xl[n], _mm512_mul_ps(hi, xh[n]));
+                        acc[r][n] = _mm512_fmadd_ps(s, d, acc[r][n]);
+                    }
+                }
+            }
+            c += len;
+        }
+        for r in 0..R {
+            for n in 0..N {
+                out[r][n] = _mm512_reduce_add_ps(acc[r][n]) + _mm512_reduce_add_ps(accm[r][n]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn random_blocks(kind: QKind, rows: usize, cols: usize, seed: u64) -> QMat {
+        let mut s = seed;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let mut data = Vec::new();
+        for _ in 0..rows * cols / 32 {
+            data.extend_from_slice(&f16::from_f32((next() % 1000) as f32 / 50_000.0).to_le_bytes());
+            if kind == QKind::Q4_1 {
+                data.extend_from_slice(
+                    &f16::from_f32(-((next() % 1000) as f32) / 10_000.0).to_le_bytes(),
+                );
+                data.extend((0..16).map(|_| next() as u8));
+            } else {
+                data.extend((0..32).map(|_| next() as u8));
+            }
+        }
+        QMat {
+            kind,
+            rows,
+            cols,
+            data,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn matmul_equals_dequantized_product(seed in 0u64..1000, t in 1usize..20, blocks in 1usize..40, rows in 1usize..80, q8 in any::<bool>()) {
+            let kind = if q8 { QKind::Q8_0 } else { QKind::Q4_1 };
+            let cols = blocks * 32;
+            let q = random_blocks(kind, rows, cols, seed);
+            let w = PackedMat::pack(&q);
+            let wf = q.to_f32();
+            let x: Vec<f32> = (0..t * cols).map(|i| ((i as f32 * 1.3 + seed as f32) * 0.11).cos()).collect();
+            let mut out = vec![0f32; t * rows];
+            w.matmul(&x, t, &mut out);
+            let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+            for ti in 0..t {
+                for r in 0..rows {
+                    let exact: f32 = (0..cols).map(|c| wf[r * cols + c] * x[ti * cols + c]).sum();
+                    let scale: f32 = (0..cols).map(|c| (wf[r * cols + c] * x[ti * cols + c]).abs()).sum();
+                    let got = out[ti * rows + r];
+                    prop_assert!((got - exact).abs() <= 1e-5 * (1.0 + scale), "{} vs {}", got, exact);
+                    let scalar = w.dot_scalar(r, &x[ti * cols..(ti + 1) * cols], &xsum[ti * blocks..(ti + 1) * blocks]);
+                    prop_assert!((got - scalar).abs() <= 1e-5 * (1.0 + scale));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_shards_sum_to_the_whole() {
+        let q = random_blocks(QKind::Q4_1, 40, 128, 3);
+        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.7).sin()).collect();
+        let mut full = vec![0f32; 40];
+        PackedMat::pack(&q).matmul(&x, 1, &mut full);
+        let mut sum = vec![0f32; 40];
+        for (c0, c1) in [(0, 64), (64, 128)] {
+            let mut part = vec![0f32; 40];
+            PackedMat::pack(&q.slice_cols(c0, c1).expect("aligned")).matmul(
+                &x[c0..c1],
+                1,
+                &mut part,
+            );
+            for (s, p) in sum.iter_mut().zip(&part) {
+                *s += p;
+            }
+        }
+        for (a, b) in full.iter().zip(&sum) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+    }
+}
