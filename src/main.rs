@@ -5,7 +5,7 @@ mod generate;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
