@@ -28,6 +28,9 @@ pub struct EngineOptions {
     /// Blocks in each rank's pool.
     pub kv_blocks: usize,
     pub formats: Formats,
+    /// Compute threads for the whole engine, shared out among the ranks of a
+    /// stage; 0 means rayon's global thread count.
+    pub threads: usize,
 }
 
 impl Default for EngineOptions {
@@ -40,6 +43,7 @@ impl Default for EngineOptions {
             kv_dtype: KvDtype::F32,
             kv_blocks: 1024,
             formats: Formats::BOTH,
+            threads: 0,
         }
     }
 }
@@ -83,6 +87,12 @@ impl Engine {
             }
             None => SliceSpec::even_split(cfg.n_layers, opts.pp)?,
         };
+        let threads = if opts.threads == 0 {
+            rayon::current_num_threads()
+        } else {
+            opts.threads
+        };
+        let per_rank = (threads / opts.tp).max(1);
         let mut stages = Vec::new();
         for layers in split {
             let groups = ThreadGroup::new(opts.tp);
@@ -94,15 +104,25 @@ impl Engine {
                     tp: opts.tp,
                 };
                 let slice = ModelSlice::load(file, &spec, opts.formats)?;
-                let pool = KvPool::new(
+                let kv = KvPool::new(
                     slice.kv_layout(opts.block_size, opts.kv_dtype),
                     opts.kv_blocks,
                 );
+                // Each rank computes on a pool of its own: its thread takes part
+                // in the work instead of waking others for every parallel loop,
+                // and a rank blocked in an all-reduce never holds up another's pool.
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(per_rank)
+                    .thread_name(move |i| format!("rank{r}-compute{i}"))
+                    .build()
+                    .map_err(|e| {
+                        ModelError::Worker(format!("cannot start compute threads: {e}"))
+                    })?;
                 let (tx, job_rx) = mpsc::sync_channel::<Job>(1);
                 let (out_tx, rx) = mpsc::sync_channel(1);
                 let thread = std::thread::Builder::new()
                     .name(format!("slice-{}-{}-r{r}", layers.start, layers.end))
-                    .spawn(move || rank_loop(slice, pool, group, job_rx, out_tx))
+                    .spawn(move || rank_loop(slice, kv, pool, group, job_rx, out_tx))
                     .map_err(|e| ModelError::Worker(format!("cannot start a rank thread: {e}")))?;
                 ranks.push(Rank {
                     tx: Some(tx),
@@ -248,7 +268,8 @@ impl Drop for Engine {
 
 fn rank_loop(
     slice: ModelSlice,
-    mut pool: KvPool,
+    mut kv: KvPool,
+    pool: rayon::ThreadPool,
     group: ThreadGroup,
     jobs: mpsc::Receiver<Job>,
     out: mpsc::SyncSender<Result<SliceOutput>>,
@@ -271,13 +292,8 @@ fn rank_loop(
                 continue;
             }
         };
-        let r = slice.forward(
-            input,
-            &spans,
-            &mut pool,
-            &group as &dyn AllReduce,
-            job.phase,
-        );
+        let r = pool
+            .install(|| slice.forward(input, &spans, &mut kv, &group as &dyn AllReduce, job.phase));
         if out.send(r).is_err() {
             break;
         }
