@@ -26,12 +26,12 @@ fn q4(rows: usize, cols: usize) -> RawTensor {
             data.push(((i * 7 + j * 13) % 256) as u8);
         }
     }
-    RawTensor::Quant {
+    RawTensor::Quant(tandem_model::quant::QMat {
         kind: QKind::Q4_1,
         rows,
         cols,
         data,
-    }
+    })
 }
 
 fn main() {
@@ -65,12 +65,12 @@ fn main() {
         }
     }
     let l = Linear::new(
-        RawTensor::Quant {
+        RawTensor::Quant(tandem_model::quant::QMat {
             kind: QKind::Q8_0,
             rows: 49152,
             cols: 576,
             data: lm,
-        },
+        }),
         None,
         Formats::DECODE,
     )

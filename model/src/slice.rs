@@ -249,17 +249,7 @@ impl ModelSlice {
         }
 
         let table = |raw: RawTensor| match raw {
-            RawTensor::Quant {
-                kind,
-                rows,
-                cols,
-                data,
-            } => Table::Quant(QMat {
-                kind,
-                rows,
-                cols,
-                data,
-            }),
+            RawTensor::Quant(q) => Table::Quant(q),
             RawTensor::F32 { shape, data } => Table::Dense {
                 cols: shape[1],
                 data,

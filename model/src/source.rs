@@ -12,28 +12,20 @@ use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device};
 
 use crate::error::{ModelError, Result};
-use crate::quant::QKind;
+use crate::quant::{QKind, QMat};
 
 /// One tensor as read from disk, 2-D tensors as `[rows, cols]` row-major.
 #[derive(Debug, Clone)]
 pub enum RawTensor {
-    F32 {
-        shape: Vec<usize>,
-        data: Vec<f32>,
-    },
-    Quant {
-        kind: QKind,
-        rows: usize,
-        cols: usize,
-        data: Vec<u8>,
-    },
+    F32 { shape: Vec<usize>, data: Vec<f32> },
+    Quant(QMat),
 }
 
 impl RawTensor {
     pub fn shape(&self) -> Vec<usize> {
         match self {
             RawTensor::F32 { shape, .. } => shape.clone(),
-            RawTensor::Quant { rows, cols, .. } => vec![*rows, *cols],
+            RawTensor::Quant(q) => vec![q.rows, q.cols],
         }
     }
 }
@@ -120,12 +112,12 @@ impl TensorSource {
                         .map_err(|reason| {
                             ModelError::malformed(path, format!("tensor {name}: {reason}"))
                         })?;
-                    return Ok(RawTensor::Quant {
+                    return Ok(RawTensor::Quant(QMat {
                         kind,
                         rows,
                         cols,
                         data,
-                    });
+                    }));
                 }
                 let mut file = File::open(path).map_err(|err| ModelError::Io {
                     path: path.clone(),
@@ -188,4 +180,82 @@ fn read_at(path: &Path, offset: u64, size: usize) -> std::result::Result<Vec<u8>
     let mut buf = vec![0u8; size];
     f.read_exact(&mut buf).map_err(|e| e.to_string())?;
     Ok(buf)
+}
+
+/// Row and column slicing of raw tensors, for tensor-parallel shards.
+impl RawTensor {
+    pub fn slice_rows(&self, r0: usize, r1: usize) -> RawTensor {
+        match self {
+            RawTensor::F32 { shape, data } => {
+                let cols: usize = shape[1..].iter().product();
+                let mut s = shape.clone();
+                s[0] = r1 - r0;
+                RawTensor::F32 {
+                    shape: s,
+                    data: data[r0 * cols..r1 * cols].to_vec(),
+                }
+            }
+            RawTensor::Quant(q) => RawTensor::Quant(q.slice_rows(r0, r1)),
+        }
+    }
+
+    /// Columns `[c0, c1)` of a 2-D tensor. Quantized data stays quantized when
+    /// the range falls on block boundaries, else it is dequantized.
+    pub fn slice_cols(&self, c0: usize, c1: usize) -> RawTensor {
+        match self {
+            RawTensor::F32 { shape, data } => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let mut out = Vec::with_capacity(rows * (c1 - c0));
+                for r in 0..rows {
+                    out.extend_from_slice(&data[r * cols + c0..r * cols + c1]);
+                }
+                RawTensor::F32 {
+                    shape: vec![rows, c1 - c0],
+                    data: out,
+                }
+            }
+            RawTensor::Quant(q) => match q.slice_cols(c0, c1) {
+                Some(q) => RawTensor::Quant(q),
+                None => RawTensor::F32 {
+                    shape: vec![q.rows, q.cols],
+                    data: q.to_f32(),
+                }
+                .slice_cols(c0, c1),
+            },
+        }
+    }
+
+    /// Stacks 2-D tensors with equal column counts, keeping quantized blocks
+    /// when every part shares one format.
+    pub fn concat_rows(parts: Vec<RawTensor>) -> RawTensor {
+        let quant: Option<Vec<QMat>> = parts
+            .iter()
+            .map(|p| match p {
+                RawTensor::Quant(q) => Some(q.clone()),
+                RawTensor::F32 { .. } => None,
+            })
+            .collect();
+        if let Some(qs) = quant.filter(|qs| qs.iter().all(|q| q.kind == qs[0].kind)) {
+            return RawTensor::Quant(QMat::concat_rows(&qs));
+        }
+        let cols = parts[0].shape()[1];
+        let mut rows = 0;
+        let mut data = Vec::new();
+        for p in parts {
+            rows += p.shape()[0];
+            data.extend(p.f32_data());
+        }
+        RawTensor::F32 {
+            shape: vec![rows, cols],
+            data,
+        }
+    }
+
+    /// The values as f32, dequantizing if needed.
+    pub fn f32_data(self) -> Vec<f32> {
+        match self {
+            RawTensor::F32 { data, .. } => data,
+            RawTensor::Quant(q) => q.to_f32(),
+        }
+    }
 }

@@ -167,17 +167,15 @@ impl Tokenizer {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
-        let mut t = Tokenizer {
+        Ok(Tokenizer::assemble(
             inner,
             token_bytes,
             special,
             bos,
             eos,
-            stop_ids: Vec::new(),
+            eot,
             add_bos,
-        };
-        t.stop_ids = t.default_stops(&[eos, eot]);
-        Ok(t)
+        ))
     }
 
     pub(crate) fn from_hf_file(path: &Path, dir: &Path) -> Result<Tokenizer> {
@@ -226,6 +224,28 @@ impl Tokenizer {
         let bos = tok_name("bos_token");
         let eos = tok_name("eos_token");
         let add_bos = cfg["add_bos_token"].as_bool().unwrap_or(false);
+        Ok(Tokenizer::assemble(
+            inner,
+            token_bytes,
+            special,
+            bos,
+            eos,
+            None,
+            add_bos,
+        ))
+    }
+
+    /// Builds the tokenizer; generation stops by default at EOS, the
+    /// end-of-turn token and any special end-of-turn marker the vocabulary has.
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        token_bytes: Vec<Vec<u8>>,
+        special: Vec<bool>,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        eot: Option<u32>,
+        add_bos: bool,
+    ) -> Tokenizer {
         let mut t = Tokenizer {
             inner,
             token_bytes,
@@ -235,8 +255,8 @@ impl Tokenizer {
             stop_ids: Vec::new(),
             add_bos,
         };
-        t.stop_ids = t.default_stops(&[eos]);
-        Ok(t)
+        t.stop_ids = t.default_stops(&[eos, eot]);
+        t
     }
 
     fn default_stops(&self, ids: &[Option<u32>]) -> Vec<u32> {
