@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the crates.
 
 mod bench;
+mod cluster;
 mod generate;
 
 use std::path::PathBuf;
@@ -43,6 +44,10 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Create the cluster CA and a certificate for every node of a cluster file.
+    Certs(cluster::CertsArgs),
+    /// Validate a cluster file against its model and print the layout.
+    CheckConfig(cluster::CheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -118,5 +123,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(BenchCmd::Engine(a)) => bench::engine(&cli.common, threads, a),
+        Cmd::Certs(a) => cluster::certs(&cli.common, a),
+        Cmd::CheckConfig(a) => cluster::check(&cli.common, a),
     }
 }

@@ -1,1 +1,19 @@
-//! Wire protocol: every message exchanged between Tandem nodes (serde + bincode, versioned), the QUIC endpoints with mutual TLS, and the cluster configuration file. Filled by the disaggregated-serving issue.
+//! Wire: what Tandem nodes say to each other and how.
+//!
+//! - [`tls`]: the cluster certificate authority and per-node certificates
+//!   (rcgen); every QUIC connection between nodes is mutual TLS, and a peer
+//!   whose certificate the cluster CA did not sign is refused.
+//! - [`quic`]: quinn endpoints built from those certificates, and the
+//!   versioned handshake every connection opens with.
+//! - [`codec`]: length-prefixed bincode frames on QUIC streams, size-limited.
+//! - [`messages`]: the protocol version and the handshake messages.
+//! - [`config`]: the cluster file (TOML), validated once at start.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod messages;
+pub mod quic;
+pub mod tls;
+
+pub use error::{Result, WireError};

@@ -1,0 +1,559 @@
+//! The cluster file (TOML): the model, the gateway, prefill pipelines (stage
+//! addresses, automatic or explicit layer split), decode groups (address,
+//! TP), transport and limits. [`ClusterFile::parse`] reads it;
+//! [`ClusterFile::validate`] checks it against the model once, at start, with
+//! messages that say what to change.
+//!
+//! ```toml
+//! [cluster]
+//! name = "demo"
+//!
+//! [gateway]
+//! http = "127.0.0.1:8000"
+//! quic = "127.0.0.1:7000"
+//!
+//! [[prefill]]
+//! name = "p0"
+//! chunk = 256
+//! stages = [
+//!   { name = "p0-s0", addr = "127.0.0.1:7101", layers = [0, 15] },
+//!   { name = "p0-s1", addr = "127.0.0.1:7102", layers = [15, 30] },
+//! ]
+//!
+//! [[decode]]
+//! name = "d0"
+//! addr = "127.0.0.1:7201"
+//! tp = 3
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tandem_model::{KvDtype, ModelConfig, SliceSpec};
+
+use crate::error::{Result, WireError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub cluster: ClusterSection,
+    pub gateway: GatewaySection,
+    #[serde(default)]
+    pub prefill: Vec<PipelineSection>,
+    #[serde(default)]
+    pub decode: Vec<DecodeSection>,
+    #[serde(default)]
+    pub transport: TransportSection,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub name: String,
+    /// GGUF file or Hugging Face directory; the embedded default model when absent.
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// Tokens per KV block.
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// KV storage: f32, f16 or bf16.
+    #[serde(default = "default_kv_dtype")]
+    pub kv_dtype: String,
+    /// Directory made by `tandem certs`.
+    #[serde(default)]
+    pub certs: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    #[serde(default = "default_gateway_name")]
+    pub name: String,
+    /// Where clients reach the OpenAI-compatible API.
+    pub http: SocketAddr,
+    /// Where nodes reach the gateway.
+    pub quic: SocketAddr,
+    /// Requests waiting for a decode slot before new ones get 429.
+    #[serde(default = "default_queue")]
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    pub name: String,
+    /// Prompt tokens per chunk flowing through the stages.
+    #[serde(default = "default_chunk")]
+    pub chunk: usize,
+    pub stages: Vec<StageSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSection {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// `[first, end)`; give it for every stage of a pipeline or for none
+    /// (then the layers are split evenly).
+    #[serde(default)]
+    pub layers: Option<[usize; 2]>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeSection {
+    pub name: String,
+    pub addr: SocketAddr,
+    #[serde(default = "one")]
+    pub tp: usize,
+    /// KV blocks in each rank's pool.
+    #[serde(default = "default_kv_blocks")]
+    pub kv_blocks: usize,
+    /// Sequences in one decode step.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Requests waiting for admission.
+    #[serde(default = "default_queue")]
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Ucx,
+    Quic,
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSection {
+    #[serde(default)]
+    pub kind: TransportKind,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Every request's deadline.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// A node silent this long is marked down.
+    #[serde(default = "default_down_after")]
+    pub down_after_ms: u64,
+    /// Largest HTTP request body.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_timeout_ms: default_request_timeout(),
+            heartbeat_ms: default_heartbeat(),
+            down_after_ms: default_down_after(),
+            max_body_bytes: default_max_body(),
+        }
+    }
+}
+
+fn default_block_size() -> usize {
+    16
+}
+fn default_kv_dtype() -> String {
+    "f32".into()
+}
+fn default_gateway_name() -> String {
+    "gateway".into()
+}
+fn default_queue() -> usize {
+    256
+}
+fn default_chunk() -> usize {
+    256
+}
+fn one() -> usize {
+    1
+}
+fn default_kv_blocks() -> usize {
+    2048
+}
+fn default_max_batch() -> usize {
+    32
+}
+fn default_request_timeout() -> u64 {
+    600_000
+}
+fn default_heartbeat() -> u64 {
+    250
+}
+fn default_down_after() -> u64 {
+    1000
+}
+fn default_max_body() -> usize {
+    4 << 20
+}
+
+/// A pipeline after validation: every stage with its layer range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pipeline {
+    pub name: String,
+    pub chunk: usize,
+    pub stages: Vec<(String, SocketAddr, Range<usize>)>,
+}
+
+/// The cluster after validation against the model.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub file: ClusterFile,
+    pub kv_dtype: KvDtype,
+    pub pipelines: Vec<Pipeline>,
+}
+
+impl ClusterFile {
+    pub fn load(path: &Path) -> Result<ClusterFile> {
+        let text = std::fs::read_to_string(path).map_err(|err| WireError::Io {
+            path: path.to_path_buf(),
+            err,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<ClusterFile> {
+        toml::from_str(text).map_err(|e| WireError::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks the file against the model; the first problem found is the error.
+    pub fn validate(self, model: &ModelConfig, path: &Path) -> Result<Cluster> {
+        let bad = |reason: String| WireError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let c = &self;
+        if c.cluster.name.trim().is_empty() {
+            return Err(bad("[cluster] name must not be empty".into()));
+        }
+        if c.cluster.block_size == 0 {
+            return Err(bad("[cluster] block_size must be at least 1".into()));
+        }
+        let kv_dtype = KvDtype::parse(&c.cluster.kv_dtype).ok_or_else(|| {
+            bad(format!(
+                "[cluster] kv_dtype '{}' is not one of f32, f16, bf16",
+                c.cluster.kv_dtype
+            ))
+        })?;
+        if c.prefill.is_empty() {
+            return Err(bad(
+                "no [[prefill]] pipeline: a cluster needs at least one".into()
+            ));
+        }
+        if c.decode.is_empty() {
+            return Err(bad(
+                "no [[decode]] group: a cluster needs at least one".into()
+            ));
+        }
+        // Every node name and address once.
+        let mut names: HashMap<String, String> = HashMap::new();
+        let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+        let mut claim = |name: &str, what: String, addr_list: &[SocketAddr]| -> Result<()> {
+            if name.trim().is_empty() {
+                return Err(bad(format!("{what} has an empty name")));
+            }
+            if let Some(prev) = names.insert(name.to_string(), what.clone()) {
+                return Err(bad(format!("the name '{name}' is used twice ({prev} and {what}); node names must be unique")));
+            }
+            for a in addr_list {
+                if let Some(prev) = addrs.insert(*a, what.clone()) {
+                    return Err(bad(format!(
+                        "the address {a} is used twice ({prev} and {what})"
+                    )));
+                }
+            }
+            Ok(())
+        };
+        claim(
+            &c.gateway.name,
+            format!("gateway '{}'", c.gateway.name),
+            &[c.gateway.http, c.gateway.quic],
+        )?;
+        for p in &c.prefill {
+            for s in &p.stages {
+                claim(
+                    &s.name,
+                    format!("prefill stage '{}' of pipeline '{}'", s.name, p.name),
+                    &[s.addr],
+                )?;
+            }
+        }
+        for d in &c.decode {
+            claim(&d.name, format!("decode group '{}'", d.name), &[d.addr])?;
+        }
+        let mut pipeline_names = std::collections::HashSet::new();
+        let mut pipelines = Vec::new();
+        for p in &c.prefill {
+            if !pipeline_names.insert(p.name.as_str()) {
+                return Err(bad(format!("two pipelines are named '{}'", p.name)));
+            }
+            pipelines.push(
+                validate_pipeline(p, model)
+                    .map_err(|r| bad(format!("pipeline '{}': {r}", p.name)))?,
+            );
+        }
+        let valid_tp = model.valid_tp();
+        for d in &c.decode {
+            if !valid_tp.contains(&d.tp) {
+                return Err(bad(format!(
+                    "decode group '{}': tp = {} does not divide the model's {} KV heads; use one of {:?}",
+                    d.name, d.tp, model.n_kv_heads, valid_tp
+                )));
+            }
+            for (field, v) in [
+                ("kv_blocks", d.kv_blocks),
+                ("max_batch", d.max_batch),
+                ("max_queue", d.max_queue),
+            ] {
+                if v == 0 {
+                    return Err(bad(format!(
+                        "decode group '{}': {field} must be at least 1",
+                        d.name
+                    )));
+                }
+            }
+        }
+        if c.limits.heartbeat_ms == 0 || c.limits.down_after_ms <= c.limits.heartbeat_ms {
+            return Err(bad(format!(
+                "[limits] down_after_ms ({}) must exceed heartbeat_ms ({}), which must be positive",
+                c.limits.down_after_ms, c.limits.heartbeat_ms
+            )));
+        }
+        Ok(Cluster {
+            file: self,
+            kv_dtype,
+            pipelines,
+        })
+    }
+}
+
+fn validate_pipeline(
+    p: &PipelineSection,
+    model: &ModelConfig,
+) -> std::result::Result<Pipeline, String> {
+    let n = model.n_layers;
+    if p.stages.is_empty() {
+        return Err("it has no stages".into());
+    }
+    if p.chunk == 0 {
+        return Err("chunk must be at least 1 token".into());
+    }
+    let given = p.stages.iter().filter(|s| s.layers.is_some()).count();
+    let ranges: Vec<Range<usize>> = if given == 0 {
+        SliceSpec::even_split(n, p.stages.len()).map_err(|e| e.to_string())?
+    } else if given != p.stages.len() {
+        return Err(
+            "give `layers` for every stage or for none (then they are split evenly)".into(),
+        );
+    } else {
+        let mut next = 0;
+        let mut out = Vec::new();
+        for s in &p.stages {
+            let [a, b] = s.layers.expect("counted above: every stage has layers");
+            if b <= a {
+                return Err(format!(
+                    "stage '{}' has layers [{a}, {b}), which is empty",
+                    s.name
+                ));
+            }
+            if a > next {
+                return Err(format!("stage '{}' starts at layer {a} but the stages before end at {next}: layers {next}..{a} are missing", s.name));
+            }
+            if a < next {
+                return Err(format!("stage '{}' starts at layer {a} but layers up to {next} are already taken: layers {a}..{next} repeat", s.name));
+            }
+            next = b;
+            out.push(a..b);
+        }
+        if next != n {
+            return Err(if next < n {
+                format!("the stages end at layer {next}; the model has {n} layers, so {next}..{n} are missing")
+            } else {
+                format!("the stages run to layer {next}; the model has only {n} layers")
+            });
+        }
+        out
+    };
+    Ok(Pipeline {
+        name: p.name.clone(),
+        chunk: p.chunk,
+        stages: p
+            .stages
+            .iter()
+            .zip(ranges)
+            .map(|(s, r)| (s.name.clone(), s.addr, r))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_model::Arch;
+
+    fn smollm() -> ModelConfig {
+        ModelConfig {
+            name: "smollm".into(),
+            arch: Arch::Llama,
+            n_layers: 30,
+            hidden: 576,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            intermediate: 1536,
+            vocab_size: 49152,
+            context_length: 8192,
+            rope_theta: 100000.0,
+            rms_eps: 1e-5,
+            rope_neox: false,
+            qkv_bias: false,
+            qk_norm: false,
+        }
+    }
+
+    const GOOD: &str = r#"
+[cluster]
+name = "demo"
+[gateway]
+http = "127.0.0.1:8000"
+quic = "127.0.0.1:7000"
+[[prefill]]
+name = "p0"
+stages = [ { name = "s0", addr = "127.0.0.1:7101" }, { name = "s1", addr = "127.0.0.1:7102" } ]
+[[decode]]
+name = "d0"
+addr = "127.0.0.1:7201"
+tp = 3
+"#;
+
+    fn check(text: &str) -> std::result::Result<Cluster, String> {
+        let p = Path::new("cluster.toml");
+        ClusterFile::parse(text, p)
+            .and_then(|f| f.validate(&smollm(), p))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_good_file_validates_and_splits_layers_evenly() {
+        let c = check(GOOD).expect("valid");
+        assert_eq!(
+            c.pipelines[0]
+                .stages
+                .iter()
+                .map(|s| s.2.clone())
+                .collect::<Vec<_>>(),
+            vec![0..15, 15..30]
+        );
+        assert_eq!(c.file.decode[0].max_batch, 32, "defaults are filled in");
+        assert_eq!(c.file.transport.kind, TransportKind::Auto);
+    }
+
+    #[test]
+    fn mistakes_get_messages_that_say_what_to_change() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                GOOD.replace("tp = 3", "tp = 2"),
+                "tp = 2 does not divide the model's 3 KV heads; use one of [1, 3]",
+            ),
+            (
+                GOOD.replace(r#"addr = "127.0.0.1:7102""#, r#"addr = "127.0.0.1:7101""#),
+                "address 127.0.0.1:7101 is used twice",
+            ),
+            (
+                GOOD.replace(r#"name = "s1""#, r#"name = "d0""#),
+                "the name 'd0' is used twice",
+            ),
+            (
+                GOOD.replace(
+                    r#"addr = "127.0.0.1:7101" }"#,
+                    r#"addr = "127.0.0.1:7101", layers = [0, 10] }"#,
+                )
+                .replace(
+                    r#"addr = "127.0.0.1:7102" }"#,
+                    r#"addr = "127.0.0.1:7102", layers = [12, 30] }"#,
+                ),
+                "layers 10..12 are missing",
+            ),
+            (
+                GOOD.replace(
+                    r#"addr = "127.0.0.1:7101" }"#,
+                    r#"addr = "127.0.0.1:7101", layers = [0, 16] }"#,
+                )
+                .replace(
+                    r#"addr = "127.0.0.1:7102" }"#,
+                    r#"addr = "127.0.0.1:7102", layers = [15, 30] }"#,
+                ),
+                "layers 15..16 repeat",
+            ),
+            (
+                GOOD.replace(
+                    r#"addr = "127.0.0.1:7101" }"#,
+                    r#"addr = "127.0.0.1:7101", layers = [0, 15] }"#,
+                )
+                .replace(
+                    r#"addr = "127.0.0.1:7102" }"#,
+                    r#"addr = "127.0.0.1:7102", layers = [15, 28] }"#,
+                ),
+                "28..30 are missing",
+            ),
+            (
+                GOOD.replace(
+                    r#"addr = "127.0.0.1:7101" }"#,
+                    r#"addr = "127.0.0.1:7101", layers = [0, 15] }"#,
+                ),
+                "for every stage or for none",
+            ),
+            (
+                GOOD.replace(
+                    "[[decode]]\nname = \"d0\"\naddr = \"127.0.0.1:7201\"\ntp = 3\n",
+                    "",
+                ),
+                "no [[decode]] group",
+            ),
+            (
+                GOOD.replace("tp = 3", "tp = 3\nkv_blocks = 0"),
+                "kv_blocks must be at least 1",
+            ),
+            (
+                GOOD.replace("name = \"demo\"", "name = \"demo\"\nkv_dtype = \"f8\""),
+                "kv_dtype 'f8'",
+            ),
+            (
+                GOOD.replace("tp = 3", "tp = 3\ncolour = \"blue\""),
+                "unknown field `colour`",
+            ),
+            (
+                GOOD.replace("127.0.0.1:8000", "not-an-address"),
+                "invalid socket address",
+            ),
+            (
+                format!("{GOOD}\n[transport]\nkind = \"carrier-pigeon\"\n"),
+                "carrier-pigeon",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = check(&text)
+                .err()
+                .unwrap_or_else(|| panic!("should fail with {want:?}"));
+            assert!(err.contains(want), "expected {want:?} in: {err}");
+        }
+    }
+}

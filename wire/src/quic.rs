@@ -1,0 +1,210 @@
+//! QUIC endpoints between cluster nodes: mutual TLS 1.3 against the cluster
+//! CA, keep-alives so a silent peer is noticed, and the versioned handshake
+//! ([`Hello`] → [`HelloReply`]) on the first stream of every connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::RootCertStore;
+
+use crate::codec::{read_frame, write_frame};
+use crate::error::{Result, WireError};
+use crate::messages::{Hello, HelloReply, Role, ALPN, PROTOCOL_VERSION};
+use crate::tls::NodeIdentity;
+
+/// Liveness settings of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub keep_alive: Duration,
+    /// A peer silent this long is gone: its connection closes with a timeout.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            keep_alive: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
+fn tls_err(e: impl std::fmt::Display) -> WireError {
+    WireError::Tls(e.to_string())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(id: &NodeIdentity) -> Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    roots.add(id.ca.clone()).map_err(tls_err)?;
+    Ok(Arc::new(roots))
+}
+
+fn transport(l: Liveness) -> Result<Arc<quinn::TransportConfig>> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(l.keep_alive));
+    t.max_idle_timeout(Some(
+        l.idle_timeout
+            .try_into()
+            .map_err(|e| WireError::Tls(format!("idle timeout: {e}")))?,
+    ));
+    Ok(Arc::new(t))
+}
+
+/// Server side: presents the node's certificate and requires the peer's,
+/// signed by the cluster CA.
+pub fn server_config(id: &NodeIdentity, l: Liveness) -> Result<quinn::ServerConfig> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(id)?, provider())
+            .build()
+            .map_err(tls_err)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport(l)?);
+    Ok(cfg)
+}
+
+/// Client side: trusts only the cluster CA and presents the node's certificate.
+pub fn client_config(id: &NodeIdentity, l: Liveness) -> Result<quinn::ClientConfig> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_root_certificates(roots(id)?)
+        .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
+        .map_err(tls_err)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport(l)?);
+    Ok(cfg)
+}
+
+/// An endpoint that accepts cluster peers on `addr` and connects to others.
+/// Must be called inside a tokio runtime.
+pub fn endpoint(addr: SocketAddr, id: &NodeIdentity, l: Liveness) -> Result<quinn::Endpoint> {
+    let mut ep = quinn::Endpoint::server(server_config(id, l)?, addr)
+        .map_err(|e| WireError::Connection(format!("cannot listen on {addr}: {e}")))?;
+    ep.set_default_client_config(client_config(id, l)?);
+    Ok(ep)
+}
+
+/// An endpoint that only connects (tools, the gateway's outbound side).
+pub fn client_endpoint(id: &NodeIdentity, l: Liveness) -> Result<quinn::Endpoint> {
+    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let mut ep = quinn::Endpoint::client(bind)
+        .map_err(|e| WireError::Connection(format!("cannot open a client endpoint: {e}")))?;
+    ep.set_default_client_config(client_config(id, l)?);
+    Ok(ep)
+}
+
+/// Connects to `peer` (whose certificate must name `peer_name`) and runs the
+/// handshake; returns the connection and the peer's role.
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    peer_name: &str,
+    hello: &Hello,
+) -> Result<(quinn::Connection, Role)> {
+    let conn = ep
+        .connect(addr, peer_name)
+        .map_err(|e| {
+            WireError::Connection(format!("cannot connect to {peer_name} at {addr}: {e}"))
+        })?
+        .await
+        .map_err(|e| WireError::Connection(format!("{peer_name} at {addr}: {e}")))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| WireError::Connection(e.to_string()))?;
+    write_frame(&mut send, hello).await?;
+    let reply: HelloReply = read_frame(&mut recv, 1 << 16)
+        .await?
+        .ok_or_else(|| WireError::Refused("the peer closed the handshake stream".into()))?;
+    match reply {
+        HelloReply::Accepted { protocol, role, .. } if protocol == PROTOCOL_VERSION => {
+            Ok((conn, role))
+        }
+        HelloReply::Accepted { protocol, .. } => Err(WireError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: protocol,
+        }),
+        HelloReply::Refused { reason, .. } => Err(WireError::Refused(reason)),
+    }
+}
+
+/// Accepts the handshake on a new incoming connection: checks protocol
+/// version and cluster name, answers, and returns the peer's [`Hello`].
+pub async fn accept(incoming: quinn::Incoming, me: &Hello) -> Result<(quinn::Connection, Hello)> {
+    let conn = incoming
+        .await
+        .map_err(|e| WireError::Connection(format!("incoming connection failed: {e}")))?;
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| WireError::Connection(e.to_string()))?;
+    let hello: Hello = read_frame(&mut recv, 1 << 16)
+        .await?
+        .ok_or_else(|| WireError::Refused("the peer sent no hello".into()))?;
+    let refuse = if hello.protocol != PROTOCOL_VERSION {
+        Some(format!(
+            "protocol {} is not {PROTOCOL_VERSION}",
+            hello.protocol
+        ))
+    } else if hello.cluster != me.cluster {
+        Some(format!(
+            "cluster '{}' is not '{}'",
+            hello.cluster, me.cluster
+        ))
+    } else {
+        None
+    };
+    match refuse {
+        Some(reason) => {
+            write_frame(
+                &mut send,
+                &HelloReply::Refused {
+                    protocol: PROTOCOL_VERSION,
+                    reason: reason.clone(),
+                },
+            )
+            .await?;
+            let _ = send.finish();
+            // Give the reply a moment to leave before the connection closes.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(200), send.stopped()).await;
+            conn.close(1u32.into(), b"refused");
+            if hello.protocol != PROTOCOL_VERSION {
+                return Err(WireError::Version {
+                    ours: PROTOCOL_VERSION,
+                    theirs: hello.protocol,
+                });
+            }
+            Err(WireError::Refused(reason))
+        }
+        None => {
+            write_frame(
+                &mut send,
+                &HelloReply::Accepted {
+                    protocol: PROTOCOL_VERSION,
+                    node: me.node.clone(),
+                    role: me.role.clone(),
+                },
+            )
+            .await?;
+            let _ = send.finish();
+            Ok((conn, hello))
+        }
+    }
+}
