@@ -196,6 +196,64 @@ impl KvPool {
         Ok(())
     }
 
+    /// Bytes `[off, off + len)` elements of a block, little-endian, as stored.
+    pub fn read_region(&self, block: BlockId, off: usize, len: usize) -> Result<Vec<u8>> {
+        let base = self.check(block)? + off;
+        if off + len > self.layout.block_elems() {
+            return Err(ModelError::Kv(format!(
+                "region {off}+{len} is outside a block of {}",
+                self.layout.block_elems()
+            )));
+        }
+        Ok(match &self.storage {
+            KvStorage::F32(s) => s[base..base + len]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            KvStorage::F16(s) => s[base..base + len]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            KvStorage::Bf16(s) => s[base..base + len]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        })
+    }
+
+    /// Writes little-endian `bytes` (as stored) at element `off` of a block.
+    pub fn write_region(&mut self, block: BlockId, off: usize, bytes: &[u8]) -> Result<()> {
+        let eb = self.layout.dtype.bytes();
+        let len = bytes.len() / eb;
+        if bytes.len() % eb != 0 || off + len > self.layout.block_elems() {
+            return Err(ModelError::Kv(format!(
+                "{} bytes at element {off} do not fit a block of {} {}-byte elements",
+                bytes.len(),
+                self.layout.block_elems(),
+                eb
+            )));
+        }
+        let base = self.check(block)? + off;
+        match &mut self.storage {
+            KvStorage::F32(s) => {
+                for (d, c) in s[base..base + len].iter_mut().zip(bytes.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            KvStorage::F16(s) => {
+                for (d, c) in s[base..base + len].iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = f16::from_le_bytes([c[0], c[1]]);
+                }
+            }
+            KvStorage::Bf16(s) => {
+                for (d, c) in s[base..base + len].iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = bf16::from_le_bytes([c[0], c[1]]);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A whole block as f32 values (for tests, checksums and transfers).
     pub fn block_f32(&self, block: BlockId) -> Result<Vec<f32>> {
         let base = self.check(block)?;
