@@ -121,6 +121,8 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
     if a.verbose {
         eprintln!("prompt ids: {prompt:?}");
         eprintln!("output ids: {:?}", g.tokens);
+        let lps: Vec<String> = g.logprobs.iter().map(|l| format!("{l:.3}")).collect();
+        eprintln!("logprobs:   [{}]", lps.join(", "));
         eprintln!(
             "prompt {} tokens, prefill {:.3}s ({:.1} tok/s); {} tokens generated in {:.3}s ({:.1} tok/s); finish: {:?}",
             g.prompt_tokens,

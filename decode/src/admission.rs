@@ -1,0 +1,312 @@
+//! Which requests hold KV blocks, as a plain state machine (no I/O, time
+//! passed in): callers feed it events and carry out the [`Action`]s it
+//! returns.
+//!
+//! A request is *queued* until the batch has room and the pool has its
+//! blocks; then it is *awaiting KV* under a fresh [`Lease`] while a prefill
+//! pipeline fills exactly those blocks; then *running* until it finishes or
+//! is cancelled. A transfer that fails (checksum mismatch, lost pipeline,
+//! deadline) frees the blocks and retries under a new lease; a completion
+//! carrying an old lease is ignored, so a late write from a failed attempt
+//! can never start a sequence on blocks now used for something else.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use tandem_model::{BlockAllocator, BlockId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
+/// One attempt at filling a request's blocks. Every retry gets a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease(pub u64);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub block_size: usize,
+    /// Attempts at a request's KV before it fails.
+    pub max_attempts: u32,
+    /// How long one attempt may take, in the caller's time unit (ms).
+    pub kv_timeout: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The admission queue is full (HTTP 429).
+    Overloaded,
+    /// The request needs more blocks than the whole pool has.
+    TooLong { needed: usize, pool: usize },
+    /// Every attempt at its KV failed.
+    KvFailed { attempts: u32 },
+    /// A request with this id is already here.
+    Duplicate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Ask a prefill pipeline to fill `blocks` with the prompt's KV.
+    Prefill {
+        id: RequestId,
+        lease: Lease,
+        blocks: Vec<BlockId>,
+    },
+    /// The KV is complete and verified: decode may run the request.
+    Start { id: RequestId, blocks: Vec<BlockId> },
+    /// The attempt under `lease` is abandoned and its blocks are free again:
+    /// tell its pipeline to stop. The request itself waits for another attempt.
+    Abandon { id: RequestId, lease: Lease },
+    /// The request is over for this node; tell its client.
+    Reject { id: RequestId, why: Rejection },
+}
+
+#[derive(Debug)]
+struct Queued {
+    id: RequestId,
+    prompt: usize,
+    attempts: u32,
+}
+
+#[derive(Debug)]
+struct Held {
+    prompt: usize,
+    blocks: Vec<BlockId>,
+    state: HeldState,
+}
+
+#[derive(Debug, PartialEq)]
+enum HeldState {
+    AwaitingKv {
+        lease: Lease,
+        deadline: u64,
+        attempts: u32,
+    },
+    Running,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub retries: u64,
+    pub checksum_failures: u64,
+    pub stale_completions: u64,
+    pub rejected_overload: u64,
+}
+
+pub struct Admission {
+    limits: Limits,
+    alloc: BlockAllocator,
+    queue: VecDeque<Queued>,
+    held: HashMap<RequestId, Held>,
+    next_lease: u64,
+    pub counters: Counters,
+}
+
+impl Admission {
+    pub fn new(limits: Limits, blocks: usize) -> Admission {
+        Admission {
+            limits,
+            alloc: BlockAllocator::new(blocks),
+            queue: VecDeque::new(),
+            held: HashMap::new(),
+            next_lease: 1,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.alloc.used_count()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.held
+            .values()
+            .filter(|h| h.state == HeldState::Running)
+            .count()
+    }
+
+    /// A new request with a `prompt`-token prompt.
+    pub fn submit(&mut self, id: RequestId, prompt: usize, now: u64) -> Vec<Action> {
+        if self.held.contains_key(&id) || self.queue.iter().any(|q| q.id == id) {
+            return vec![Action::Reject {
+                id,
+                why: Rejection::Duplicate,
+            }];
+        }
+        let needed = self.blocks_for(prompt);
+        if needed > self.alloc.total() {
+            return vec![Action::Reject {
+                id,
+                why: Rejection::TooLong {
+                    needed,
+                    pool: self.alloc.total(),
+                },
+            }];
+        }
+        if self.queue.len() >= self.limits.max_queue {
+            self.counters.rejected_overload += 1;
+            return vec![Action::Reject {
+                id,
+                why: Rejection::Overloaded,
+            }];
+        }
+        self.queue.push_back(Queued {
+            id,
+            prompt,
+            attempts: 0,
+        });
+        self.pump(now)
+    }
+
+    /// Blocks for the prompt plus the first generated token.
+    fn blocks_for(&self, prompt: usize) -> usize {
+        (prompt + 1).div_ceil(self.limits.block_size)
+    }
+
+    /// Admits queued requests while the batch and the pool have room, in order.
+    fn pump(&mut self, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        while self.held.len() < self.limits.max_batch {
+            let Some(q) = self.queue.front() else { break };
+            let Some(blocks) = self.alloc.alloc(self.blocks_for(q.prompt)) else {
+                break;
+            };
+            let q = self.queue.pop_front().expect("front exists");
+            let lease = Lease(self.next_lease);
+            self.next_lease += 1;
+            out.push(Action::Prefill {
+                id: q.id,
+                lease,
+                blocks: blocks.clone(),
+            });
+            let state = HeldState::AwaitingKv {
+                lease,
+                deadline: now + self.limits.kv_timeout,
+                attempts: q.attempts + 1,
+            };
+            self.held.insert(
+                q.id,
+                Held {
+                    prompt: q.prompt,
+                    blocks,
+                    state,
+                },
+            );
+        }
+        out
+    }
+
+    /// Every stage's KV for every rank arrived for `lease`; `verified` says
+    /// whether the checksums matched.
+    pub fn kv_complete(
+        &mut self,
+        id: RequestId,
+        lease: Lease,
+        verified: bool,
+        now: u64,
+    ) -> Vec<Action> {
+        match self.held.get(&id).map(|h| &h.state) {
+            Some(HeldState::AwaitingKv { lease: current, .. }) if *current == lease => {}
+            _ => {
+                self.counters.stale_completions += 1;
+                return Vec::new();
+            }
+        }
+        if !verified {
+            self.counters.checksum_failures += 1;
+            return self.retry(id, now);
+        }
+        let h = self.held.get_mut(&id).expect("checked above");
+        h.state = HeldState::Running;
+        vec![Action::Start {
+            id,
+            blocks: h.blocks.clone(),
+        }]
+    }
+
+    /// The attempt under `lease` cannot finish (its pipeline is gone).
+    pub fn kv_lost(&mut self, id: RequestId, lease: Lease, now: u64) -> Vec<Action> {
+        match self.held.get(&id).map(|h| &h.state) {
+            Some(HeldState::AwaitingKv { lease: current, .. }) if *current == lease => {
+                self.retry(id, now)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Frees the attempt's blocks and queues the request again at the front,
+    /// or fails it when it has had its attempts.
+    fn retry(&mut self, id: RequestId, now: u64) -> Vec<Action> {
+        let h = self.held.remove(&id).expect("callers hold the request");
+        self.alloc.release_all(&h.blocks);
+        let HeldState::AwaitingKv {
+            attempts, lease, ..
+        } = h.state
+        else {
+            unreachable!("only awaiting requests retry")
+        };
+        let mut out = vec![Action::Abandon { id, lease }];
+        if attempts >= self.limits.max_attempts {
+            out.push(Action::Reject {
+                id,
+                why: Rejection::KvFailed { attempts },
+            });
+        } else {
+            self.counters.retries += 1;
+            self.queue.push_front(Queued {
+                id,
+                prompt: h.prompt,
+                attempts,
+            });
+        }
+        out.extend(self.pump(now));
+        out
+    }
+
+    /// Time passes: attempts past their deadline are retried.
+    pub fn tick(&mut self, now: u64) -> Vec<Action> {
+        let late: Vec<RequestId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| matches!(h.state, HeldState::AwaitingKv { deadline, .. } if deadline <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::new();
+        for id in late {
+            out.extend(self.retry(id, now));
+        }
+        out.extend(self.pump(now));
+        out
+    }
+
+    /// A running request grew past its blocks: one more, or `None` when the
+    /// pool is exhausted (the caller then preempts or fails it).
+    pub fn grow(&mut self, id: RequestId) -> Option<BlockId> {
+        let h = self
+            .held
+            .get_mut(&id)
+            .filter(|h| h.state == HeldState::Running)?;
+        let b = self.alloc.alloc(1)?.pop()?;
+        h.blocks.push(b);
+        Some(b)
+    }
+
+    /// The request finished, was cancelled, or its client left: free whatever it holds.
+    pub fn release(&mut self, id: RequestId, now: u64) -> Vec<Action> {
+        if let Some(h) = self.held.remove(&id) {
+            self.alloc.release_all(&h.blocks);
+        } else {
+            self.queue.retain(|q| q.id != id);
+        }
+        self.pump(now)
+    }
+}
+
+#[cfg(test)]
+mod tests;
