@@ -3,6 +3,7 @@
 mod bench;
 mod cluster;
 mod generate;
+mod plan;
 
 use std::path::PathBuf;
 
@@ -48,6 +49,8 @@ enum Cmd {
     Certs(cluster::CertsArgs),
     /// Validate a cluster file against its model and print the layout.
     CheckConfig(cluster::CheckArgs),
+    /// Pick PP/TP per role for a model and hardware, with the memory arithmetic.
+    Plan(plan::PlanArgs),
 }
 
 #[derive(Subcommand)]
@@ -125,5 +128,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Engine(a)) => bench::engine(&cli.common, threads, a),
         Cmd::Certs(a) => cluster::certs(&cli.common, a),
         Cmd::CheckConfig(a) => cluster::check(&cli.common, a),
+        Cmd::Plan(a) => plan::run(a),
     }
 }

@@ -23,6 +23,7 @@ pub mod file;
 pub mod gemm;
 pub mod kv;
 pub mod linear;
+pub mod plan;
 pub mod qmatmul;
 pub mod quant;
 pub mod sampling;
