@@ -1,0 +1,99 @@
+//! When requests are sent: a constant rate, a Poisson process, or gamma
+//! inter-arrival times with a burstiness factor (1 = Poisson; below 1
+//! burstier, above 1 more regular), as vLLM's benchmark defines them.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arrivals {
+    Constant { rate: f64 },
+    Poisson { rate: f64 },
+    Gamma { rate: f64, burstiness: f64 },
+}
+
+impl Arrivals {
+    /// Send times (seconds from the start) of `n` requests.
+    pub fn schedule(&self, n: usize, seed: u64) -> Vec<f64> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut t = 0.0;
+        (0..n)
+            .map(|_| {
+                let now = t;
+                t += match *self {
+                    Arrivals::Constant { rate } => 1.0 / rate,
+                    Arrivals::Poisson { rate } => -(1.0 - rng.random::<f64>()).ln() / rate,
+                    Arrivals::Gamma { rate, burstiness } => {
+                        gamma(&mut rng, burstiness) / (rate * burstiness)
+                    }
+                };
+                now
+            })
+            .collect()
+    }
+}
+
+/// A Gamma(shape, 1) sample (Marsaglia and Tsang).
+fn gamma(rng: &mut StdRng, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        return gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let x = normal(rng);
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaps(a: Arrivals) -> (f64, f64) {
+        let t = a.schedule(20_001, 42);
+        let g: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
+        let mean = g.iter().sum::<f64>() / g.len() as f64;
+        let var = g.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (g.len() - 1) as f64;
+        (mean, var.sqrt() / mean)
+    }
+
+    #[test]
+    fn the_arrival_processes_have_the_requested_statistics() {
+        let (m, cv) = gaps(Arrivals::Constant { rate: 4.0 });
+        assert!((m - 0.25).abs() < 1e-12 && cv < 1e-9);
+        // Exponential gaps: mean 1/rate, coefficient of variation 1.
+        let (m, cv) = gaps(Arrivals::Poisson { rate: 4.0 });
+        assert!((m - 0.25).abs() < 0.01, "mean gap {m}");
+        assert!((cv - 1.0).abs() < 0.03, "cv {cv}");
+        // Gamma gaps with burstiness b: mean 1/rate, CV = 1/sqrt(b).
+        for b in [0.25, 4.0] {
+            let (m, cv) = gaps(Arrivals::Gamma {
+                rate: 4.0,
+                burstiness: b,
+            });
+            assert!((m - 0.25).abs() < 0.015, "b={b}: mean gap {m}");
+            assert!(
+                (cv - 1.0 / b.sqrt()).abs() < 0.06 / b.sqrt(),
+                "b={b}: cv {cv}"
+            );
+        }
+        // Same seed, same schedule.
+        let p = Arrivals::Poisson { rate: 2.0 };
+        assert_eq!(p.schedule(10, 7), p.schedule(10, 7));
+    }
+}
