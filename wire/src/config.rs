@@ -444,6 +444,20 @@ addr = "127.0.0.1:7201"
 tp = 3
 "#;
 
+    /// GOOD with explicit layer ranges for its two stages (`None`: leave a stage without).
+    fn with_layers(s0: Option<[usize; 2]>, s1: Option<[usize; 2]>) -> String {
+        let mut t = GOOD.to_string();
+        for (addr, l) in [("127.0.0.1:7101", s0), ("127.0.0.1:7102", s1)] {
+            if let Some([a, b]) = l {
+                t = t.replace(
+                    &format!(r#"addr = "{addr}" }}"#),
+                    &format!(r#"addr = "{addr}", layers = [{a}, {b}] }}"#),
+                );
+            }
+        }
+        t
+    }
+
     fn check(text: &str) -> std::result::Result<Cluster, String> {
         let p = Path::new("cluster.toml");
         ClusterFile::parse(text, p)
@@ -482,43 +496,19 @@ tp = 3
                 "the name 'd0' is used twice",
             ),
             (
-                GOOD.replace(
-                    r#"addr = "127.0.0.1:7101" }"#,
-                    r#"addr = "127.0.0.1:7101", layers = [0, 10] }"#,
-                )
-                .replace(
-                    r#"addr = "127.0.0.1:7102" }"#,
-                    r#"addr = "127.0.0.1:7102", layers = [12, 30] }"#,
-                ),
+                with_layers(Some([0, 10]), Some([12, 30])),
                 "layers 10..12 are missing",
             ),
             (
-                GOOD.replace(
-                    r#"addr = "127.0.0.1:7101" }"#,
-                    r#"addr = "127.0.0.1:7101", layers = [0, 16] }"#,
-                )
-                .replace(
-                    r#"addr = "127.0.0.1:7102" }"#,
-                    r#"addr = "127.0.0.1:7102", layers = [15, 30] }"#,
-                ),
+                with_layers(Some([0, 16]), Some([15, 30])),
                 "layers 15..16 repeat",
             ),
             (
-                GOOD.replace(
-                    r#"addr = "127.0.0.1:7101" }"#,
-                    r#"addr = "127.0.0.1:7101", layers = [0, 15] }"#,
-                )
-                .replace(
-                    r#"addr = "127.0.0.1:7102" }"#,
-                    r#"addr = "127.0.0.1:7102", layers = [15, 28] }"#,
-                ),
+                with_layers(Some([0, 15]), Some([15, 28])),
                 "28..30 are missing",
             ),
             (
-                GOOD.replace(
-                    r#"addr = "127.0.0.1:7101" }"#,
-                    r#"addr = "127.0.0.1:7101", layers = [0, 15] }"#,
-                ),
+                with_layers(Some([0, 15]), None),
                 "for every stage or for none",
             ),
             (
