@@ -151,34 +151,32 @@ impl PackedMat {
         out: &mut [[f32; N]; R],
     ) {
         assert!(r0 + R <= self.rows && x.len() >= N * self.cols && xsum.len() >= N * self.nb);
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx512f",
-            target_feature = "avx512bw",
-            target_feature = "avx512vl",
-            target_feature = "f16c"
-        ))]
-        {
-            // SAFETY: the cfg guarantees the CPU features; the assert above
-            // bounds every row, token and block the kernel touches.
-            unsafe { avx512::tile::<R, N>(self, r0, x, xsum, out) }
+        match kernel() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: kernel() saw the CPU features at run time; the assert
+            // above bounds every row, token and block the kernel touches.
+            Kernel::Avx512 => unsafe { avx512::tile::<R, N>(self, r0, x, xsum, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, for AVX2/FMA/F16C.
+            Kernel::Avx2 => unsafe { avx2::tile::<R, N>(self, r0, x, xsum, out) },
+            Kernel::Scalar => self.tile_scalar(r0, x, xsum, out),
         }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx512f",
-            target_feature = "avx512bw",
-            target_feature = "avx512vl",
-            target_feature = "f16c"
-        )))]
-        {
-            for r in 0..R {
-                for n in 0..N {
-                    out[r][n] = self.dot_scalar(
-                        r0 + r,
-                        &x[n * self.cols..(n + 1) * self.cols],
-                        &xsum[n * self.nb..(n + 1) * self.nb],
-                    );
-                }
+    }
+
+    fn tile_scalar<const R: usize, const N: usize>(
+        &self,
+        r0: usize,
+        x: &[f32],
+        xsum: &[f32],
+        out: &mut [[f32; N]; R],
+    ) {
+        for r in 0..R {
+            for n in 0..N {
+                out[r][n] = self.dot_scalar(
+                    r0 + r,
+                    &x[n * self.cols..(n + 1) * self.cols],
+                    &xsum[n * self.nb..(n + 1) * self.nb],
+                );
             }
         }
     }
@@ -232,13 +230,137 @@ fn huge_page_vec(n: usize) -> Vec<u8> {
     v
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "avx512bw",
-    target_feature = "avx512vl",
-    target_feature = "f16c"
-))]
+/// The decode kernels this CPU can run, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+/// Chosen once, from the CPU's features at run time.
+pub fn kernel() -> Kernel {
+    static CHOICE: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |f: &str| match f {
+                "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+                "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+                "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
+                "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+                "fma" => std::arch::is_x86_feature_detected!("fma"),
+                "f16c" => std::arch::is_x86_feature_detected!("f16c"),
+                _ => false,
+            };
+            if ["avx512f", "avx512bw", "avx512vl", "f16c"]
+                .iter()
+                .all(|f| has(f))
+            {
+                return Kernel::Avx512;
+            }
+            if ["avx2", "fma", "f16c"].iter().all(|f| has(f)) {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Scalar
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::PackedMat;
+    use crate::quant::QKind;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// Needs AVX2, FMA and F16C; rows `r0..r0 + R` exist; `x` holds `N` rows
+    /// of `p.cols` values and `xsum` their `N * p.nb` block sums.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile<const R: usize, const N: usize>(
+        p: &PackedMat,
+        r0: usize,
+        x: &[f32],
+        xsum: &[f32],
+        out: &mut [[f32; N]; R],
+    ) {
+        let (nb, cols, qb) = (p.nb, p.cols, p.qb());
+        let q4 = p.kind == QKind::Q4_1;
+        let mask = _mm_set1_epi8(0x0F);
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut accm = [[0f32; N]; R];
+        let (qp, xp) = (p.qs.as_ptr(), x.as_ptr());
+        for b in 0..nb {
+            for r in 0..R {
+                let i = (r0 + r) * nb + b;
+                // SAFETY: i < rows * nb, so block i's values lie inside `qs`.
+                let q = qp.add(i * qb);
+                // The block's 32 weights as four vectors of eight.
+                let w: [__m256; 4] = if q4 {
+                    let v = _mm_loadu_si128(q as *const __m128i);
+                    let lo = _mm_and_si128(v, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                    [
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+                    ]
+                } else {
+                    let lo = _mm_loadu_si128(q as *const __m128i);
+                    let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
+                    [
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                    ]
+                };
+                let d = _mm256_set1_ps(p.d[i].to_f32());
+                let m = if q4 { p.m[i].to_f32() } else { 0.0 };
+                for n in 0..N {
+                    // SAFETY: token n's block b spans x[n * cols + b * 32 .. + 32].
+                    let xb = xp.add(n * cols + b * 32);
+                    let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+                    s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb.add(8)), s);
+                    s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb.add(16)), s);
+                    s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb.add(24)), s);
+                    acc[r][n] = _mm256_fmadd_ps(s, d, acc[r][n]);
+                    if q4 {
+                        accm[r][n] += m * xsum[n * nb + b];
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for n in 0..N {
+                let v = acc[r][n];
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+                out[r][n] = _mm_cvtss_f32(s1) + accm[r][n];
+            }
+        }
+    }
+
+    /// The AVX2 kernel on its own, for tests on machines that would pick AVX-512.
+    #[cfg(test)]
+    pub fn tile_for_test(p: &PackedMat, r: usize, x: &[f32], xsum: &[f32]) -> Option<f32> {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c"))
+        {
+            return None;
+        }
+        assert!(r < p.rows && x.len() >= p.cols && xsum.len() >= p.nb);
+        let mut out = [[0f32; 1]; 1];
+        // SAFETY: features checked just above; bounds asserted.
+        unsafe { tile::<1, 1>(p, r, x, xsum, &mut out) };
+        Some(out[0][0])
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 mod avx512 {
     const PERMUTE: bool = true;
     use super::PackedMat;
@@ -400,6 +522,10 @@ mod tests {
                     let scale: f32 = (0..cols).map(|c| (wf[r * cols + c] * x[ti * cols + c]).abs()).sum();
                     let got = out[ti * rows + r];
                     prop_assert!((got - exact).abs() <= 1e-5 * (1.0 + scale), "{} vs {}", got, exact);
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(v) = avx2::tile_for_test(&w, r, &x[ti * cols..(ti + 1) * cols], &xsum[ti * blocks..(ti + 1) * blocks]) {
+                        prop_assert!((got - v).abs() <= 1e-5 * (1.0 + scale), "AVX2 kernel: {} vs {}", v, got);
+                    }
                     let scalar = w.dot_scalar(r, &x[ti * cols..(ti + 1) * cols], &xsum[ti * blocks..(ti + 1) * blocks]);
                     prop_assert!((got - scalar).abs() <= 1e-5 * (1.0 + scale));
                 }
