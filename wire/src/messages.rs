@@ -1,8 +1,18 @@
-//! Messages every connection starts with. Later protocol messages (requests,
-//! KV transfer notices, heartbeats) join this module as the roles that send
-//! them are built; every one travels behind the same version check.
+//! Every message between Tandem nodes, behind one protocol version.
+//!
+//! The shapes follow the request flow in ARCHITECTURE.md and what the
+//! failure, session and accounting issues need from the wire:
+//! - a request carries its deadline and the tokens already streamed, so
+//!   another decode group can continue it after a failure;
+//! - every prefill attempt carries the decode-assigned [`Lease`]; decode
+//!   accepts KV and completions only for the current lease;
+//! - every KV transfer ends with a [`KvDone`] whose checksum covers what was
+//!   sent, so corruption or loss is caught before decoding;
+//! - heartbeats carry load; cache events let the gateway index prefixes;
+//! - errors crossing the wire keep their class ([`ErrorClass`]).
 
 use serde::{Deserialize, Serialize};
+use tandem_model::{BlockId, FinishReason, SamplingParams};
 
 /// Bumped whenever any message changes shape. Peers with different versions
 /// refuse each other at the handshake instead of misreading frames.
@@ -48,4 +58,333 @@ pub enum HelloReply {
         protocol: u32,
         reason: String,
     },
+}
+
+/// A request's id, unique within its gateway's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
+/// One attempt at filling a request's KV, assigned by decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease(pub u64);
+
+/// How a failure is classed where it is reported; the gateway maps classes to HTTP statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorClass {
+    BadRequest,
+    Overloaded,
+    NodeLost,
+    DeadlineExceeded,
+    Cancelled,
+    Internal,
+}
+
+/// Gateway → decode: generate for this prompt (continuing after `generated`, if any).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generate {
+    pub id: RequestId,
+    pub prompt: Vec<u32>,
+    /// Tokens already streamed to the client by an earlier, failed attempt.
+    pub generated: Vec<u32>,
+    pub params: SamplingParams,
+    /// Milliseconds since the Unix epoch after which the request is abandoned.
+    pub deadline_ms: u64,
+    pub session: Option<String>,
+    /// The prefill pipeline the session is pinned to, if any.
+    pub pipeline: Option<String>,
+}
+
+/// Per-request accounting returned with the last event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accounting {
+    pub nodes: Vec<String>,
+    pub cached_tokens: u32,
+    pub prefilled_tokens: u32,
+    pub kv_bytes: u64,
+    pub gateway_queue_us: u64,
+    pub prefill_queue_us: u64,
+    pub prefill_compute_us: u64,
+    pub kv_transfer_us: u64,
+    pub decode_queue_us: u64,
+    pub first_step_us: u64,
+}
+
+/// Decode → gateway, on the request's stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GenerateEvent {
+    Token {
+        index: u32,
+        token: u32,
+        logprob: f32,
+    },
+    Finished {
+        reason: FinishReason,
+        accounting: Accounting,
+    },
+    Failed {
+        class: ErrorClass,
+        message: String,
+    },
+}
+
+/// Which blocks of one decode rank a prefill fills, and which heads that rank holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankTarget {
+    pub rank: u32,
+    pub heads: (u32, u32),
+    pub blocks: Vec<BlockId>,
+}
+
+/// Decode → prefill stage 0: compute the KV of `tokens[cached..]` into the targets' blocks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefillRequest {
+    pub id: RequestId,
+    pub lease: Lease,
+    pub tokens: Vec<u32>,
+    /// Leading tokens decode already holds.
+    pub cached: u32,
+    pub targets: Vec<RankTarget>,
+    /// How the last stage samples the first token.
+    pub params: SamplingParams,
+    pub deadline_ms: u64,
+}
+
+/// Stage → next stage: one chunk's hidden states.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activations {
+    pub id: RequestId,
+    pub lease: Lease,
+    pub pos: u32,
+    pub n: u32,
+    pub hidden: Vec<f32>,
+}
+
+/// Stage → decode rank: KV runs for some of the rank's blocks (QUIC transport).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvChunk {
+    pub id: RequestId,
+    pub lease: Lease,
+    pub stage: u32,
+    pub rank: u32,
+    pub blocks: Vec<(BlockId, Vec<u8>)>,
+}
+
+/// Stage → decode rank: everything of this stage for this rank was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvDone {
+    pub id: RequestId,
+    pub lease: Lease,
+    pub stage: u32,
+    pub rank: u32,
+    pub blocks: u32,
+    pub checksum: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    pub running: u32,
+    pub queued: u32,
+    pub free_blocks: u32,
+    pub total_blocks: u32,
+}
+
+/// Every message after the handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    Generate(Generate),
+    Event {
+        id: RequestId,
+        event: GenerateEvent,
+    },
+    Cancel {
+        id: RequestId,
+    },
+    Prefill(PrefillRequest),
+    /// Stop work under this lease (cancelled, or decode gave up on the attempt).
+    PrefillAbort {
+        id: RequestId,
+        lease: Lease,
+    },
+    Activations(Activations),
+    Kv(KvChunk),
+    KvDone(KvDone),
+    FirstToken {
+        id: RequestId,
+        lease: Lease,
+        token: u32,
+        logprob: f32,
+    },
+    PrefillFailed {
+        id: RequestId,
+        lease: Lease,
+        class: ErrorClass,
+        message: String,
+    },
+    Heartbeat {
+        node: String,
+        seq: u64,
+        load: Load,
+    },
+    /// Prefix-cache blocks a node stored or evicted, by chained hash.
+    CacheStored {
+        node: String,
+        hashes: Vec<u64>,
+    },
+    CacheEvicted {
+        node: String,
+        hashes: Vec<u64>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Message> {
+        let id = RequestId(7);
+        let lease = Lease(3);
+        vec![
+            Message::Generate(Generate {
+                id,
+                prompt: vec![1, 2, 3],
+                generated: vec![4],
+                params: SamplingParams {
+                    stop: vec!["\n".into()],
+                    seed: Some(9),
+                    ..SamplingParams::greedy(16)
+                },
+                deadline_ms: 1_700_000_000_000,
+                session: Some("s".into()),
+                pipeline: None,
+            }),
+            Message::Event {
+                id,
+                event: GenerateEvent::Token {
+                    index: 0,
+                    token: 42,
+                    logprob: -0.25,
+                },
+            },
+            Message::Event {
+                id,
+                event: GenerateEvent::Finished {
+                    reason: FinishReason::Length,
+                    accounting: Accounting {
+                        nodes: vec!["d0".into()],
+                        kv_bytes: 10,
+                        ..Default::default()
+                    },
+                },
+            },
+            Message::Event {
+                id,
+                event: GenerateEvent::Failed {
+                    class: ErrorClass::NodeLost,
+                    message: "gone".into(),
+                },
+            },
+            Message::Cancel { id },
+            Message::Prefill(PrefillRequest {
+                id,
+                lease,
+                tokens: vec![5; 40],
+                cached: 16,
+                targets: vec![RankTarget {
+                    rank: 0,
+                    heads: (0, 1),
+                    blocks: vec![BlockId(4), BlockId(9)],
+                }],
+                params: SamplingParams::greedy(1),
+                deadline_ms: 5,
+            }),
+            Message::PrefillAbort { id, lease },
+            Message::Activations(Activations {
+                id,
+                lease,
+                pos: 16,
+                n: 2,
+                hidden: vec![0.5, -1.0, 2.0, 3.5],
+            }),
+            Message::Kv(KvChunk {
+                id,
+                lease,
+                stage: 1,
+                rank: 2,
+                blocks: vec![(BlockId(4), vec![1, 2, 3, 4])],
+            }),
+            Message::KvDone(KvDone {
+                id,
+                lease,
+                stage: 1,
+                rank: 2,
+                blocks: 2,
+                checksum: 0xDEAD_BEEF,
+            }),
+            Message::FirstToken {
+                id,
+                lease,
+                token: 11,
+                logprob: -1.5,
+            },
+            Message::PrefillFailed {
+                id,
+                lease,
+                class: ErrorClass::DeadlineExceeded,
+                message: "late".into(),
+            },
+            Message::Heartbeat {
+                node: "p0-s0".into(),
+                seq: 99,
+                load: Load {
+                    running: 1,
+                    queued: 2,
+                    free_blocks: 3,
+                    total_blocks: 4,
+                },
+            },
+            Message::CacheStored {
+                node: "d0".into(),
+                hashes: vec![1, 2],
+            },
+            Message::CacheEvicted {
+                node: "d0".into(),
+                hashes: vec![3],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            let bytes = encode(&m).expect("encodes");
+            assert_eq!(decode::<Message>(&bytes).expect("decodes"), m);
+            // A truncated frame is an error, never a panic or a wrong message.
+            if bytes.len() > 1 {
+                assert!(decode::<Message>(&bytes[..bytes.len() - 1]).is_err());
+            }
+        }
+    }
+
+    proptest! {
+        /// The wire decoder never panics on arbitrary bytes, and anything it
+        /// accepts encodes back to the same bytes.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(m) = decode::<Message>(&bytes) {
+                let again = encode(&m).expect("re-encodes");
+                prop_assert_eq!(decode::<Message>(&again).expect("decodes"), m);
+            }
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(i in 0usize..15, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let m = &samples()[i];
+            let mut bytes = encode(m).expect("encodes");
+            let p = pos.index(bytes.len());
+            bytes[p] = byte;
+            let _ = decode::<Message>(&bytes);
+        }
+    }
 }
