@@ -112,26 +112,23 @@ fn attention_impl<T: KvElem>(
 fn decode_spans<T: KvElem>(cx: &Ctx<T>, spans: &[(usize, SeqSpan)], q: &[f32], out: &mut [f32]) {
     let hd = cx.layout.head_dim;
     let n_kv = cx.n_q / cx.group;
-    let tasks: Vec<(usize, usize, usize)> = spans
+    // (token index, context length, KV head, the token's block table)
+    let tasks: Vec<(usize, usize, usize, &[BlockId])> = spans
         .iter()
         .flat_map(|(first, s)| {
-            (0..s.n).flat_map(move |i| (0..n_kv).map(move |g| (first + i, s.pos + i + 1, g)))
+            (0..s.n)
+                .flat_map(move |i| (0..n_kv).map(move |g| (first + i, s.pos + i + 1, g, s.blocks)))
         })
         .collect();
-    let span_of = |tok: usize| {
-        spans
-            .iter()
-            .find(|(f, s)| tok >= *f && tok < f + s.n)
-            .map(|(_, s)| s.blocks)
-            .expect("every token belongs to a span")
-    };
-    let work: usize = tasks.iter().map(|(_, ctx, _)| ctx * cx.group).sum();
-    let run = |&(tok, ctx, g): &(usize, usize, usize), scores: &mut Vec<f32>| -> Vec<f32> {
+    let work: usize = tasks.iter().map(|(_, ctx, _, _)| ctx * cx.group).sum();
+    let run = |&(tok, ctx, g, blocks): &(usize, usize, usize, &[BlockId]),
+               scores: &mut Vec<f32>|
+     -> Vec<f32> {
         let qo = tok * cx.n_q * hd + g * cx.group * hd;
         let mut o = vec![0f32; cx.group * hd];
         attend_group(
             cx,
-            span_of(tok),
+            blocks,
             g,
             ctx,
             &q[qo..qo + cx.group * hd],
@@ -149,7 +146,7 @@ fn decode_spans<T: KvElem>(cx: &Ctx<T>, spans: &[(usize, SeqSpan)], q: &[f32], o
         let mut s = Vec::new();
         tasks.iter().map(|t| run(t, &mut s)).collect()
     };
-    for ((tok, _, g), o) in tasks.iter().zip(results) {
+    for ((tok, _, g, _), o) in tasks.iter().zip(results) {
         let off = tok * cx.n_q * hd + g * cx.group * hd;
         out[off..off + o.len()].copy_from_slice(&o);
     }

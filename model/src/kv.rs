@@ -267,22 +267,7 @@ impl KvPool {
 
     /// A whole block's bytes, little-endian, as stored.
     pub fn block_bytes(&self, block: BlockId) -> Result<Vec<u8>> {
-        let base = self.check(block)?;
-        let n = self.layout.block_elems();
-        Ok(match &self.storage {
-            KvStorage::F32(s) => s[base..base + n]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            KvStorage::F16(s) => s[base..base + n]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            KvStorage::Bf16(s) => s[base..base + n]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        })
+        self.read_region(block, 0, self.layout.block_elems())
     }
 }
 

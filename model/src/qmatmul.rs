@@ -362,7 +362,6 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    const PERMUTE: bool = true;
     use super::PackedMat;
     use crate::quant::QKind;
     use std::arch::x86_64::*;
@@ -386,7 +385,6 @@ mod avx512 {
     ) {
         let (nb, cols, qb) = (p.nb, p.cols, p.qb());
         let q4 = p.kind == QKind::Q4_1;
-        let low4 = _mm512_set1_epi32(0x0F);
         let table = _mm512_setr_ps(
             0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
         );
@@ -433,17 +431,10 @@ mod avx512 {
                         // Each 32-bit lane holds one byte; the permute reads a
                         // lane's low four bits as its index: nibble -> float.
                         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i));
-                        if PERMUTE {
-                            (
-                                _mm512_permutexvar_ps(v, table),
-                                _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table),
-                            )
-                        } else {
-                            (
-                                _mm512_cvtepi32_ps(_mm512_and_si512(v, low4)),
-                                _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)),
-                            )
-                        }
+                        (
+                            _mm512_permutexvar_ps(v, table),
+                            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table),
+                        )
                     } else {
                         (
                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
