@@ -3,7 +3,9 @@
 mod bench;
 mod cluster;
 mod generate;
+mod node;
 mod plan;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -51,6 +53,14 @@ enum Cmd {
     CheckConfig(cluster::CheckArgs),
     /// Pick PP/TP per role for a model and hardware, with the memory arithmetic.
     Plan(plan::PlanArgs),
+    /// Run a whole cluster on this machine: gateway, prefill pipeline, decode group.
+    Serve(serve::ServeArgs),
+    /// Run the gateway of a cluster file.
+    Gateway(node::RoleArgs),
+    /// Run one prefill stage of a cluster file.
+    Prefill(node::RoleArgs),
+    /// Run one decode group of a cluster file.
+    Decode(node::RoleArgs),
 }
 
 #[derive(Subcommand)]
@@ -129,5 +139,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Certs(a) => cluster::certs(&cli.common, a),
         Cmd::CheckConfig(a) => cluster::check(&cli.common, a),
         Cmd::Plan(a) => plan::run(a),
+        Cmd::Serve(a) => serve::run(&cli.common, threads, a),
+        Cmd::Gateway(a) => node::gateway(&cli.common, a),
+        Cmd::Prefill(a) => node::prefill(&cli.common, threads, a),
+        Cmd::Decode(a) => node::decode(&cli.common, threads, a),
     }
 }

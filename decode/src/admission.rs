@@ -12,15 +12,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::{Deserialize, Serialize};
 use tandem_model::{BlockAllocator, BlockId};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RequestId(pub u64);
-
-/// One attempt at filling a request's blocks. Every retry gets a new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Lease(pub u64);
+pub use tandem_wire::messages::{Lease, RequestId};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -118,6 +112,18 @@ impl Admission {
 
     pub fn used_blocks(&self) -> usize {
         self.alloc.used_count()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.alloc.total()
+    }
+
+    /// The lease of the request's current attempt, while it awaits its KV.
+    pub fn lease_of(&self, id: RequestId) -> Option<Lease> {
+        match self.held.get(&id).map(|h| &h.state) {
+            Some(HeldState::AwaitingKv { lease, .. }) => Some(*lease),
+            _ => None,
+        }
     }
 
     pub fn queued(&self) -> usize {

@@ -22,6 +22,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("Invalid API key")]
     Unauthorized,
+    #[error("The request body is too large: {0}")]
+    TooLarge(String),
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -39,6 +41,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => 400,
             ApiError::Unauthorized => 401,
             ApiError::ModelNotFound(_) => 404,
+            ApiError::TooLarge(_) => 413,
             ApiError::Overloaded { .. } => 429,
             ApiError::Internal(_) => 500,
             ApiError::Unavailable(_) => 503,
@@ -59,6 +62,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => ("rate_limit_error", json!("overloaded"), None),
             ApiError::Unavailable(_) => ("service_unavailable_error", json!("no_live_node"), None),
             ApiError::Unauthorized => ("authentication_error", json!("invalid_api_key"), None),
+            ApiError::TooLarge(_) => ("invalid_request_error", json!("request_too_large"), None),
             ApiError::Internal(_) => ("server_error", Value::Null, None),
         };
         json!({ "error": { "message": self.to_string(), "type": kind, "param": param, "code": code } })
@@ -382,6 +386,160 @@ pub fn chat_completion(
         "system_fingerprint": Value::Null,
         "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": Value::Null, "finish_reason": finish_str(finish) }],
         "usage": usage,
+    })
+}
+
+/// `POST /v1/completions`: a raw prompt, no chat template.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    /// A string, a one-element list of strings, token ids, or a one-element list of those.
+    pub prompt: Value,
+    pub max_tokens: Option<u64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// How many top tokens' logprobs; this server gives the chosen token's, so 0 or 1.
+    pub logprobs: Option<u64>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+    pub user: Option<String>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+/// A completion's prompt: text to tokenize, or token ids as given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A validated completion request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionJob {
+    pub prompt: PromptInput,
+    pub params: SamplingParams,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub logprobs: bool,
+    pub user: Option<String>,
+}
+
+pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
+        message: format!("Malformed request body: {e}"),
+        param: None,
+    })
+}
+
+fn prompt_input(v: &Value) -> Result<PromptInput, ApiError> {
+    let bad = || {
+        ApiError::bad(
+            "prompt",
+            "prompt must be a string, a list of token ids, or a one-element list of either",
+        )
+    };
+    match v {
+        Value::String(s) => Ok(PromptInput::Text(s.clone())),
+        Value::Array(items) if items.len() == 1 && !items[0].is_number() => prompt_input(&items[0]),
+        Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(bad)
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(PromptInput::Tokens),
+        Value::Array(_) => Err(ApiError::bad("prompt", "prompt must not be empty")),
+        _ => Err(bad()),
+    }
+}
+
+/// Checks a completion request; the sampling fields follow the chat rules.
+pub fn validate_completion(
+    req: CompletionRequest,
+    served: &str,
+    default_max_tokens: usize,
+) -> Result<CompletionJob, ApiError> {
+    if req.echo {
+        return Err(ApiError::bad("echo", "echo is not supported"));
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad("suffix", "suffix is not supported"));
+    }
+    if req.logprobs.is_some_and(|k| k > 1) {
+        return Err(ApiError::bad(
+            "logprobs",
+            "logprobs above 1 is not supported; 1 gives the chosen token's",
+        ));
+    }
+    let prompt = prompt_input(&req.prompt)?;
+    let chat = ChatRequest {
+        model: req.model,
+        messages: vec![InMessage {
+            role: "user".into(),
+            content: None,
+        }],
+        max_tokens: req.max_tokens,
+        max_completion_tokens: None,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        n: req.n,
+        stream: req.stream,
+        stream_options: req.stream_options,
+        stop: req.stop,
+        seed: req.seed,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        logprobs: false,
+        top_logprobs: None,
+        user: req.user,
+        ignore_eos: req.ignore_eos,
+        tools: None,
+        response_format: None,
+    };
+    let job = validate_chat(chat, served, default_max_tokens)?;
+    Ok(CompletionJob {
+        prompt,
+        params: job.params,
+        stream: job.stream,
+        include_usage: job.include_usage,
+        logprobs: req.logprobs.unwrap_or(0) > 0,
+        user: job.user,
+    })
+}
+
+/// One `text_completion` chunk of a stream, or (with `usage`) the whole response.
+pub fn completion_chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    text: &str,
+    finish: Option<FinishReason>,
+    logprob: Option<(String, f32)>,
+) -> Value {
+    let logprobs = logprob.map(|(t, lp)| {
+        json!({ "tokens": [t], "token_logprobs": [lp], "top_logprobs": Value::Null, "text_offset": Value::Null })
+    });
+    json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": Value::Null,
+        "choices": [{ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.map(finish_str) }],
     })
 }
 

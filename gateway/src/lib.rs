@@ -1,10 +1,13 @@
 //! Gateway: the OpenAI-compatible HTTP/SSE front end, chat templating,
-//! tokenization and session-sticky routing.
+//! tokenization and routing to decode groups.
 //!
-//! Built so far: [`api`], the OpenAI request and response shapes, request
-//! validation into Tandem's sampling parameters, the error body and HTTP
-//! status of every failure class, and the streaming chunk format. The HTTP
-//! server (axum) and routing to decode groups come with the
-//! disaggregated-serving issue.
+//! - [`api`]: the OpenAI request and response shapes, request validation
+//!   into Tandem's sampling parameters, the error body and HTTP status of
+//!   every failure class, and the streaming chunk format.
+//! - [`server`]: the axum server, the links to the cluster's nodes, routing
+//!   to the least loaded decode group, cancellation when a client leaves.
+//! - [`metrics`]: what `/metrics` exposes.
 
 pub mod api;
+pub mod metrics;
+pub mod server;

@@ -7,7 +7,8 @@
 //! block to a rank block (per layer, K and V, the rank's heads: whole runs,
 //! merged where both sides are contiguous). [`Checksum`] fingerprints what was
 //! sent so a receiver can tell a complete, uncorrupted transfer from any other.
-//! The transports that move the runs (QUIC, UCX, in-process) build on this.
+//! [`transfer`] tracks one request's transfer on both sides and defines the
+//! [`Transport`] trait with its QUIC and in-process backends.
 
 use std::ops::Range;
 
@@ -20,7 +21,12 @@ pub enum KvTransferError {
     Mismatch(String),
     #[error(transparent)]
     Kv(#[from] tandem_model::ModelError),
+    #[error("transport: {0}")]
+    Transport(String),
 }
+
+pub mod transfer;
+pub use transfer::{InProcess, Incoming, Outgoing, QuicTransport, Transport, Verdict};
 
 pub type Result<T> = std::result::Result<T, KvTransferError>;
 

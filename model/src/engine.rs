@@ -3,17 +3,13 @@
 //! `pp = tp = 1` this is the single-process reference path (`tandem
 //! generate`); with more, it proves the slices compose to the same model.
 
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-
-use crate::attention::SeqSpan;
-use crate::comm::{AllReduce, ThreadGroup};
 use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
-use crate::kv::{BlockAllocator, BlockId, KvDtype, KvLayout, KvPool};
+use crate::kv::{BlockAllocator, BlockId, KvDtype, KvLayout};
 use crate::linear::Formats;
+use crate::ranks::{Input, RankGroup, RankGroupOptions, Span};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
-use crate::slice::{ModelSlice, Phase, SliceInput, SliceOutput, SliceSpec};
+use crate::slice::{Phase, SliceOutput, SliceSpec};
 use crate::stream::{FinishReason, StopState};
 use crate::ModelConfig;
 
@@ -48,19 +44,6 @@ impl Default for EngineOptions {
     }
 }
 
-struct Job {
-    tokens: Option<Vec<u32>>,
-    hidden: Option<Vec<f32>>,
-    spans: Vec<(usize, usize, Vec<BlockId>)>,
-    phase: Phase,
-}
-
-struct Rank {
-    tx: Option<mpsc::SyncSender<Job>>,
-    rx: mpsc::Receiver<Result<SliceOutput>>,
-    thread: Option<JoinHandle<()>>,
-}
-
 /// A sequence's state in the engine: its tokens and the blocks holding their KV.
 #[derive(Debug, Default, Clone)]
 pub struct Sequence {
@@ -72,7 +55,7 @@ pub struct Sequence {
 
 pub struct Engine {
     pub config: ModelConfig,
-    stages: Vec<Vec<Rank>>,
+    stages: Vec<RankGroup>,
     alloc: BlockAllocator,
     block_size: usize,
 }
@@ -92,45 +75,20 @@ impl Engine {
         } else {
             opts.threads
         };
-        let per_rank = (threads / opts.tp).max(1);
         let mut stages = Vec::new();
         for layers in split {
-            let groups = ThreadGroup::new(opts.tp);
-            let mut ranks = Vec::new();
-            for (r, group) in groups.into_iter().enumerate() {
-                let spec = SliceSpec {
-                    layers: layers.clone(),
-                    tp_rank: r,
+            stages.push(RankGroup::new(
+                file,
+                &RankGroupOptions {
+                    layers,
                     tp: opts.tp,
-                };
-                let slice = ModelSlice::load(file, &spec, opts.formats)?;
-                let kv = KvPool::new(
-                    slice.kv_layout(opts.block_size, opts.kv_dtype),
-                    opts.kv_blocks,
-                );
-                // Each rank computes on a pool of its own: its thread takes part
-                // in the work instead of waking others for every parallel loop,
-                // and a rank blocked in an all-reduce never holds up another's pool.
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(per_rank)
-                    .thread_name(move |i| format!("rank{r}-compute{i}"))
-                    .build()
-                    .map_err(|e| {
-                        ModelError::Worker(format!("cannot start compute threads: {e}"))
-                    })?;
-                let (tx, job_rx) = mpsc::sync_channel::<Job>(1);
-                let (out_tx, rx) = mpsc::sync_channel(1);
-                let thread = std::thread::Builder::new()
-                    .name(format!("slice-{}-{}-r{r}", layers.start, layers.end))
-                    .spawn(move || rank_loop(slice, kv, pool, group, job_rx, out_tx))
-                    .map_err(|e| ModelError::Worker(format!("cannot start a rank thread: {e}")))?;
-                ranks.push(Rank {
-                    tx: Some(tx),
-                    rx,
-                    thread: Some(thread),
-                });
-            }
-            stages.push(ranks);
+                    block_size: opts.block_size,
+                    kv_dtype: opts.kv_dtype,
+                    kv_blocks: opts.kv_blocks,
+                    formats: opts.formats,
+                    threads,
+                },
+            )?);
         }
         Ok(Engine {
             config: cfg.clone(),
@@ -151,36 +109,19 @@ impl Engine {
             .iter()
             .flat_map(|(s, n)| s.tokens[s.computed..s.computed + n].iter().copied())
             .collect();
-        let spans: Vec<(usize, usize, Vec<BlockId>)> = seqs
+        let spans: Vec<Span> = seqs
             .iter()
-            .map(|(s, n)| (s.computed, *n, s.blocks.clone()))
+            .map(|(s, n)| Span {
+                pos: s.computed,
+                n: *n,
+                blocks: s.blocks.clone(),
+            })
             .collect();
-        let mut hidden: Option<Vec<f32>> = None;
+        let mut input = Input::Tokens(tokens);
         let n_stages = self.stages.len();
-        for (si, ranks) in self.stages.iter().enumerate() {
-            for rank in ranks {
-                let job = Job {
-                    tokens: (si == 0).then(|| tokens.clone()),
-                    hidden: hidden.clone(),
-                    spans: spans.clone(),
-                    phase,
-                };
-                rank.tx
-                    .as_ref()
-                    .expect("senders live until drop")
-                    .send(job)
-                    .map_err(|_| ModelError::Worker("a rank thread has stopped".into()))?;
-            }
-            let mut outs = Vec::new();
-            for rank in ranks {
-                outs.push(
-                    rank.rx
-                        .recv()
-                        .map_err(|_| ModelError::Worker("a rank thread has stopped".into()))??,
-                );
-            }
-            match outs.swap_remove(0) {
-                SliceOutput::Hidden(h) if si + 1 < n_stages => hidden = Some(h),
+        for (si, group) in self.stages.iter().enumerate() {
+            match group.forward(input, spans.clone(), phase)? {
+                SliceOutput::Hidden(h) if si + 1 < n_stages => input = Input::Hidden(h),
                 SliceOutput::Logits(l) if si + 1 == n_stages => return Ok(l),
                 _ => {
                     return Err(ModelError::Worker(
@@ -251,56 +192,7 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        for ranks in &mut self.stages {
-            for r in ranks.iter_mut() {
-                r.tx.take();
-            }
-            for r in ranks.iter_mut() {
-                if let Some(t) = r.thread.take() {
-                    let _ = t.join();
-                }
-            }
-        }
-    }
-}
-
-fn rank_loop(
-    slice: ModelSlice,
-    mut kv: KvPool,
-    pool: rayon::ThreadPool,
-    group: ThreadGroup,
-    jobs: mpsc::Receiver<Job>,
-    out: mpsc::SyncSender<Result<SliceOutput>>,
-) {
-    while let Ok(job) = jobs.recv() {
-        let spans: Vec<SeqSpan> = job
-            .spans
-            .iter()
-            .map(|(pos, n, b)| SeqSpan {
-                pos: *pos,
-                n: *n,
-                blocks: b,
-            })
-            .collect();
-        let input = match (&job.tokens, &job.hidden) {
-            (Some(t), _) => SliceInput::Tokens(t),
-            (None, Some(h)) => SliceInput::Hidden(h),
-            (None, None) => {
-                let _ = out.send(Err(ModelError::Worker("a job without input".into())));
-                continue;
-            }
-        };
-        let r = pool
-            .install(|| slice.forward(input, &spans, &mut kv, &group as &dyn AllReduce, job.phase));
-        if out.send(r).is_err() {
-            break;
-        }
-    }
-}
-
-fn check_split(split: &[std::ops::Range<usize>], n_layers: usize) -> Result<()> {
+pub(crate) fn check_split(split: &[std::ops::Range<usize>], n_layers: usize) -> Result<()> {
     let mut next = 0;
     for r in split {
         if r.start != next || r.end <= r.start {

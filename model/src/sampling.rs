@@ -97,6 +97,17 @@ impl Sampler {
         }
     }
 
+    /// Moves the random stream past `n` samples taken elsewhere (the first
+    /// token is sampled by the prefill pipeline's last stage, the rest by
+    /// decode), so a seeded request draws the same numbers as in one process.
+    pub fn skip(&mut self, n: usize) {
+        if self.params.temperature != 0.0 {
+            for _ in 0..n {
+                let _ = self.rng.random::<f32>();
+            }
+        }
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let token = if self.params.temperature == 0.0 {
             argmax(logits)

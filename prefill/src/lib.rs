@@ -1,1 +1,577 @@
-//! Prefill stage: one process per pipeline stage holding a layer range, cutting prompts into chunks that flow stage to stage and writing each chunk's KV into the decode ranks' blocks. Filled by the disaggregated-serving issue.
+//! A prefill pipeline stage: one process holding a contiguous range of
+//! layers (every KV head), reading prompts in chunks.
+//!
+//! Stage 0 receives [`PrefillRequest`]s from decode groups, cuts each prompt
+//! into chunks of the pipeline's size and runs them in arrival order; every
+//! stage passes each chunk's hidden states to the next stage as soon as it
+//! has them, so while stage 1 works on chunk *i*, stage 0 already computes
+//! chunk *i + 1* (and the next prompt after the last chunk). After each chunk
+//! a stage sends the KV of the blocks that chunk completed for its layers
+//! straight to the decode ranks, each rank only its heads, so transfer
+//! overlaps the next chunk's compute. At the end of a prompt each stage
+//! sends one completion notice per rank with a checksum, and the last stage
+//! samples the first token.
+//!
+//! Threads: tokio runs the links; one OS thread (this module's loop) owns
+//! the stage's [`RankGroup`] and every request's state, fed by the node's
+//! event channel.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
+use tandem_model::{
+    BlockAllocator, BlockId, Formats, Input, ModelFile, Phase, RankGroup, RankGroupOptions,
+    Sampler, SliceOutput, Span,
+};
+use tandem_wire::config::Pipeline;
+use tandem_wire::link::{spawn_acceptor, spawn_dialer, Link, NetEvent};
+use tandem_wire::messages::{
+    Activations, ErrorClass, Lease, Load, Message, PrefillRequest, RequestId, Role,
+};
+use tandem_wire::node::{spawn_heartbeat, Beat, NodeSetup};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrefillError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Model(#[from] tandem_model::ModelError),
+    #[error(transparent)]
+    Wire(#[from] tandem_wire::WireError),
+}
+
+pub type Result<T> = std::result::Result<T, PrefillError>;
+
+/// Largest KV message: big enough to stream well, small enough to interleave.
+const KV_MESSAGE_BYTES: usize = 4 << 20;
+
+type Key = (RequestId, Lease);
+
+struct Req {
+    req: PrefillRequest,
+    local: Vec<BlockId>,
+    out: Option<Outgoing>,
+    /// Blocks of the request already sent (indices into its block list).
+    sent: usize,
+    arrived: Instant,
+    started: Instant,
+    compute: Duration,
+}
+
+struct Work {
+    key: Key,
+    pos: usize,
+    n: usize,
+    input: Input,
+}
+
+pub struct Stage {
+    name: String,
+    index: usize,
+    pipeline: Pipeline,
+    n_layers: usize,
+    n_kv_heads: usize,
+    desc: PoolDesc,
+    group: RankGroup,
+    alloc: BlockAllocator,
+    block_size: usize,
+    links: HashMap<String, Link>,
+    reqs: HashMap<Key, Req>,
+    waiting: VecDeque<PrefillRequest>,
+    work: VecDeque<Work>,
+    beat: Arc<Mutex<Beat>>,
+}
+
+impl Stage {
+    fn last(&self) -> bool {
+        self.index + 1 == self.pipeline.stages.len()
+    }
+
+    fn next_name(&self) -> Option<String> {
+        self.pipeline
+            .stages
+            .get(self.index + 1)
+            .map(|s| s.0.clone())
+    }
+
+    fn fail(&self, req: &PrefillRequest, class: ErrorClass, message: String) {
+        tracing::warn!("prefill of request {} failed: {message}", req.id.0);
+        if let Some(link) = self.links.get(&req.decode) {
+            let _ = link.try_send(Message::PrefillFailed {
+                id: req.id,
+                lease: req.lease,
+                class,
+                message,
+            });
+        }
+    }
+
+    fn on_event(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Up { link, .. } => {
+                tracing::info!("{}: linked to {}", self.name, link.peer);
+                self.links.insert(link.peer.clone(), link);
+            }
+            NetEvent::Down { peer, link, reason } => {
+                if self.links.get(&peer).is_some_and(|l| l.id == link) {
+                    tracing::warn!("{}: lost {peer}: {reason}", self.name);
+                    self.links.remove(&peer);
+                    self.peer_lost(&peer);
+                }
+            }
+            NetEvent::Message { peer, msg, .. } => self.on_message(&peer, msg),
+        }
+    }
+
+    /// Work that depended on `peer` cannot finish.
+    fn peer_lost(&mut self, peer: &str) {
+        let next = self.next_name();
+        let keys: Vec<Key> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.req.decode == peer || next.as_deref() == Some(peer))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            if let Some(r) = self.reqs.get(&k) {
+                let req = r.req.clone();
+                if req.decode != peer {
+                    self.fail(
+                        &req,
+                        ErrorClass::NodeLost,
+                        format!("prefill stage {peer} was lost"),
+                    );
+                }
+            }
+            self.drop_req(k);
+        }
+        self.waiting.retain(|r| r.decode != peer);
+    }
+
+    fn on_message(&mut self, peer: &str, msg: Message) {
+        match msg {
+            Message::Prefill(req) => self.admit(req),
+            Message::PrefillAbort { id, lease } => {
+                self.waiting.retain(|r| !(r.id == id && r.lease == lease));
+                self.drop_req((id, lease));
+                if let Some(next) = self.next_name().and_then(|n| self.links.get(&n)) {
+                    let _ = next.try_send(Message::PrefillAbort { id, lease });
+                }
+            }
+            Message::Activations(a) => {
+                let key = (a.id, a.lease);
+                if self.reqs.contains_key(&key) {
+                    self.work.push_back(Work {
+                        key,
+                        pos: a.pos as usize,
+                        n: a.n as usize,
+                        input: Input::Hidden(a.hidden),
+                    });
+                }
+            }
+            Message::Heartbeat { .. } => {}
+            other => tracing::warn!(
+                "{}: ignoring an unexpected message from {peer}: {:?}",
+                self.name,
+                std::mem::discriminant(&other)
+            ),
+        }
+    }
+
+    fn check(&self, req: &PrefillRequest) -> std::result::Result<(), String> {
+        if req.tokens.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        let need = req.tokens.len().div_ceil(self.block_size);
+        for t in &req.targets {
+            if t.blocks.len() < need {
+                return Err(format!(
+                    "rank {} offers {} blocks for {} tokens ({need} needed)",
+                    t.rank,
+                    t.blocks.len(),
+                    req.tokens.len()
+                ));
+            }
+            if t.heads.0 >= t.heads.1 || t.heads.1 as usize > self.n_kv_heads {
+                return Err(format!("rank {} has heads {:?}", t.rank, t.heads));
+            }
+        }
+        if req.cached as usize % self.block_size != 0 || req.cached as usize >= req.tokens.len() {
+            return Err(format!(
+                "{} cached tokens is not a whole number of blocks below the prompt",
+                req.cached
+            ));
+        }
+        if need > self.alloc.total() {
+            return Err(format!(
+                "{} tokens need {need} blocks; the stage has {}",
+                req.tokens.len(),
+                self.alloc.total()
+            ));
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, req: PrefillRequest) {
+        if let Err(why) = self.check(&req) {
+            self.fail(&req, ErrorClass::BadRequest, why);
+            return;
+        }
+        self.waiting.push_back(req);
+        self.start_waiting();
+    }
+
+    /// Starts waiting prompts, in order, while the pool has their blocks.
+    fn start_waiting(&mut self) {
+        while let Some(req) = self.waiting.front() {
+            let need = req.tokens.len().div_ceil(self.block_size);
+            let Some(local) = self.alloc.alloc(need) else {
+                if self.index > 0 && self.reqs.is_empty() {
+                    // Cannot happen with equal pools; refuse rather than wait forever.
+                    let req = self.waiting.pop_front().expect("front exists");
+                    self.fail(&req, ErrorClass::Overloaded, "no KV blocks".into());
+                    continue;
+                }
+                break;
+            };
+            let req = self.waiting.pop_front().expect("front exists");
+            let out = match Outgoing::new(
+                req.id,
+                req.lease,
+                self.index as u32,
+                &self.desc,
+                self.n_layers,
+                &req.targets,
+            ) {
+                Ok(o) => o,
+                Err(e) => {
+                    self.alloc.release_all(&local);
+                    self.fail(&req, ErrorClass::BadRequest, e.to_string());
+                    continue;
+                }
+            };
+            let key = (req.id, req.lease);
+            if let Some(next) = self.next_name() {
+                match self.links.get(&next) {
+                    Some(l) => {
+                        let _ = l.blocking_send(Message::Prefill(req.clone()));
+                    }
+                    None => {
+                        self.alloc.release_all(&local);
+                        self.fail(
+                            &req,
+                            ErrorClass::NodeLost,
+                            format!("the next stage {next} is not linked"),
+                        );
+                        continue;
+                    }
+                }
+            }
+            if self.index == 0 {
+                let chunk = self.pipeline.chunk;
+                let mut pos = 0;
+                while pos < req.tokens.len() {
+                    let n = chunk.min(req.tokens.len() - pos);
+                    self.work.push_back(Work {
+                        key,
+                        pos,
+                        n,
+                        input: Input::Tokens(req.tokens[pos..pos + n].to_vec()),
+                    });
+                    pos += n;
+                }
+            }
+            let sent = req.cached as usize / self.block_size;
+            self.reqs.insert(
+                key,
+                Req {
+                    req,
+                    local,
+                    out: Some(out),
+                    sent,
+                    arrived: Instant::now(),
+                    started: Instant::now(),
+                    compute: Duration::ZERO,
+                },
+            );
+        }
+    }
+
+    fn drop_req(&mut self, key: Key) {
+        if let Some(r) = self.reqs.remove(&key) {
+            self.alloc.release_all(&r.local);
+        }
+        self.work.retain(|w| w.key != key);
+        self.start_waiting();
+    }
+
+    /// Runs one chunk; errors fail its request.
+    fn step(&mut self, w: Work) {
+        let key = w.key;
+        if let Err(e) = self.run_chunk(w) {
+            if let Some(r) = self.reqs.get(&key) {
+                let req = r.req.clone();
+                self.fail(&req, ErrorClass::Internal, e);
+            }
+            self.drop_req(key);
+        }
+    }
+
+    fn run_chunk(&mut self, w: Work) -> std::result::Result<(), String> {
+        let Some(r) = self.reqs.get_mut(&w.key) else {
+            return Ok(());
+        };
+        if now_ms() > r.req.deadline_ms {
+            return Err("the request's deadline passed during prefill".into());
+        }
+        let t0 = Instant::now();
+        let total = r.req.tokens.len();
+        let span = Span {
+            pos: w.pos,
+            n: w.n,
+            blocks: r.local.clone(),
+        };
+        let out = self
+            .group
+            .forward(w.input, vec![span], Phase::Prefill)
+            .map_err(|e| e.to_string())?;
+        let end = w.pos + w.n;
+        let last_chunk = end == total;
+        // Hidden states go on before this stage spends time on KV.
+        let mut logits = None;
+        match out {
+            SliceOutput::Hidden(hidden) => {
+                let next = self
+                    .next_name()
+                    .ok_or("a middle stage without a next stage")?;
+                let link = self
+                    .links
+                    .get(&next)
+                    .ok_or_else(|| format!("the next stage {next} is not linked"))?;
+                link.blocking_send(Message::Activations(Activations {
+                    id: w.key.0,
+                    lease: w.key.1,
+                    pos: w.pos as u32,
+                    n: w.n as u32,
+                    hidden,
+                }))
+                .map_err(|e| e.to_string())?;
+            }
+            SliceOutput::Logits(l) => logits = Some(l),
+            SliceOutput::Nothing => return Err("the stage produced nothing".into()),
+        }
+        // KV of the blocks this chunk completed.
+        let is_last = self.last();
+        let r = self.reqs.get_mut(&w.key).expect("checked above");
+        let complete = if last_chunk {
+            total.div_ceil(self.block_size)
+        } else {
+            end / self.block_size
+        };
+        let decode = self
+            .links
+            .get(&r.req.decode)
+            .cloned()
+            .ok_or_else(|| format!("decode group {} is not linked", r.req.decode))?;
+        let transport = QuicTransport { link: decode };
+        if complete > r.sent {
+            let range: Range<usize> = r.sent..complete;
+            let mut outgoing = r.out.take().expect("outgoing lives with the request");
+            let local = r.local.clone();
+            let (outgoing, chunks) = self
+                .group
+                .with_pool(0, move |pool| {
+                    let chunks = outgoing.gather(pool, &local, range, KV_MESSAGE_BYTES);
+                    (outgoing, chunks)
+                })
+                .map_err(|e| e.to_string())?;
+            r.out = Some(outgoing);
+            r.sent = complete;
+            for c in chunks.map_err(|e| e.to_string())? {
+                transport.put(c).map_err(|e| e.to_string())?;
+            }
+        }
+        r.compute += t0.elapsed();
+        if !last_chunk {
+            return Ok(());
+        }
+        for d in r.out.as_ref().expect("outgoing").finish() {
+            transport.done(d).map_err(|e| e.to_string())?;
+        }
+        if let Some(l) = logits.filter(|_| is_last) {
+            let s = Sampler::new(&r.req.params).sample(&l);
+            transport
+                .link
+                .blocking_send(Message::FirstToken {
+                    id: w.key.0,
+                    lease: w.key.1,
+                    token: s.token,
+                    logprob: s.logprob,
+                    queue_us: (r.started - r.arrived).as_micros() as u64,
+                    compute_us: r.compute.as_micros() as u64,
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::debug!(
+            "{}: request {} done, {} KV bytes sent",
+            self.name,
+            w.key.0 .0,
+            r.out.as_ref().map_or(0, |o| o.bytes)
+        );
+        self.drop_req(w.key);
+        Ok(())
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs stage `node` until `stop` is set. Call from a plain thread: it
+/// starts its own tokio runtime for the links.
+pub fn run(
+    file: &ModelFile,
+    setup: NodeSetup,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let cluster = &setup.cluster;
+    let (pipeline, index) = cluster
+        .pipelines
+        .iter()
+        .find_map(|p| {
+            p.stages
+                .iter()
+                .position(|s| s.0 == setup.name)
+                .map(|i| (p.clone(), i))
+        })
+        .ok_or_else(|| {
+            PrefillError::Setup(format!(
+                "'{}' is not a prefill stage in the cluster file",
+                setup.name
+            ))
+        })?;
+    let (_, addr, layers) = pipeline.stages[index].clone();
+    let cfg = &file.config;
+    let block_size = cluster.file.cluster.block_size;
+    let group = RankGroup::new(
+        file,
+        &RankGroupOptions {
+            layers: layers.clone(),
+            tp: 1,
+            block_size,
+            kv_dtype: cluster.kv_dtype,
+            kv_blocks: pipeline.kv_blocks,
+            formats: Formats::PREFILL,
+            threads,
+        },
+    )?;
+    let desc = PoolDesc::new(
+        layers,
+        0..cfg.n_kv_heads,
+        block_size,
+        cfg.head_dim,
+        cluster.kv_dtype,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name(format!("{}-io", setup.name))
+        .build()
+        .map_err(|e| PrefillError::Setup(format!("cannot start the I/O runtime: {e}")))?;
+    let (tx, rx) = mpsc::channel();
+    let beat = Arc::new(Mutex::new(Beat::default()));
+    let role = Role::Prefill {
+        pipeline: pipeline.name.clone(),
+        stage: index as u32,
+    };
+    let hello = setup.hello(role);
+    let live = setup.liveness();
+    {
+        let _g = rt.enter();
+        let ep = tandem_wire::quic::endpoint(addr, &setup.identity, live)?;
+        spawn_acceptor(ep.clone(), hello.clone(), tx.clone());
+        let gw = &cluster.file.gateway;
+        spawn_dialer(
+            ep.clone(),
+            gw.quic,
+            gw.name.clone(),
+            hello.clone(),
+            tx.clone(),
+        );
+        for d in &cluster.file.decode {
+            spawn_dialer(
+                ep.clone(),
+                d.addr,
+                d.name.clone(),
+                hello.clone(),
+                tx.clone(),
+            );
+        }
+        if let Some((name, addr, _)) = pipeline.stages.get(index + 1) {
+            spawn_dialer(ep.clone(), *addr, name.clone(), hello.clone(), tx.clone());
+        }
+        spawn_heartbeat(setup.name.clone(), setup.heartbeat_period(), beat.clone());
+    }
+    let pipeline_blocks = pipeline.kv_blocks;
+    let mut st = Stage {
+        name: setup.name.clone(),
+        index,
+        pipeline,
+        n_layers: cfg.n_layers,
+        n_kv_heads: cfg.n_kv_heads,
+        desc,
+        group,
+        alloc: BlockAllocator::new(pipeline_blocks),
+        block_size,
+        links: HashMap::new(),
+        reqs: HashMap::new(),
+        waiting: VecDeque::new(),
+        work: VecDeque::new(),
+        beat,
+    };
+    let gateway = cluster.file.gateway.name.clone();
+    tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);
+    while !stop.load(Ordering::Relaxed) {
+        // Events first, so aborts and new requests are seen between chunks.
+        let ev = if st.work.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(ev) => Some(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            rx.try_recv().ok()
+        };
+        if let Some(ev) = ev {
+            st.on_event(ev);
+            while let Ok(ev) = rx.try_recv() {
+                st.on_event(ev);
+            }
+        }
+        if let Some(w) = st.work.pop_front() {
+            st.step(w);
+        }
+        {
+            let mut b = st.beat.lock().expect("heartbeat state");
+            b.load = Load {
+                running: st.reqs.len() as u32,
+                queued: st.waiting.len() as u32,
+                free_blocks: st.alloc.free_count() as u32,
+                total_blocks: st.alloc.total() as u32,
+                pipelines_up: 0,
+            };
+            b.gateway = st.links.get(&gateway).cloned();
+        }
+    }
+    drop(st);
+    rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}

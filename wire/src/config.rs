@@ -67,6 +67,10 @@ pub struct ClusterSection {
     /// Directory made by `tandem certs`.
     #[serde(default)]
     pub certs: Option<PathBuf>,
+    /// The model name clients give (`model` in requests); by default the
+    /// model file's name without its quantization tag.
+    #[serde(default)]
+    pub served_model_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +94,9 @@ pub struct PipelineSection {
     /// Prompt tokens per chunk flowing through the stages.
     #[serde(default = "default_chunk")]
     pub chunk: usize,
+    /// KV blocks in each stage's pool (prompts in flight through the stage).
+    #[serde(default = "default_prefill_blocks")]
+    pub kv_blocks: usize,
     pub stages: Vec<StageSection>,
 }
 
@@ -180,6 +187,9 @@ fn default_queue() -> usize {
 fn default_chunk() -> usize {
     256
 }
+fn default_prefill_blocks() -> usize {
+    1024
+}
 fn one() -> usize {
     1
 }
@@ -207,6 +217,7 @@ fn default_max_body() -> usize {
 pub struct Pipeline {
     pub name: String,
     pub chunk: usize,
+    pub kv_blocks: usize,
     pub stages: Vec<(String, SocketAddr, Range<usize>)>,
 }
 
@@ -224,7 +235,18 @@ impl ClusterFile {
             path: path.to_path_buf(),
             err,
         })?;
-        Self::parse(&text, path)
+        let mut f = Self::parse(&text, path)?;
+        // Paths in the file are relative to the file.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut f.cluster.model, &mut f.cluster.certs]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(f)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<ClusterFile> {
@@ -356,6 +378,9 @@ fn validate_pipeline(
     if p.chunk == 0 {
         return Err("chunk must be at least 1 token".into());
     }
+    if p.kv_blocks == 0 {
+        return Err("kv_blocks must be at least 1".into());
+    }
     let given = p.stages.iter().filter(|s| s.layers.is_some()).count();
     let ranges: Vec<Range<usize>> = if given == 0 {
         SliceSpec::even_split(n, p.stages.len()).map_err(|e| e.to_string())?
@@ -395,6 +420,7 @@ fn validate_pipeline(
     Ok(Pipeline {
         name: p.name.clone(),
         chunk: p.chunk,
+        kv_blocks: p.kv_blocks,
         stages: p
             .stages
             .iter()

@@ -6,13 +6,18 @@
 //! - [`quic`]: quinn endpoints built from those certificates, and the
 //!   versioned handshake every connection opens with.
 //! - [`codec`]: length-prefixed bincode frames on QUIC streams, size-limited.
+//! - [`link`]: a handshaken connection carrying messages in order, dialers
+//!   that reconnect, one event channel per node.
 //! - [`messages`]: the protocol version and the handshake messages.
+//! - [`node`]: what every node process starts from, and its heartbeat.
 //! - [`config`]: the cluster file (TOML), validated once at start.
 
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod link;
 pub mod messages;
+pub mod node;
 pub mod quic;
 pub mod tls;
 

@@ -61,7 +61,7 @@ pub enum HelloReply {
 }
 
 /// A request's id, unique within its gateway's lifetime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RequestId(pub u64);
 
 /// One attempt at filling a request's KV, assigned by decode.
@@ -116,6 +116,9 @@ pub enum GenerateEvent {
         index: u32,
         token: u32,
         logprob: f32,
+        /// The text this token completes (empty while a character or a
+        /// possible stop string is still open).
+        text: String,
     },
     Finished {
         reason: FinishReason,
@@ -140,6 +143,8 @@ pub struct RankTarget {
 pub struct PrefillRequest {
     pub id: RequestId,
     pub lease: Lease,
+    /// The decode group (node name) whose ranks receive the KV.
+    pub decode: String,
     pub tokens: Vec<u32>,
     /// Leading tokens decode already holds.
     pub cached: u32,
@@ -186,6 +191,8 @@ pub struct Load {
     pub queued: u32,
     pub free_blocks: u32,
     pub total_blocks: u32,
+    /// Decode: prefill pipelines whose every stage is linked to it.
+    pub pipelines_up: u32,
 }
 
 /// Every message after the handshake.
@@ -213,6 +220,9 @@ pub enum Message {
         lease: Lease,
         token: u32,
         logprob: f32,
+        /// Time the pipeline spent on the request, queueing and computing.
+        queue_us: u64,
+        compute_us: u64,
     },
     PrefillFailed {
         id: RequestId,
@@ -265,6 +275,7 @@ mod tests {
                     index: 0,
                     token: 42,
                     logprob: -0.25,
+                    text: "Paris".into(),
                 },
             },
             Message::Event {
@@ -289,6 +300,7 @@ mod tests {
             Message::Prefill(PrefillRequest {
                 id,
                 lease,
+                decode: "d0".into(),
                 tokens: vec![5; 40],
                 cached: 16,
                 targets: vec![RankTarget {
@@ -327,6 +339,8 @@ mod tests {
                 lease,
                 token: 11,
                 logprob: -1.5,
+                queue_us: 3,
+                compute_us: 40,
             },
             Message::PrefillFailed {
                 id,
@@ -342,6 +356,7 @@ mod tests {
                     queued: 2,
                     free_blocks: 3,
                     total_blocks: 4,
+                    pipelines_up: 1,
                 },
             },
             Message::CacheStored {

@@ -53,6 +53,11 @@ fn transport(l: Liveness) -> Result<Arc<quinn::TransportConfig>> {
             .try_into()
             .map_err(|e| WireError::Tls(format!("idle timeout: {e}")))?,
     ));
+    // Windows sized for KV transfers on fast links: a 16 MiB stream window
+    // keeps a few chunks in flight instead of stalling every 1.25 MB.
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
     Ok(Arc::new(t))
 }
 
@@ -109,6 +114,14 @@ pub fn client_endpoint(id: &NodeIdentity, l: Liveness) -> Result<quinn::Endpoint
     Ok(ep)
 }
 
+/// A connection after the handshake, with the stream it ran on, which stays
+/// open for the messages that follow (see [`crate::link`]).
+pub struct Handshaken {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
 /// Connects to `peer` (whose certificate must name `peer_name`) and runs the
 /// handshake; returns the connection and the peer's role.
 pub async fn connect(
@@ -117,6 +130,18 @@ pub async fn connect(
     peer_name: &str,
     hello: &Hello,
 ) -> Result<(quinn::Connection, Role)> {
+    let (mut h, role) = connect_stream(ep, addr, peer_name, hello).await?;
+    let _ = h.send.finish();
+    Ok((h.conn, role))
+}
+
+/// [`connect`], keeping the handshake stream open.
+pub async fn connect_stream(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    peer_name: &str,
+    hello: &Hello,
+) -> Result<(Handshaken, Role)> {
     let conn = ep
         .connect(addr, peer_name)
         .map_err(|e| {
@@ -134,7 +159,7 @@ pub async fn connect(
         .ok_or_else(|| WireError::Refused("the peer closed the handshake stream".into()))?;
     match reply {
         HelloReply::Accepted { protocol, role, .. } if protocol == PROTOCOL_VERSION => {
-            Ok((conn, role))
+            Ok((Handshaken { conn, send, recv }, role))
         }
         HelloReply::Accepted { protocol, .. } => Err(WireError::Version {
             ours: PROTOCOL_VERSION,
@@ -147,6 +172,13 @@ pub async fn connect(
 /// Accepts the handshake on a new incoming connection: checks protocol
 /// version and cluster name, answers, and returns the peer's [`Hello`].
 pub async fn accept(incoming: quinn::Incoming, me: &Hello) -> Result<(quinn::Connection, Hello)> {
+    let (mut h, hello) = accept_stream(incoming, me).await?;
+    let _ = h.send.finish();
+    Ok((h.conn, hello))
+}
+
+/// [`accept`], keeping the handshake stream open.
+pub async fn accept_stream(incoming: quinn::Incoming, me: &Hello) -> Result<(Handshaken, Hello)> {
     let conn = incoming
         .await
         .map_err(|e| WireError::Connection(format!("incoming connection failed: {e}")))?;
@@ -203,8 +235,7 @@ pub async fn accept(incoming: quinn::Incoming, me: &Hello) -> Result<(quinn::Con
                 },
             )
             .await?;
-            let _ = send.finish();
-            Ok((conn, hello))
+            Ok((Handshaken { conn, send, recv }, hello))
         }
     }
 }

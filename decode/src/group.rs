@@ -1,0 +1,865 @@
+//! The decode group process: `tp` ranks as threads over every layer, each
+//! with its KV heads' pool, and one scheduler thread (this module's loop)
+//! that owns the requests.
+//!
+//! A [`Generate`] from the gateway goes through [`Admission`]: once the
+//! batch and the pool have room, the request's blocks are allocated on every
+//! rank (the same block ids: the ranks' pools are allocated in step) and a
+//! prefill pipeline is asked to fill exactly those. Its stages write KV
+//! chunks straight into the ranks' pools; the request starts only when every
+//! stage's completion notice for every rank has arrived with a matching
+//! checksum and the last stage's first token is in. Every step then decodes
+//! one token for all running sequences (continuous batching: new sequences
+//! join at the next step, finished ones leave), streams each token to the
+//! gateway, and frees the blocks at the end, on cancel or on failure.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_kvtransfer::{reshard_plan, scatter, CopyRun, Incoming, PoolDesc, Verdict};
+use tandem_model::{
+    BlockId, FinishReason, Formats, Input, ModelFile, Phase, RankGroup, RankGroupOptions, Sampler,
+    SliceOutput, Span, StopState, Tokenizer,
+};
+use tandem_wire::config::Pipeline;
+use tandem_wire::link::{spawn_acceptor, spawn_dialer, Link, NetEvent};
+use tandem_wire::messages::{
+    Accounting, ErrorClass, Generate, GenerateEvent, KvChunk, KvDone, Lease, Load, Message,
+    PrefillRequest, RankTarget, RequestId, Role,
+};
+use tandem_wire::node::{spawn_heartbeat, Beat, NodeSetup};
+
+use crate::admission::{Action, Admission, Limits, Rejection};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Model(#[from] tandem_model::ModelError),
+    #[error(transparent)]
+    Wire(#[from] tandem_wire::WireError),
+}
+
+pub type Result<T> = std::result::Result<T, DecodeError>;
+
+/// Attempts at a request's KV (first try and retries) before it fails.
+const MAX_ATTEMPTS: u32 = 3;
+/// How long one prefill attempt may take before it is retried.
+const KV_TIMEOUT_MS: u64 = 120_000;
+
+/// One attempt at the request's KV.
+struct Attempt {
+    lease: Lease,
+    pipeline: String,
+    incoming: Incoming,
+    verdict: Option<Verdict>,
+    first: Option<(u32, f32)>,
+    sent: Instant,
+}
+
+struct Running {
+    tokens: Vec<u32>,
+    blocks: Vec<BlockId>,
+    computed: usize,
+    sampler: Sampler,
+    stop: StopState,
+    /// Tokens streamed so far, counting those of an earlier attempt.
+    index: u32,
+}
+
+struct Req {
+    gen: Generate,
+    /// The gateway link that asked; events go back on it.
+    client: String,
+    attempt: Option<Attempt>,
+    running: Option<Running>,
+    acct: Accounting,
+    submitted: Instant,
+}
+
+pub struct Group<'m> {
+    name: String,
+    tok: &'m Tokenizer,
+    context: usize,
+    n_layers: usize,
+    block_size: usize,
+    group: RankGroup,
+    rank_descs: Vec<PoolDesc>,
+    pipelines: Vec<Pipeline>,
+    /// Reshard plan per (pipeline, stage, rank).
+    plans: HashMap<(String, u32, u32), Vec<CopyRun>>,
+    admission: Admission,
+    links: HashMap<String, Link>,
+    reqs: HashMap<RequestId, Req>,
+    /// Prefills in flight per pipeline, for routing.
+    inflight: HashMap<String, usize>,
+    epoch: Instant,
+    beat: Arc<Mutex<Beat>>,
+    gateway: String,
+}
+
+fn class_of(why: &Rejection) -> (ErrorClass, String) {
+    match why {
+        Rejection::Overloaded => (
+            ErrorClass::Overloaded,
+            "the decode group's admission queue is full; retry later".into(),
+        ),
+        Rejection::TooLong { needed, pool } => (
+            ErrorClass::BadRequest,
+            format!("the prompt needs {needed} KV blocks; the decode group has {pool}"),
+        ),
+        Rejection::KvFailed { attempts } => (
+            ErrorClass::NodeLost,
+            format!("the prompt's KV could not be prefilled in {attempts} attempts"),
+        ),
+        Rejection::Duplicate => (
+            ErrorClass::BadRequest,
+            "a request with this id is already running".into(),
+        ),
+    }
+}
+
+impl Group<'_> {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Pipelines whose every stage is linked to this group.
+    fn pipelines_up(&self) -> Vec<&Pipeline> {
+        self.pipelines
+            .iter()
+            .filter(|p| p.stages.iter().all(|s| self.links.contains_key(&s.0)))
+            .collect()
+    }
+
+    fn send_event(&self, client: &str, id: RequestId, event: GenerateEvent) {
+        if let Some(l) = self.links.get(client) {
+            if l.blocking_send(Message::Event { id, event }).is_err() {
+                tracing::debug!(
+                    "{}: the gateway link closed under request {}",
+                    self.name,
+                    id.0
+                );
+            }
+        }
+    }
+
+    fn fail(&mut self, id: RequestId, class: ErrorClass, message: String) {
+        if let Some(r) = self.reqs.remove(&id) {
+            tracing::info!("{}: request {} failed: {message}", self.name, id.0);
+            self.send_event(&r.client, id, GenerateEvent::Failed { class, message });
+            self.end_attempt(&r);
+        }
+        let now = self.now();
+        let actions = self.admission.release(id, now);
+        self.carry_out(actions);
+    }
+
+    /// Tells the pipeline of a request's open attempt to stop.
+    fn end_attempt(&mut self, r: &Req) {
+        if let Some(a) = &r.attempt {
+            self.abort_prefill(r.gen.id, a.lease, &a.pipeline);
+        }
+    }
+
+    fn abort_prefill(&mut self, id: RequestId, lease: Lease, pipeline: &str) {
+        if let Some(n) = self.inflight.get_mut(pipeline) {
+            *n = n.saturating_sub(1);
+        }
+        let stage0 = self
+            .pipelines
+            .iter()
+            .find(|p| p.name == pipeline)
+            .map(|p| p.stages[0].0.clone());
+        if let Some(l) = stage0.and_then(|s| self.links.get(&s)) {
+            let _ = l.try_send(Message::PrefillAbort { id, lease });
+        }
+    }
+
+    fn on_event(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Up { link, .. } => {
+                tracing::info!("{}: linked to {}", self.name, link.peer);
+                self.links.insert(link.peer.clone(), link);
+            }
+            NetEvent::Down { peer, link, reason } => {
+                if self.links.get(&peer).is_some_and(|l| l.id == link) {
+                    tracing::warn!("{}: lost {peer}: {reason}", self.name);
+                    self.links.remove(&peer);
+                    self.peer_lost(&peer);
+                }
+            }
+            NetEvent::Message { peer, msg, .. } => self.on_message(&peer, msg),
+        }
+    }
+
+    fn peer_lost(&mut self, peer: &str) {
+        // Requests of a lost gateway have no one to stream to.
+        let orphans: Vec<RequestId> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.client == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphans {
+            self.fail(
+                id,
+                ErrorClass::Cancelled,
+                format!("the gateway {peer} is gone"),
+            );
+        }
+        // Attempts on a pipeline that lost a stage are retried.
+        let lost: Vec<(RequestId, Lease)> = self
+            .reqs
+            .iter()
+            .filter_map(|(id, r)| {
+                let a = r.attempt.as_ref()?;
+                let p = self.pipelines.iter().find(|p| p.name == a.pipeline)?;
+                p.stages
+                    .iter()
+                    .any(|s| s.0 == peer)
+                    .then_some((*id, a.lease))
+            })
+            .collect();
+        for (id, lease) in lost {
+            self.kv_lost(id, lease);
+        }
+    }
+
+    fn kv_lost(&mut self, id: RequestId, lease: Lease) {
+        let now = self.now();
+        let actions = self.admission.kv_lost(id, lease, now);
+        self.carry_out(actions);
+    }
+
+    fn on_message(&mut self, peer: &str, msg: Message) {
+        match msg {
+            Message::Generate(g) => self.submit(peer, g),
+            Message::Cancel { id } => {
+                if let Some(r) = self.reqs.remove(&id) {
+                    tracing::debug!("{}: request {} cancelled", self.name, id.0);
+                    self.end_attempt(&r);
+                    let now = self.now();
+                    let actions = self.admission.release(id, now);
+                    self.carry_out(actions);
+                }
+            }
+            Message::Kv(c) => self.on_kv(c),
+            Message::KvDone(d) => self.on_kv_done(d),
+            Message::FirstToken {
+                id,
+                lease,
+                token,
+                logprob,
+                queue_us,
+                compute_us,
+            } => {
+                if let Some(r) = self.reqs.get_mut(&id) {
+                    if let Some(a) = r.attempt.as_mut().filter(|a| a.lease == lease) {
+                        a.first = Some((token, logprob));
+                        r.acct.prefill_queue_us = queue_us;
+                        r.acct.prefill_compute_us = compute_us;
+                        self.maybe_complete(id);
+                    }
+                }
+            }
+            Message::PrefillFailed {
+                id,
+                lease,
+                class,
+                message,
+            } => {
+                let current = self
+                    .reqs
+                    .get(&id)
+                    .and_then(|r| r.attempt.as_ref())
+                    .is_some_and(|a| a.lease == lease);
+                if !current {
+                    return;
+                }
+                if class == ErrorClass::BadRequest {
+                    self.fail(id, class, message);
+                } else {
+                    tracing::warn!(
+                        "{}: prefill of {} failed ({message}); retrying",
+                        self.name,
+                        id.0
+                    );
+                    self.kv_lost(id, lease);
+                }
+            }
+            Message::Heartbeat { .. } => {}
+            other => tracing::warn!(
+                "{}: ignoring an unexpected message from {peer}: {:?}",
+                self.name,
+                std::mem::discriminant(&other)
+            ),
+        }
+    }
+
+    fn submit(&mut self, client: &str, g: Generate) {
+        let id = g.id;
+        let total = g.prompt.len() + g.generated.len();
+        let bad = if g.prompt.is_empty() {
+            Some("the prompt is empty".to_string())
+        } else if total >= self.context {
+            Some(format!(
+                "the prompt has {total} tokens; the context holds {}",
+                self.context
+            ))
+        } else if let Err(e) = g.params.validate() {
+            Some(e.to_string())
+        } else if g
+            .prompt
+            .iter()
+            .chain(&g.generated)
+            .any(|&t| t as usize >= self.tok.vocab_size())
+        {
+            Some("a token id is outside the vocabulary".into())
+        } else {
+            None
+        };
+        if let Some(message) = bad {
+            let ev = GenerateEvent::Failed {
+                class: ErrorClass::BadRequest,
+                message,
+            };
+            let _ = self
+                .links
+                .get(client)
+                .map(|l| l.blocking_send(Message::Event { id, event: ev }));
+            return;
+        }
+        if self.pipelines_up().is_empty() {
+            let ev = GenerateEvent::Failed {
+                class: ErrorClass::NodeLost,
+                message: "no prefill pipeline is linked to this decode group".into(),
+            };
+            let _ = self
+                .links
+                .get(client)
+                .map(|l| l.blocking_send(Message::Event { id, event: ev }));
+            return;
+        }
+        if self.reqs.contains_key(&id) {
+            return self.send_event(
+                client,
+                id,
+                GenerateEvent::Failed {
+                    class: ErrorClass::BadRequest,
+                    message: "a request with this id is already running".into(),
+                },
+            );
+        }
+        self.reqs.insert(
+            id,
+            Req {
+                gen: g,
+                client: client.to_string(),
+                attempt: None,
+                running: None,
+                acct: Accounting {
+                    nodes: vec![self.name.clone()],
+                    ..Default::default()
+                },
+                submitted: Instant::now(),
+            },
+        );
+        let now = self.now();
+        let actions = self.admission.submit(id, total, now);
+        self.carry_out(actions);
+    }
+
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Prefill { id, lease, blocks } => self.start_prefill(id, lease, blocks),
+                Action::Abandon { id, lease } => {
+                    let pipeline = self
+                        .reqs
+                        .get_mut(&id)
+                        .and_then(|r| r.attempt.take())
+                        .filter(|a| a.lease == lease)
+                        .map(|a| a.pipeline);
+                    if let Some(p) = pipeline {
+                        self.abort_prefill(id, lease, &p);
+                    }
+                }
+                Action::Start { id, blocks } => self.start(id, blocks),
+                Action::Reject { id, why } => {
+                    let (class, message) = class_of(&why);
+                    if let Some(r) = self.reqs.remove(&id) {
+                        self.send_event(&r.client, id, GenerateEvent::Failed { class, message });
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_prefill(&mut self, id: RequestId, lease: Lease, blocks: Vec<BlockId>) {
+        let Some(r) = self.reqs.get(&id) else {
+            // Cancelled while queued: give the blocks back.
+            let now = self.now();
+            let actions = self.admission.release(id, now);
+            return self.carry_out(actions);
+        };
+        let up: Vec<String> = self.pipelines_up().iter().map(|p| p.name.clone()).collect();
+        let pick = match r.gen.pipeline.as_ref().filter(|p| up.contains(p)) {
+            Some(p) => Some(p.clone()),
+            None => up
+                .iter()
+                .min_by_key(|p| self.inflight.get(*p).copied().unwrap_or(0))
+                .cloned(),
+        };
+        let Some(pipeline) = pick else {
+            return self.fail(id, ErrorClass::NodeLost, "no prefill pipeline is up".into());
+        };
+        let p = self
+            .pipelines
+            .iter()
+            .find(|p| p.name == pipeline)
+            .expect("picked from the list")
+            .clone();
+        let mut tokens = r.gen.prompt.clone();
+        tokens.extend(&r.gen.generated);
+        let targets: Vec<RankTarget> = (0..self.group.tp)
+            .map(|rank| {
+                let h = self.group.heads(rank);
+                RankTarget {
+                    rank: rank as u32,
+                    heads: (h.start as u32, h.end as u32),
+                    blocks: blocks.clone(),
+                }
+            })
+            .collect();
+        let req = PrefillRequest {
+            id,
+            lease,
+            decode: self.name.clone(),
+            tokens,
+            cached: 0,
+            targets,
+            params: r.gen.params.clone(),
+            deadline_ms: r.gen.deadline_ms,
+        };
+        let queued = r.submitted.elapsed().as_micros() as u64;
+        let stage0 = &p.stages[0].0;
+        let sent = self
+            .links
+            .get(stage0)
+            .map(|l| l.try_send(Message::Prefill(req)).is_ok())
+            .unwrap_or(false);
+        let allowed = vec![blocks; self.group.tp];
+        let r = self.reqs.get_mut(&id).expect("checked above");
+        r.acct.decode_queue_us = queued;
+        r.attempt = Some(Attempt {
+            lease,
+            pipeline: pipeline.clone(),
+            incoming: Incoming::new(lease, p.stages.len() as u32, allowed),
+            verdict: None,
+            first: None,
+            sent: Instant::now(),
+        });
+        *self.inflight.entry(pipeline.clone()).or_default() += 1;
+        if !sent {
+            tracing::warn!(
+                "{}: could not reach {stage0}; retrying request {}",
+                self.name,
+                id.0
+            );
+            self.kv_lost(id, lease);
+        }
+    }
+
+    fn plan(&mut self, pipeline: &str, stage: u32, rank: u32) -> Option<Vec<CopyRun>> {
+        let key = (pipeline.to_string(), stage, rank);
+        if let Some(p) = self.plans.get(&key) {
+            return Some(p.clone());
+        }
+        let p = self.pipelines.iter().find(|p| p.name == pipeline)?;
+        let (_, _, layers) = p.stages.get(stage as usize)?;
+        let dst = self.rank_descs.get(rank as usize)?;
+        let src = PoolDesc::new(
+            layers.clone(),
+            0..self.rank_descs.iter().map(|d| d.heads.end).max()?,
+            self.block_size,
+            dst.layout.head_dim,
+            dst.layout.dtype,
+        );
+        let plan = reshard_plan(&src, dst).ok()?;
+        self.plans.insert(key, plan.clone());
+        Some(plan)
+    }
+
+    fn on_kv(&mut self, c: KvChunk) {
+        let Some(a) = self
+            .reqs
+            .get_mut(&c.id)
+            .and_then(|r| r.attempt.as_mut())
+            .filter(|a| a.lease == c.lease)
+        else {
+            // A write from an abandoned attempt: its blocks may belong to
+            // someone else now, so it is dropped unread.
+            return;
+        };
+        if let Err(e) = a.incoming.accept(&c) {
+            let lease = a.lease;
+            tracing::warn!("{}: refusing KV for request {}: {e}", self.name, c.id.0);
+            return self.kv_lost(c.id, lease);
+        }
+        let pipeline = a.pipeline.clone();
+        let Some(runs) = self.plan(&pipeline, c.stage, c.rank) else {
+            return self.kv_lost(c.id, c.lease);
+        };
+        let blocks = c.blocks;
+        let r = self.group.with_pool(c.rank as usize, move |pool| {
+            for (b, bytes) in &blocks {
+                scatter(pool, *b, &runs, bytes)?;
+            }
+            Ok::<(), tandem_kvtransfer::KvTransferError>(())
+        });
+        if let Err(e) = r
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::warn!("{}: KV for request {} did not fit: {e}", self.name, c.id.0);
+            self.kv_lost(c.id, c.lease);
+        }
+    }
+
+    fn on_kv_done(&mut self, d: KvDone) {
+        let Some(a) = self
+            .reqs
+            .get_mut(&d.id)
+            .and_then(|r| r.attempt.as_mut())
+            .filter(|a| a.lease == d.lease)
+        else {
+            return;
+        };
+        if let Some(v) = a.incoming.done(d) {
+            a.verdict = Some(v);
+            self.maybe_complete(d.id);
+        }
+    }
+
+    /// Every notice and the first token are in: verify and start, or retry.
+    fn maybe_complete(&mut self, id: RequestId) {
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let Some(a) = r.attempt.as_ref() else { return };
+        let verified = match (&a.verdict, a.first) {
+            (Some(Verdict::Verified), Some(_)) => true,
+            (Some(Verdict::Mismatch(bad)), _) => {
+                tracing::warn!(
+                    "{}: KV checksum mismatch for request {} from (stage, rank) {bad:?}; prefilling again",
+                    self.name,
+                    id.0
+                );
+                false
+            }
+            _ => return,
+        };
+        let lease = a.lease;
+        r.acct.kv_bytes = a.incoming.bytes;
+        r.acct.kv_transfer_us = a.sent.elapsed().as_micros() as u64;
+        let pipeline = a.pipeline.clone();
+        if let Some(n) = self.inflight.get_mut(&pipeline) {
+            *n = n.saturating_sub(1);
+        }
+        let now = self.now();
+        let actions = self.admission.kv_complete(id, lease, verified, now);
+        self.carry_out(actions);
+    }
+
+    fn start(&mut self, id: RequestId, blocks: Vec<BlockId>) {
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let Some(a) = r.attempt.take() else { return };
+        let (first, logprob) = a.first.expect("started only with a first token");
+        let params = &r.gen.params;
+        let mut sampler = Sampler::new(params);
+        sampler.skip(1 + r.gen.generated.len());
+        let mut stop = StopState::new(self.tok, params);
+        for &t in &r.gen.generated {
+            stop.push(self.tok, t);
+        }
+        let mut tokens = r.gen.prompt.clone();
+        tokens.extend(&r.gen.generated);
+        let computed = tokens.len();
+        r.acct.prefilled_tokens = computed as u32;
+        r.running = Some(Running {
+            tokens,
+            blocks,
+            computed,
+            sampler,
+            stop,
+            index: r.gen.generated.len() as u32,
+        });
+        r.acct.first_step_us = 0;
+        self.emit(id, first, logprob);
+    }
+
+    /// Streams one sampled token; ends the request when it is the last.
+    fn emit(&mut self, id: RequestId, token: u32, logprob: f32) {
+        let context = self.context;
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let Some(run) = r.running.as_mut() else {
+            return;
+        };
+        let mut step = run.stop.push(self.tok, token);
+        if step.finished.is_none() && run.tokens.len() + 1 >= context {
+            step = run.stop.finish(FinishReason::Length, true);
+        }
+        let index = run.index;
+        run.index += 1;
+        run.tokens.push(token);
+        let client = r.client.clone();
+        self.send_event(
+            &client,
+            id,
+            GenerateEvent::Token {
+                index,
+                token,
+                logprob,
+                text: step.text,
+            },
+        );
+        if let Some(reason) = step.finished {
+            let r = self.reqs.remove(&id).expect("present");
+            let mut acct = r.acct;
+            acct.gateway_queue_us = 0;
+            self.send_event(
+                &client,
+                id,
+                GenerateEvent::Finished {
+                    reason,
+                    accounting: acct,
+                },
+            );
+            let now = self.now();
+            let actions = self.admission.release(id, now);
+            self.carry_out(actions);
+        }
+    }
+
+    /// One decode step over every running sequence.
+    fn step(&mut self) {
+        let mut ids: Vec<RequestId> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.running.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        ids.sort();
+        // Every sequence needs a slot for the token it is about to compute.
+        let mut batch = Vec::new();
+        for id in ids {
+            let r = self.reqs.get_mut(&id).expect("listed");
+            let run = r.running.as_mut().expect("filtered");
+            let need = run.tokens.len().div_ceil(self.block_size);
+            if need > run.blocks.len() {
+                match self.admission.grow(id) {
+                    Some(b) => run.blocks.push(b),
+                    None => {
+                        self.fail(
+                            id,
+                            ErrorClass::Overloaded,
+                            "the decode group ran out of KV blocks".into(),
+                        );
+                        continue;
+                    }
+                }
+            }
+            batch.push(id);
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let mut tokens = Vec::with_capacity(batch.len());
+        let mut spans = Vec::with_capacity(batch.len());
+        for id in &batch {
+            let run = self.reqs[id].running.as_ref().expect("batched");
+            tokens.push(*run.tokens.last().expect("a sequence has tokens"));
+            spans.push(Span {
+                pos: run.computed,
+                n: 1,
+                blocks: run.blocks.clone(),
+            });
+        }
+        let t0 = Instant::now();
+        let out = self
+            .group
+            .forward(Input::Tokens(tokens), spans, Phase::Decode);
+        let logits = match out {
+            Ok(SliceOutput::Logits(l)) => l,
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    _ => "the decode ranks returned no logits".into(),
+                };
+                for id in batch {
+                    self.fail(id, ErrorClass::Internal, why.clone());
+                }
+                return;
+            }
+        };
+        let step_us = t0.elapsed().as_micros() as u64;
+        let vocab = logits.len() / batch.len();
+        for (i, id) in batch.into_iter().enumerate() {
+            let r = self.reqs.get_mut(&id).expect("batched");
+            if r.acct.first_step_us == 0 {
+                r.acct.first_step_us = step_us;
+            }
+            let run = r.running.as_mut().expect("batched");
+            run.computed += 1;
+            let s = run.sampler.sample(&logits[i * vocab..(i + 1) * vocab]);
+            self.emit(id, s.token, s.logprob);
+        }
+    }
+
+    fn publish(&self) {
+        let mut b = self.beat.lock().expect("heartbeat state");
+        b.load = Load {
+            running: self.admission.running() as u32,
+            queued: self.admission.queued() as u32,
+            free_blocks: (self.admission.total_blocks() - self.admission.used_blocks()) as u32,
+            total_blocks: self.admission.total_blocks() as u32,
+            pipelines_up: self.pipelines_up().len() as u32,
+        };
+        b.gateway = self.links.get(&self.gateway).cloned();
+    }
+}
+
+/// Runs decode group `node` until `stop` is set. Call from a plain thread:
+/// it starts its own tokio runtime for the links.
+pub fn run(
+    file: &ModelFile,
+    setup: NodeSetup,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let cluster = &setup.cluster;
+    let d = cluster
+        .file
+        .decode
+        .iter()
+        .find(|d| d.name == setup.name)
+        .cloned()
+        .ok_or_else(|| {
+            DecodeError::Setup(format!(
+                "'{}' is not a decode group in the cluster file",
+                setup.name
+            ))
+        })?;
+    let cfg = &file.config;
+    let block_size = cluster.file.cluster.block_size;
+    let group = RankGroup::new(
+        file,
+        &RankGroupOptions {
+            layers: 0..cfg.n_layers,
+            tp: d.tp,
+            block_size,
+            kv_dtype: cluster.kv_dtype,
+            kv_blocks: d.kv_blocks,
+            formats: Formats::DECODE,
+            threads,
+        },
+    )?;
+    let rank_descs = (0..d.tp)
+        .map(|r| {
+            PoolDesc::new(
+                0..cfg.n_layers,
+                group.heads(r),
+                block_size,
+                cfg.head_dim,
+                cluster.kv_dtype,
+            )
+        })
+        .collect();
+    let limits = Limits {
+        max_batch: d.max_batch,
+        max_queue: d.max_queue,
+        block_size,
+        max_attempts: MAX_ATTEMPTS,
+        kv_timeout: KV_TIMEOUT_MS,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name(format!("{}-io", setup.name))
+        .build()
+        .map_err(|e| DecodeError::Setup(format!("cannot start the I/O runtime: {e}")))?;
+    let (tx, rx) = mpsc::channel();
+    let beat = Arc::new(Mutex::new(Beat::default()));
+    let hello = setup.hello(Role::Decode {
+        group: d.name.clone(),
+    });
+    {
+        let _g = rt.enter();
+        let ep = tandem_wire::quic::endpoint(d.addr, &setup.identity, setup.liveness())?;
+        spawn_acceptor(ep.clone(), hello.clone(), tx.clone());
+        let gw = &cluster.file.gateway;
+        spawn_dialer(ep, gw.quic, gw.name.clone(), hello, tx.clone());
+        spawn_heartbeat(setup.name.clone(), setup.heartbeat_period(), beat.clone());
+    }
+    let mut g = Group {
+        name: setup.name.clone(),
+        tok: &file.tokenizer,
+        context: cfg.context_length,
+        n_layers: cfg.n_layers,
+        block_size,
+        group,
+        rank_descs,
+        pipelines: cluster.pipelines.clone(),
+        plans: HashMap::new(),
+        admission: Admission::new(limits, d.kv_blocks),
+        links: HashMap::new(),
+        reqs: HashMap::new(),
+        inflight: HashMap::new(),
+        epoch: Instant::now(),
+        beat,
+        gateway: cluster.file.gateway.name.clone(),
+    };
+    let _ = g.n_layers;
+    tracing::info!("{}: decode group (tp {}) ready at {}", g.name, d.tp, d.addr);
+    let mut last_tick = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let busy = g.reqs.values().any(|r| r.running.is_some());
+        let first = if busy {
+            rx.try_recv().ok()
+        } else {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(ev) => Some(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
+        if let Some(ev) = first {
+            g.on_event(ev);
+            while let Ok(ev) = rx.try_recv() {
+                g.on_event(ev);
+            }
+        }
+        if last_tick.elapsed() >= Duration::from_millis(50) {
+            last_tick = Instant::now();
+            let now = g.now();
+            let actions = g.admission.tick(now);
+            g.carry_out(actions);
+            g.publish();
+        }
+        g.step();
+    }
+    drop(g);
+    rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The gateway's Prometheus metrics: request counts and outcomes, latency
+//! histograms, and each node's load as its last heartbeat reported it.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tandem_wire::messages::{Accounting, Load, Role};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub rejected: IntCounter,
+    pub cancelled: IntCounter,
+    pub in_flight: IntGauge,
+    pub tokens_out: IntCounter,
+    pub prompt_tokens: IntCounter,
+    pub finished: IntCounter,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub kv_bytes: IntCounter,
+    pub kv_transfer: Histogram,
+    pub prefill_compute: Histogram,
+    node_up: IntGaugeVec,
+    node_running: IntGaugeVec,
+    node_queued: IntGaugeVec,
+    kv_used: IntGaugeVec,
+    kv_total: IntGaugeVec,
+}
+
+fn buckets() -> Vec<f64> {
+    vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let hist = |name: &str, help: &str| -> prometheus::Result<Histogram> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets()))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tandem_requests_total",
+                "HTTP generation requests by endpoint",
+            ),
+            &["endpoint"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "tandem_request_errors_total",
+                "Requests answered with an error, by HTTP status",
+            ),
+            &["status"],
+        )?;
+        registry.register(Box::new(errors.clone()))?;
+        let in_flight = IntGauge::new(
+            "tandem_requests_in_flight",
+            "Requests the gateway is serving",
+        )?;
+        registry.register(Box::new(in_flight.clone()))?;
+        Ok(Metrics {
+            requests,
+            errors,
+            rejected: counter(
+                "tandem_requests_rejected_overload_total",
+                "Requests refused with 429",
+            )?,
+            cancelled: counter(
+                "tandem_requests_cancelled_total",
+                "Requests whose client left before the end",
+            )?,
+            in_flight,
+            tokens_out: counter(
+                "tandem_generated_tokens_total",
+                "Tokens streamed to clients",
+            )?,
+            prompt_tokens: counter(
+                "tandem_prompt_tokens_total",
+                "Prompt tokens of finished requests",
+            )?,
+            finished: counter(
+                "tandem_requests_finished_total",
+                "Requests that ran to their end",
+            )?,
+            ttft: hist(
+                "tandem_time_to_first_token_seconds",
+                "From submission to the first token",
+            )?,
+            itl: hist(
+                "tandem_inter_token_latency_seconds",
+                "Gap between streamed tokens",
+            )?,
+            e2e: hist(
+                "tandem_request_duration_seconds",
+                "From submission to the last token",
+            )?,
+            kv_bytes: counter(
+                "tandem_kv_transfer_bytes_total",
+                "KV bytes moved from prefill to decode",
+            )?,
+            kv_transfer: hist(
+                "tandem_kv_transfer_seconds",
+                "From prefill request to verified KV",
+            )?,
+            prefill_compute: hist(
+                "tandem_prefill_compute_seconds",
+                "Prefill pipeline compute per request",
+            )?,
+            node_up: gauge_vec(
+                "tandem_node_up",
+                "1 for every node linked to the gateway",
+                &["node", "role"],
+            )?,
+            node_running: gauge_vec(
+                "tandem_node_running",
+                "Requests a node is working on",
+                &["node"],
+            )?,
+            node_queued: gauge_vec(
+                "tandem_node_queued",
+                "Requests waiting at a node",
+                &["node"],
+            )?,
+            kv_used: gauge_vec(
+                "tandem_kv_blocks_used",
+                "KV blocks allocated on a node",
+                &["node"],
+            )?,
+            kv_total: gauge_vec("tandem_kv_blocks_total", "KV blocks a node has", &["node"])?,
+            registry,
+        })
+    }
+
+    pub fn finish(&self, prompt: usize, e2e: std::time::Duration, a: &Accounting) {
+        self.finished.inc();
+        self.prompt_tokens.inc_by(prompt as u64);
+        self.e2e.observe(e2e.as_secs_f64());
+        self.kv_bytes.inc_by(a.kv_bytes);
+        self.kv_transfer.observe(a.kv_transfer_us as f64 / 1e6);
+        self.prefill_compute
+            .observe(a.prefill_compute_us as f64 / 1e6);
+    }
+
+    /// Node gauges from the latest heartbeats; nodes gone since are dropped.
+    pub fn set_nodes<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a Role, Option<Load>)>) {
+        self.node_up.reset();
+        self.node_running.reset();
+        self.node_queued.reset();
+        self.kv_used.reset();
+        self.kv_total.reset();
+        for (name, role, load) in nodes {
+            let role = match role {
+                Role::Gateway => "gateway",
+                Role::Prefill { .. } => "prefill",
+                Role::Decode { .. } => "decode",
+                Role::Client => "client",
+            };
+            self.node_up.with_label_values(&[name, role]).set(1);
+            if let Some(l) = load {
+                self.node_running
+                    .with_label_values(&[name])
+                    .set(l.running.into());
+                self.node_queued
+                    .with_label_values(&[name])
+                    .set(l.queued.into());
+                self.kv_used
+                    .with_label_values(&[name])
+                    .set(i64::from(l.total_blocks) - i64::from(l.free_blocks));
+                self.kv_total
+                    .with_label_values(&[name])
+                    .set(l.total_blocks.into());
+            }
+        }
+    }
+
+    pub fn encode(&self) -> Result<String, String> {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(buf).map_err(|e| e.to_string())
+    }
+}

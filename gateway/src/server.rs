@@ -1,0 +1,826 @@
+//! The gateway process: the OpenAI HTTP API in front (axum), QUIC links to
+//! every node behind.
+//!
+//! Nodes dial the gateway (its `quic` address) and send heartbeats with
+//! their load; the gateway knows who is up from its links. A request is
+//! validated, templated and tokenized here, then sent to the least loaded
+//! decode group that has a prefill pipeline; its events come back on the
+//! same link and are streamed as server-sent events in OpenAI's format. The
+//! response status waits for the first event, so a request the decode group
+//! refuses (queue full, prompt too long) gets its 4xx instead of a 200 with
+//! an error inside. A client that goes away cancels its request on every
+//! node: dropping the response drops a guard that sends `Cancel`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tandem_model::{FinishReason, ModelFile, SamplingParams};
+use tandem_wire::link::{spawn_acceptor, Link, NetEvent};
+use tandem_wire::messages::{
+    Accounting, ErrorClass, Generate, GenerateEvent, Load, Message, RequestId, Role,
+};
+use tandem_wire::node::NodeSetup;
+use tokio::sync::mpsc;
+
+use crate::api::{self, ApiError, PromptInput, Usage};
+use crate::metrics::Metrics;
+
+/// Tokens generated when a request gives no `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+struct Node {
+    link: Link,
+    role: Role,
+    load: Option<Load>,
+    seen: Instant,
+}
+
+struct Pending {
+    tx: mpsc::UnboundedSender<GenerateEvent>,
+    decode: String,
+}
+
+#[derive(Default)]
+struct Nodes {
+    nodes: HashMap<String, Node>,
+    pending: HashMap<RequestId, Pending>,
+}
+
+pub struct Gateway {
+    pub model: String,
+    file: Arc<ModelFile>,
+    context: usize,
+    max_queue: usize,
+    request_timeout: Duration,
+    state: Mutex<Nodes>,
+    next_id: AtomicU64,
+    pub metrics: Metrics,
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (status, axum::Json(e.body())).into_response();
+    if let ApiError::Overloaded { retry_after_s } = e {
+        if let Ok(v) = retry_after_s.to_string().parse() {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    r
+}
+
+fn api_error(class: ErrorClass, message: String) -> ApiError {
+    match class {
+        ErrorClass::BadRequest => ApiError::BadRequest {
+            message,
+            param: None,
+        },
+        ErrorClass::Overloaded => ApiError::Overloaded { retry_after_s: 1 },
+        ErrorClass::NodeLost => ApiError::Unavailable(message),
+        ErrorClass::DeadlineExceeded | ErrorClass::Cancelled | ErrorClass::Internal => {
+            ApiError::Internal(message)
+        }
+    }
+}
+
+/// Sends `Cancel` for a request unless it ended; frees its pending slot.
+struct Guard {
+    gw: Arc<Gateway>,
+    id: RequestId,
+    link: Link,
+    done: bool,
+    started: Instant,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.gw
+            .state
+            .lock()
+            .expect("gateway state")
+            .pending
+            .remove(&self.id);
+        self.gw.metrics.in_flight.dec();
+        if !self.done {
+            self.gw.metrics.cancelled.inc();
+            let _ = self.link.try_send(Message::Cancel { id: self.id });
+        }
+    }
+}
+
+/// A request the decode group accepted: its first token is in.
+struct Ticket {
+    guard: Guard,
+    rx: mpsc::UnboundedReceiver<GenerateEvent>,
+    first: GenerateEvent,
+    prompt_tokens: usize,
+}
+
+impl Gateway {
+    /// Linked decode groups that have a prefill pipeline, least loaded first.
+    fn pick_decode(&self) -> Result<Link, ApiError> {
+        let st = self.state.lock().expect("gateway state");
+        let mut local: HashMap<&str, usize> = HashMap::new();
+        for p in st.pending.values() {
+            *local.entry(p.decode.as_str()).or_default() += 1;
+        }
+        let best = st
+            .nodes
+            .iter()
+            .filter(|(_, n)| matches!(n.role, Role::Decode { .. }))
+            .filter(|(_, n)| n.load.is_some_and(|l| l.pipelines_up > 0))
+            .min_by_key(|(name, n)| {
+                let l = n.load.unwrap_or_default();
+                let mine = local.get(name.as_str()).copied().unwrap_or(0);
+                (
+                    mine.max((l.running + l.queued) as usize),
+                    u32::MAX - l.free_blocks,
+                )
+            });
+        match best {
+            Some((_, n)) => Ok(n.link.clone()),
+            None => Err(ApiError::Unavailable(
+                "no decode group with a live prefill pipeline is linked to the gateway".into(),
+            )),
+        }
+    }
+
+    /// Ready when some decode group is linked and has a pipeline.
+    pub fn ready(&self) -> bool {
+        self.pick_decode().is_ok()
+    }
+
+    async fn submit(
+        self: &Arc<Self>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        session: Option<String>,
+    ) -> Result<Ticket, ApiError> {
+        if prompt.is_empty() {
+            return Err(ApiError::bad("prompt", "the prompt is empty"));
+        }
+        if prompt.len() >= self.context {
+            return Err(ApiError::bad(
+                "messages",
+                format!(
+                    "the prompt has {} tokens; this model's context holds {} (prompt and completion together)",
+                    prompt.len(),
+                    self.context
+                ),
+            ));
+        }
+        if self.metrics.in_flight.get() as usize >= self.max_queue {
+            self.metrics.rejected.inc();
+            return Err(ApiError::Overloaded { retry_after_s: 1 });
+        }
+        let link = self.pick_decode()?;
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.state.lock().expect("gateway state").pending.insert(
+            id,
+            Pending {
+                tx,
+                decode: link.peer.clone(),
+            },
+        );
+        self.metrics.in_flight.inc();
+        let mut guard = Guard {
+            gw: self.clone(),
+            id,
+            link: link.clone(),
+            done: false,
+            started: Instant::now(),
+        };
+        let prompt_tokens = prompt.len();
+        let gen = Generate {
+            id,
+            prompt,
+            generated: Vec::new(),
+            params,
+            deadline_ms: now_ms() + self.request_timeout.as_millis() as u64,
+            session,
+            pipeline: None,
+        };
+        if link.send(Message::Generate(gen)).await.is_err() {
+            guard.done = true;
+            return Err(ApiError::Unavailable(format!(
+                "the link to {} closed",
+                link.peer
+            )));
+        }
+        let first = match tokio::time::timeout(self.request_timeout, rx.recv()).await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => {
+                guard.done = true;
+                return Err(ApiError::Unavailable(format!("{} went away", link.peer)));
+            }
+            Err(_) => return Err(ApiError::Internal("the request timed out".into())),
+        };
+        if let GenerateEvent::Failed { class, message } = first {
+            guard.done = true;
+            if class == ErrorClass::Overloaded {
+                self.metrics.rejected.inc();
+            }
+            return Err(api_error(class, message));
+        }
+        self.metrics
+            .ttft
+            .observe(guard.started.elapsed().as_secs_f64());
+        Ok(Ticket {
+            guard,
+            rx,
+            first,
+            prompt_tokens,
+        })
+    }
+
+    fn tokenize_chat(&self, job: &api::ChatJob) -> Result<Vec<u32>, ApiError> {
+        let t = self.file.chat_template.as_ref().ok_or_else(|| {
+            ApiError::bad(
+                "messages",
+                "this model has no chat template; use /v1/completions",
+            )
+        })?;
+        let text = t.render(&job.messages, true).map_err(|e| {
+            ApiError::bad(
+                "messages",
+                format!("the chat template refused the conversation: {e}"),
+            )
+        })?;
+        self.file
+            .tokenizer
+            .encode_prompt(&text)
+            .map_err(|e| ApiError::bad("messages", e.to_string()))
+    }
+
+    fn tokenize_prompt(&self, p: &PromptInput) -> Result<Vec<u32>, ApiError> {
+        match p {
+            PromptInput::Text(t) => self
+                .file
+                .tokenizer
+                .encode_prompt(t)
+                .map_err(|e| ApiError::bad("prompt", e.to_string())),
+            PromptInput::Tokens(ids) => {
+                let v = self.file.tokenizer.vocab_size();
+                if let Some(t) = ids.iter().find(|&&t| t as usize >= v) {
+                    return Err(ApiError::bad(
+                        "prompt",
+                        format!("token id {t} is outside the vocabulary of {v}"),
+                    ));
+                }
+                Ok(ids.clone())
+            }
+        }
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.file.tokenizer.decode(&[id])
+    }
+}
+
+/// What kind of response a request wants.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+struct Shape {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+impl Shape {
+    fn chunk(
+        &self,
+        gw: &Gateway,
+        text: &str,
+        token: Option<(u32, f32)>,
+        finish: Option<FinishReason>,
+    ) -> Value {
+        let lp = token
+            .filter(|_| self.logprobs)
+            .map(|(t, lp)| (gw.token_text(t), lp));
+        match self.kind {
+            Kind::Chat => {
+                let delta = if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({ "content": text })
+                };
+                api::chat_chunk(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    delta,
+                    finish,
+                    lp,
+                    self.include_usage,
+                )
+            }
+            Kind::Completion => {
+                let mut c =
+                    api::completion_chunk(&self.id, self.created, &self.model, text, finish, lp);
+                if self.include_usage {
+                    c["usage"] = Value::Null;
+                }
+                c
+            }
+        }
+    }
+
+    fn usage(&self, usage: Usage) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "system_fingerprint": Value::Null, "choices": [], "usage": usage })
+    }
+}
+
+fn timing(a: &Accounting, gateway_us: u64) -> Value {
+    json!({
+        "nodes": a.nodes,
+        "prefilled_tokens": a.prefilled_tokens,
+        "cached_tokens": a.cached_tokens,
+        "kv_bytes": a.kv_bytes,
+        "gateway_us": gateway_us,
+        "decode_queue_us": a.decode_queue_us,
+        "prefill_queue_us": a.prefill_queue_us,
+        "prefill_compute_us": a.prefill_compute_us,
+        "kv_transfer_us": a.kv_transfer_us,
+        "first_step_us": a.first_step_us,
+    })
+}
+
+async fn respond(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bool) -> Response {
+    if stream {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        tokio::spawn(stream_events(gw, ticket, shape, tx));
+        let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        }));
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    let Ticket {
+        mut guard,
+        mut rx,
+        first,
+        prompt_tokens,
+    } = ticket;
+    let mut text = String::new();
+    let mut completion = 0usize;
+    let mut logprobs = Vec::new();
+    let mut ev = Some(first);
+    loop {
+        let Some(e) = ev.take() else {
+            guard.done = true;
+            return error_response(&ApiError::Unavailable("the decode group went away".into()));
+        };
+        match e {
+            GenerateEvent::Token {
+                token,
+                logprob,
+                text: t,
+                ..
+            } => {
+                completion += 1;
+                text.push_str(&t);
+                if shape.logprobs {
+                    logprobs.push((gw.token_text(token), logprob));
+                }
+                gw.metrics.tokens_out.inc();
+            }
+            GenerateEvent::Finished { reason, accounting } => {
+                guard.done = true;
+                let usage = Usage::new(prompt_tokens, completion);
+                gw.metrics
+                    .finish(prompt_tokens, guard.started.elapsed(), &accounting);
+                let mut v = match shape.kind {
+                    Kind::Chat => api::chat_completion(
+                        &shape.id,
+                        shape.created,
+                        &shape.model,
+                        &text,
+                        reason,
+                        usage,
+                    ),
+                    Kind::Completion => {
+                        let mut c = api::completion_chunk(
+                            &shape.id,
+                            shape.created,
+                            &shape.model,
+                            &text,
+                            Some(reason),
+                            None,
+                        );
+                        c["usage"] = json!(usage);
+                        c
+                    }
+                };
+                if shape.logprobs {
+                    let content: Vec<Value> = logprobs
+                        .iter()
+                        .map(|(t, lp)| json!({ "token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": [] }))
+                        .collect();
+                    v["choices"][0]["logprobs"] = match shape.kind {
+                        Kind::Chat => json!({ "content": content }),
+                        Kind::Completion => json!({
+                            "tokens": logprobs.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+                            "token_logprobs": logprobs.iter().map(|(_, l)| *l).collect::<Vec<_>>(),
+                            "top_logprobs": Value::Null,
+                            "text_offset": Value::Null,
+                        }),
+                    };
+                }
+                v["tandem"] = timing(&accounting, 0);
+                return (StatusCode::OK, axum::Json(v)).into_response();
+            }
+            GenerateEvent::Failed { class, message } => {
+                guard.done = true;
+                return error_response(&api_error(class, message));
+            }
+        }
+        ev = rx.recv().await;
+    }
+}
+
+async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc::Sender<Bytes>) {
+    let Ticket {
+        mut guard,
+        mut rx,
+        first,
+        prompt_tokens,
+    } = ticket;
+    let send = |v: String| {
+        let tx = tx.clone();
+        async move { tx.send(Bytes::from(v)).await.is_ok() }
+    };
+    if shape.kind == Kind::Chat {
+        let role = api::chat_chunk(
+            &shape.id,
+            shape.created,
+            &shape.model,
+            json!({ "role": "assistant", "content": "" }),
+            None,
+            None,
+            shape.include_usage,
+        );
+        if !send(api::sse(&role)).await {
+            return;
+        }
+    }
+    let mut completion = 0usize;
+    let mut ev = Some(first);
+    let mut last_token = guard.started;
+    loop {
+        let e = match ev.take() {
+            Some(e) => e,
+            None => {
+                let e = GenerateEvent::Failed {
+                    class: ErrorClass::NodeLost,
+                    message: "the decode group went away".into(),
+                };
+                guard.done = true;
+                let err = api_error(ErrorClass::NodeLost, "the decode group went away".into());
+                let _ = send(api::sse(&err.body())).await;
+                let _ = e;
+                return;
+            }
+        };
+        match e {
+            GenerateEvent::Token {
+                token,
+                logprob,
+                text,
+                ..
+            } => {
+                completion += 1;
+                gw.metrics.tokens_out.inc();
+                if completion > 1 {
+                    gw.metrics.itl.observe(last_token.elapsed().as_secs_f64());
+                }
+                last_token = Instant::now();
+                if !text.is_empty() || shape.logprobs {
+                    let c = shape.chunk(&gw, &text, Some((token, logprob)), None);
+                    if !send(api::sse(&c)).await {
+                        return;
+                    }
+                }
+            }
+            GenerateEvent::Finished { reason, accounting } => {
+                guard.done = true;
+                gw.metrics
+                    .finish(prompt_tokens, guard.started.elapsed(), &accounting);
+                let mut c = shape.chunk(&gw, "", None, Some(reason));
+                c["tandem"] = timing(&accounting, 0);
+                let _ = send(api::sse(&c)).await;
+                if shape.include_usage {
+                    let _ = send(api::sse(
+                        &shape.usage(Usage::new(prompt_tokens, completion)),
+                    ))
+                    .await;
+                }
+                let _ = send(api::SSE_DONE.to_string()).await;
+                return;
+            }
+            GenerateEvent::Failed { class, message } => {
+                guard.done = true;
+                let _ = send(api::sse(&api_error(class, message).body())).await;
+                return;
+            }
+        }
+        ev = tokio::select! {
+            e = rx.recv() => e,
+            _ = tx.closed() => return, // the client left: the guard cancels
+        };
+    }
+}
+
+async fn chat(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesRejection>) -> Response {
+    gw.metrics.requests.with_label_values(&["chat"]).inc();
+    let r = async {
+        let body = body_or_error(body)?;
+        let job = api::validate_chat(api::parse_chat(&body)?, &gw.model, DEFAULT_MAX_TOKENS)?;
+        let g = gw.clone();
+        let j = job.clone();
+        let prompt = tokio::task::spawn_blocking(move || g.tokenize_chat(&j))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let ticket = gw
+            .submit(prompt, job.params.clone(), job.user.clone())
+            .await?;
+        let id = ticket.guard.id.0;
+        let shape = Shape {
+            kind: Kind::Chat,
+            id: format!("chatcmpl-{id:x}"),
+            created: now_s(),
+            model: gw.model.clone(),
+            include_usage: job.include_usage,
+            logprobs: job.logprobs,
+        };
+        Ok::<_, ApiError>(respond(gw.clone(), ticket, shape, job.stream).await)
+    }
+    .await;
+    r.unwrap_or_else(|e| {
+        gw.metrics
+            .errors
+            .with_label_values(&[&e.status().to_string()])
+            .inc();
+        error_response(&e)
+    })
+}
+
+async fn completions(
+    State(gw): State<Arc<Gateway>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    gw.metrics
+        .requests
+        .with_label_values(&["completions"])
+        .inc();
+    let r = async {
+        let body = body_or_error(body)?;
+        let job =
+            api::validate_completion(api::parse_completion(&body)?, &gw.model, DEFAULT_MAX_TOKENS)?;
+        let g = gw.clone();
+        let p = job.prompt.clone();
+        let prompt = tokio::task::spawn_blocking(move || g.tokenize_prompt(&p))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let ticket = gw
+            .submit(prompt, job.params.clone(), job.user.clone())
+            .await?;
+        let id = ticket.guard.id.0;
+        let shape = Shape {
+            kind: Kind::Completion,
+            id: format!("cmpl-{id:x}"),
+            created: now_s(),
+            model: gw.model.clone(),
+            include_usage: job.include_usage,
+            logprobs: job.logprobs,
+        };
+        Ok::<_, ApiError>(respond(gw.clone(), ticket, shape, job.stream).await)
+    }
+    .await;
+    r.unwrap_or_else(|e| {
+        gw.metrics
+            .errors
+            .with_label_values(&[&e.status().to_string()])
+            .inc();
+        error_response(&e)
+    })
+}
+
+async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{ "id": gw.model, "object": "model", "created": 0, "owned_by": "tandem" }],
+    }))
+    .into_response()
+}
+
+async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    let st = gw.state.lock().expect("gateway state");
+    let nodes: Vec<Value> = st
+        .nodes
+        .iter()
+        .map(|(name, n)| json!({ "node": name, "role": format!("{:?}", n.role), "load": n.load.map(|l| json!({"running": l.running, "queued": l.queued, "free_blocks": l.free_blocks, "total_blocks": l.total_blocks, "pipelines_up": l.pipelines_up})), "last_heartbeat_ms": n.seen.elapsed().as_millis() as u64 }))
+        .collect();
+    drop(st);
+    let ready = gw.ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({ "status": if ready { "ok" } else { "unavailable" }, "nodes": nodes })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    {
+        let st = gw.state.lock().expect("gateway state");
+        gw.metrics.set_nodes(
+            st.nodes
+                .iter()
+                .map(|(name, n)| (name.as_str(), &n.role, n.load)),
+        );
+    }
+    match gw.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => error_response(&ApiError::Internal(e)),
+    }
+}
+
+async fn not_found() -> Response {
+    let mut r = error_response(&ApiError::BadRequest {
+        message: "unknown route; this server answers /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics".into(),
+        param: None,
+    });
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r
+}
+
+/// The body, or the OpenAI-shaped error for one that is too large or unreadable.
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(inner)
+            if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+        {
+            ApiError::TooLarge(inner.body_text())
+        }
+        other => ApiError::BadRequest {
+            message: format!("cannot read the request body: {}", other.body_text()),
+            param: None,
+        },
+    })
+}
+
+/// The event pump: link reports into gateway state, request events to their streams.
+fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
+    while let Ok(ev) = rx.recv() {
+        let mut st = gw.state.lock().expect("gateway state");
+        match ev {
+            NetEvent::Up { link, role } => {
+                tracing::info!("gateway: {} ({role:?}) linked", link.peer);
+                st.nodes.insert(
+                    link.peer.clone(),
+                    Node {
+                        link,
+                        role,
+                        load: None,
+                        seen: Instant::now(),
+                    },
+                );
+            }
+            NetEvent::Down { peer, link, reason } => {
+                if st.nodes.get(&peer).is_some_and(|n| n.link.id == link) {
+                    tracing::warn!("gateway: lost {peer}: {reason}");
+                    st.nodes.remove(&peer);
+                    // Requests on a lost decode group end with a clear error.
+                    let lost: Vec<RequestId> = st
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| p.decode == peer)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in lost {
+                        if let Some(p) = st.pending.remove(&id) {
+                            let _ = p.tx.send(GenerateEvent::Failed {
+                                class: ErrorClass::NodeLost,
+                                message: format!("decode group {peer} was lost: {reason}"),
+                            });
+                        }
+                    }
+                }
+            }
+            NetEvent::Message { peer, msg, .. } => match msg {
+                Message::Event { id, event } => {
+                    let end = matches!(
+                        event,
+                        GenerateEvent::Finished { .. } | GenerateEvent::Failed { .. }
+                    );
+                    if let Some(p) = st.pending.get(&id) {
+                        let _ = p.tx.send(event);
+                    }
+                    if end {
+                        st.pending.remove(&id);
+                    }
+                }
+                Message::Heartbeat { load, .. } => {
+                    if let Some(n) = st.nodes.get_mut(&peer) {
+                        n.load = Some(load);
+                        n.seen = Instant::now();
+                    }
+                }
+                _ => tracing::debug!("gateway: unexpected message from {peer}"),
+            },
+        }
+    }
+}
+
+/// Runs the gateway until `shutdown` completes.
+pub async fn run(
+    file: Arc<ModelFile>,
+    setup: NodeSetup,
+    model_name: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let g = &setup.cluster.file.gateway;
+    let limits = &setup.cluster.file.limits;
+    let gw = Arc::new(Gateway {
+        model: model_name,
+        context: file.config.context_length,
+        file,
+        max_queue: g.max_queue,
+        request_timeout: Duration::from_millis(limits.request_timeout_ms),
+        state: Mutex::new(Nodes::default()),
+        next_id: AtomicU64::new(1),
+        metrics: Metrics::new().map_err(|e| format!("metrics: {e}"))?,
+    });
+    let (tx, rx) = std_mpsc::channel();
+    let ep = tandem_wire::quic::endpoint(g.quic, &setup.identity, setup.liveness())
+        .map_err(|e| e.to_string())?;
+    spawn_acceptor(ep.clone(), setup.hello(Role::Gateway), tx);
+    let pg = gw.clone();
+    std::thread::Builder::new()
+        .name("gateway-events".into())
+        .spawn(move || pump(pg, rx))
+        .map_err(|e| e.to_string())?;
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(gw);
+    let listener = tokio::net::TcpListener::bind(g.http)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", g.http))?;
+    tracing::info!("gateway: OpenAI API on http://{}", g.http);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| e.to_string())?;
+    ep.close(0u32.into(), b"gateway stopping");
+    Ok(())
+}

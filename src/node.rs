@@ -1,0 +1,121 @@
+//! `tandem gateway|prefill|decode --config FILE --node NAME`: one role of a
+//! cluster, in this process, until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tandem_model::ModelFile;
+use tandem_wire::config::ClusterFile;
+use tandem_wire::node::NodeSetup;
+
+use crate::Common;
+
+#[derive(Args, Clone)]
+pub struct RoleArgs {
+    /// The cluster file.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// This node's name in the cluster file.
+    #[arg(long)]
+    pub node: String,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM set a flag the role's loop watches.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    std::thread::spawn(move || loop {
+        if STOP.load(Ordering::SeqCst) {
+            f.store(true, Ordering::SeqCst);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    flag
+}
+
+fn load(common: &Common, a: &RoleArgs) -> Result<(ModelFile, NodeSetup)> {
+    let file = ClusterFile::load(&a.config)?;
+    let model_path = common.model_path(&file.cluster.model)?;
+    let model = ModelFile::open(&model_path)?;
+    let cluster = file.validate(&model.config, &a.config)?;
+    let setup = NodeSetup::new(cluster, &a.node)
+        .with_context(|| format!("loading the certificate of node '{}'", a.node))?;
+    Ok((model, setup))
+}
+
+pub fn prefill(common: &Common, threads: usize, a: RoleArgs) -> Result<()> {
+    let (model, setup) = load(common, &a)?;
+    let stop = stop_flag();
+    tandem_prefill::run(&model, setup, threads, stop)?;
+    Ok(())
+}
+
+pub fn decode(common: &Common, threads: usize, a: RoleArgs) -> Result<()> {
+    let (model, setup) = load(common, &a)?;
+    let stop = stop_flag();
+    tandem_decode::group::run(&model, setup, threads, stop)?;
+    Ok(())
+}
+
+/// The name clients use for the model: the file's stem without its quantization tag.
+pub fn served_name(model: &ModelFile) -> String {
+    let stem = model
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    match stem.rsplit_once('.') {
+        Some((base, tag))
+            if tag.starts_with('Q') || tag.starts_with('F') || tag.starts_with("BF") =>
+        {
+            base.to_string()
+        }
+        _ => stem,
+    }
+}
+
+pub fn gateway(common: &Common, a: RoleArgs) -> Result<()> {
+    let (model, setup) = load(common, &a)?;
+    let name = setup
+        .cluster
+        .file
+        .cluster
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| served_name(&model));
+    let stop = stop_flag();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("gateway-io")
+        .build()?;
+    rt.block_on(tandem_gateway::server::run(
+        Arc::new(model),
+        setup,
+        name,
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    ))
+    .map_err(anyhow::Error::msg)?;
+    rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}

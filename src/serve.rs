@@ -1,0 +1,275 @@
+//! `tandem serve`: a whole disaggregated cluster on this machine, one
+//! process per role (gateway, every prefill stage, the decode group), on
+//! loopback with throwaway certificates. Waits until the gateway is healthy,
+//! prints the URL, and on Ctrl-C or SIGTERM stops every child.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::node::stop_flag;
+use crate::Common;
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// GGUF file or Hugging Face directory (default: the embedded default model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prefill pipeline stages, one process each.
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Decode tensor-parallel ranks (must divide the model's KV heads).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// HTTP port of the OpenAI-compatible API.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Address the API listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Prompt tokens per prefill chunk.
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+    /// KV blocks per decode rank.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_blocks: usize,
+    /// Sequences per decode step.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Requests waiting for a decode slot before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// KV storage: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub kv_dtype: String,
+    /// Pin stage i of the prefill pipeline to CPU i (taskset), for pipeline measurements.
+    #[arg(long)]
+    pub pin_stages: bool,
+    /// Where the cluster file and certificates go (default: a fresh directory under the cache).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// A free local UDP port for a node's QUIC endpoint.
+fn free_udp() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Writes the cluster file `serve` runs; returns its path.
+pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let http = SocketAddr::new(a.host, a.port);
+    let mut t = String::new();
+    t += &format!(
+        "[cluster]\nname = \"local\"\nmodel = {:?}\ncerts = \"certs\"\nkv_dtype = {:?}\n\n",
+        model.display().to_string(),
+        a.kv_dtype
+    );
+    t += &format!(
+        "[gateway]\nhttp = \"{http}\"\nquic = \"127.0.0.1:{}\"\nmax_queue = {}\n\n",
+        free_udp()?,
+        a.max_queue
+    );
+    t += &format!(
+        "[[prefill]]\nname = \"p0\"\nchunk = {}\nstages = [\n",
+        a.chunk
+    );
+    for i in 0..a.pp {
+        t += &format!(
+            "  {{ name = \"p0-s{i}\", addr = \"127.0.0.1:{}\" }},\n",
+            free_udp()?
+        );
+    }
+    t += "]\n\n";
+    t += &format!(
+        "[[decode]]\nname = \"d0\"\naddr = \"127.0.0.1:{}\"\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\n",
+        free_udp()?,
+        a.tp,
+        a.kv_blocks,
+        a.max_batch,
+        a.max_queue
+    );
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, t)?;
+    Ok(path)
+}
+
+/// `GET path` on `addr`; the status code, or `None` when nothing answers.
+pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn stop(&mut self) {
+        for (_, c) in &self.0 {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (name, c) in &mut self.0 {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        eprintln!("{name} did not stop in 5 s; killing it");
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.0.clear();
+    }
+
+    /// The first child that has exited, with its status.
+    fn exited(&mut self) -> Option<(String, std::process::ExitStatus)> {
+        for (name, c) in &mut self.0 {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some((name.clone(), s));
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
+    if a.pp == 0 || a.tp == 0 {
+        bail!("--pp and --tp must be at least 1");
+    }
+    let model = common.model_path(&a.model)?;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => common
+            .cache_dir()
+            .join("serve")
+            .join(std::process::id().to_string()),
+    };
+    let config = write_cluster(&a, &model, &dir)?;
+    // Validate before starting anything, so a bad --tp is one clear message.
+    let file = tandem_wire::config::ClusterFile::load(&config)?;
+    let m = tandem_model::ModelFile::open(&model)?;
+    let cluster = file.validate(&m.config, &config)?;
+    drop(m);
+    let exe = std::env::current_exe().context("finding the tandem binary")?;
+    let status = Command::new(&exe)
+        .arg("certs")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("could not create certificates in {}", dir.display());
+    }
+    let stop = stop_flag();
+    let mut children = Children(Vec::new());
+    let stage_threads = (threads / a.pp).max(1);
+    let mut spawn = |role: &str, node: &str, threads: usize, cpu: Option<usize>| -> Result<()> {
+        let mut cmd = match cpu {
+            Some(c) => {
+                let mut t = Command::new("taskset");
+                t.arg("-c").arg(c.to_string()).arg(&exe);
+                t
+            }
+            None => Command::new(&exe),
+        };
+        if let Some(h) = &common.home {
+            cmd.arg("--home").arg(h);
+        }
+        cmd.arg("--threads")
+            .arg(threads.to_string())
+            .arg(role)
+            .arg("--config")
+            .arg(&config)
+            .arg("--node")
+            .arg(node);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {role} {node}"))?;
+        children.0.push((format!("{role} {node}"), child));
+        Ok(())
+    };
+    spawn("gateway", &cluster.file.gateway.name, 1, None)?;
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    for (i, (name, _, _)) in cluster.pipelines[0].stages.iter().enumerate() {
+        let cpu = a.pin_stages.then_some(i % ncpu);
+        let t = if a.pin_stages { 1 } else { stage_threads };
+        spawn("prefill", name, t, cpu)?;
+    }
+    spawn("decode", &cluster.file.decode[0].name, threads, None)?;
+    let http = cluster.file.gateway.http;
+    let started = Instant::now();
+    loop {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            children.stop();
+            return Ok(());
+        }
+        if let Some((name, s)) = children.exited() {
+            children.stop();
+            bail!("{name} exited ({s}) before the cluster was up");
+        }
+        if http_status(http, "/health") == Some(200) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            children.stop();
+            bail!("the cluster was not healthy after 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let name = crate::node::served_name(&tandem_model::ModelFile::open(&model)?);
+    println!(
+        "Tandem is serving {name} at http://{http}/v1 (prefill PP {}, decode TP {}; cluster file {})",
+        a.pp,
+        a.tp,
+        config.display()
+    );
+    println!(
+        "  curl http://{http}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'"
+    );
+    println!("Ctrl-C stops it.");
+    loop {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("stopping the cluster");
+            children.stop();
+            return Ok(());
+        }
+        if let Some((name, s)) = children.exited() {
+            children.stop();
+            bail!("{name} exited ({s}); the cluster was stopped");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

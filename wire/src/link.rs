@@ -1,0 +1,213 @@
+//! A link: one connection to one peer after the handshake, carrying
+//! [`Message`]s in order on the handshake's stream in both directions.
+//!
+//! Every node funnels what all its links receive into one channel of
+//! [`NetEvent`]s (a link coming up, a message, a link going down), so a
+//! node's logic is one loop over one channel. Dialers reconnect with backoff
+//! for as long as the node runs; a link that goes down reports why, with its
+//! id, so a late report about an old link cannot take down its replacement.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::codec::{read_frame, write_frame, MAX_FRAME};
+use crate::error::{Result, WireError};
+use crate::messages::{Hello, Message, Role};
+use crate::quic::{accept_stream, connect_stream, Handshaken};
+
+/// What a node's links report.
+#[derive(Debug)]
+pub enum NetEvent {
+    Up {
+        link: Link,
+        role: Role,
+    },
+    Message {
+        peer: String,
+        link: u64,
+        msg: Message,
+    },
+    Down {
+        peer: String,
+        link: u64,
+        reason: String,
+    },
+}
+
+pub type Events = std_mpsc::Sender<NetEvent>;
+
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+
+/// The sending side of a link; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub id: u64,
+    pub peer: String,
+    tx: mpsc::Sender<Message>,
+    conn: quinn::Connection,
+}
+
+/// Messages queued per link before senders wait: enough to keep a transfer
+/// streaming, few enough that a slow peer pushes back on its senders.
+const QUEUE: usize = 64;
+
+impl Link {
+    /// Starts the writer and reader tasks of a handshaken connection and
+    /// reports it [`NetEvent::Up`]. Must be called inside a tokio runtime.
+    pub fn start(h: Handshaken, peer: String, role: Role, events: Events) -> Link {
+        let id = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
+        let Handshaken {
+            conn,
+            mut send,
+            mut recv,
+        } = h;
+        let link = Link {
+            id,
+            peer: peer.clone(),
+            tx,
+            conn: conn.clone(),
+        };
+        let _ = events.send(NetEvent::Up {
+            link: link.clone(),
+            role,
+        });
+        let wconn = conn.clone();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if let Err(e) = write_frame(&mut send, &m).await {
+                    tracing::debug!("link {id}: write failed: {e}");
+                    wconn.close(2u32.into(), b"write failed");
+                    return;
+                }
+            }
+            let _ = send.finish();
+        });
+        tokio::spawn(async move {
+            let reason = loop {
+                match read_frame::<_, Message>(&mut recv, MAX_FRAME).await {
+                    Ok(Some(msg)) => {
+                        let ev = NetEvent::Message {
+                            peer: peer.clone(),
+                            link: id,
+                            msg,
+                        };
+                        if events.send(ev).is_err() {
+                            break "the node is stopping".to_string();
+                        }
+                    }
+                    Ok(None) => break "the peer closed the link".to_string(),
+                    Err(e) => {
+                        // Say why the connection failed when it did (timeout, reset).
+                        break match conn.close_reason() {
+                            Some(r) => r.to_string(),
+                            None => e.to_string(),
+                        };
+                    }
+                }
+            };
+            conn.close(0u32.into(), b"link closed");
+            let _ = events.send(NetEvent::Down {
+                peer,
+                link: id,
+                reason,
+            });
+        });
+        link
+    }
+
+    /// Queues a message, waiting while the link's queue is full.
+    pub async fn send(&self, m: Message) -> Result<()> {
+        self.tx
+            .send(m)
+            .await
+            .map_err(|_| WireError::Connection(format!("link to {} is closed", self.peer)))
+    }
+
+    /// [`Link::send`] from a thread outside the runtime (compute threads).
+    pub fn blocking_send(&self, m: Message) -> Result<()> {
+        self.tx
+            .blocking_send(m)
+            .map_err(|_| WireError::Connection(format!("link to {} is closed", self.peer)))
+    }
+
+    /// Queues a message without waiting; fails when the queue is full or closed.
+    pub fn try_send(&self, m: Message) -> Result<()> {
+        self.tx
+            .try_send(m)
+            .map_err(|e| WireError::Connection(format!("link to {}: {e}", self.peer)))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    pub fn close(&self, why: &str) {
+        self.conn.close(0u32.into(), why.as_bytes());
+    }
+
+    /// Completes when the connection is gone.
+    pub async fn closed(&self) {
+        self.conn.closed().await;
+    }
+}
+
+/// Accepts peers on `ep` for as long as it is open; each handshaken peer
+/// becomes a link reported on `events`.
+pub fn spawn_acceptor(ep: quinn::Endpoint, me: Hello, events: Events) {
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let me = me.clone();
+            let events = events.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), accept_stream(incoming, &me))
+                    .await
+                {
+                    Ok(Ok((h, hello))) => {
+                        Link::start(h, hello.node, hello.role, events);
+                    }
+                    Ok(Err(e)) => tracing::warn!("refused a connection: {e}"),
+                    Err(_) => tracing::warn!("a peer did not finish its handshake in 10 s"),
+                }
+            });
+        }
+    });
+}
+
+/// Keeps a link to `peer` at `addr` up: connects, and after every loss
+/// connects again, backing off from 50 ms to 1 s while it cannot.
+pub fn spawn_dialer(
+    ep: quinn::Endpoint,
+    addr: SocketAddr,
+    peer: String,
+    me: Hello,
+    events: Events,
+) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        let mut warned = false;
+        loop {
+            match connect_stream(&ep, addr, &peer, &me).await {
+                Ok((h, role)) => {
+                    backoff = Duration::from_millis(50);
+                    warned = false;
+                    let link = Link::start(h, peer.clone(), role, events.clone());
+                    link.closed().await;
+                    tracing::info!("link to {peer} at {addr} lost; reconnecting");
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::info!("cannot reach {peer} at {addr} yet: {e}");
+                        warned = true;
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    });
+}

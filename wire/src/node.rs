@@ -1,0 +1,87 @@
+//! What every node process starts from: the validated cluster, its own name
+//! and certificate, and the liveness settings the cluster file asks for.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::Cluster;
+use crate::error::{Result, WireError};
+use crate::link::Link;
+use crate::messages::{Hello, Load, Message, Role, PROTOCOL_VERSION};
+use crate::quic::Liveness;
+use crate::tls::{load_identity, NodeIdentity};
+
+pub struct NodeSetup {
+    pub cluster: Cluster,
+    pub name: String,
+    pub identity: NodeIdentity,
+}
+
+impl NodeSetup {
+    /// Loads `name`'s certificate from the directory `[cluster] certs` names.
+    pub fn new(cluster: Cluster, name: &str) -> Result<NodeSetup> {
+        let Some(dir) = cluster.file.cluster.certs.clone() else {
+            return Err(WireError::Cert(
+                "[cluster] certs is not set; create certificates with `tandem certs --config FILE` and name their directory there".into(),
+            ));
+        };
+        let identity = load_identity(&dir, name)?;
+        Ok(NodeSetup {
+            cluster,
+            name: name.to_string(),
+            identity,
+        })
+    }
+
+    pub fn hello(&self, role: Role) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            cluster: self.cluster.file.cluster.name.clone(),
+            node: self.name.clone(),
+            role,
+        }
+    }
+
+    /// Keep-alives at the heartbeat period; a peer silent for `down_after_ms` is gone.
+    pub fn liveness(&self) -> Liveness {
+        let l = &self.cluster.file.limits;
+        Liveness {
+            keep_alive: Duration::from_millis(l.heartbeat_ms.max(10)),
+            idle_timeout: Duration::from_millis(l.down_after_ms.max(100)),
+        }
+    }
+
+    pub fn heartbeat_period(&self) -> Duration {
+        Duration::from_millis(self.cluster.file.limits.heartbeat_ms.max(10))
+    }
+}
+
+/// Where a node's load and its link to the gateway meet the heartbeat task.
+#[derive(Default)]
+pub struct Beat {
+    pub load: Load,
+    pub gateway: Option<Link>,
+}
+
+/// Sends `Heartbeat { load }` to the gateway every `period` while linked.
+pub fn spawn_heartbeat(node: String, period: Duration, beat: Arc<Mutex<Beat>>) {
+    tokio::spawn(async move {
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let (load, link) = {
+                let b = beat.lock().expect("heartbeat state");
+                (b.load, b.gateway.clone())
+            };
+            if let Some(link) = link {
+                seq += 1;
+                let _ = link.try_send(Message::Heartbeat {
+                    node: node.clone(),
+                    seq,
+                    load,
+                });
+            }
+        }
+    });
+}
