@@ -75,7 +75,8 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
     t += &format!(
         "[gateway]\nhttp = \"{http}\"\nquic = \"127.0.0.1:{}\"\nmax_queue = {}\n\n",
         free_udp()?,
-        a.max_queue
+        // The gateway's cap covers everything the decode group holds or queues.
+        a.max_queue + a.max_batch
     );
     t += &format!(
         "[[prefill]]\nname = \"p0\"\nchunk = {}\nstages = [\n",

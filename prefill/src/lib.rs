@@ -115,6 +115,7 @@ impl Stage {
             NetEvent::Up { link, .. } => {
                 tracing::info!("{}: linked to {}", self.name, link.peer);
                 self.links.insert(link.peer.clone(), link);
+                self.start_waiting();
             }
             NetEvent::Down { peer, link, reason } => {
                 if self.links.get(&peer).is_some_and(|l| l.id == link) {
@@ -228,6 +229,13 @@ impl Stage {
     /// Starts waiting prompts, in order, while the pool has their blocks.
     fn start_waiting(&mut self) {
         while let Some(req) = self.waiting.front() {
+            // Until the next stage is linked (at start, or while it
+            // reconnects) prompts wait; decode's deadline bounds the wait.
+            if let Some(next) = self.next_name() {
+                if !self.links.contains_key(&next) {
+                    break;
+                }
+            }
             let need = req.tokens.len().div_ceil(self.block_size);
             let Some(local) = self.alloc.alloc(need) else {
                 if self.index > 0 && self.reqs.is_empty() {
@@ -255,20 +263,15 @@ impl Stage {
                 }
             };
             let key = (req.id, req.lease);
-            if let Some(next) = self.next_name() {
-                match self.links.get(&next) {
-                    Some(l) => {
-                        let _ = l.blocking_send(Message::Prefill(req.clone()));
-                    }
-                    None => {
-                        self.alloc.release_all(&local);
-                        self.fail(
-                            &req,
-                            ErrorClass::NodeLost,
-                            format!("the next stage {next} is not linked"),
-                        );
-                        continue;
-                    }
+            if let Some(l) = self.next_name().and_then(|n| self.links.get(&n)) {
+                if l.blocking_send(Message::Prefill(req.clone())).is_err() {
+                    self.alloc.release_all(&local);
+                    self.fail(
+                        &req,
+                        ErrorClass::NodeLost,
+                        "the next stage went away".into(),
+                    );
+                    continue;
                 }
             }
             if self.index == 0 {

@@ -82,8 +82,8 @@ pub struct GatewaySection {
     pub http: SocketAddr,
     /// Where nodes reach the gateway.
     pub quic: SocketAddr,
-    /// Requests waiting for a decode slot before new ones get 429.
-    #[serde(default = "default_queue")]
+    /// Requests in flight (running or queued anywhere) before new ones get 429.
+    #[serde(default = "default_gateway_queue")]
     pub max_queue: usize,
 }
 
@@ -183,6 +183,9 @@ fn default_gateway_name() -> String {
 }
 fn default_queue() -> usize {
     256
+}
+fn default_gateway_queue() -> usize {
+    1024
 }
 fn default_chunk() -> usize {
     256

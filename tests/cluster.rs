@@ -1,0 +1,444 @@
+//! The whole cluster as a user runs it: `tandem serve` starts real
+//! processes (gateway, prefill stages, decode group) on loopback, and
+//! requests go over HTTP. Greedy answers must equal `tandem generate`'s.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const EXE: &str = env!("CARGO_BIN_EXE_tandem");
+const MODEL: &str = "SmolLM2-135M-Instruct";
+const CHUNK: &str = "16";
+
+/// One cluster at a time: they share two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct Cluster {
+    child: Child,
+    port: u16,
+}
+
+impl Cluster {
+    fn start(extra: &[&str]) -> Cluster {
+        let port = free_port();
+        let mut child = Command::new(EXE)
+            .args(["serve", "--port", &port.to_string(), "--chunk", CHUNK])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tandem serve starts");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("serve prints");
+        assert!(
+            line.contains("Tandem is serving"),
+            "serve {extra:?} did not come up: {line:?}"
+        );
+        // Keep draining stdout so the child never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = out.read_to_string(&mut sink);
+        });
+        Cluster { child, port }
+    }
+
+    fn chat(&self, body: &Value) -> (u16, Value) {
+        let (status, text) = http(self.port, "POST", "/v1/chat/completions", Some(body));
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+        (status, v)
+    }
+
+    fn metric(&self, name: &str, label: &str) -> Option<f64> {
+        let (_, text) = http(self.port, "GET", "/metrics", None);
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("tandem serve did not stop within 15 s of SIGTERM");
+    }
+}
+
+/// One HTTP/1.0 exchange (the body ends when the server closes).
+fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let raw = body.map(|b| b.to_string()).unwrap_or_default();
+    http_raw(port, method, path, raw.as_bytes())
+}
+
+fn http_raw(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    s.write_all(body).expect("write body");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a header");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, body.to_string())
+}
+
+fn generate(chat: &str, max_tokens: usize) -> String {
+    let out = Command::new(EXE)
+        .args(["generate", "--chat", chat, "--chunk", CHUNK])
+        .args(["--max-tokens", &max_tokens.to_string()])
+        .output()
+        .expect("generate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut t = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(t.pop(), Some('\n'), "generate ends its text with a newline");
+    t
+}
+
+fn greedy(chat: &str, max_tokens: usize) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": chat}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+const SHORT: &str = "What is the capital of France?";
+/// Long enough for several chunks and blocks.
+const LONG: &str = "Summarize in two sentences: The city council met on Tuesday to discuss the new park. Residents asked for more trees, a playground, benches along the river, and a small library kiosk. The council agreed to fund the trees and benches this year and to revisit the playground next spring after a survey of families.";
+
+#[test]
+fn every_layout_answers_exactly_like_generate() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let want: Vec<(&str, String)> = [SHORT, LONG]
+        .into_iter()
+        .map(|q| (q, generate(q, 40)))
+        .collect();
+    for (pp, tp) in [(1, 1), (2, 3), (3, 1), (5, 3)] {
+        let c = Cluster::start(&["--pp", &pp.to_string(), "--tp", &tp.to_string()]);
+        for (q, text) in &want {
+            let (status, v) = c.chat(&greedy(q, 40));
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(
+                v["choices"][0]["message"]["content"].as_str(),
+                Some(text.as_str()),
+                "PP {pp}, TP {tp}, prompt {q:?}"
+            );
+            let t = &v["tandem"];
+            assert!(t["kv_bytes"].as_u64().unwrap_or(0) > 0, "{t}");
+        }
+    }
+}
+
+/// A streamed chat, parsed into its `data:` payloads.
+fn stream(port: u16, body: &Value) -> (u16, Vec<String>) {
+    let (status, text) = http(port, "POST", "/v1/chat/completions", Some(body));
+    let events = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect();
+    (status, events)
+}
+
+#[test]
+fn concurrent_streams_disconnects_and_bad_requests() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let prompts = [
+        SHORT,
+        "Name three primary colors.",
+        "Write a haiku about the sea.",
+        "What is 12 times 12?",
+    ];
+    let want: Vec<String> = prompts.iter().map(|q| generate(q, 32)).collect();
+    let c = Cluster::start(&["--pp", "2", "--tp", "3"]);
+
+    // Eight concurrent streams, each must finish with its own text.
+    let port = c.port;
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let q = prompts[i % prompts.len()];
+            std::thread::spawn(move || {
+                let mut body = greedy(q, 32);
+                body["stream"] = json!(true);
+                body["stream_options"] = json!({"include_usage": true});
+                stream(port, &body)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, events) = h.join().expect("stream thread");
+        assert_eq!(status, 200);
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "{events:?}"
+        );
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).expect("chunk JSON"))
+            .collect();
+        let id = chunks[0]["id"].as_str().expect("id").to_string();
+        let mut text = String::new();
+        for (k, ch) in chunks.iter().enumerate() {
+            // Every chunk: same id, the chunk object, a creation time, the model.
+            assert_eq!(ch["id"], json!(id));
+            assert_eq!(ch["object"], json!("chat.completion.chunk"));
+            assert!(ch["created"].as_u64().is_some_and(|t| t > 1_600_000_000));
+            assert_eq!(ch["model"], json!(MODEL));
+            let last = k + 1 == chunks.len();
+            if last {
+                // The usage chunk: no choices, the counts.
+                assert_eq!(ch["choices"], json!([]));
+                let u = &ch["usage"];
+                assert!(u["prompt_tokens"].as_u64().unwrap_or(0) > 5);
+                assert!(u["completion_tokens"].as_u64().unwrap_or(0) >= 1);
+                assert_eq!(
+                    u["total_tokens"].as_u64(),
+                    Some(
+                        u["prompt_tokens"].as_u64().unwrap()
+                            + u["completion_tokens"].as_u64().unwrap()
+                    )
+                );
+                continue;
+            }
+            assert!(ch["usage"].is_null(), "usage is null until the last chunk");
+            let choice = &ch["choices"][0];
+            assert_eq!(choice["index"], json!(0));
+            if k == 0 {
+                assert_eq!(choice["delta"]["role"], json!("assistant"));
+            }
+            if k + 2 == chunks.len() {
+                let f = choice["finish_reason"].as_str().expect("a finish reason");
+                assert!(f == "stop" || f == "length", "{f}");
+            } else {
+                assert!(choice["finish_reason"].is_null());
+            }
+            if let Some(t) = choice["delta"]["content"].as_str() {
+                text.push_str(t);
+            }
+        }
+        assert_eq!(text, want[i % prompts.len()], "stream {i}");
+    }
+
+    // A client that leaves mid-stream: its blocks are freed on every node.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut body = greedy(LONG, 400);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let raw = body.to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{raw}",
+        raw.len()
+    )
+    .expect("write");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < 5 {
+        line.clear();
+        r.read_line(&mut line).expect("stream line");
+        if line.starts_with("data: ") {
+            seen += 1;
+        }
+    }
+    assert!(
+        c.metric("tandem_kv_blocks_used", "node=\"d0\"")
+            .unwrap_or(0.0)
+            > 0.0
+    );
+    drop(r);
+    s.shutdown(std::net::Shutdown::Both).expect("hang up");
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d0 = c.metric("tandem_kv_blocks_used", "node=\"d0\"");
+        let p0 = c.metric("tandem_kv_blocks_used", "node=\"p0-s0\"");
+        let p1 = c.metric("tandem_kv_blocks_used", "node=\"p0-s1\"");
+        if d0 == Some(0.0) && p0 == Some(0.0) && p1 == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks still held 20 s after the client left: d0 {d0:?} p0-s0 {p0:?} p0-s1 {p1:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        c.metric("tandem_requests_cancelled_total", "")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // Malformed and invalid requests: 4xx with OpenAI's error body.
+    let long_prompt = "word ".repeat(9000);
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "invalid_request_error"),
+        (json!({"model": MODEL}).to_string().into_bytes(), 400, "invalid_request_error"),
+        (json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).to_string().into_bytes(), 404, "invalid_request_error"),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 7}).to_string().into_bytes(), 400, "invalid_request_error"),
+        (json!({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).to_string().into_bytes(), 400, "invalid_request_error"),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]}).to_string().into_bytes(), 400, "invalid_request_error"),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).to_string().into_bytes(), 400, "invalid_request_error"),
+    ];
+    for (body, status, kind) in cases {
+        let (got, text) = http_raw(port, "POST", "/v1/chat/completions", &body);
+        assert_eq!(got, status, "{text}");
+        let v: Value = serde_json::from_str(&text).expect("error JSON");
+        assert_eq!(v["error"]["type"], json!(kind), "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    let (got, _) = http(port, "GET", "/v1/nothing", None);
+    assert_eq!(got, 404);
+
+    // Still serving, and the other endpoints answer.
+    let (status, v) = c.chat(&greedy(SHORT, 32));
+    assert_eq!(status, 200);
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str(),
+        Some(want[0].as_str())
+    );
+    let (status, models) = http(port, "GET", "/v1/models", None);
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).expect("JSON");
+    assert_eq!(models["data"][0]["id"], json!(MODEL));
+    let (status, _) = http(port, "GET", "/health", None);
+    assert_eq!(status, 200);
+    let (status, v) = http(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(
+            &json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}),
+        ),
+    );
+    assert_eq!(status, 200, "{v}");
+    let v: Value = serde_json::from_str(&v).expect("JSON");
+    assert_eq!(v["object"], json!("text_completion"));
+    assert!(v["choices"][0]["text"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+}
+
+#[test]
+fn a_full_queue_gets_429_and_no_live_node_gets_503() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    {
+        let c = Cluster::start(&["--max-batch", "1", "--max-queue", "1"]);
+        let port = c.port;
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut body = greedy(SHORT, 64);
+                    body["ignore_eos"] = json!(true);
+                    http(port, "POST", "/v1/chat/completions", Some(&body))
+                })
+            })
+            .collect();
+        let results: Vec<(u16, String)> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        let ok = results.iter().filter(|(s, _)| *s == 200).count();
+        let busy: Vec<&String> = results
+            .iter()
+            .filter(|(s, _)| *s == 429)
+            .map(|(_, b)| b)
+            .collect();
+        assert!(ok >= 1, "{results:?}");
+        assert!(!busy.is_empty(), "{results:?}");
+        assert_eq!(ok + busy.len(), 4, "{results:?}");
+        let v: Value = serde_json::from_str(busy[0]).expect("JSON");
+        assert_eq!(v["error"]["type"], json!("rate_limit_error"));
+        // And it serves again once the queue drains.
+        let (status, _) = c.chat(&greedy(SHORT, 8));
+        assert_eq!(status, 200);
+    }
+    // A gateway alone: not healthy, and requests get 503.
+    let dir = std::env::temp_dir().join(format!("tandem-503-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = free_port();
+    let quic = free_port();
+    std::fs::write(
+        dir.join("cluster.toml"),
+        format!(
+            "[cluster]\nname = \"t\"\ncerts = \"certs\"\n[gateway]\nhttp = \"127.0.0.1:{port}\"\nquic = \"127.0.0.1:{quic}\"\n[[prefill]]\nname = \"p\"\nstages = [{{ name = \"p-s0\", addr = \"127.0.0.1:1\" }}]\n[[decode]]\nname = \"d\"\naddr = \"127.0.0.1:2\"\n"
+        ),
+    )
+    .expect("write");
+    let cfg = dir.join("cluster.toml");
+    let ok = Command::new(EXE)
+        .args(["certs", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .status()
+        .expect("certs");
+    assert!(ok.success());
+    let mut gw = Command::new(EXE)
+        .args(["gateway", "--node", "gateway", "--config"])
+        .arg(&cfg)
+        .spawn()
+        .expect("gateway");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let health = loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            drop(s.write_all(b""));
+            break http(port, "GET", "/health", None);
+        }
+        assert!(Instant::now() < deadline, "the gateway never listened");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(health.0, 503, "{}", health.1);
+    let (status, text) = http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        Some(&greedy(SHORT, 8)),
+    );
+    let _ = gw.kill();
+    let _ = gw.wait();
+    assert_eq!(status, 503, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["error"]["code"], json!("no_live_node"));
+}
