@@ -145,3 +145,186 @@ fn the_checksum_notices_corruption_loss_and_reordering() {
     assert_ne!(good, sum(&[0, 1, 3], false), "a lost block");
     assert_ne!(good, sum(&[0, 2, 1, 3], false), "blocks out of order");
 }
+
+mod transfer {
+    use std::sync::mpsc;
+
+    use proptest::prelude::*;
+    use tandem_model::{BlockId, KvDtype, KvPool, SliceSpec};
+    use tandem_wire::messages::{Lease, Message, RankTarget, RequestId};
+
+    use super::fill;
+    use crate::transfer::rank_desc;
+    use crate::*;
+
+    /// What can go wrong on the way.
+    #[derive(Debug, Clone, Copy)]
+    enum Fault {
+        None,
+        FlipByte,
+        DropChunk,
+    }
+
+    /// Sends every stage's blocks through the in-process transport and
+    /// applies what arrives to the ranks' pools the way a decode group does.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        layers: usize,
+        kv_heads: usize,
+        pp: usize,
+        tp: usize,
+        block_size: usize,
+        head_dim: usize,
+        blocks: usize,
+        dtype: KvDtype,
+        seed: u64,
+        fault: Fault,
+    ) -> (Vec<KvPool>, Vec<PoolDesc>, Option<Verdict>, KvPool) {
+        let whole = PoolDesc::new(0..layers, 0..kv_heads, block_size, head_dim, dtype);
+        let mut reference = KvPool::new(whole.layout, blocks);
+        fill(&mut reference, &whole, blocks, seed);
+        let per = kv_heads / tp;
+        // Decode blocks are not the stage's: rank blocks are offset and reversed.
+        let dst_blocks: Vec<BlockId> = (0..blocks).rev().map(|b| BlockId((b + 3) as u32)).collect();
+        let targets: Vec<RankTarget> = (0..tp)
+            .map(|r| RankTarget {
+                rank: r as u32,
+                heads: ((r * per) as u32, ((r + 1) * per) as u32),
+                blocks: dst_blocks.clone(),
+            })
+            .collect();
+        let rank_descs: Vec<PoolDesc> = targets.iter().map(|t| rank_desc(layers, t, &whole)).collect();
+        let mut ranks: Vec<KvPool> = rank_descs.iter().map(|d| KvPool::new(d.layout, blocks + 3)).collect();
+        let split = SliceSpec::even_split(layers, pp).expect("pp <= layers");
+        let (tx, rx) = mpsc::channel();
+        let transport = InProcess { tx };
+        let (id, lease) = (RequestId(1), Lease(7));
+        let local: Vec<BlockId> = (0..blocks).map(|b| BlockId(b as u32)).collect();
+        for (s, stage_layers) in split.iter().enumerate() {
+            let sd = PoolDesc::new(stage_layers.clone(), 0..kv_heads, block_size, head_dim, dtype);
+            let mut pool = KvPool::new(sd.layout, blocks);
+            fill(&mut pool, &sd, blocks, seed);
+            let mut out = Outgoing::new(id, lease, s as u32, &sd, layers, &targets).expect("plan");
+            // Two "chunks": the first block, then the rest, as after two prefill chunks.
+            let mut sent = 0;
+            for upto in [1.min(blocks), blocks] {
+                for c in out.gather(&pool, &local, sent..upto, 64).expect("gather") {
+                    transport.put(c).expect("put");
+                }
+                sent = upto;
+            }
+            for d in out.finish() {
+                transport.done(d).expect("done");
+            }
+        }
+        drop(transport);
+        let allowed = vec![dst_blocks.clone(); tp];
+        let mut incoming = Incoming::new(lease, pp as u32, allowed);
+        let mut verdict = None;
+        let mut n = 0;
+        for m in rx {
+            match m {
+                Message::Kv(mut c) => {
+                    n += 1;
+                    match fault {
+                        Fault::DropChunk if n == 1 => continue,
+                        Fault::FlipByte if n == 1 => c.blocks[0].1[0] ^= 0x40,
+                        _ => {}
+                    }
+                    incoming.accept(&c).expect("in bounds");
+                    let sd = PoolDesc::new(split[c.stage as usize].clone(), 0..kv_heads, block_size, head_dim, dtype);
+                    let plan = reshard_plan(&sd, &rank_descs[c.rank as usize]).expect("plan");
+                    for (b, bytes) in &c.blocks {
+                        scatter(&mut ranks[c.rank as usize], *b, &plan, bytes).expect("scatter");
+                    }
+                }
+                Message::KvDone(d) => {
+                    if let Some(v) = incoming.done(d) {
+                        verdict = Some(v);
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (ranks, rank_descs, verdict, reference)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Through the transport, with the receiver's checks: each rank ends
+        /// with exactly what one process has for its heads, and the verdict
+        /// is Verified; a flipped byte or a lost chunk is never Verified.
+        #[test]
+        fn transfers_land_bit_identical_and_faults_are_caught(
+            layers in 1usize..7,
+            kv_heads in 1usize..5,
+            pp_seed in 0usize..100,
+            tp_pick in 0usize..4,
+            block_size in 1usize..5,
+            head_dim in 1usize..4,
+            blocks in 1usize..4,
+            half in any::<bool>(),
+            seed in 0u64..1000,
+        ) {
+            let dtype = if half { KvDtype::Bf16 } else { KvDtype::F32 };
+            let tps: Vec<usize> = (1..=kv_heads).filter(|t| kv_heads % t == 0).collect();
+            let tp = tps[tp_pick % tps.len()];
+            let pp = 1 + pp_seed % layers;
+            let (ranks, descs, verdict, reference) = run(layers, kv_heads, pp, tp, block_size, head_dim, blocks, dtype, seed, Fault::None);
+            prop_assert_eq!(verdict, Some(Verdict::Verified));
+            let l = reference.layout;
+            let eb = dtype.bytes();
+            for (rd, rank) in descs.iter().zip(&ranks) {
+                for b in 0..blocks {
+                    let dst = BlockId((blocks - 1 - b + 3) as u32);
+                    let got = rank.block_bytes(dst).expect("block");
+                    let want = reference.block_bytes(BlockId(b as u32)).expect("block");
+                    for layer in 0..layers {
+                        for kv in 0..2 {
+                            for head in rd.heads.clone() {
+                                let n = l.block_size * l.head_dim * eb;
+                                let g = rd.layout.offset(layer, kv, head - rd.heads.start, 0) * eb;
+                                let w = l.offset(layer, kv, head, 0) * eb;
+                                prop_assert_eq!(&got[g..g + n], &want[w..w + n]);
+                            }
+                        }
+                    }
+                }
+            }
+            for fault in [Fault::FlipByte, Fault::DropChunk] {
+                let (_, _, verdict, _) = run(layers, kv_heads, pp, tp, block_size, head_dim, blocks, dtype, seed, fault);
+                prop_assert!(matches!(verdict, Some(Verdict::Mismatch(_))), "{:?}: {:?}", fault, verdict);
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_outside_the_request_and_late_chunks_are_refused() {
+        let lease = Lease(1);
+        let mut inc = Incoming::new(lease, 1, vec![vec![BlockId(4)]]);
+        let chunk = |b: u32| tandem_wire::messages::KvChunk {
+            id: RequestId(1),
+            lease,
+            stage: 0,
+            rank: 0,
+            blocks: vec![(BlockId(b), vec![1, 2, 3])],
+        };
+        assert!(inc.accept(&chunk(5)).is_err(), "not the request's block");
+        let mut bad_rank = chunk(4);
+        bad_rank.rank = 1;
+        assert!(inc.accept(&bad_rank).is_err(), "no such rank");
+        inc.accept(&chunk(4)).expect("its block");
+        let mut sum = Checksum::default();
+        sum.add(BlockId(4), &[1, 2, 3]);
+        let done = tandem_wire::messages::KvDone {
+            id: RequestId(1),
+            lease,
+            stage: 0,
+            rank: 0,
+            blocks: 1,
+            checksum: sum.value(),
+        };
+        assert_eq!(inc.done(done), Some(Verdict::Verified));
+        assert!(inc.accept(&chunk(4)).is_err(), "after the notice");
+    }
+}
