@@ -88,3 +88,213 @@ pub fn engine(common: &Common, threads: usize, a: BenchEngineArgs) -> Result<()>
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct BenchTtftArgs {
+    /// GGUF file or Hugging Face directory (default: the embedded default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    prompt_tokens: usize,
+    /// Measured requests per layout (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Prefill pipeline depths to measure, one cluster each (e.g. --pp 1 --pp 2).
+    #[arg(long, default_values_t = vec![1])]
+    pp: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Pin prefill stage i to CPU i with one thread each.
+    #[arg(long)]
+    pin_stages: bool,
+    /// Also time the single-process reference (`tandem generate`'s prefill) in this process.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    reference: bool,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// One TTFT measurement: a prompt of exact token ids, one generated token.
+struct Ttft {
+    ttft: f64,
+    kv_bytes: u64,
+    kv_transfer: f64,
+    prefill_compute: f64,
+}
+
+fn ttft_request(addr: std::net::SocketAddr, model: &str, prompt: &[u32]) -> Result<Ttft> {
+    let body = serde_json::json!({
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 1,
+        "temperature": 0,
+        "stream": true,
+        "ignore_eos": true,
+    })
+    .to_string();
+    let r = tandem_bench::http::post(addr, "/v1/completions", &body, std::time::Duration::from_secs(600))?;
+    if r.status != 200 {
+        anyhow::bail!("status {}: {}", r.status, r.body);
+    }
+    let first = r
+        .events
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no events"))?
+        .0
+        .as_secs_f64();
+    let t = r
+        .events
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<serde_json::Value>(d).ok())
+        .find_map(|v| v.get("tandem").cloned())
+        .ok_or_else(|| anyhow::anyhow!("no accounting in the stream"))?;
+    let us = |k: &str| t[k].as_u64().unwrap_or(0) as f64 / 1e6;
+    Ok(Ttft {
+        ttft: first,
+        kv_bytes: t["kv_bytes"].as_u64().unwrap_or(0),
+        kv_transfer: us("kv_transfer_us"),
+        prefill_compute: us("prefill_compute_us"),
+    })
+}
+
+/// Prefill of `prompt` in this process, as `tandem generate` runs it.
+fn reference_prefill(engine: &mut tandem_model::Engine, prompt: &[u32], chunk: usize) -> Result<f64> {
+    let mut seq = tandem_model::Sequence {
+        tokens: prompt.to_vec(),
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let r = engine.prefill(&mut seq, chunk);
+    let secs = t0.elapsed().as_secs_f64();
+    engine.release(&mut seq);
+    r?;
+    Ok(secs)
+}
+
+pub fn ttft(common: &Common, threads: usize, a: BenchTtftArgs) -> Result<()> {
+    let path = common.model_path(&a.model)?;
+    let file = tandem_model::ModelFile::open(&path)?;
+    let model = crate::node::served_name(&file);
+    // Real text, repeated to the length wanted; each run starts at another
+    // offset so no two prompts are the same.
+    let seed = file.tokenizer.encode(
+        "The history of the city begins with a small settlement on the river, where traders met to exchange grain, salt and cloth. Over centuries it grew into a market town, then a port, and finally a capital whose libraries, bridges and workshops drew people from every region. ",
+    )?;
+    let prompt_at = |k: usize| -> Vec<u32> {
+        (0..a.prompt_tokens)
+            .map(|i| seed[(i + k * 7) % seed.len()])
+            .collect()
+    };
+    let mut engine = if a.reference {
+        Some(tandem_model::Engine::new(
+            &file,
+            &tandem_model::EngineOptions {
+                kv_blocks: a.prompt_tokens.div_ceil(16) + 2,
+                threads,
+                ..Default::default()
+            },
+        )?)
+    } else {
+        None
+    };
+    let mut report = Vec::new();
+    let mut reference_times = Vec::new();
+    println!(
+        "TTFT of a {}-token prompt (1 generated token), {} runs per layout, chunk {}",
+        a.prompt_tokens, a.runs, a.chunk
+    );
+    for &pp in &a.pp {
+        let mut args = vec![
+            "--pp".to_string(),
+            pp.to_string(),
+            "--tp".into(),
+            a.tp.to_string(),
+            "--chunk".into(),
+            a.chunk.to_string(),
+            "--model".into(),
+            path.display().to_string(),
+        ];
+        if a.pin_stages {
+            args.push("--pin-stages".into());
+        }
+        let cluster = crate::serve::ServeChild::start(common, &args)?;
+        ttft_request(cluster.http, &model, &prompt_at(1000))?; // warm-up
+        let mut ttfts = Vec::new();
+        let mut transfer = Vec::new();
+        let mut compute = Vec::new();
+        let mut bytes = 0;
+        for k in 0..a.runs {
+            // Alternate with the reference so both see the same machine.
+            if let Some(e) = engine.as_mut() {
+                reference_times.push(reference_prefill(e, &prompt_at(k), a.chunk)?);
+            }
+            let t = ttft_request(cluster.http, &model, &prompt_at(k))?;
+            ttfts.push(t.ttft);
+            transfer.push(t.kv_transfer);
+            compute.push(t.prefill_compute);
+            bytes = t.kv_bytes;
+        }
+        drop(cluster);
+        let m = median(&mut ttfts);
+        let c = median(&mut compute);
+        let x = median(&mut transfer);
+        println!(
+            "cluster PP {pp} TP {}{}: TTFT median {:7.1} ms (min {:.1}, max {:.1}); prefill compute {:.1} ms; KV {:.1} MB per request, request-to-verified {:.1} ms (not hidden by compute: {:.1} ms)",
+            a.tp,
+            if a.pin_stages { " (stages pinned)" } else { "" },
+            m * 1e3,
+            ttfts.first().copied().unwrap_or(f64::NAN) * 1e3,
+            ttfts.last().copied().unwrap_or(f64::NAN) * 1e3,
+            c * 1e3,
+            bytes as f64 / 1e6,
+            x * 1e3,
+            (x - c).max(0.0) * 1e3
+        );
+        report.push(serde_json::json!({
+            "pp": pp, "tp": a.tp, "pinned": a.pin_stages, "ttft_median_s": m,
+            "ttft_s": ttfts, "prefill_compute_median_s": c, "kv_bytes": bytes,
+            "kv_request_to_verified_median_s": x,
+        }));
+    }
+    let reference = median(&mut reference_times);
+    if engine.is_some() {
+        println!(
+            "reference (tandem generate's prefill, this process, {threads} threads): median {:7.1} ms",
+            reference * 1e3
+        );
+        for r in &report {
+            let m = r["ttft_median_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "  PP {}: cluster TTFT / reference prefill = {:.2}x",
+                r["pp"],
+                m / reference
+            );
+        }
+    }
+    if report.len() > 1 {
+        let first = report[0]["ttft_median_s"].as_f64().unwrap_or(f64::NAN);
+        for r in &report[1..] {
+            let m = r["ttft_median_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "  PP {} vs PP {}: TTFT speed-up {:.2}x",
+                r["pp"], report[0]["pp"], first / m
+            );
+        }
+    }
+    if let Some(p) = a.json {
+        let doc = serde_json::json!({ "prompt_tokens": a.prompt_tokens, "layouts": report, "reference_prefill_median_s": reference });
+        std::fs::write(&p, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}

@@ -67,6 +67,8 @@ enum Cmd {
 enum BenchCmd {
     /// Prefill and decode throughput of the model engine.
     Engine(bench::BenchEngineArgs),
+    /// Time to first token through a local cluster, beside the single-process prefill.
+    Ttft(bench::BenchTtftArgs),
 }
 
 impl Common {
@@ -136,6 +138,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(BenchCmd::Engine(a)) => bench::engine(&cli.common, threads, a),
+        Cmd::Bench(BenchCmd::Ttft(a)) => bench::ttft(&cli.common, threads, a),
         Cmd::Certs(a) => cluster::certs(&cli.common, a),
         Cmd::CheckConfig(a) => cluster::check(&cli.common, a),
         Cmd::Plan(a) => plan::run(a),

@@ -274,3 +274,57 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A `tandem serve` child process (benchmarks start clusters this way).
+pub struct ServeChild {
+    child: Child,
+    pub http: SocketAddr,
+}
+
+impl ServeChild {
+    /// Starts `tandem serve ARGS --port PORT` and waits until it serves.
+    pub fn start(common: &Common, args: &[String]) -> Result<ServeChild> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        if let Some(h) = &common.home {
+            cmd.arg("--home").arg(h);
+        }
+        if let Some(t) = common.threads {
+            cmd.arg("--threads").arg(t.to_string());
+        }
+        let mut child = cmd
+            .arg("serve")
+            .args(args)
+            .arg("--port")
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting tandem serve")?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("serve's stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        if !line.contains("Tandem is serving") {
+            let _ = child.kill();
+            bail!("tandem serve {args:?} did not come up");
+        }
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = out.read_to_string(&mut sink);
+        });
+        Ok(ServeChild {
+            child,
+            http: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}

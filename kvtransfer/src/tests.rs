@@ -307,7 +307,7 @@ mod transfer {
             lease,
             stage: 0,
             rank: 0,
-            blocks: vec![(BlockId(b), vec![1, 2, 3])],
+            blocks: vec![(BlockId(b), tandem_wire::messages::ByteBuf::from(vec![1, 2, 3]))],
         };
         assert!(inc.accept(&chunk(5)).is_err(), "not the request's block");
         let mut bad_rank = chunk(4);

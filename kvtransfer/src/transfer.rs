@@ -16,7 +16,7 @@ use std::sync::mpsc;
 
 use tandem_model::{BlockId, KvPool};
 use tandem_wire::link::Link;
-use tandem_wire::messages::{KvChunk, KvDone, Lease, Message, RankTarget, RequestId};
+use tandem_wire::messages::{ByteBuf, KvChunk, KvDone, Lease, Message, RankTarget, RequestId};
 
 use crate::{gather, reshard_plan, Checksum, CopyRun, KvTransferError, PoolDesc, Result};
 
@@ -150,7 +150,7 @@ impl Outgoing {
     ) -> Result<Vec<KvChunk>> {
         let mut chunks = Vec::new();
         for t in &mut self.targets {
-            let mut cur: Vec<(BlockId, Vec<u8>)> = Vec::new();
+            let mut cur: Vec<(BlockId, ByteBuf)> = Vec::new();
             let mut size = 0;
             for i in range.clone() {
                 let (Some(&src), Some(&dst)) = (local.get(i), t.blocks.get(i)) else {
@@ -164,7 +164,7 @@ impl Outgoing {
                 t.sent += 1;
                 size += bytes.len();
                 self.bytes += bytes.len() as u64;
-                cur.push((dst, bytes));
+                cur.push((dst, ByteBuf::from(bytes)));
                 if size >= max_bytes {
                     chunks.push(self::chunk(
                         self.id, self.lease, self.stage, t.rank, &mut cur,
@@ -202,7 +202,7 @@ fn chunk(
     lease: Lease,
     stage: u32,
     rank: u32,
-    cur: &mut Vec<(BlockId, Vec<u8>)>,
+    cur: &mut Vec<(BlockId, ByteBuf)>,
 ) -> KvChunk {
     KvChunk {
         id,

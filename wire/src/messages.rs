@@ -12,6 +12,8 @@
 //! - errors crossing the wire keep their class ([`ErrorClass`]).
 
 use serde::{Deserialize, Serialize};
+/// Byte strings that go on the wire as one run (not element by element).
+pub use serde_bytes::ByteBuf;
 use tandem_model::{BlockId, FinishReason, SamplingParams};
 
 /// Bumped whenever any message changes shape. Peers with different versions
@@ -171,7 +173,7 @@ pub struct KvChunk {
     pub lease: Lease,
     pub stage: u32,
     pub rank: u32,
-    pub blocks: Vec<(BlockId, Vec<u8>)>,
+    pub blocks: Vec<(BlockId, ByteBuf)>,
 }
 
 /// Stage → decode rank: everything of this stage for this rank was sent.
@@ -324,7 +326,7 @@ mod tests {
                 lease,
                 stage: 1,
                 rank: 2,
-                blocks: vec![(BlockId(4), vec![1, 2, 3, 4])],
+                blocks: vec![(BlockId(4), ByteBuf::from(vec![1, 2, 3, 4]))],
             }),
             Message::KvDone(KvDone {
                 id,

@@ -58,6 +58,11 @@ fn transport(l: Liveness) -> Result<Arc<quinn::TransportConfig>> {
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
+    // Probe for large datagrams: on loopback and jumbo-frame links a path
+    // MTU far above 1500 cuts the packets (and syscalls) per KV block.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(65_000);
+    t.mtu_discovery_config(Some(mtu));
     Ok(Arc::new(t))
 }
 
