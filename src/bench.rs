@@ -142,7 +142,12 @@ fn ttft_request(addr: std::net::SocketAddr, model: &str, prompt: &[u32]) -> Resu
         "ignore_eos": true,
     })
     .to_string();
-    let r = tandem_bench::http::post(addr, "/v1/completions", &body, std::time::Duration::from_secs(600))?;
+    let r = tandem_bench::http::post(
+        addr,
+        "/v1/completions",
+        &body,
+        std::time::Duration::from_secs(600),
+    )?;
     if r.status != 200 {
         anyhow::bail!("status {}: {}", r.status, r.body);
     }
@@ -168,7 +173,11 @@ fn ttft_request(addr: std::net::SocketAddr, model: &str, prompt: &[u32]) -> Resu
 }
 
 /// Prefill of `prompt` in this process, as `tandem generate` runs it.
-fn reference_prefill(engine: &mut tandem_model::Engine, prompt: &[u32], chunk: usize) -> Result<f64> {
+fn reference_prefill(
+    engine: &mut tandem_model::Engine,
+    prompt: &[u32],
+    chunk: usize,
+) -> Result<f64> {
     let mut seq = tandem_model::Sequence {
         tokens: prompt.to_vec(),
         ..Default::default()
@@ -249,7 +258,7 @@ pub fn ttft(common: &Common, threads: usize, a: BenchTtftArgs) -> Result<()> {
         let c = median(&mut compute);
         let x = median(&mut transfer);
         println!(
-            "cluster PP {pp} TP {}{}: TTFT median {:7.1} ms (min {:.1}, max {:.1}); prefill compute {:.1} ms; KV {:.1} MB per request, request-to-verified {:.1} ms (not hidden by compute: {:.1} ms)",
+            "cluster PP {pp} TP {}{}: TTFT median {:7.1} ms (min {:.1}, max {:.1}); last stage's compute {:.1} ms; KV {:.1} MB per request, prefill request to verified KV {:.1} ms (after the last stage's compute: {:.1} ms)",
             a.tp,
             if a.pin_stages { " (stages pinned)" } else { "" },
             m * 1e3,
@@ -287,7 +296,9 @@ pub fn ttft(common: &Common, threads: usize, a: BenchTtftArgs) -> Result<()> {
             let m = r["ttft_median_s"].as_f64().unwrap_or(f64::NAN);
             println!(
                 "  PP {} vs PP {}: TTFT speed-up {:.2}x",
-                r["pp"], report[0]["pp"], first / m
+                r["pp"],
+                report[0]["pp"],
+                first / m
             );
         }
     }

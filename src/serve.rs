@@ -284,7 +284,9 @@ pub struct ServeChild {
 impl ServeChild {
     /// Starts `tandem serve ARGS --port PORT` and waits until it serves.
     pub fn start(common: &Common, args: &[String]) -> Result<ServeChild> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
         if let Some(h) = &common.home {

@@ -16,7 +16,12 @@ pub struct Response {
     pub body: String,
 }
 
-pub fn post(addr: SocketAddr, path: &str, body: &str, timeout: Duration) -> std::io::Result<Response> {
+pub fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_nodelay(true)?;
@@ -40,7 +45,10 @@ pub fn post(addr: SocketAddr, path: &str, body: &str, timeout: Duration) -> std:
         if r.read_line(&mut line)? == 0 || line == "\r\n" {
             break;
         }
-        if line.to_ascii_lowercase().starts_with("content-type: text/event-stream") {
+        if line
+            .to_ascii_lowercase()
+            .starts_with("content-type: text/event-stream")
+        {
             sse = true;
         }
     }

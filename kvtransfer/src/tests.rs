@@ -193,15 +193,27 @@ mod transfer {
                 blocks: dst_blocks.clone(),
             })
             .collect();
-        let rank_descs: Vec<PoolDesc> = targets.iter().map(|t| rank_desc(layers, t, &whole)).collect();
-        let mut ranks: Vec<KvPool> = rank_descs.iter().map(|d| KvPool::new(d.layout, blocks + 3)).collect();
+        let rank_descs: Vec<PoolDesc> = targets
+            .iter()
+            .map(|t| rank_desc(layers, t, &whole))
+            .collect();
+        let mut ranks: Vec<KvPool> = rank_descs
+            .iter()
+            .map(|d| KvPool::new(d.layout, blocks + 3))
+            .collect();
         let split = SliceSpec::even_split(layers, pp).expect("pp <= layers");
         let (tx, rx) = mpsc::channel();
         let transport = InProcess { tx };
         let (id, lease) = (RequestId(1), Lease(7));
         let local: Vec<BlockId> = (0..blocks).map(|b| BlockId(b as u32)).collect();
         for (s, stage_layers) in split.iter().enumerate() {
-            let sd = PoolDesc::new(stage_layers.clone(), 0..kv_heads, block_size, head_dim, dtype);
+            let sd = PoolDesc::new(
+                stage_layers.clone(),
+                0..kv_heads,
+                block_size,
+                head_dim,
+                dtype,
+            );
             let mut pool = KvPool::new(sd.layout, blocks);
             fill(&mut pool, &sd, blocks, seed);
             let mut out = Outgoing::new(id, lease, s as u32, &sd, layers, &targets).expect("plan");
@@ -232,7 +244,13 @@ mod transfer {
                         _ => {}
                     }
                     incoming.accept(&c).expect("in bounds");
-                    let sd = PoolDesc::new(split[c.stage as usize].clone(), 0..kv_heads, block_size, head_dim, dtype);
+                    let sd = PoolDesc::new(
+                        split[c.stage as usize].clone(),
+                        0..kv_heads,
+                        block_size,
+                        head_dim,
+                        dtype,
+                    );
                     let plan = reshard_plan(&sd, &rank_descs[c.rank as usize]).expect("plan");
                     for (b, bytes) in &c.blocks {
                         scatter(&mut ranks[c.rank as usize], *b, &plan, bytes).expect("scatter");
@@ -307,7 +325,10 @@ mod transfer {
             lease,
             stage: 0,
             rank: 0,
-            blocks: vec![(BlockId(b), tandem_wire::messages::ByteBuf::from(vec![1, 2, 3]))],
+            blocks: vec![(
+                BlockId(b),
+                tandem_wire::messages::ByteBuf::from(vec![1, 2, 3]),
+            )],
         };
         assert!(inc.accept(&chunk(5)).is_err(), "not the request's block");
         let mut bad_rank = chunk(4);
