@@ -42,8 +42,8 @@ pub fn certs(_common: &Common, a: CertsArgs) -> Result<()> {
         .out
         .or_else(|| file.cluster.certs.clone())
         .unwrap_or_else(|| PathBuf::from("certs"));
-    let with_extra = |ip: IpAddr| -> Vec<IpAddr> {
-        let mut v = vec![ip];
+    let with_extra = |ip: Option<IpAddr>| -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = ip.into_iter().collect();
         v.extend(a.ip.iter().copied());
         v
     };

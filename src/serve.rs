@@ -230,7 +230,7 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
         spawn("prefill", name, t, cpu)?;
     }
     spawn("decode", &cluster.file.decode[0].name, threads, None)?;
-    let http = cluster.file.gateway.http;
+    let http = cluster.file.gateway.http.resolve()?;
     let started = Instant::now();
     loop {
         if stop.load(std::sync::atomic::Ordering::SeqCst) {

@@ -806,10 +806,10 @@ pub fn run(
     });
     {
         let _g = rt.enter();
-        let ep = tandem_wire::quic::endpoint(d.addr, &setup.identity, setup.liveness())?;
+        let ep = tandem_wire::quic::endpoint(d.addr.bind(), &setup.identity, setup.liveness())?;
         spawn_acceptor(ep.clone(), hello.clone(), tx.clone());
         let gw = &cluster.file.gateway;
-        spawn_dialer(ep, gw.quic, gw.name.clone(), hello, tx.clone());
+        spawn_dialer(ep, gw.quic.clone(), gw.name.clone(), hello, tx.clone());
         spawn_heartbeat(setup.name.clone(), setup.heartbeat_period(), beat.clone());
     }
     let mut g = Group {

@@ -796,7 +796,7 @@ pub async fn run(
         metrics: Metrics::new().map_err(|e| format!("metrics: {e}"))?,
     });
     let (tx, rx) = std_mpsc::channel();
-    let ep = tandem_wire::quic::endpoint(g.quic, &setup.identity, setup.liveness())
+    let ep = tandem_wire::quic::endpoint(g.quic.bind(), &setup.identity, setup.liveness())
         .map_err(|e| e.to_string())?;
     spawn_acceptor(ep.clone(), setup.hello(Role::Gateway), tx);
     let pg = gw.clone();
@@ -813,7 +813,7 @@ pub async fn run(
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(gw);
-    let listener = tokio::net::TcpListener::bind(g.http)
+    let listener = tokio::net::TcpListener::bind(g.http.bind())
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", g.http))?;
     tracing::info!("gateway: OpenAI API on http://{}", g.http);

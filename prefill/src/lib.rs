@@ -83,6 +83,8 @@ pub struct Stage {
     reqs: HashMap<Key, Req>,
     waiting: VecDeque<PrefillRequest>,
     work: VecDeque<Work>,
+    /// Chunks that arrived for prompts still waiting to start.
+    early: HashMap<Key, Vec<Work>>,
     beat: Arc<Mutex<Beat>>,
 }
 
@@ -151,6 +153,8 @@ impl Stage {
             self.drop_req(k);
         }
         self.waiting.retain(|r| r.decode != peer);
+        let waiting: Vec<Key> = self.waiting.iter().map(|r| (r.id, r.lease)).collect();
+        self.early.retain(|k, _| waiting.contains(k));
     }
 
     fn on_message(&mut self, peer: &str, msg: Message) {
@@ -165,13 +169,18 @@ impl Stage {
             }
             Message::Activations(a) => {
                 let key = (a.id, a.lease);
+                let w = Work {
+                    key,
+                    pos: a.pos as usize,
+                    n: a.n as usize,
+                    input: Input::Hidden(a.hidden),
+                };
                 if self.reqs.contains_key(&key) {
-                    self.work.push_back(Work {
-                        key,
-                        pos: a.pos as usize,
-                        n: a.n as usize,
-                        input: Input::Hidden(a.hidden),
-                    });
+                    self.work.push_back(w);
+                } else if self.waiting.iter().any(|r| (r.id, r.lease) == key) {
+                    // Its prompt waits here (blocks, or the next stage):
+                    // keep the chunk until it starts.
+                    self.early.entry(key).or_default().push(w);
                 }
             }
             Message::Heartbeat { .. } => {}
@@ -288,6 +297,8 @@ impl Stage {
                     pos += n;
                 }
             }
+            self.work
+                .extend(self.early.remove(&key).unwrap_or_default());
             let sent = req.cached as usize / self.block_size;
             self.reqs.insert(
                 key,
@@ -309,6 +320,7 @@ impl Stage {
             self.alloc.release_all(&r.local);
         }
         self.work.retain(|w| w.key != key);
+        self.early.remove(&key);
         self.start_waiting();
     }
 
@@ -499,12 +511,12 @@ pub fn run(
     let live = setup.liveness();
     {
         let _g = rt.enter();
-        let ep = tandem_wire::quic::endpoint(addr, &setup.identity, live)?;
+        let ep = tandem_wire::quic::endpoint(addr.bind(), &setup.identity, live)?;
         spawn_acceptor(ep.clone(), hello.clone(), tx.clone());
         let gw = &cluster.file.gateway;
         spawn_dialer(
             ep.clone(),
-            gw.quic,
+            gw.quic.clone(),
             gw.name.clone(),
             hello.clone(),
             tx.clone(),
@@ -512,14 +524,20 @@ pub fn run(
         for d in &cluster.file.decode {
             spawn_dialer(
                 ep.clone(),
-                d.addr,
+                d.addr.clone(),
                 d.name.clone(),
                 hello.clone(),
                 tx.clone(),
             );
         }
         if let Some((name, addr, _)) = pipeline.stages.get(index + 1) {
-            spawn_dialer(ep.clone(), *addr, name.clone(), hello.clone(), tx.clone());
+            spawn_dialer(
+                ep.clone(),
+                addr.clone(),
+                name.clone(),
+                hello.clone(),
+                tx.clone(),
+            );
         }
         spawn_heartbeat(setup.name.clone(), setup.heartbeat_period(), beat.clone());
     }
@@ -538,6 +556,7 @@ pub fn run(
         reqs: HashMap::new(),
         waiting: VecDeque::new(),
         work: VecDeque::new(),
+        early: HashMap::new(),
         beat,
     };
     let gateway = cluster.file.gateway.name.clone();

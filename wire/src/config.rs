@@ -27,13 +27,13 @@
 //! ```
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tandem_model::{KvDtype, ModelConfig, SliceSpec};
 
+use crate::addr::NodeAddr;
 use crate::error::{Result, WireError};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,9 +79,9 @@ pub struct GatewaySection {
     #[serde(default = "default_gateway_name")]
     pub name: String,
     /// Where clients reach the OpenAI-compatible API.
-    pub http: SocketAddr,
+    pub http: NodeAddr,
     /// Where nodes reach the gateway.
-    pub quic: SocketAddr,
+    pub quic: NodeAddr,
     /// Requests in flight (running or queued anywhere) before new ones get 429.
     #[serde(default = "default_gateway_queue")]
     pub max_queue: usize,
@@ -104,7 +104,7 @@ pub struct PipelineSection {
 #[serde(deny_unknown_fields)]
 pub struct StageSection {
     pub name: String,
-    pub addr: SocketAddr,
+    pub addr: NodeAddr,
     /// `[first, end)`; give it for every stage of a pipeline or for none
     /// (then the layers are split evenly).
     #[serde(default)]
@@ -115,7 +115,7 @@ pub struct StageSection {
 #[serde(deny_unknown_fields)]
 pub struct DecodeSection {
     pub name: String,
-    pub addr: SocketAddr,
+    pub addr: NodeAddr,
     #[serde(default = "one")]
     pub tp: usize,
     /// KV blocks in each rank's pool.
@@ -221,7 +221,7 @@ pub struct Pipeline {
     pub name: String,
     pub chunk: usize,
     pub kv_blocks: usize,
-    pub stages: Vec<(String, SocketAddr, Range<usize>)>,
+    pub stages: Vec<(String, NodeAddr, Range<usize>)>,
 }
 
 /// The cluster after validation against the model.
@@ -290,8 +290,8 @@ impl ClusterFile {
         }
         // Every node name and address once.
         let mut names: HashMap<String, String> = HashMap::new();
-        let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
-        let mut claim = |name: &str, what: String, addr_list: &[SocketAddr]| -> Result<()> {
+        let mut addrs: HashMap<NodeAddr, String> = HashMap::new();
+        let mut claim = |name: &str, what: String, addr_list: &[&NodeAddr]| -> Result<()> {
             if name.trim().is_empty() {
                 return Err(bad(format!("{what} has an empty name")));
             }
@@ -299,7 +299,7 @@ impl ClusterFile {
                 return Err(bad(format!("the name '{name}' is used twice ({prev} and {what}); node names must be unique")));
             }
             for a in addr_list {
-                if let Some(prev) = addrs.insert(*a, what.clone()) {
+                if let Some(prev) = addrs.insert((*a).clone(), what.clone()) {
                     return Err(bad(format!(
                         "the address {a} is used twice ({prev} and {what})"
                     )));
@@ -310,19 +310,19 @@ impl ClusterFile {
         claim(
             &c.gateway.name,
             format!("gateway '{}'", c.gateway.name),
-            &[c.gateway.http, c.gateway.quic],
+            &[&c.gateway.http, &c.gateway.quic],
         )?;
         for p in &c.prefill {
             for s in &p.stages {
                 claim(
                     &s.name,
                     format!("prefill stage '{}' of pipeline '{}'", s.name, p.name),
-                    &[s.addr],
+                    &[&s.addr],
                 )?;
             }
         }
         for d in &c.decode {
-            claim(&d.name, format!("decode group '{}'", d.name), &[d.addr])?;
+            claim(&d.name, format!("decode group '{}'", d.name), &[&d.addr])?;
         }
         let mut pipeline_names = std::collections::HashSet::new();
         let mut pipelines = Vec::new();
@@ -428,7 +428,7 @@ fn validate_pipeline(
             .stages
             .iter()
             .zip(ranges)
-            .map(|(s, r)| (s.name.clone(), s.addr, r))
+            .map(|(s, r)| (s.name.clone(), s.addr.clone(), r))
             .collect(),
     })
 }
@@ -561,7 +561,7 @@ tp = 3
             ),
             (
                 GOOD.replace("127.0.0.1:8000", "not-an-address"),
-                "invalid socket address",
+                "is not host:port",
             ),
             (
                 format!("{GOOD}\n[transport]\nkind = \"carrier-pigeon\"\n"),

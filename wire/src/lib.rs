@@ -10,8 +10,10 @@
 //!   that reconnect, one event channel per node.
 //! - [`messages`]: the protocol version and the handshake messages.
 //! - [`node`]: what every node process starts from, and its heartbeat.
+//! - [`addr`]: node addresses (IP or DNS name, resolved when dialing).
 //! - [`config`]: the cluster file (TOML), validated once at start.
 
+pub mod addr;
 pub mod codec;
 pub mod config;
 pub mod error;

@@ -7,13 +7,13 @@
 //! for as long as the node runs; a link that goes down reports why, with its
 //! id, so a late report about an old link cannot take down its replacement.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::addr::NodeAddr;
 use crate::codec::{read_frame, write_frame, MAX_FRAME};
 use crate::error::{Result, WireError};
 use crate::messages::{Hello, Message, Role};
@@ -180,18 +180,18 @@ pub fn spawn_acceptor(ep: quinn::Endpoint, me: Hello, events: Events) {
 
 /// Keeps a link to `peer` at `addr` up: connects, and after every loss
 /// connects again, backing off from 50 ms to 1 s while it cannot.
-pub fn spawn_dialer(
-    ep: quinn::Endpoint,
-    addr: SocketAddr,
-    peer: String,
-    me: Hello,
-    events: Events,
-) {
+pub fn spawn_dialer(ep: quinn::Endpoint, addr: NodeAddr, peer: String, me: Hello, events: Events) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         let mut warned = false;
         loop {
-            match connect_stream(&ep, addr, &peer, &me).await {
+            let found = match addr.lookup().await {
+                Ok(a) => connect_stream(&ep, a, &peer, &me).await,
+                Err(e) => Err(crate::WireError::Connection(format!(
+                    "cannot resolve {addr}: {e}"
+                ))),
+            };
+            match found {
                 Ok((h, role)) => {
                     backoff = Duration::from_millis(50);
                     warned = false;
