@@ -23,6 +23,10 @@ pub struct GenerateArgs {
     /// System message for --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// A whole conversation as OpenAI-style JSON messages
+    /// (`[{"role": "user", "content": "..."}, ...]`), wrapped in the chat template.
+    #[arg(long, conflicts_with_all = ["chat", "prompt"])]
+    messages: Option<String>,
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
     /// 0 is greedy.
@@ -69,6 +73,24 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
     let path = common.model_path(&a.model)?;
     let file = ModelFile::open(&path)?;
     let text = match (&a.prompt, &a.chat) {
+        _ if a.messages.is_some() => {
+            let Some(t) = &file.chat_template else {
+                bail!("{} has no chat template; use --prompt", path.display());
+            };
+            let v: Vec<serde_json::Value> =
+                serde_json::from_str(a.messages.as_deref().unwrap_or_default()).map_err(|e| {
+                    anyhow::anyhow!("--messages is not a JSON list of messages: {e}")
+                })?;
+            let mut msgs = Vec::new();
+            for (i, m) in v.iter().enumerate() {
+                let (Some(role), Some(content)) = (m["role"].as_str(), m["content"].as_str())
+                else {
+                    bail!("--messages[{i}] needs a string role and content");
+                };
+                msgs.push(ChatMessage::new(role, content));
+            }
+            t.render(&msgs, true)?
+        }
         (Some(p), None) => p.clone(),
         (None, Some(c)) => {
             let Some(t) = &file.chat_template else {
@@ -81,7 +103,7 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
             msgs.push(ChatMessage::new("user", c));
             t.render(&msgs, true)?
         }
-        _ => bail!("give --prompt TEXT or --chat MESSAGE"),
+        _ => bail!("give --prompt TEXT, --chat MESSAGE or --messages JSON"),
     };
     let prompt = file.tokenizer.encode_prompt(&text)?;
     let params = SamplingParams {

@@ -442,3 +442,123 @@ fn a_full_queue_gets_429_and_no_live_node_gets_503() {
     let v: Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(v["error"]["code"], json!("no_live_node"));
 }
+
+/// A non-streaming chat with its response headers.
+fn chat_with_headers(
+    port: u16,
+    body: &Value,
+    session: &str,
+) -> (u16, Vec<(String, String)>, Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let b = body.to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nX-Session-Id: {session}\r\nContent-Length: {}\r\n\r\n{b}",
+        b.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a header");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    (status, headers, serde_json::from_str(body).expect("JSON"))
+}
+
+fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
+    h.iter()
+        .find(|(n, _)| n == k)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {k} in {h:?}"))
+}
+
+#[test]
+fn a_conversation_stays_on_its_nodes_and_moves_only_new_blocks() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(&["--pp", "2"]);
+    let questions = [
+        "What is the capital of France?",
+        "And what river runs through it?",
+        "Name one famous museum there.",
+        "What is it known for?",
+        "Thank you! Summarize our chat in one sentence.",
+    ];
+    // KV bytes of one block on the single decode rank: 30 layers x K,V x 3 heads x 16 slots x 64 dims x f32.
+    let block_bytes = 30 * 2 * 3 * 16 * 64 * 4;
+    let mut messages: Vec<Value> = Vec::new();
+    for (turn, q) in questions.iter().enumerate() {
+        messages.push(json!({"role": "user", "content": q}));
+        let body =
+            json!({"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24});
+        let (status, h, v) = chat_with_headers(c.port, &body, "conversation-1");
+        assert_eq!(status, 200, "{v}");
+        let answer = v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_string();
+        // The answer a full recompute in one process gives.
+        let out = Command::new(EXE)
+            .args([
+                "generate",
+                "--max-tokens",
+                "24",
+                "--chunk",
+                CHUNK,
+                "--messages",
+                &Value::Array(messages.clone()).to_string(),
+            ])
+            .output()
+            .expect("generate");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            format!("{answer}\n"),
+            String::from_utf8_lossy(&out.stdout),
+            "turn {}",
+            turn + 1
+        );
+        let prompt = v["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+        let cached: usize = header(&h, "x-tandem-cached-tokens")
+            .parse()
+            .expect("number");
+        let prefilled: usize = header(&h, "x-tandem-prefilled-tokens")
+            .parse()
+            .expect("number");
+        let kv: usize = header(&h, "x-tandem-kv-bytes").parse().expect("number");
+        assert_eq!(header(&h, "x-tandem-decode"), "d0");
+        assert_eq!(header(&h, "x-tandem-pipeline"), "p0");
+        assert_eq!(cached + prefilled, prompt);
+        // Only the blocks decode lacked moved.
+        assert_eq!(
+            kv,
+            (prompt.div_ceil(16) - cached / 16) * block_bytes,
+            "turn {}",
+            turn + 1
+        );
+        if turn == 0 {
+            assert_eq!(header(&h, "x-tandem-sticky"), "false");
+            assert_eq!(cached, 0);
+        } else {
+            assert_eq!(header(&h, "x-tandem-sticky"), "true", "turn {}", turn + 1);
+            assert!(
+                cached > 0 && prefilled < prompt / 2,
+                "turn {}: {cached} cached of {prompt}",
+                turn + 1
+            );
+        }
+        messages.push(json!({"role": "assistant", "content": answer}));
+    }
+}

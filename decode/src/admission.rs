@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use tandem_model::{BlockAllocator, BlockId};
+use tandem_model::{block_hashes, BlockId, PrefixCache};
 
 pub use tandem_wire::messages::{Lease, RequestId};
 
@@ -41,11 +41,13 @@ pub enum Rejection {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Ask a prefill pipeline to fill `blocks` with the prompt's KV.
+    /// Ask a prefill pipeline to fill `blocks` with the prompt's KV; the
+    /// first `cached` tokens' blocks already hold it (a cached prefix).
     Prefill {
         id: RequestId,
         lease: Lease,
         blocks: Vec<BlockId>,
+        cached: usize,
     },
     /// The KV is complete and verified: decode may run the request.
     Start { id: RequestId, blocks: Vec<BlockId> },
@@ -60,12 +62,15 @@ pub enum Action {
 struct Queued {
     id: RequestId,
     prompt: usize,
+    /// Hashes of the prompt's full blocks.
+    hashes: Vec<u64>,
     attempts: u32,
 }
 
 #[derive(Debug)]
 struct Held {
     prompt: usize,
+    hashes: Vec<u64>,
     blocks: Vec<BlockId>,
     state: HeldState,
 }
@@ -91,7 +96,7 @@ pub struct Counters {
 
 pub struct Admission {
     limits: Limits,
-    alloc: BlockAllocator,
+    pub cache: PrefixCache,
     queue: VecDeque<Queued>,
     held: HashMap<RequestId, Held>,
     next_lease: u64,
@@ -102,7 +107,7 @@ impl Admission {
     pub fn new(limits: Limits, blocks: usize) -> Admission {
         Admission {
             limits,
-            alloc: BlockAllocator::new(blocks),
+            cache: PrefixCache::new(blocks),
             queue: VecDeque::new(),
             held: HashMap::new(),
             next_lease: 1,
@@ -111,11 +116,11 @@ impl Admission {
     }
 
     pub fn used_blocks(&self) -> usize {
-        self.alloc.used_count()
+        self.cache.used_count()
     }
 
     pub fn total_blocks(&self) -> usize {
-        self.alloc.total()
+        self.cache.total()
     }
 
     /// The lease of the request's current attempt, while it awaits its KV.
@@ -137,8 +142,10 @@ impl Admission {
             .count()
     }
 
-    /// A new request with a `prompt`-token prompt.
-    pub fn submit(&mut self, id: RequestId, prompt: usize, now: u64) -> Vec<Action> {
+    /// A new request whose prompt is `tokens` (with any tokens an earlier
+    /// attempt generated).
+    pub fn submit(&mut self, id: RequestId, tokens: &[u32], now: u64) -> Vec<Action> {
+        let prompt = tokens.len();
         if self.held.contains_key(&id) || self.queue.iter().any(|q| q.id == id) {
             return vec![Action::Reject {
                 id,
@@ -146,12 +153,12 @@ impl Admission {
             }];
         }
         let needed = self.blocks_for(prompt);
-        if needed > self.alloc.total() {
+        if needed > self.cache.total() {
             return vec![Action::Reject {
                 id,
                 why: Rejection::TooLong {
                     needed,
-                    pool: self.alloc.total(),
+                    pool: self.cache.total(),
                 },
             }];
         }
@@ -162,9 +169,14 @@ impl Admission {
                 why: Rejection::Overloaded,
             }];
         }
+        // The last prompt token is always computed (its logits give the
+        // first generated token), so only blocks before it may be reused.
+        let reusable = prompt.saturating_sub(1) / self.limits.block_size * self.limits.block_size;
+        let hashes = block_hashes(&tokens[..reusable], self.limits.block_size);
         self.queue.push_back(Queued {
             id,
             prompt,
+            hashes,
             attempts: 0,
         });
         self.pump(now)
@@ -180,9 +192,15 @@ impl Admission {
         let mut out = Vec::new();
         while self.held.len() < self.limits.max_batch {
             let Some(q) = self.queue.front() else { break };
-            let Some(blocks) = self.alloc.alloc(self.blocks_for(q.prompt)) else {
+            let hashes = q.hashes.clone();
+            let mut blocks = self.cache.lookup(&hashes);
+            let need = self.blocks_for(q.prompt) - blocks.len();
+            let Some(fresh) = self.cache.alloc(need) else {
+                self.cache.release(&blocks);
                 break;
             };
+            let cached = blocks.len() * self.limits.block_size;
+            blocks.extend(fresh);
             let q = self.queue.pop_front().expect("front exists");
             let lease = Lease(self.next_lease);
             self.next_lease += 1;
@@ -190,6 +208,7 @@ impl Admission {
                 id: q.id,
                 lease,
                 blocks: blocks.clone(),
+                cached,
             });
             let state = HeldState::AwaitingKv {
                 lease,
@@ -200,6 +219,7 @@ impl Admission {
                 q.id,
                 Held {
                     prompt: q.prompt,
+                    hashes: q.hashes,
                     blocks,
                     state,
                 },
@@ -230,6 +250,8 @@ impl Admission {
         }
         let h = self.held.get_mut(&id).expect("checked above");
         h.state = HeldState::Running;
+        // The prompt's full blocks now hold verified KV: later requests may reuse them.
+        self.cache.insert(&h.blocks, &h.hashes);
         vec![Action::Start {
             id,
             blocks: h.blocks.clone(),
@@ -250,7 +272,7 @@ impl Admission {
     /// or fails it when it has had its attempts.
     fn retry(&mut self, id: RequestId, now: u64) -> Vec<Action> {
         let h = self.held.remove(&id).expect("callers hold the request");
-        self.alloc.release_all(&h.blocks);
+        self.cache.release(&h.blocks);
         let HeldState::AwaitingKv {
             attempts, lease, ..
         } = h.state
@@ -268,6 +290,7 @@ impl Admission {
             self.queue.push_front(Queued {
                 id,
                 prompt: h.prompt,
+                hashes: h.hashes,
                 attempts,
             });
         }
@@ -298,15 +321,26 @@ impl Admission {
             .held
             .get_mut(&id)
             .filter(|h| h.state == HeldState::Running)?;
-        let b = self.alloc.alloc(1)?.pop()?;
+        let b = self.cache.alloc(1)?.pop()?;
         h.blocks.push(b);
         Some(b)
     }
 
-    /// The request finished, was cancelled, or its client left: free whatever it holds.
+    /// The request finished: its full blocks (`computed` are the tokens
+    /// whose KV they hold, prompt and generated) stay cached for the turns
+    /// that follow; then everything it holds is freed.
+    pub fn finish(&mut self, id: RequestId, computed: &[u32], now: u64) -> Vec<Action> {
+        if let Some(h) = self.held.get(&id).filter(|h| h.state == HeldState::Running) {
+            let hashes = block_hashes(computed, self.limits.block_size);
+            self.cache.insert(&h.blocks, &hashes);
+        }
+        self.release(id, now)
+    }
+
+    /// The request was cancelled or its client left: free whatever it holds.
     pub fn release(&mut self, id: RequestId, now: u64) -> Vec<Action> {
         if let Some(h) = self.held.remove(&id) {
-            self.alloc.release_all(&h.blocks);
+            self.cache.release(&h.blocks);
         } else {
             self.queue.retain(|q| q.id != id);
         }

@@ -24,7 +24,7 @@ use tandem_model::{
     SliceOutput, Span, StopState, Tokenizer,
 };
 use tandem_wire::config::Pipeline;
-use tandem_wire::link::{spawn_acceptor, spawn_dialer, Link, NetEvent};
+use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
 use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, KvChunk, KvDone, Lease, Load, Message,
     PrefillRequest, RankTarget, RequestId, Role,
@@ -92,7 +92,7 @@ pub struct Group<'m> {
     /// Reshard plan per (pipeline, stage, rank).
     plans: HashMap<(String, u32, u32), Vec<CopyRun>>,
     admission: Admission,
-    links: HashMap<String, Link>,
+    links: Links,
     reqs: HashMap<RequestId, Req>,
     /// Prefills in flight per pipeline, for routing.
     inflight: HashMap<String, usize>,
@@ -131,7 +131,7 @@ impl Group<'_> {
     fn pipelines_up(&self) -> Vec<&Pipeline> {
         self.pipelines
             .iter()
-            .filter(|p| p.stages.iter().all(|s| self.links.contains_key(&s.0)))
+            .filter(|p| p.stages.iter().all(|s| self.links.contains(&s.0)))
             .collect()
     }
 
@@ -180,19 +180,11 @@ impl Group<'_> {
     }
 
     fn on_event(&mut self, ev: NetEvent) {
-        match ev {
-            NetEvent::Up { link, .. } => {
-                tracing::info!("{}: linked to {}", self.name, link.peer);
-                self.links.insert(link.peer.clone(), link);
-            }
-            NetEvent::Down { peer, link, reason } => {
-                if self.links.get(&peer).is_some_and(|l| l.id == link) {
-                    tracing::warn!("{}: lost {peer}: {reason}", self.name);
-                    self.links.remove(&peer);
-                    self.peer_lost(&peer);
-                }
-            }
-            NetEvent::Message { peer, msg, .. } => self.on_message(&peer, msg),
+        match self.links.apply(&self.name, ev) {
+            Change::Up(_) => {}
+            Change::Down(peer) => self.peer_lost(&peer),
+            Change::Message { peer, msg } => self.on_message(&peer, msg),
+            Change::Nothing => {}
         }
     }
 
@@ -369,14 +361,22 @@ impl Group<'_> {
             },
         );
         let now = self.now();
-        let actions = self.admission.submit(id, total, now);
+        let r = &self.reqs[&id];
+        let mut tokens = r.gen.prompt.clone();
+        tokens.extend(&r.gen.generated);
+        let actions = self.admission.submit(id, &tokens, now);
         self.carry_out(actions);
     }
 
     fn carry_out(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Prefill { id, lease, blocks } => self.start_prefill(id, lease, blocks),
+                Action::Prefill {
+                    id,
+                    lease,
+                    blocks,
+                    cached,
+                } => self.start_prefill(id, lease, blocks, cached),
                 Action::Abandon { id, lease } => {
                     let pipeline = self
                         .reqs
@@ -399,7 +399,7 @@ impl Group<'_> {
         }
     }
 
-    fn start_prefill(&mut self, id: RequestId, lease: Lease, blocks: Vec<BlockId>) {
+    fn start_prefill(&mut self, id: RequestId, lease: Lease, blocks: Vec<BlockId>, cached: usize) {
         let Some(r) = self.reqs.get(&id) else {
             // Cancelled while queued: give the blocks back.
             let now = self.now();
@@ -440,7 +440,7 @@ impl Group<'_> {
             lease,
             decode: self.name.clone(),
             tokens,
-            cached: 0,
+            cached: cached as u32,
             targets,
             params: r.gen.params.clone(),
             deadline_ms: r.gen.deadline_ms,
@@ -455,6 +455,7 @@ impl Group<'_> {
         let allowed = vec![blocks; self.group.tp];
         let r = self.reqs.get_mut(&id).expect("checked above");
         r.acct.decode_queue_us = queued;
+        r.acct.cached_tokens = cached as u32;
         r.attempt = Some(Attempt {
             lease,
             pipeline: pipeline.clone(),
@@ -591,7 +592,7 @@ impl Group<'_> {
         let mut tokens = r.gen.prompt.clone();
         tokens.extend(&r.gen.generated);
         let computed = tokens.len();
-        r.acct.prefilled_tokens = computed as u32;
+        r.acct.prefilled_tokens = (computed as u32).saturating_sub(r.acct.cached_tokens);
         r.running = Some(Running {
             tokens,
             blocks,
@@ -633,6 +634,8 @@ impl Group<'_> {
         );
         if let Some(reason) = step.finished {
             let r = self.reqs.remove(&id).expect("present");
+            let run = r.running.as_ref().expect("a finishing request runs");
+            let computed = run.tokens[..run.computed].to_vec();
             let mut acct = r.acct;
             acct.gateway_queue_us = 0;
             self.send_event(
@@ -644,7 +647,8 @@ impl Group<'_> {
                 },
             );
             let now = self.now();
-            let actions = self.admission.release(id, now);
+            // Its KV stays cached for the conversation's next turn.
+            let actions = self.admission.finish(id, &computed, now);
             self.carry_out(actions);
         }
     }
@@ -823,7 +827,7 @@ pub fn run(
         pipelines: cluster.pipelines.clone(),
         plans: HashMap::new(),
         admission: Admission::new(limits, d.kv_blocks),
-        links: HashMap::new(),
+        links: Links::default(),
         reqs: HashMap::new(),
         inflight: HashMap::new(),
         epoch: Instant::now(),

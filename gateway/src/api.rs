@@ -97,14 +97,12 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// `POST /v1/chat/completions`. Unknown fields are ignored, as OpenAI's own
-/// clients send some this server has no use for.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChatRequest {
-    pub model: String,
-    pub messages: Vec<InMessage>,
+/// The sampling and streaming fields chat and completion requests share.
+/// Unknown fields are ignored, as OpenAI's own clients send some this server
+/// has no use for.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Sampling {
     pub max_tokens: Option<u64>,
-    pub max_completion_tokens: Option<u64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     /// Extension (vLLM, llama.cpp): keep only the k most likely tokens.
@@ -117,15 +115,25 @@ pub struct ChatRequest {
     pub seed: Option<i64>,
     pub presence_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
-    #[serde(default)]
-    pub logprobs: bool,
-    pub top_logprobs: Option<u64>,
     pub user: Option<String>,
     /// Extension: generate past the end-of-turn token.
     #[serde(default)]
     pub ignore_eos: bool,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<InMessage>,
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<u64>,
     pub tools: Option<Value>,
     pub response_format: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
 }
 
 /// A validated chat request.
@@ -209,7 +217,50 @@ pub fn validate_chat(
         };
         messages.push(ChatMessage::new(role, &content));
     }
-    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+    if req.top_logprobs.is_some_and(|k| k > 0) {
+        return Err(ApiError::bad(
+            "top_logprobs",
+            "top_logprobs is not supported; logprobs gives the chosen token's",
+        ));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::bad("tools", "tool calling is not supported"));
+    }
+    if let Some(f) = &req.response_format {
+        if f["type"].as_str().is_some_and(|t| t != "text") {
+            return Err(ApiError::bad(
+                "response_format",
+                "only the text response format is supported",
+            ));
+        }
+    }
+    let s = validate_sampling(req.sampling, req.max_completion_tokens, default_max_tokens)?;
+    Ok(ChatJob {
+        messages,
+        params: s.params,
+        stream: s.stream,
+        include_usage: s.include_usage,
+        logprobs: req.logprobs,
+        user: s.user,
+    })
+}
+
+/// What [`validate_sampling`] makes of the shared fields.
+pub struct SamplingJob {
+    pub params: SamplingParams,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub user: Option<String>,
+}
+
+/// Checks the shared fields and turns them into sampling parameters;
+/// `max_override` (chat's `max_completion_tokens`) wins over `max_tokens`.
+pub fn validate_sampling(
+    req: Sampling,
+    max_override: Option<u64>,
+    default_max_tokens: usize,
+) -> Result<SamplingJob, ApiError> {
+    let max_tokens = match max_override.or(req.max_tokens) {
         None => default_max_tokens,
         Some(0) => return Err(ApiError::bad("max_tokens", "max_tokens must be at least 1")),
         Some(n) => usize::try_from(n)
@@ -253,23 +304,6 @@ pub fn validate_chat(
             ));
         }
     }
-    if req.top_logprobs.is_some_and(|k| k > 0) {
-        return Err(ApiError::bad(
-            "top_logprobs",
-            "top_logprobs is not supported; logprobs gives the chosen token's",
-        ));
-    }
-    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(ApiError::bad("tools", "tool calling is not supported"));
-    }
-    if let Some(f) = &req.response_format {
-        if f["type"].as_str().is_some_and(|t| t != "text") {
-            return Err(ApiError::bad(
-                "response_format",
-                "only the text response format is supported",
-            ));
-        }
-    }
     let stop = match req.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -307,12 +341,10 @@ pub fn validate_chat(
             "stream_options is only allowed with stream: true",
         ));
     }
-    Ok(ChatJob {
-        messages,
+    Ok(SamplingJob {
         params,
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-        logprobs: req.logprobs,
         user: req.user,
     })
 }
@@ -395,26 +427,13 @@ pub struct CompletionRequest {
     pub model: String,
     /// A string, a one-element list of strings, token ids, or a one-element list of those.
     pub prompt: Value,
-    pub max_tokens: Option<u64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub n: Option<u64>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub stop: Option<Stop>,
-    pub seed: Option<i64>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
     /// How many top tokens' logprobs; this server gives the chosen token's, so 0 or 1.
     pub logprobs: Option<u64>,
     #[serde(default)]
     pub echo: bool,
     pub suffix: Option<String>,
-    pub user: Option<String>,
-    #[serde(default)]
-    pub ignore_eos: bool,
+    #[serde(flatten)]
+    pub sampling: Sampling,
 }
 
 /// A completion's prompt: text to tokenize, or token ids as given.
@@ -484,40 +503,18 @@ pub fn validate_completion(
             "logprobs above 1 is not supported; 1 gives the chosen token's",
         ));
     }
+    if req.model != served {
+        return Err(ApiError::ModelNotFound(req.model));
+    }
     let prompt = prompt_input(&req.prompt)?;
-    let chat = ChatRequest {
-        model: req.model,
-        messages: vec![InMessage {
-            role: "user".into(),
-            content: None,
-        }],
-        max_tokens: req.max_tokens,
-        max_completion_tokens: None,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        n: req.n,
-        stream: req.stream,
-        stream_options: req.stream_options,
-        stop: req.stop,
-        seed: req.seed,
-        presence_penalty: req.presence_penalty,
-        frequency_penalty: req.frequency_penalty,
-        logprobs: false,
-        top_logprobs: None,
-        user: req.user,
-        ignore_eos: req.ignore_eos,
-        tools: None,
-        response_format: None,
-    };
-    let job = validate_chat(chat, served, default_max_tokens)?;
+    let s = validate_sampling(req.sampling, None, default_max_tokens)?;
     Ok(CompletionJob {
         prompt,
-        params: job.params,
-        stream: job.stream,
-        include_usage: job.include_usage,
+        params: s.params,
+        stream: s.stream,
+        include_usage: s.include_usage,
         logprobs: req.logprobs.unwrap_or(0) > 0,
-        user: job.user,
+        user: s.user,
     })
 }
 

@@ -13,6 +13,9 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     pub rejected: IntCounter,
     pub cancelled: IntCounter,
+    pub sticky: IntCounter,
+    pub repinned: IntCounter,
+    pub cached_tokens: IntCounter,
     pub in_flight: IntGauge,
     pub tokens_out: IntCounter,
     pub prompt_tokens: IntCounter,
@@ -87,6 +90,18 @@ impl Metrics {
                 "tandem_requests_cancelled_total",
                 "Requests whose client left before the end",
             )?,
+            sticky: counter(
+                "tandem_session_sticky_total",
+                "Requests routed to their session's pinned nodes",
+            )?,
+            repinned: counter(
+                "tandem_session_pinned_total",
+                "Sessions pinned (new, expired, or moved off a lost or busy node)",
+            )?,
+            cached_tokens: counter(
+                "tandem_cached_prompt_tokens_total",
+                "Prompt tokens whose KV decode already held",
+            )?,
             in_flight,
             tokens_out: counter(
                 "tandem_generated_tokens_total",
@@ -152,6 +167,7 @@ impl Metrics {
     pub fn finish(&self, prompt: usize, e2e: std::time::Duration, a: &Accounting) {
         self.finished.inc();
         self.prompt_tokens.inc_by(prompt as u64);
+        self.cached_tokens.inc_by(a.cached_tokens.into());
         self.e2e.observe(e2e.as_secs_f64());
         self.kv_bytes.inc_by(a.kv_bytes);
         self.kv_transfer.observe(a.kv_transfer_us as f64 / 1e6);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -55,6 +55,31 @@ struct Pending {
 struct Nodes {
     nodes: HashMap<String, Node>,
     pending: HashMap<RequestId, Pending>,
+    sessions: HashMap<String, Pin>,
+}
+
+/// Where a session's KV lives.
+#[derive(Debug, Clone)]
+struct Pin {
+    decode: String,
+    pipeline: Option<String>,
+    used: Instant,
+}
+
+/// Sessions idle this long lose their pin.
+const SESSION_TTL: Duration = Duration::from_secs(30 * 60);
+/// Most pins kept; the least recently used go first.
+const MAX_SESSIONS: usize = 100_000;
+/// A pinned decode group with this many requests waiting in its queue is
+/// too busy: the session moves (its KV is recomputed elsewhere).
+const REPIN_QUEUED: u32 = 8;
+
+/// Where a request goes.
+struct Route {
+    link: Link,
+    pipeline: Option<String>,
+    /// The session's pin was kept (its KV should be where it goes).
+    sticky: bool,
 }
 
 pub struct Gateway {
@@ -66,6 +91,8 @@ pub struct Gateway {
     state: Mutex<Nodes>,
     next_id: AtomicU64,
     pub metrics: Metrics,
+    /// Pipeline name → its stages' node names.
+    pipelines: Vec<(String, Vec<String>)>,
 }
 
 fn now_s() -> u64 {
@@ -138,21 +165,54 @@ struct Ticket {
     rx: mpsc::UnboundedReceiver<GenerateEvent>,
     first: GenerateEvent,
     prompt_tokens: usize,
+    /// Response headers naming where it went.
+    headers: Vec<(&'static str, String)>,
 }
 
 impl Gateway {
-    /// Linked decode groups that have a prefill pipeline, least loaded first.
-    fn pick_decode(&self) -> Result<Link, ApiError> {
-        let st = self.state.lock().expect("gateway state");
-        let mut local: HashMap<&str, usize> = HashMap::new();
+    /// Picks a decode group and a prefill pipeline: the session's pins
+    /// while their nodes are up and not overloaded, else the least loaded
+    /// (and the session is pinned there).
+    fn route(&self, session: Option<&str>) -> Result<Route, ApiError> {
+        let mut st = self.state.lock().expect("gateway state");
+        let mut local: HashMap<String, usize> = HashMap::new();
         for p in st.pending.values() {
-            *local.entry(p.decode.as_str()).or_default() += 1;
+            *local.entry(p.decode.clone()).or_default() += 1;
+        }
+        let usable = |n: &Node| {
+            matches!(n.role, Role::Decode { .. }) && n.load.is_some_and(|l| l.pipelines_up > 0)
+        };
+        let pipeline_up = |st: &Nodes, p: &str| {
+            self.pipelines
+                .iter()
+                .find(|(name, _)| name == p)
+                .is_some_and(|(_, stages)| stages.iter().all(|s| st.nodes.contains_key(s)))
+        };
+        if let Some(pin) = session.and_then(|k| st.sessions.get(k)).cloned() {
+            let keep = pin.used.elapsed() < SESSION_TTL
+                && st
+                    .nodes
+                    .get(&pin.decode)
+                    .is_some_and(|n| usable(n) && n.load.is_some_and(|l| l.queued < REPIN_QUEUED))
+                && pin.pipeline.as_deref().is_none_or(|p| pipeline_up(&st, p));
+            if keep {
+                let link = st.nodes[&pin.decode].link.clone();
+                let key = session.expect("pinned sessions have keys");
+                if let Some(p) = st.sessions.get_mut(key) {
+                    p.used = Instant::now();
+                }
+                self.metrics.sticky.inc();
+                return Ok(Route {
+                    link,
+                    pipeline: pin.pipeline,
+                    sticky: true,
+                });
+            }
         }
         let best = st
             .nodes
             .iter()
-            .filter(|(_, n)| matches!(n.role, Role::Decode { .. }))
-            .filter(|(_, n)| n.load.is_some_and(|l| l.pipelines_up > 0))
+            .filter(|(_, n)| usable(n))
             .min_by_key(|(name, n)| {
                 let l = n.load.unwrap_or_default();
                 let mine = local.get(name.as_str()).copied().unwrap_or(0);
@@ -160,18 +220,66 @@ impl Gateway {
                     mine.max((l.running + l.queued) as usize),
                     u32::MAX - l.free_blocks,
                 )
-            });
-        match best {
-            Some((_, n)) => Ok(n.link.clone()),
-            None => Err(ApiError::Unavailable(
+            })
+            .map(|(name, n)| (name.clone(), n.link.clone()));
+        let Some((decode, link)) = best else {
+            return Err(ApiError::Unavailable(
                 "no decode group with a live prefill pipeline is linked to the gateway".into(),
-            )),
+            ));
+        };
+        let pipeline = self
+            .pipelines
+            .iter()
+            .filter(|(name, _)| pipeline_up(&st, name))
+            .min_by_key(|(_, stages)| {
+                st.nodes
+                    .get(&stages[0])
+                    .and_then(|n| n.load)
+                    .map_or(0, |l| l.running + l.queued)
+            })
+            .map(|(name, _)| name.clone());
+        if let Some(key) = session {
+            if st.sessions.len() >= MAX_SESSIONS && !st.sessions.contains_key(key) {
+                // Drop expired pins, then the least recently used.
+                st.sessions.retain(|_, p| p.used.elapsed() < SESSION_TTL);
+                if st.sessions.len() >= MAX_SESSIONS {
+                    if let Some(oldest) = st
+                        .sessions
+                        .iter()
+                        .min_by_key(|(_, p)| p.used)
+                        .map(|(k, _)| k.clone())
+                    {
+                        st.sessions.remove(&oldest);
+                    }
+                }
+            }
+            st.sessions.insert(
+                key.to_string(),
+                Pin {
+                    decode,
+                    pipeline: pipeline.clone(),
+                    used: Instant::now(),
+                },
+            );
+            self.metrics.repinned.inc();
         }
+        Ok(Route {
+            link,
+            pipeline,
+            sticky: false,
+        })
     }
 
     /// Ready when some decode group is linked and has a pipeline.
     pub fn ready(&self) -> bool {
-        self.pick_decode().is_ok()
+        self.state
+            .lock()
+            .expect("gateway state")
+            .nodes
+            .values()
+            .any(|n| {
+                matches!(n.role, Role::Decode { .. }) && n.load.is_some_and(|l| l.pipelines_up > 0)
+            })
     }
 
     async fn submit(
@@ -197,7 +305,8 @@ impl Gateway {
             self.metrics.rejected.inc();
             return Err(ApiError::Overloaded { retry_after_s: 1 });
         }
-        let link = self.pick_decode()?;
+        let route = self.route(session.as_deref())?;
+        let link = route.link.clone();
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.state.lock().expect("gateway state").pending.insert(
@@ -216,6 +325,7 @@ impl Gateway {
             started: Instant::now(),
         };
         let prompt_tokens = prompt.len();
+        let gen_session = session.clone();
         let gen = Generate {
             id,
             prompt,
@@ -223,7 +333,7 @@ impl Gateway {
             params,
             deadline_ms: now_ms() + self.request_timeout.as_millis() as u64,
             session,
-            pipeline: None,
+            pipeline: route.pipeline.clone(),
         };
         if link.send(Message::Generate(gen)).await.is_err() {
             guard.done = true;
@@ -250,11 +360,22 @@ impl Gateway {
         self.metrics
             .ttft
             .observe(guard.started.elapsed().as_secs_f64());
+        let mut headers = vec![
+            ("x-tandem-decode", link.peer.clone()),
+            ("x-tandem-sticky", route.sticky.to_string()),
+        ];
+        if let Some(p) = &route.pipeline {
+            headers.push(("x-tandem-pipeline", p.clone()));
+        }
+        if let Some(s) = &gen_session {
+            headers.push(("x-tandem-session", s.clone()));
+        }
         Ok(Ticket {
             guard,
             rx,
             first,
             prompt_tokens,
+            headers,
         })
     }
 
@@ -382,6 +503,39 @@ fn timing(a: &Accounting, gateway_us: u64) -> Value {
 }
 
 async fn respond(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bool) -> Response {
+    let headers = ticket.headers.clone();
+    let mut r = respond_body(gw, ticket, shape, stream).await;
+    for (k, v) in headers {
+        if let Ok(v) = header::HeaderValue::from_str(&v) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+    r
+}
+
+/// Per-request accounting as response headers (non-streaming responses;
+/// a stream carries it in its last chunk).
+fn accounting_headers(r: &mut Response, a: &Accounting) {
+    for (k, v) in [
+        ("x-tandem-cached-tokens", a.cached_tokens.to_string()),
+        ("x-tandem-prefilled-tokens", a.prefilled_tokens.to_string()),
+        ("x-tandem-kv-bytes", a.kv_bytes.to_string()),
+        ("x-tandem-decode-queue-us", a.decode_queue_us.to_string()),
+        ("x-tandem-prefill-queue-us", a.prefill_queue_us.to_string()),
+        (
+            "x-tandem-prefill-compute-us",
+            a.prefill_compute_us.to_string(),
+        ),
+        ("x-tandem-kv-transfer-us", a.kv_transfer_us.to_string()),
+        ("x-tandem-first-step-us", a.first_step_us.to_string()),
+    ] {
+        if let Ok(v) = header::HeaderValue::from_str(&v) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+}
+
+async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bool) -> Response {
     if stream {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         tokio::spawn(stream_events(gw, ticket, shape, tx));
@@ -400,6 +554,7 @@ async fn respond(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bool) -
         mut rx,
         first,
         prompt_tokens,
+        ..
     } = ticket;
     let mut text = String::new();
     let mut completion = 0usize;
@@ -467,7 +622,9 @@ async fn respond(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bool) -
                     };
                 }
                 v["tandem"] = timing(&accounting, 0);
-                return (StatusCode::OK, axum::Json(v)).into_response();
+                let mut r = (StatusCode::OK, axum::Json(v)).into_response();
+                accounting_headers(&mut r, &accounting);
+                return r;
             }
             GenerateEvent::Failed { class, message } => {
                 guard.done = true;
@@ -484,6 +641,7 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
         mut rx,
         first,
         prompt_tokens,
+        ..
     } = ticket;
     let send = |v: String| {
         let tx = tx.clone();
@@ -570,70 +728,116 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
     }
 }
 
-async fn chat(State(gw): State<Arc<Gateway>>, body: Result<Bytes, BytesRejection>) -> Response {
-    gw.metrics.requests.with_label_values(&["chat"]).inc();
-    let r = async {
-        let body = body_or_error(body)?;
-        let job = api::validate_chat(api::parse_chat(&body)?, &gw.model, DEFAULT_MAX_TOKENS)?;
-        let g = gw.clone();
-        let j = job.clone();
-        let prompt = tokio::task::spawn_blocking(move || g.tokenize_chat(&j))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
-        let ticket = gw
-            .submit(prompt, job.params.clone(), job.user.clone())
-            .await?;
-        let id = ticket.guard.id.0;
-        let shape = Shape {
-            kind: Kind::Chat,
-            id: format!("chatcmpl-{id:x}"),
-            created: now_s(),
-            model: gw.model.clone(),
-            include_usage: job.include_usage,
-            logprobs: job.logprobs,
-        };
-        Ok::<_, ApiError>(respond(gw.clone(), ticket, shape, job.stream).await)
-    }
-    .await;
-    r.unwrap_or_else(|e| {
-        gw.metrics
-            .errors
-            .with_label_values(&[&e.status().to_string()])
-            .inc();
-        error_response(&e)
-    })
+async fn chat(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generate(gw, session_header(&headers), body, Kind::Chat).await
 }
 
 async fn completions(
     State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    gw.metrics
-        .requests
-        .with_label_values(&["completions"])
-        .inc();
+    generate(gw, session_header(&headers), body, Kind::Completion).await
+}
+
+fn session_header(h: &HeaderMap) -> Option<String> {
+    h.get("x-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(|v| v.chars().take(256).collect())
+}
+
+/// A conversation's key when the client names none: its system prompt and
+/// first user message, which every later turn repeats.
+fn conversation_key(messages: &[tandem_model::ChatMessage]) -> Option<String> {
+    use std::hash::{Hash, Hasher};
+    let first_user = messages.iter().find(|m| m.role == "user")?;
+    let mut h = std::hash::DefaultHasher::new();
+    for m in messages.iter().filter(|m| m.role == "system").take(1) {
+        m.content.hash(&mut h);
+    }
+    first_user.content.hash(&mut h);
+    Some(format!("conv-{:016x}", h.finish()))
+}
+
+/// A request after validation and tokenization.
+struct Prepared {
+    prompt: Vec<u32>,
+    /// The session key: `X-Session-Id`, else `user`, else (chat) the conversation's start.
+    session: Option<String>,
+    params: SamplingParams,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+impl Gateway {
+    fn prepare(&self, body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
+        Ok(match kind {
+            Kind::Chat => {
+                let job =
+                    api::validate_chat(api::parse_chat(body)?, &self.model, DEFAULT_MAX_TOKENS)?;
+                Prepared {
+                    prompt: self.tokenize_chat(&job)?,
+                    session: job.user.clone().or_else(|| conversation_key(&job.messages)),
+                    params: job.params,
+                    stream: job.stream,
+                    include_usage: job.include_usage,
+                    logprobs: job.logprobs,
+                }
+            }
+            Kind::Completion => {
+                let job = api::validate_completion(
+                    api::parse_completion(body)?,
+                    &self.model,
+                    DEFAULT_MAX_TOKENS,
+                )?;
+                Prepared {
+                    prompt: self.tokenize_prompt(&job.prompt)?,
+                    session: job.user.clone(),
+                    params: job.params,
+                    stream: job.stream,
+                    include_usage: job.include_usage,
+                    logprobs: job.logprobs,
+                }
+            }
+        })
+    }
+}
+
+async fn generate(
+    gw: Arc<Gateway>,
+    session: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Response {
+    let (endpoint, prefix) = match kind {
+        Kind::Chat => ("chat", "chatcmpl"),
+        Kind::Completion => ("completions", "cmpl"),
+    };
+    gw.metrics.requests.with_label_values(&[endpoint]).inc();
     let r = async {
         let body = body_or_error(body)?;
-        let job =
-            api::validate_completion(api::parse_completion(&body)?, &gw.model, DEFAULT_MAX_TOKENS)?;
+        // Templates and tokenization are CPU work: off the runtime.
         let g = gw.clone();
-        let p = job.prompt.clone();
-        let prompt = tokio::task::spawn_blocking(move || g.tokenize_prompt(&p))
+        let p = tokio::task::spawn_blocking(move || g.prepare(&body, kind))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
-        let ticket = gw
-            .submit(prompt, job.params.clone(), job.user.clone())
-            .await?;
-        let id = ticket.guard.id.0;
+        let ticket = gw.submit(p.prompt, p.params, session.or(p.session)).await?;
         let shape = Shape {
-            kind: Kind::Completion,
-            id: format!("cmpl-{id:x}"),
+            kind,
+            id: format!("{prefix}-{:x}", ticket.guard.id.0),
             created: now_s(),
             model: gw.model.clone(),
-            include_usage: job.include_usage,
-            logprobs: job.logprobs,
+            include_usage: p.include_usage,
+            logprobs: p.logprobs,
         };
-        Ok::<_, ApiError>(respond(gw.clone(), ticket, shape, job.stream).await)
+        Ok::<_, ApiError>(respond(gw.clone(), ticket, shape, p.stream).await)
     }
     .await;
     r.unwrap_or_else(|e| {
@@ -794,6 +998,17 @@ pub async fn run(
         state: Mutex::new(Nodes::default()),
         next_id: AtomicU64::new(1),
         metrics: Metrics::new().map_err(|e| format!("metrics: {e}"))?,
+        pipelines: setup
+            .cluster
+            .pipelines
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.stages.iter().map(|s| s.0.clone()).collect(),
+                )
+            })
+            .collect(),
     });
     let (tx, rx) = std_mpsc::channel();
     let ep = tandem_wire::quic::endpoint(g.quic.bind(), &setup.identity, setup.liveness())

@@ -82,26 +82,48 @@ proptest! {
                 }
             }
         }
-        // Checked element by element against the layouts, not through a plan.
-        let l = whole.layout;
         for (rd, rank) in rank_descs.iter().zip(&ranks) {
-            for b in 0..blocks {
-                let got = rank.block_bytes(BlockId(b as u32)).expect("block");
-                let want = reference.block_bytes(BlockId(b as u32)).expect("block");
-                let eb = dtype.bytes();
-                for layer in 0..layers {
-                    for kv in 0..2 {
-                        for head in rd.heads.clone() {
-                            let n = l.block_size * l.head_dim * eb;
-                            let g = rd.layout.offset(layer, kv, head - rd.heads.start, 0) * eb;
-                            let w = l.offset(layer, kv, head, 0) * eb;
-                            prop_assert_eq!(&got[g..g + n], &want[w..w + n], "rank {:?} block {} layer {} kv {} head {}", rd.heads, b, layer, kv, head);
-                        }
-                    }
+            let pairs: Vec<(BlockId, BlockId)> = (0..blocks).map(|b| (BlockId(b as u32), BlockId(b as u32))).collect();
+            same_heads(rank, rd, &reference, &pairs)?;
+        }
+    }
+}
+
+/// Checks, element by element against the layouts (not through a plan),
+/// that each `(dst, src)` block pair holds on `rank` what `reference` (every
+/// layer, every head) holds for the rank's heads.
+pub(crate) fn same_heads(
+    rank: &KvPool,
+    rd: &PoolDesc,
+    reference: &KvPool,
+    pairs: &[(BlockId, BlockId)],
+) -> Result<(), TestCaseError> {
+    let l = reference.layout;
+    let eb = l.dtype.bytes();
+    let n = l.block_size * l.head_dim * eb;
+    for &(dst, src) in pairs {
+        let got = rank.block_bytes(dst).expect("block");
+        let want = reference.block_bytes(src).expect("block");
+        for layer in 0..l.layers {
+            for kv in 0..2 {
+                for head in rd.heads.clone() {
+                    let g = rd.layout.offset(layer, kv, head - rd.heads.start, 0) * eb;
+                    let w = l.offset(layer, kv, head, 0) * eb;
+                    prop_assert_eq!(
+                        &got[g..g + n],
+                        &want[w..w + n],
+                        "rank {:?} block {:?} layer {} kv {} head {}",
+                        rd.heads,
+                        dst,
+                        layer,
+                        kv,
+                        head
+                    );
                 }
             }
         }
     }
+    Ok(())
 }
 
 #[test]
@@ -290,24 +312,11 @@ mod transfer {
             let pp = 1 + pp_seed % layers;
             let (ranks, descs, verdict, reference) = run(layers, kv_heads, pp, tp, block_size, head_dim, blocks, dtype, seed, Fault::None);
             prop_assert_eq!(verdict, Some(Verdict::Verified));
-            let l = reference.layout;
-            let eb = dtype.bytes();
+            let pairs: Vec<(BlockId, BlockId)> = (0..blocks)
+                .map(|b| (BlockId((blocks - 1 - b + 3) as u32), BlockId(b as u32)))
+                .collect();
             for (rd, rank) in descs.iter().zip(&ranks) {
-                for b in 0..blocks {
-                    let dst = BlockId((blocks - 1 - b + 3) as u32);
-                    let got = rank.block_bytes(dst).expect("block");
-                    let want = reference.block_bytes(BlockId(b as u32)).expect("block");
-                    for layer in 0..layers {
-                        for kv in 0..2 {
-                            for head in rd.heads.clone() {
-                                let n = l.block_size * l.head_dim * eb;
-                                let g = rd.layout.offset(layer, kv, head - rd.heads.start, 0) * eb;
-                                let w = l.offset(layer, kv, head, 0) * eb;
-                                prop_assert_eq!(&got[g..g + n], &want[w..w + n]);
-                            }
-                        }
-                    }
-                }
+                super::same_heads(rank, rd, &reference, &pairs)?;
             }
             for fault in [Fault::FlipByte, Fault::DropChunk] {
                 let (_, _, verdict, _) = run(layers, kv_heads, pp, tp, block_size, head_dim, blocks, dtype, seed, fault);

@@ -28,7 +28,7 @@ use tandem_model::{
     Sampler, SliceOutput, Span,
 };
 use tandem_wire::config::Pipeline;
-use tandem_wire::link::{spawn_acceptor, spawn_dialer, Link, NetEvent};
+use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
 use tandem_wire::messages::{
     Activations, ErrorClass, Lease, Load, Message, PrefillRequest, RequestId, Role,
 };
@@ -79,7 +79,7 @@ pub struct Stage {
     group: RankGroup,
     alloc: BlockAllocator,
     block_size: usize,
-    links: HashMap<String, Link>,
+    links: Links,
     reqs: HashMap<Key, Req>,
     waiting: VecDeque<PrefillRequest>,
     work: VecDeque<Work>,
@@ -113,20 +113,11 @@ impl Stage {
     }
 
     fn on_event(&mut self, ev: NetEvent) {
-        match ev {
-            NetEvent::Up { link, .. } => {
-                tracing::info!("{}: linked to {}", self.name, link.peer);
-                self.links.insert(link.peer.clone(), link);
-                self.start_waiting();
-            }
-            NetEvent::Down { peer, link, reason } => {
-                if self.links.get(&peer).is_some_and(|l| l.id == link) {
-                    tracing::warn!("{}: lost {peer}: {reason}", self.name);
-                    self.links.remove(&peer);
-                    self.peer_lost(&peer);
-                }
-            }
-            NetEvent::Message { peer, msg, .. } => self.on_message(&peer, msg),
+        match self.links.apply(&self.name, ev) {
+            Change::Up(_) => self.start_waiting(),
+            Change::Down(peer) => self.peer_lost(&peer),
+            Change::Message { peer, msg } => self.on_message(&peer, msg),
+            Change::Nothing => {}
         }
     }
 
@@ -241,7 +232,7 @@ impl Stage {
             // Until the next stage is linked (at start, or while it
             // reconnects) prompts wait; decode's deadline bounds the wait.
             if let Some(next) = self.next_name() {
-                if !self.links.contains_key(&next) {
+                if !self.links.contains(&next) {
                     break;
                 }
             }
@@ -552,7 +543,7 @@ pub fn run(
         group,
         alloc: BlockAllocator::new(pipeline_blocks),
         block_size,
-        links: HashMap::new(),
+        links: Links::default(),
         reqs: HashMap::new(),
         waiting: VecDeque::new(),
         work: VecDeque::new(),

@@ -211,3 +211,52 @@ pub fn spawn_dialer(ep: quinn::Endpoint, addr: NodeAddr, peer: String, me: Hello
         }
     });
 }
+
+/// What a [`NetEvent`] changed in a node's [`Links`].
+pub enum Change {
+    Up(String),
+    /// The current link to this peer went down (a stale link's report is
+    /// [`Change::Nothing`]).
+    Down(String),
+    Message {
+        peer: String,
+        msg: Message,
+    },
+    Nothing,
+}
+
+/// A node's links by peer name: the newest link per peer.
+#[derive(Default)]
+pub struct Links(std::collections::HashMap<String, Link>);
+
+impl Links {
+    /// Applies an event from the node's channel; `node` names this node in logs.
+    pub fn apply(&mut self, node: &str, ev: NetEvent) -> Change {
+        match ev {
+            NetEvent::Up { link, .. } => {
+                tracing::info!("{node}: linked to {}", link.peer);
+                let peer = link.peer.clone();
+                self.0.insert(peer.clone(), link);
+                Change::Up(peer)
+            }
+            NetEvent::Down { peer, link, reason } => {
+                if self.0.get(&peer).is_some_and(|l| l.id == link) {
+                    tracing::warn!("{node}: lost {peer}: {reason}");
+                    self.0.remove(&peer);
+                    Change::Down(peer)
+                } else {
+                    Change::Nothing
+                }
+            }
+            NetEvent::Message { peer, msg, .. } => Change::Message { peer, msg },
+        }
+    }
+
+    pub fn get(&self, peer: &str) -> Option<&Link> {
+        self.0.get(peer)
+    }
+
+    pub fn contains(&self, peer: &str) -> bool {
+        self.0.contains_key(peer)
+    }
+}

@@ -2,6 +2,14 @@ use proptest::prelude::*;
 
 use super::*;
 
+/// A prompt of `n` tokens no other prompt in the test shares.
+fn toks(n: usize) -> Vec<u32> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let base = NEXT.fetch_add(n as u32, Ordering::Relaxed);
+    (base..base + n as u32).collect()
+}
+
 fn limits() -> Limits {
     Limits {
         max_batch: 2,
@@ -16,7 +24,9 @@ fn prefill_of(actions: &[Action]) -> Vec<(RequestId, Lease, Vec<BlockId>)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Prefill { id, lease, blocks } => Some((*id, *lease, blocks.clone())),
+            Action::Prefill {
+                id, lease, blocks, ..
+            } => Some((*id, *lease, blocks.clone())),
             _ => None,
         })
         .collect()
@@ -25,16 +35,16 @@ fn prefill_of(actions: &[Action]) -> Vec<(RequestId, Lease, Vec<BlockId>)> {
 #[test]
 fn requests_queue_run_and_give_their_blocks_back() {
     let mut a = Admission::new(limits(), 16);
-    let p1 = prefill_of(&a.submit(RequestId(1), 7, 0));
+    let p1 = prefill_of(&a.submit(RequestId(1), &toks(7), 0));
     assert_eq!(p1.len(), 1);
     assert_eq!(p1[0].2.len(), 2, "7 prompt tokens + 1 in blocks of 4");
-    let p2 = prefill_of(&a.submit(RequestId(2), 3, 0));
+    let p2 = prefill_of(&a.submit(RequestId(2), &toks(3), 0));
     assert_eq!(p2.len(), 1);
     // The batch is full: the next two wait, the one after is refused.
-    assert!(a.submit(RequestId(3), 3, 0).is_empty());
-    assert!(a.submit(RequestId(4), 3, 0).is_empty());
+    assert!(a.submit(RequestId(3), &toks(3), 0).is_empty());
+    assert!(a.submit(RequestId(4), &toks(3), 0).is_empty());
     assert_eq!(
-        a.submit(RequestId(5), 3, 0),
+        a.submit(RequestId(5), &toks(3), 0),
         vec![Action::Reject {
             id: RequestId(5),
             why: Rejection::Overloaded
@@ -66,7 +76,7 @@ fn requests_queue_run_and_give_their_blocks_back() {
 #[test]
 fn a_failed_transfer_retries_under_a_new_lease_and_old_completions_are_ignored() {
     let mut a = Admission::new(limits(), 16);
-    let first = prefill_of(&a.submit(RequestId(1), 5, 0)).remove(0);
+    let first = prefill_of(&a.submit(RequestId(1), &toks(5), 0)).remove(0);
     let retry = prefill_of(&a.kv_complete(RequestId(1), first.1, false, 1)).remove(0);
     assert_ne!(retry.1, first.1, "a new lease");
     assert_eq!(a.counters.checksum_failures, 1);
@@ -82,7 +92,7 @@ fn a_failed_transfer_retries_under_a_new_lease_and_old_completions_are_ignored()
 #[test]
 fn deadlines_retry_and_attempts_run_out() {
     let mut a = Admission::new(limits(), 16);
-    let mut lease = prefill_of(&a.submit(RequestId(1), 5, 0)).remove(0).1;
+    let mut lease = prefill_of(&a.submit(RequestId(1), &toks(5), 0)).remove(0).1;
     let mut now = 0;
     for attempt in 1..3 {
         now += 100;
@@ -107,7 +117,9 @@ fn deadlines_retry_and_attempts_run_out() {
     );
     assert_eq!(a.used_blocks(), 0);
     // A pipeline lost mid-transfer retries too.
-    let l = prefill_of(&a.submit(RequestId(2), 5, now)).remove(0).1;
+    let l = prefill_of(&a.submit(RequestId(2), &toks(5), now))
+        .remove(0)
+        .1;
     assert_eq!(prefill_of(&a.kv_lost(RequestId(2), l, now)).len(), 1);
 }
 
@@ -115,7 +127,7 @@ fn deadlines_retry_and_attempts_run_out() {
 fn a_prompt_larger_than_the_pool_is_refused_at_once() {
     let mut a = Admission::new(limits(), 4);
     assert_eq!(
-        a.submit(RequestId(1), 100, 0),
+        a.submit(RequestId(1), &toks(100), 0),
         vec![Action::Reject {
             id: RequestId(1),
             why: Rejection::TooLong {
@@ -158,7 +170,7 @@ proptest! {
         let mut now = 0u64;
         for e in events {
             let actions = match e {
-                Ev::Submit(i, p) => a.submit(RequestId(i as u64), p as usize, now),
+                Ev::Submit(i, p) => a.submit(RequestId(i as u64), &toks(p as usize), now),
                 Ev::Complete(i, v) => match leases.get(&RequestId(i as u64)) { Some(l) => a.kv_complete(RequestId(i as u64), *l, v, now), None => Vec::new() },
                 Ev::Lost(i) => match leases.get(&RequestId(i as u64)) { Some(l) => a.kv_lost(RequestId(i as u64), *l, now), None => Vec::new() },
                 Ev::Grow(i) => {
@@ -170,7 +182,7 @@ proptest! {
             };
             for act in actions {
                 match act {
-                    Action::Prefill { id, lease, blocks } => { leases.insert(id, lease); owned.insert(id, blocks); }
+                    Action::Prefill { id, lease, blocks, .. } => { leases.insert(id, lease); owned.insert(id, blocks); }
                     Action::Start { id, .. } => { leases.remove(&id); }
                     Action::Reject { why: Rejection::Duplicate, .. } => {}
                     Action::Abandon { id, .. } | Action::Reject { id, .. } => { leases.remove(&id); owned.remove(&id); }
@@ -190,4 +202,47 @@ proptest! {
         prop_assert_eq!(a.used_blocks(), 0);
         prop_assert_eq!(a.queued(), 0);
     }
+}
+
+#[test]
+fn a_later_turn_reuses_the_blocks_of_the_conversation_so_far() {
+    let mut a = Admission::new(limits(), 16);
+    let turn1: Vec<u32> = (100..110).collect(); // 10 tokens: 2 full blocks of 4
+    let acts = a.submit(RequestId(1), &turn1, 0);
+    let [Action::Prefill {
+        lease,
+        blocks,
+        cached,
+        ..
+    }] = &acts[..]
+    else {
+        panic!("{acts:?}")
+    };
+    assert_eq!(*cached, 0, "nothing cached yet");
+    a.kv_complete(RequestId(1), *lease, true, 1);
+    // The answer: 6 more tokens whose KV was computed, then the request ends.
+    let mut convo = turn1.clone();
+    convo.extend(200..206);
+    assert!(a.grow(RequestId(1)).is_some());
+    a.finish(RequestId(1), &convo, 2);
+    assert_eq!(a.used_blocks(), 0, "cached blocks are not in use");
+    // Turn 2 repeats the conversation and adds to it: 4 full blocks reused.
+    let mut turn2 = convo.clone();
+    turn2.extend(300..305);
+    let acts = a.submit(RequestId(2), &turn2, 3);
+    let [Action::Prefill {
+        blocks: b2, cached, ..
+    }] = &acts[..]
+    else {
+        panic!("{acts:?}")
+    };
+    assert_eq!(*cached, 16);
+    assert_eq!(b2[..2], blocks[..2], "the prompt's blocks");
+    assert_eq!(b2.len(), (turn2.len() + 1).div_ceil(4));
+    // A prompt that is all cached still leaves its last token to compute.
+    let acts = a.submit(RequestId(3), &convo[..16], 3);
+    let [Action::Prefill { cached, .. }] = &acts[..] else {
+        panic!("{acts:?}")
+    };
+    assert_eq!(*cached, 12);
 }
