@@ -48,6 +48,8 @@ pub enum Action {
         lease: Lease,
         blocks: Vec<BlockId>,
         cached: usize,
+        /// 1 for the first attempt.
+        attempt: u32,
     },
     /// The KV is complete and verified: decode may run the request.
     Start { id: RequestId, blocks: Vec<BlockId> },
@@ -209,6 +211,7 @@ impl Admission {
                 lease,
                 blocks: blocks.clone(),
                 cached,
+                attempt: q.attempts + 1,
             });
             let state = HeldState::AwaitingKv {
                 lease,

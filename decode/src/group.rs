@@ -248,12 +248,14 @@ impl Group<'_> {
                 logprob,
                 queue_us,
                 compute_us,
+                prefilled,
             } => {
                 if let Some(r) = self.reqs.get_mut(&id) {
                     if let Some(a) = r.attempt.as_mut().filter(|a| a.lease == lease) {
                         a.first = Some((token, logprob));
                         r.acct.prefill_queue_us = queue_us;
                         r.acct.prefill_compute_us = compute_us;
+                        r.acct.prefilled_tokens = prefilled;
                         self.maybe_complete(id);
                     }
                 }
@@ -376,7 +378,8 @@ impl Group<'_> {
                     lease,
                     blocks,
                     cached,
-                } => self.start_prefill(id, lease, blocks, cached),
+                    attempt,
+                } => self.start_prefill(id, lease, blocks, cached, attempt),
                 Action::Abandon { id, lease } => {
                     let pipeline = self
                         .reqs
@@ -399,7 +402,14 @@ impl Group<'_> {
         }
     }
 
-    fn start_prefill(&mut self, id: RequestId, lease: Lease, blocks: Vec<BlockId>, cached: usize) {
+    fn start_prefill(
+        &mut self,
+        id: RequestId,
+        lease: Lease,
+        blocks: Vec<BlockId>,
+        cached: usize,
+        attempt: u32,
+    ) {
         let Some(r) = self.reqs.get(&id) else {
             // Cancelled while queued: give the blocks back.
             let now = self.now();
@@ -441,6 +451,9 @@ impl Group<'_> {
             decode: self.name.clone(),
             tokens,
             cached: cached as u32,
+            reuse_from: 0,
+            // A retry may follow a stage whose cache lost the prefix: recompute.
+            reuse: attempt == 1,
             targets,
             params: r.gen.params.clone(),
             deadline_ms: r.gen.deadline_ms,
@@ -592,7 +605,6 @@ impl Group<'_> {
         let mut tokens = r.gen.prompt.clone();
         tokens.extend(&r.gen.generated);
         let computed = tokens.len();
-        r.acct.prefilled_tokens = (computed as u32).saturating_sub(r.acct.cached_tokens);
         r.running = Some(Running {
             tokens,
             blocks,

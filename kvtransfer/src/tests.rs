@@ -97,7 +97,7 @@ pub(crate) fn same_heads(
     rd: &PoolDesc,
     reference: &KvPool,
     pairs: &[(BlockId, BlockId)],
-) -> Result<(), TestCaseError> {
+) -> std::result::Result<(), TestCaseError> {
     let l = reference.layout;
     let eb = l.dtype.bytes();
     let n = l.block_size * l.head_dim * eb;

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
 use tandem_model::{
-    BlockAllocator, BlockId, Formats, Input, ModelFile, Phase, RankGroup, RankGroupOptions,
-    Sampler, SliceOutput, Span,
+    block_hashes, BlockId, Formats, Input, ModelFile, Phase, PrefixCache, RankGroup,
+    RankGroupOptions, Sampler, SliceOutput, Span,
 };
 use tandem_wire::config::Pipeline;
 use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
@@ -77,7 +77,8 @@ pub struct Stage {
     n_kv_heads: usize,
     desc: PoolDesc,
     group: RankGroup,
-    alloc: BlockAllocator,
+    /// The stage's pool, with a prefix cache keyed like decode's.
+    cache: PrefixCache,
     block_size: usize,
     links: Links,
     reqs: HashMap<Key, Req>,
@@ -141,7 +142,7 @@ impl Stage {
                     );
                 }
             }
-            self.drop_req(k);
+            self.drop_req(k, false);
         }
         self.waiting.retain(|r| r.decode != peer);
         let waiting: Vec<Key> = self.waiting.iter().map(|r| (r.id, r.lease)).collect();
@@ -153,7 +154,7 @@ impl Stage {
             Message::Prefill(req) => self.admit(req),
             Message::PrefillAbort { id, lease } => {
                 self.waiting.retain(|r| !(r.id == id && r.lease == lease));
-                self.drop_req((id, lease));
+                self.drop_req((id, lease), false);
                 if let Some(next) = self.next_name().and_then(|n| self.links.get(&n)) {
                     let _ = next.try_send(Message::PrefillAbort { id, lease });
                 }
@@ -207,11 +208,11 @@ impl Stage {
                 req.cached
             ));
         }
-        if need > self.alloc.total() {
+        if need > self.cache.total() {
             return Err(format!(
                 "{} tokens need {need} blocks; the stage has {}",
                 req.tokens.len(),
-                self.alloc.total()
+                self.cache.total()
             ));
         }
         Ok(())
@@ -236,8 +237,35 @@ impl Stage {
                     break;
                 }
             }
-            let need = req.tokens.len().div_ceil(self.block_size);
-            let Some(local) = self.alloc.alloc(need) else {
+            let bs = self.block_size;
+            let need = req.tokens.len().div_ceil(bs);
+            // Reuse this stage's cached prefix: stage 0 decides how much (the
+            // blocks before the last token, whose logits are needed); later
+            // stages must hold at least that much themselves.
+            let reusable = (req.tokens.len() - 1) / bs;
+            let hashes = block_hashes(&req.tokens[..reusable * bs], bs);
+            let hit = match (req.reuse, self.index) {
+                (false, _) => Vec::new(),
+                (true, 0) => self.cache.lookup(&hashes),
+                (true, _) => self
+                    .cache
+                    .lookup(&hashes[..(req.reuse_from as usize / bs).min(reusable)]),
+            };
+            if self.index > 0 && hit.len() * bs < req.reuse_from as usize {
+                self.cache.release(&hit);
+                let req = self.waiting.pop_front().expect("front exists");
+                self.fail(
+                    &req,
+                    ErrorClass::Internal,
+                    format!(
+                        "stage {} no longer caches the prompt's first {} tokens",
+                        self.index, req.reuse_from
+                    ),
+                );
+                continue;
+            }
+            let Some(fresh) = self.cache.alloc(need - hit.len()) else {
+                self.cache.release(&hit);
                 if self.index > 0 && self.reqs.is_empty() {
                     // Cannot happen with equal pools; refuse rather than wait forever.
                     let req = self.waiting.pop_front().expect("front exists");
@@ -246,7 +274,11 @@ impl Stage {
                 }
                 break;
             };
-            let req = self.waiting.pop_front().expect("front exists");
+            let from = hit.len() * bs;
+            let mut local = hit;
+            local.extend(fresh);
+            let mut req = self.waiting.pop_front().expect("front exists");
+            req.reuse_from = from as u32;
             let out = match Outgoing::new(
                 req.id,
                 req.lease,
@@ -257,7 +289,7 @@ impl Stage {
             ) {
                 Ok(o) => o,
                 Err(e) => {
-                    self.alloc.release_all(&local);
+                    self.cache.release(&local);
                     self.fail(&req, ErrorClass::BadRequest, e.to_string());
                     continue;
                 }
@@ -265,7 +297,7 @@ impl Stage {
             let key = (req.id, req.lease);
             if let Some(l) = self.next_name().and_then(|n| self.links.get(&n)) {
                 if l.blocking_send(Message::Prefill(req.clone())).is_err() {
-                    self.alloc.release_all(&local);
+                    self.cache.release(&local);
                     self.fail(
                         &req,
                         ErrorClass::NodeLost,
@@ -276,7 +308,7 @@ impl Stage {
             }
             if self.index == 0 {
                 let chunk = self.pipeline.chunk;
-                let mut pos = 0;
+                let mut pos = from;
                 while pos < req.tokens.len() {
                     let n = chunk.min(req.tokens.len() - pos);
                     self.work.push_back(Work {
@@ -306,9 +338,17 @@ impl Stage {
         }
     }
 
-    fn drop_req(&mut self, key: Key) {
+    /// Forgets a request; `done` when its KV is complete, so its full
+    /// blocks stay cached for prompts that share them.
+    fn drop_req(&mut self, key: Key, done: bool) {
         if let Some(r) = self.reqs.remove(&key) {
-            self.alloc.release_all(&r.local);
+            if done {
+                let t = &r.req.tokens;
+                let full = t.len() / self.block_size * self.block_size;
+                self.cache
+                    .insert(&r.local, &block_hashes(&t[..full], self.block_size));
+            }
+            self.cache.release(&r.local);
         }
         self.work.retain(|w| w.key != key);
         self.early.remove(&key);
@@ -323,7 +363,7 @@ impl Stage {
                 let req = r.req.clone();
                 self.fail(&req, ErrorClass::Internal, e);
             }
-            self.drop_req(key);
+            self.drop_req(key, false);
         }
     }
 
@@ -419,6 +459,7 @@ impl Stage {
                     logprob: s.logprob,
                     queue_us: (r.started - r.arrived).as_micros() as u64,
                     compute_us: r.compute.as_micros() as u64,
+                    prefilled: r.req.tokens.len() as u32 - r.req.reuse_from,
                 })
                 .map_err(|e| e.to_string())?;
         }
@@ -428,7 +469,7 @@ impl Stage {
             w.key.0 .0,
             r.out.as_ref().map_or(0, |o| o.bytes)
         );
-        self.drop_req(w.key);
+        self.drop_req(w.key, true);
         Ok(())
     }
 }
@@ -541,7 +582,7 @@ pub fn run(
         n_kv_heads: cfg.n_kv_heads,
         desc,
         group,
-        alloc: BlockAllocator::new(pipeline_blocks),
+        cache: PrefixCache::new(pipeline_blocks),
         block_size,
         links: Links::default(),
         reqs: HashMap::new(),
@@ -577,8 +618,8 @@ pub fn run(
             b.load = Load {
                 running: st.reqs.len() as u32,
                 queued: st.waiting.len() as u32,
-                free_blocks: st.alloc.free_count() as u32,
-                total_blocks: st.alloc.total() as u32,
+                free_blocks: st.cache.available() as u32,
+                total_blocks: st.cache.total() as u32,
                 pipelines_up: 0,
             };
             b.gateway = st.links.get(&gateway).cloned();

@@ -148,8 +148,14 @@ pub struct PrefillRequest {
     /// The decode group (node name) whose ranks receive the KV.
     pub decode: String,
     pub tokens: Vec<u32>,
-    /// Leading tokens decode already holds.
+    /// Leading tokens decode already holds (whole blocks): their KV is not sent.
     pub cached: u32,
+    /// Leading tokens the pipeline reuses from its own prefix caches (whole
+    /// blocks), set by stage 0 for the stages after it; 0 from decode.
+    pub reuse_from: u32,
+    /// Whether stages may reuse their prefix caches (decode turns it off
+    /// when retrying after a stage's cache lost the prefix).
+    pub reuse: bool,
     pub targets: Vec<RankTarget>,
     /// How the last stage samples the first token.
     pub params: SamplingParams,
@@ -225,6 +231,8 @@ pub enum Message {
         /// Time the pipeline spent on the request, queueing and computing.
         queue_us: u64,
         compute_us: u64,
+        /// Prompt tokens the pipeline computed (the rest it reused).
+        prefilled: u32,
     },
     PrefillFailed {
         id: RequestId,
@@ -305,6 +313,8 @@ mod tests {
                 decode: "d0".into(),
                 tokens: vec![5; 40],
                 cached: 16,
+                reuse_from: 32,
+                reuse: true,
                 targets: vec![RankTarget {
                     rank: 0,
                     heads: (0, 1),
@@ -343,6 +353,7 @@ mod tests {
                 logprob: -1.5,
                 queue_us: 3,
                 compute_us: 40,
+                prefilled: 24,
             },
             Message::PrefillFailed {
                 id,
