@@ -69,6 +69,8 @@ enum BenchCmd {
     Engine(bench::BenchEngineArgs),
     /// Time to first token through a local cluster, beside the single-process prefill.
     Ttft(bench::BenchTtftArgs),
+    /// Multi-turn sessions: TTFT per turn under each routing policy, in one run.
+    Sessions(bench::BenchSessionsArgs),
 }
 
 impl Common {
@@ -139,6 +141,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(BenchCmd::Engine(a)) => bench::engine(&cli.common, threads, a),
         Cmd::Bench(BenchCmd::Ttft(a)) => bench::ttft(&cli.common, threads, a),
+        Cmd::Bench(BenchCmd::Sessions(a)) => bench::sessions(&cli.common, a),
         Cmd::Certs(a) => cluster::certs(&cli.common, a),
         Cmd::CheckConfig(a) => cluster::check(&cli.common, a),
         Cmd::Plan(a) => plan::run(a),

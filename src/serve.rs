@@ -47,6 +47,15 @@ pub struct ServeArgs {
     /// KV storage: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub kv_dtype: String,
+    /// Prefill pipelines (each of --pp stages).
+    #[arg(long, default_value_t = 1)]
+    pub pipelines: usize,
+    /// Decode groups (each of --tp ranks).
+    #[arg(long, default_value_t = 1)]
+    pub decode_groups: usize,
+    /// Gateway routing: sessions (sticky, KV-aware), least-loaded or round-robin.
+    #[arg(long, default_value = "sessions")]
+    pub routing: String,
     /// Pin stage i of the prefill pipeline to CPU i (taskset), for pipeline measurements.
     #[arg(long)]
     pub pin_stages: bool,
@@ -73,30 +82,35 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
         a.kv_dtype
     );
     t += &format!(
-        "[gateway]\nhttp = \"{http}\"\nquic = \"127.0.0.1:{}\"\nmax_queue = {}\n\n",
+        "[gateway]\nhttp = \"{http}\"\nquic = \"127.0.0.1:{}\"\nmax_queue = {}\nrouting = {:?}\n\n",
         free_udp()?,
-        // The gateway's cap covers everything the decode group holds or queues.
-        a.max_queue + a.max_batch
+        // The gateway's cap covers everything the decode groups hold or queue.
+        (a.max_queue + a.max_batch) * a.decode_groups.max(1),
+        a.routing
     );
-    t += &format!(
-        "[[prefill]]\nname = \"p0\"\nchunk = {}\nstages = [\n",
-        a.chunk
-    );
-    for i in 0..a.pp {
+    for p in 0..a.pipelines {
         t += &format!(
-            "  {{ name = \"p0-s{i}\", addr = \"127.0.0.1:{}\" }},\n",
-            free_udp()?
+            "[[prefill]]\nname = \"p{p}\"\nchunk = {}\nstages = [\n",
+            a.chunk
+        );
+        for i in 0..a.pp {
+            t += &format!(
+                "  {{ name = \"p{p}-s{i}\", addr = \"127.0.0.1:{}\" }},\n",
+                free_udp()?
+            );
+        }
+        t += "]\n\n";
+    }
+    for d in 0..a.decode_groups {
+        t += &format!(
+            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\n\n",
+            free_udp()?,
+            a.tp,
+            a.kv_blocks,
+            a.max_batch,
+            a.max_queue
         );
     }
-    t += "]\n\n";
-    t += &format!(
-        "[[decode]]\nname = \"d0\"\naddr = \"127.0.0.1:{}\"\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\n",
-        free_udp()?,
-        a.tp,
-        a.kv_blocks,
-        a.max_batch,
-        a.max_queue
-    );
     let path = dir.join("cluster.toml");
     std::fs::write(&path, t)?;
     Ok(path)
@@ -165,8 +179,8 @@ impl Drop for Children {
 }
 
 pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
-    if a.pp == 0 || a.tp == 0 {
-        bail!("--pp and --tp must be at least 1");
+    if a.pp == 0 || a.tp == 0 || a.pipelines == 0 || a.decode_groups == 0 {
+        bail!("--pp, --tp, --pipelines and --decode-groups must be at least 1");
     }
     let model = common.model_path(&a.model)?;
     let dir = match &a.dir {
@@ -224,12 +238,16 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
     let ncpu = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    for (i, (name, _, _)) in cluster.pipelines[0].stages.iter().enumerate() {
-        let cpu = a.pin_stages.then_some(i % ncpu);
-        let t = if a.pin_stages { 1 } else { stage_threads };
-        spawn("prefill", name, t, cpu)?;
+    for p in &cluster.pipelines {
+        for (i, (name, _, _)) in p.stages.iter().enumerate() {
+            let cpu = a.pin_stages.then_some(i % ncpu);
+            let t = if a.pin_stages { 1 } else { stage_threads };
+            spawn("prefill", name, t, cpu)?;
+        }
     }
-    spawn("decode", &cluster.file.decode[0].name, threads, None)?;
+    for d in &cluster.file.decode {
+        spawn("decode", &d.name, threads, None)?;
+    }
     let http = cluster.file.gateway.http.resolve()?;
     let started = Instant::now();
     loop {
@@ -252,8 +270,10 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
     }
     let name = crate::node::served_name(&tandem_model::ModelFile::open(&model)?);
     println!(
-        "Tandem is serving {name} at http://{http}/v1 (prefill PP {}, decode TP {}; cluster file {})",
+        "Tandem is serving {name} at http://{http}/v1 ({} prefill pipeline(s) of PP {}, {} decode group(s) of TP {}; cluster file {})",
+        a.pipelines,
         a.pp,
+        a.decode_groups,
         a.tp,
         config.display()
     );

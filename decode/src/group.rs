@@ -743,7 +743,24 @@ impl Group<'_> {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        // Blocks cached and evicted since the last time, for the gateway's
+        // KV-aware routing.
+        let ev = self.admission.cache.take_events();
+        if let Some(gw) = self.links.get(&self.gateway) {
+            if !ev.stored.is_empty() {
+                let _ = gw.try_send(Message::CacheStored {
+                    node: self.name.clone(),
+                    hashes: ev.stored,
+                });
+            }
+            if !ev.evicted.is_empty() {
+                let _ = gw.try_send(Message::CacheEvicted {
+                    node: self.name.clone(),
+                    hashes: ev.evicted,
+                });
+            }
+        }
         let mut b = self.beat.lock().expect("heartbeat state");
         b.load = Load {
             running: self.admission.running() as u32,

@@ -30,6 +30,7 @@ use tandem_wire::link::{spawn_acceptor, Link, NetEvent};
 use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, Load, Message, RequestId, Role,
 };
+use tandem_wire::config::Routing;
 use tandem_wire::node::NodeSetup;
 use tokio::sync::mpsc;
 
@@ -56,6 +57,10 @@ struct Nodes {
     nodes: HashMap<String, Node>,
     pending: HashMap<RequestId, Pending>,
     sessions: HashMap<String, Pin>,
+    /// Which decode groups hold which cached blocks (by chained hash).
+    blocks: HashMap<String, std::collections::HashSet<u64>>,
+    /// Round-robin position.
+    turn: usize,
 }
 
 /// Where a session's KV lives.
@@ -73,6 +78,11 @@ const MAX_SESSIONS: usize = 100_000;
 /// A pinned decode group with this many requests waiting in its queue is
 /// too busy: the session moves (its KV is recomputed elsewhere).
 const REPIN_QUEUED: u32 = 8;
+
+/// How many prompt tokens one request waiting or running on a decode group
+/// is worth when weighing cached prefix against load: about what its
+/// prefill would cost the group.
+const LOAD_TOKENS: usize = 128;
 
 /// Where a request goes.
 struct Route {
@@ -93,6 +103,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Pipeline name → its stages' node names.
     pipelines: Vec<(String, Vec<String>)>,
+    routing: Routing,
+    block_size: usize,
 }
 
 fn now_s() -> u64 {
@@ -173,7 +185,15 @@ impl Gateway {
     /// Picks a decode group and a prefill pipeline: the session's pins
     /// while their nodes are up and not overloaded, else the least loaded
     /// (and the session is pinned there).
-    fn route(&self, session: Option<&str>) -> Result<Route, ApiError> {
+    fn route(&self, session: Option<&str>, prompt: &[u32]) -> Result<Route, ApiError> {
+        let session = session.filter(|_| self.routing == Routing::Sessions);
+        // Hashes of the prompt's reusable blocks, as decode keys them.
+        let hashes = if self.routing == Routing::Sessions {
+            let reusable = prompt.len().saturating_sub(1) / self.block_size * self.block_size;
+            tandem_model::block_hashes(&prompt[..reusable], self.block_size)
+        } else {
+            Vec::new()
+        };
         let mut st = self.state.lock().expect("gateway state");
         let mut local: HashMap<String, usize> = HashMap::new();
         for p in st.pending.values() {
@@ -209,35 +229,58 @@ impl Gateway {
                 });
             }
         }
-        let best = st
-            .nodes
-            .iter()
-            .filter(|(_, n)| usable(n))
-            .min_by_key(|(name, n)| {
-                let l = n.load.unwrap_or_default();
-                let mine = local.get(name.as_str()).copied().unwrap_or(0);
-                (
-                    mine.max((l.running + l.queued) as usize),
-                    u32::MAX - l.free_blocks,
-                )
-            })
-            .map(|(name, n)| (name.clone(), n.link.clone()));
+        let mut usable_nodes: Vec<(&String, &Node)> =
+            st.nodes.iter().filter(|(_, n)| usable(n)).collect();
+        usable_nodes.sort_by(|a, b| a.0.cmp(b.0));
+        let load = |name: &str, n: &Node| {
+            let l = n.load.unwrap_or_default();
+            let mine = local.get(name).copied().unwrap_or(0);
+            mine.max((l.running + l.queued) as usize)
+        };
+        let best = match self.routing {
+            Routing::RoundRobin => {
+                let i = st.turn % usable_nodes.len().max(1);
+                usable_nodes.get(i).map(|(name, n)| ((*name).clone(), n.link.clone()))
+            }
+            Routing::LeastLoaded => usable_nodes
+                .iter()
+                .min_by_key(|(name, n)| (load(name, n), u32::MAX - n.load.unwrap_or_default().free_blocks))
+                .map(|(name, n)| ((*name).clone(), n.link.clone())),
+            Routing::Sessions => usable_nodes
+                .iter()
+                .max_by_key(|(name, n)| {
+                    // Cached prefix (tokens) against load, then free blocks.
+                    let cached = st.blocks.get(name.as_str()).map_or(0, |set| {
+                        hashes.iter().take_while(|h| set.contains(h)).count()
+                    }) * self.block_size;
+                    let score = cached as i64 - (load(name, n) * LOAD_TOKENS) as i64;
+                    (score, n.load.unwrap_or_default().free_blocks)
+                })
+                .map(|(name, n)| ((*name).clone(), n.link.clone())),
+        };
         let Some((decode, link)) = best else {
             return Err(ApiError::Unavailable(
                 "no decode group with a live prefill pipeline is linked to the gateway".into(),
             ));
         };
-        let pipeline = self
+        let up: Vec<&(String, Vec<String>)> = self
             .pipelines
             .iter()
             .filter(|(name, _)| pipeline_up(&st, name))
-            .min_by_key(|(_, stages)| {
-                st.nodes
-                    .get(&stages[0])
-                    .and_then(|n| n.load)
-                    .map_or(0, |l| l.running + l.queued)
-            })
-            .map(|(name, _)| name.clone());
+            .collect();
+        let pipeline = match self.routing {
+            Routing::RoundRobin => up.get(st.turn % up.len().max(1)).map(|(n, _)| n.clone()),
+            _ => up
+                .iter()
+                .min_by_key(|(_, stages)| {
+                    st.nodes
+                        .get(&stages[0])
+                        .and_then(|n| n.load)
+                        .map_or(0, |l| l.running + l.queued)
+                })
+                .map(|(name, _)| name.clone()),
+        };
+        st.turn = st.turn.wrapping_add(1);
         if let Some(key) = session {
             if st.sessions.len() >= MAX_SESSIONS && !st.sessions.contains_key(key) {
                 // Drop expired pins, then the least recently used.
@@ -305,7 +348,7 @@ impl Gateway {
             self.metrics.rejected.inc();
             return Err(ApiError::Overloaded { retry_after_s: 1 });
         }
-        let route = self.route(session.as_deref())?;
+        let route = self.route(session.as_deref(), &prompt)?;
         let link = route.link.clone();
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -938,6 +981,8 @@ fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
                 if st.nodes.get(&peer).is_some_and(|n| n.link.id == link) {
                     tracing::warn!("gateway: lost {peer}: {reason}");
                     st.nodes.remove(&peer);
+                    // Its cache is gone with it (a restarted node starts empty).
+                    st.blocks.remove(&peer);
                     // Requests on a lost decode group end with a clear error.
                     let lost: Vec<RequestId> = st
                         .pending
@@ -966,6 +1011,16 @@ fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
                     }
                     if end {
                         st.pending.remove(&id);
+                    }
+                }
+                Message::CacheStored { hashes, .. } => {
+                    st.blocks.entry(peer.clone()).or_default().extend(hashes);
+                }
+                Message::CacheEvicted { hashes, .. } => {
+                    if let Some(set) = st.blocks.get_mut(&peer) {
+                        for h in hashes {
+                            set.remove(&h);
+                        }
                     }
                 }
                 Message::Heartbeat { load, .. } => {
@@ -998,6 +1053,8 @@ pub async fn run(
         state: Mutex::new(Nodes::default()),
         next_id: AtomicU64::new(1),
         metrics: Metrics::new().map_err(|e| format!("metrics: {e}"))?,
+        routing: g.routing,
+        block_size: setup.cluster.file.cluster.block_size,
         pipelines: setup
             .cluster
             .pipelines

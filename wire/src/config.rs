@@ -85,6 +85,23 @@ pub struct GatewaySection {
     /// Requests in flight (running or queued anywhere) before new ones get 429.
     #[serde(default = "default_gateway_queue")]
     pub max_queue: usize,
+    /// How requests pick a decode group and a pipeline.
+    #[serde(default)]
+    pub routing: Routing,
+}
+
+/// The gateway's routing policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Routing {
+    /// A session stays on the nodes holding its KV; a new session goes where
+    /// most of its prompt is cached, weighed against load.
+    #[default]
+    Sessions,
+    /// The least loaded nodes, ignoring sessions and caches.
+    LeastLoaded,
+    /// Nodes in turn, ignoring sessions and caches (a baseline for benchmarks).
+    RoundRobin,
 }
 
 #[derive(Debug, Clone, Deserialize)]
