@@ -426,7 +426,10 @@ pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
         let ids: Vec<u32> = (0..a.turn_tokens)
             .map(|i| corpus[(start + i) % corpus.len()])
             .collect();
-        format!("Read this and answer briefly: {}", file.tokenizer.decode(&ids))
+        format!(
+            "Read this and answer briefly: {}",
+            file.tokenizer.decode(&ids)
+        )
     };
     println!(
         "{} sessions x {} turns ({} at a time), ~{} new tokens per turn, {} answer tokens; {} decode groups, {} prefill pipelines",
@@ -449,7 +452,13 @@ pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
         let cluster = crate::serve::ServeChild::start(common, &args)?;
         let addr = cluster.http;
         // Warm-up, not measured.
-        session_turn(addr, &model, "warm-up", &[serde_json::json!({"role": "user", "content": "Hello"})], 4)?;
+        session_turn(
+            addr,
+            &model,
+            "warm-up",
+            &[serde_json::json!({"role": "user", "content": "Hello"})],
+            4,
+        )?;
         let next = std::sync::atomic::AtomicUsize::new(0);
         let records = std::sync::Mutex::new(Vec::new());
         let failure = std::sync::Mutex::new(None::<String>);
@@ -469,10 +478,13 @@ pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
                                 rec.session = s;
                                 rec.turn = t + 1;
                                 records.lock().expect("records").push(rec);
-                                messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+                                messages.push(
+                                    serde_json::json!({"role": "assistant", "content": answer}),
+                                );
                             }
                             Err(e) => {
-                                *failure.lock().expect("failure") = Some(format!("session {s} turn {}: {e}", t + 1));
+                                *failure.lock().expect("failure") =
+                                    Some(format!("session {s} turn {}: {e}", t + 1));
                                 return;
                             }
                         }
@@ -491,7 +503,9 @@ pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
             let rs: Vec<&TurnRecord> = records.iter().filter(|r| r.turn == t).collect();
             let mut ttft: Vec<f64> = rs.iter().map(|r| r.ttft_s).collect();
             ttft.sort_by(f64::total_cmp);
-            let p90 = ttft[((ttft.len() as f64 * 0.9).ceil() as usize).saturating_sub(1).min(ttft.len() - 1)];
+            let p90 = ttft[((ttft.len() as f64 * 0.9).ceil() as usize)
+                .saturating_sub(1)
+                .min(ttft.len() - 1)];
             let prompt: u64 = rs.iter().map(|r| r.prompt_tokens).sum();
             let cached: u64 = rs.iter().map(|r| r.cached_tokens).sum();
             let computed: u64 = rs.iter().map(|r| r.prefilled_tokens).sum();
@@ -508,7 +522,11 @@ pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
     }
     if all.len() > 1 {
         let turn_median = |recs: &[TurnRecord], t: usize| {
-            let mut v: Vec<f64> = recs.iter().filter(|r| r.turn == t).map(|r| r.ttft_s).collect();
+            let mut v: Vec<f64> = recs
+                .iter()
+                .filter(|r| r.turn == t)
+                .map(|r| r.ttft_s)
+                .collect();
             median(&mut v)
         };
         let base = &all[all.len() - 1];

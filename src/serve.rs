@@ -131,18 +131,76 @@ pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     head.split_whitespace().nth(1)?.parse().ok()
 }
 
-struct Children(Vec<(String, Child)>);
+/// One supervised node process: how to start it, the running child, and
+/// when it was restarted lately.
+struct Node {
+    name: String,
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    child: Child,
+    restarts: Vec<Instant>,
+}
+
+/// A node restarted this often within a minute is given up on.
+const MAX_RESTARTS_PER_MINUTE: usize = 5;
+
+struct Children(Vec<Node>);
 
 impl Children {
+    fn start(
+        &mut self,
+        name: String,
+        program: PathBuf,
+        args: Vec<std::ffi::OsString>,
+    ) -> Result<()> {
+        let child = Command::new(&program)
+            .args(&args)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.0.push(Node {
+            name,
+            program,
+            args,
+            child,
+            restarts: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Restarts nodes that died (as systemd or Kubernetes would); fails
+    /// when one keeps dying.
+    fn supervise(&mut self) -> Result<()> {
+        for n in &mut self.0 {
+            let Ok(Some(status)) = n.child.try_wait() else {
+                continue;
+            };
+            n.restarts.retain(|t| t.elapsed() < Duration::from_secs(60));
+            if n.restarts.len() >= MAX_RESTARTS_PER_MINUTE {
+                bail!(
+                    "{} exited ({status}) {} times within a minute; giving up",
+                    n.name,
+                    n.restarts.len() + 1
+                );
+            }
+            eprintln!("{} exited ({status}); restarting it", n.name);
+            n.restarts.push(Instant::now());
+            n.child = Command::new(&n.program)
+                .args(&n.args)
+                .spawn()
+                .with_context(|| format!("restarting {}", n.name))?;
+        }
+        Ok(())
+    }
+
     fn stop(&mut self) {
-        for (_, c) in &self.0 {
+        for Node { child: c, .. } in &self.0 {
             // SAFETY: plain kill(2) on our own child's pid.
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        for (name, c) in &mut self.0 {
+        for Node { name, child: c, .. } in &mut self.0 {
             loop {
                 match c.try_wait() {
                     Ok(Some(_)) => break,
@@ -163,9 +221,9 @@ impl Children {
 
     /// The first child that has exited, with its status.
     fn exited(&mut self) -> Option<(String, std::process::ExitStatus)> {
-        for (name, c) in &mut self.0 {
-            if let Ok(Some(s)) = c.try_wait() {
-                return Some((name.clone(), s));
+        for n in &mut self.0 {
+            if let Ok(Some(s)) = n.child.try_wait() {
+                return Some((n.name.clone(), s));
             }
         }
         None
@@ -210,29 +268,27 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
     let mut children = Children(Vec::new());
     let stage_threads = (threads / a.pp).max(1);
     let mut spawn = |role: &str, node: &str, threads: usize, cpu: Option<usize>| -> Result<()> {
-        let mut cmd = match cpu {
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        let program = match cpu {
             Some(c) => {
-                let mut t = Command::new("taskset");
-                t.arg("-c").arg(c.to_string()).arg(&exe);
-                t
+                args.extend(["-c".into(), c.to_string().into(), exe.clone().into()]);
+                PathBuf::from("taskset")
             }
-            None => Command::new(&exe),
+            None => exe.clone(),
         };
         if let Some(h) = &common.home {
-            cmd.arg("--home").arg(h);
+            args.extend(["--home".into(), h.clone().into()]);
         }
-        cmd.arg("--threads")
-            .arg(threads.to_string())
-            .arg(role)
-            .arg("--config")
-            .arg(&config)
-            .arg("--node")
-            .arg(node);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {role} {node}"))?;
-        children.0.push((format!("{role} {node}"), child));
-        Ok(())
+        args.extend([
+            "--threads".into(),
+            threads.to_string().into(),
+            role.into(),
+            "--config".into(),
+            config.clone().into(),
+            "--node".into(),
+            node.into(),
+        ]);
+        children.start(format!("{role} {node}"), program, args)
     };
     spawn("gateway", &cluster.file.gateway.name, 1, None)?;
     let ncpu = std::thread::available_parallelism()
@@ -287,9 +343,9 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
             children.stop();
             return Ok(());
         }
-        if let Some((name, s)) = children.exited() {
+        if let Err(e) = children.supervise() {
             children.stop();
-            bail!("{name} exited ({s}); the cluster was stopped");
+            return Err(e);
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -35,6 +35,8 @@ impl Cluster {
         let port = free_port();
         let mut child = Command::new(EXE)
             .args(["serve", "--port", &port.to_string(), "--chunk", CHUNK])
+            .arg("--dir")
+            .arg(std::env::temp_dir().join(format!("tandem-cluster-test-{port}")))
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -570,4 +572,54 @@ fn a_conversation_stays_on_its_nodes_and_moves_only_new_blocks() {
         }
         messages.push(json!({"role": "assistant", "content": answer}));
     }
+}
+
+#[test]
+fn a_session_whose_decode_node_dies_is_answered_again_correctly() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(&["--decode-groups", "2"]);
+    let config = std::env::temp_dir()
+        .join(format!("tandem-cluster-test-{}", c.port))
+        .join("cluster.toml");
+    let mut messages = vec![json!({"role": "user", "content": SHORT})];
+    let body =
+        |m: &Vec<Value>| json!({"model": MODEL, "messages": m, "temperature": 0, "max_tokens": 24});
+    let (status, h, v) = chat_with_headers(c.port, &body(&messages), "doomed");
+    assert_eq!(status, 200, "{v}");
+    let pinned = header(&h, "x-tandem-decode").to_string();
+    messages.push(json!({"role": "assistant", "content": v["choices"][0]["message"]["content"]}));
+    messages.push(json!({"role": "user", "content": "And what river runs through it?"}));
+    // kill -9 the pinned decode process.
+    let pattern = format!("decode --config {} --node {pinned}", config.display());
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &pattern])
+        .status()
+        .expect("pkill");
+    assert!(killed.success(), "no process matched {pattern}");
+    let t0 = Instant::now();
+    let (status, h, v) = chat_with_headers(c.port, &body(&messages), "doomed");
+    assert_eq!(status, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    let out = Command::new(EXE)
+        .args([
+            "generate",
+            "--max-tokens",
+            "24",
+            "--chunk",
+            CHUNK,
+            "--messages",
+            &Value::Array(messages.clone()).to_string(),
+        ])
+        .output()
+        .expect("generate");
+    assert_eq!(format!("{answer}\n"), String::from_utf8_lossy(&out.stdout));
+    // Its KV died with the node: recomputed, wherever it went.
+    assert_eq!(header(&h, "x-tandem-cached-tokens"), "0", "{h:?}");
+    eprintln!(
+        "after kill -9 of {pinned}: answered by {} in {:?}",
+        header(&h, "x-tandem-decode"),
+        t0.elapsed()
+    );
 }

@@ -181,7 +181,11 @@ impl Group<'_> {
 
     fn on_event(&mut self, ev: NetEvent) {
         match self.links.apply(&self.name, ev) {
-            Change::Up(_) => {}
+            Change::Up { peer, replaced } => {
+                if replaced {
+                    self.peer_lost(&peer);
+                }
+            }
             Change::Down(peer) => self.peer_lost(&peer),
             Change::Message { peer, msg } => self.on_message(&peer, msg),
             Change::Nothing => {}

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub rejected: IntCounter,
     pub cancelled: IntCounter,
     pub sticky: IntCounter,
+    pub redispatched: IntCounter,
     pub repinned: IntCounter,
     pub cached_tokens: IntCounter,
     pub in_flight: IntGauge,
@@ -89,6 +90,10 @@ impl Metrics {
             cancelled: counter(
                 "tandem_requests_cancelled_total",
                 "Requests whose client left before the end",
+            )?,
+            redispatched: counter(
+                "tandem_requests_redispatched_total",
+                "Requests sent again after their decode group was lost before streaming",
             )?,
             sticky: counter(
                 "tandem_session_sticky_total",

@@ -26,11 +26,11 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use tandem_model::{FinishReason, ModelFile, SamplingParams};
+use tandem_wire::config::Routing;
 use tandem_wire::link::{spawn_acceptor, Link, NetEvent};
 use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, Load, Message, RequestId, Role,
 };
-use tandem_wire::config::Routing;
 use tandem_wire::node::NodeSetup;
 use tokio::sync::mpsc;
 
@@ -50,6 +50,8 @@ struct Node {
 struct Pending {
     tx: mpsc::UnboundedSender<GenerateEvent>,
     decode: String,
+    /// The link it went out on.
+    link: u64,
 }
 
 #[derive(Default)]
@@ -240,11 +242,18 @@ impl Gateway {
         let best = match self.routing {
             Routing::RoundRobin => {
                 let i = st.turn % usable_nodes.len().max(1);
-                usable_nodes.get(i).map(|(name, n)| ((*name).clone(), n.link.clone()))
+                usable_nodes
+                    .get(i)
+                    .map(|(name, n)| ((*name).clone(), n.link.clone()))
             }
             Routing::LeastLoaded => usable_nodes
                 .iter()
-                .min_by_key(|(name, n)| (load(name, n), u32::MAX - n.load.unwrap_or_default().free_blocks))
+                .min_by_key(|(name, n)| {
+                    (
+                        load(name, n),
+                        u32::MAX - n.load.unwrap_or_default().free_blocks,
+                    )
+                })
                 .map(|(name, n)| ((*name).clone(), n.link.clone())),
             Routing::Sessions => usable_nodes
                 .iter()
@@ -348,50 +357,76 @@ impl Gateway {
             self.metrics.rejected.inc();
             return Err(ApiError::Overloaded { retry_after_s: 1 });
         }
-        let route = self.route(session.as_deref(), &prompt)?;
-        let link = route.link.clone();
-        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        self.state.lock().expect("gateway state").pending.insert(
-            id,
-            Pending {
-                tx,
-                decode: link.peer.clone(),
-            },
-        );
-        self.metrics.in_flight.inc();
-        let mut guard = Guard {
-            gw: self.clone(),
-            id,
-            link: link.clone(),
-            done: false,
-            started: Instant::now(),
-        };
         let prompt_tokens = prompt.len();
         let gen_session = session.clone();
-        let gen = Generate {
-            id,
-            prompt,
-            generated: Vec::new(),
-            params,
-            deadline_ms: now_ms() + self.request_timeout.as_millis() as u64,
-            session,
-            pipeline: route.pipeline.clone(),
-        };
-        if link.send(Message::Generate(gen)).await.is_err() {
-            guard.done = true;
-            return Err(ApiError::Unavailable(format!(
-                "the link to {} closed",
-                link.peer
-            )));
-        }
-        let first = match tokio::time::timeout(self.request_timeout, rx.recv()).await {
-            Ok(Some(ev)) => ev,
-            Ok(None) => {
-                guard.done = true;
-                return Err(ApiError::Unavailable(format!("{} went away", link.peer)));
+        let started = Instant::now();
+        // A decode group lost before it streamed anything is no loss to the
+        // client: the request goes to another (the lost one is out of the
+        // routing table by the time its failure arrives).
+        let mut attempt = 0;
+        let (route, link, mut guard, rx, first) = loop {
+            attempt += 1;
+            let route = self.route(session.as_deref(), &prompt)?;
+            let link = route.link.clone();
+            let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            self.state.lock().expect("gateway state").pending.insert(
+                id,
+                Pending {
+                    tx,
+                    decode: link.peer.clone(),
+                    link: link.id,
+                },
+            );
+            self.metrics.in_flight.inc();
+            let mut guard = Guard {
+                gw: self.clone(),
+                id,
+                link: link.clone(),
+                done: false,
+                started,
+            };
+            let gen = Generate {
+                id,
+                prompt: prompt.clone(),
+                generated: Vec::new(),
+                params: params.clone(),
+                deadline_ms: now_ms() + self.request_timeout.as_millis() as u64,
+                session: session.clone(),
+                pipeline: route.pipeline.clone(),
+            };
+            let first = if link.send(Message::Generate(gen)).await.is_err() {
+                None
+            } else {
+                match tokio::time::timeout(self.request_timeout, rx.recv()).await {
+                    Ok(ev) => ev,
+                    Err(_) => return Err(ApiError::Internal("the request timed out".into())),
+                }
+            };
+            match first {
+                Some(GenerateEvent::Failed {
+                    class: ErrorClass::NodeLost,
+                    message,
+                }) if attempt < 3 => {
+                    guard.done = true;
+                    tracing::warn!(
+                        "request went to {} which failed ({message}); routing it again",
+                        link.peer
+                    );
+                    self.metrics.redispatched.inc();
+                }
+                None if attempt < 3 => {
+                    guard.done = true;
+                    self.metrics.redispatched.inc();
+                    // Its link is closing; let the loss reach the routing table.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => {
+                    guard.done = true;
+                    return Err(ApiError::Unavailable(format!("{} went away", link.peer)));
+                }
+                Some(first) => break (route, link, guard, rx, first),
             }
-            Err(_) => return Err(ApiError::Internal("the request timed out".into())),
         };
         if let GenerateEvent::Failed { class, message } = first {
             guard.done = true;
@@ -960,6 +995,24 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError>
     })
 }
 
+/// Fails every request that went out on link `link` to `peer`.
+fn fail_pending(st: &mut Nodes, link: u64, peer: &str, reason: &str) {
+    let lost: Vec<RequestId> = st
+        .pending
+        .iter()
+        .filter(|(_, p)| p.link == link)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in lost {
+        if let Some(p) = st.pending.remove(&id) {
+            let _ = p.tx.send(GenerateEvent::Failed {
+                class: ErrorClass::NodeLost,
+                message: format!("decode group {peer} was lost: {reason}"),
+            });
+        }
+    }
+}
+
 /// The event pump: link reports into gateway state, request events to their streams.
 fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
     while let Ok(ev) = rx.recv() {
@@ -967,6 +1020,14 @@ fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
         match ev {
             NetEvent::Up { link, role } => {
                 tracing::info!("gateway: {} ({role:?}) linked", link.peer);
+                if let Some(old) = st.nodes.get(&link.peer) {
+                    // The node restarted and dialed again before its old
+                    // connection timed out: what it had in flight is lost.
+                    old.link.close("replaced by a new link");
+                    let (peer, old_id) = (link.peer.clone(), old.link.id);
+                    st.blocks.remove(&peer);
+                    fail_pending(&mut st, old_id, &peer, "restarted");
+                }
                 st.nodes.insert(
                     link.peer.clone(),
                     Node {
@@ -983,22 +1044,10 @@ fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
                     st.nodes.remove(&peer);
                     // Its cache is gone with it (a restarted node starts empty).
                     st.blocks.remove(&peer);
-                    // Requests on a lost decode group end with a clear error.
-                    let lost: Vec<RequestId> = st
-                        .pending
-                        .iter()
-                        .filter(|(_, p)| p.decode == peer)
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for id in lost {
-                        if let Some(p) = st.pending.remove(&id) {
-                            let _ = p.tx.send(GenerateEvent::Failed {
-                                class: ErrorClass::NodeLost,
-                                message: format!("decode group {peer} was lost: {reason}"),
-                            });
-                        }
-                    }
                 }
+                // Requests sent on that link end with a clear error (or go
+                // elsewhere if nothing was streamed yet).
+                fail_pending(&mut st, link, &peer, &reason);
             }
             NetEvent::Message { peer, msg, .. } => match msg {
                 Message::Event { id, event } => {

@@ -115,7 +115,12 @@ impl Stage {
 
     fn on_event(&mut self, ev: NetEvent) {
         match self.links.apply(&self.name, ev) {
-            Change::Up(_) => self.start_waiting(),
+            Change::Up { peer, replaced } => {
+                if replaced {
+                    self.peer_lost(&peer);
+                }
+                self.start_waiting();
+            }
             Change::Down(peer) => self.peer_lost(&peer),
             Change::Message { peer, msg } => self.on_message(&peer, msg),
             Change::Nothing => {}

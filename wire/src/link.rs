@@ -214,7 +214,13 @@ pub fn spawn_dialer(ep: quinn::Endpoint, addr: NodeAddr, peer: String, me: Hello
 
 /// What a [`NetEvent`] changed in a node's [`Links`].
 pub enum Change {
-    Up(String),
+    /// A link to this peer is up. `replaced`: it replaces a link that had not
+    /// gone down yet (the peer restarted and dialed again before its old
+    /// connection timed out): whatever was in flight on the old one is lost.
+    Up {
+        peer: String,
+        replaced: bool,
+    },
     /// The current link to this peer went down (a stale link's report is
     /// [`Change::Nothing`]).
     Down(String),
@@ -236,8 +242,15 @@ impl Links {
             NetEvent::Up { link, .. } => {
                 tracing::info!("{node}: linked to {}", link.peer);
                 let peer = link.peer.clone();
-                self.0.insert(peer.clone(), link);
-                Change::Up(peer)
+                let old = self.0.insert(peer.clone(), link);
+                if let Some(old) = &old {
+                    tracing::warn!("{node}: {peer} linked again; dropping its old link");
+                    old.close("replaced by a new link");
+                }
+                Change::Up {
+                    peer,
+                    replaced: old.is_some(),
+                }
             }
             NetEvent::Down { peer, link, reason } => {
                 if self.0.get(&peer).is_some_and(|l| l.id == link) {
