@@ -575,7 +575,7 @@ fn a_conversation_stays_on_its_nodes_and_moves_only_new_blocks() {
 }
 
 #[test]
-fn a_session_whose_decode_node_dies_is_answered_again_correctly() {
+fn new_sessions_go_to_their_cached_prefix_and_a_lost_decode_node_is_recomputed() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::start(&["--decode-groups", "2"]);
     let config = std::env::temp_dir()
@@ -589,6 +589,19 @@ fn a_session_whose_decode_node_dies_is_answered_again_correctly() {
     let pinned = header(&h, "x-tandem-decode").to_string();
     messages.push(json!({"role": "assistant", "content": v["choices"][0]["message"]["content"]}));
     messages.push(json!({"role": "user", "content": "And what river runs through it?"}));
+    // A new session that shares the conversation so far goes where its
+    // prefix is cached (the gateway indexes what decode groups store).
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, h2, v2) = chat_with_headers(c.port, &body(&messages), "another-session");
+    assert_eq!(status, 200, "{v2}");
+    assert_eq!(header(&h2, "x-tandem-sticky"), "false");
+    assert_eq!(header(&h2, "x-tandem-decode"), pinned, "KV-aware routing");
+    assert!(
+        header(&h2, "x-tandem-cached-tokens")
+            .parse::<usize>()
+            .expect("number")
+            >= 32
+    );
     // kill -9 the pinned decode process.
     let pattern = format!("decode --config {} --node {pinned}", config.display());
     let killed = Command::new("pkill")
