@@ -477,6 +477,30 @@ fn chat_with_headers(
     (status, headers, serde_json::from_str(body).expect("JSON"))
 }
 
+/// The answer a full recompute in one process gives for a conversation.
+fn recompute(messages: &[Value]) -> String {
+    let out = Command::new(EXE)
+        .args([
+            "generate",
+            "--max-tokens",
+            "24",
+            "--chunk",
+            CHUNK,
+            "--messages",
+        ])
+        .arg(Value::Array(messages.to_vec()).to_string())
+        .output()
+        .expect("generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut t = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(t.pop(), Some('\n'));
+    t
+}
+
 fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
     h.iter()
         .find(|(n, _)| n == k)
@@ -508,30 +532,7 @@ fn a_conversation_stays_on_its_nodes_and_moves_only_new_blocks() {
             .as_str()
             .expect("content")
             .to_string();
-        // The answer a full recompute in one process gives.
-        let out = Command::new(EXE)
-            .args([
-                "generate",
-                "--max-tokens",
-                "24",
-                "--chunk",
-                CHUNK,
-                "--messages",
-                &Value::Array(messages.clone()).to_string(),
-            ])
-            .output()
-            .expect("generate");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            format!("{answer}\n"),
-            String::from_utf8_lossy(&out.stdout),
-            "turn {}",
-            turn + 1
-        );
+        assert_eq!(answer, recompute(&messages), "turn {}", turn + 1);
         let prompt = v["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
         let cached: usize = header(&h, "x-tandem-cached-tokens")
             .parse()
@@ -615,19 +616,7 @@ fn new_sessions_go_to_their_cached_prefix_and_a_lost_decode_node_is_recomputed()
     let answer = v["choices"][0]["message"]["content"]
         .as_str()
         .expect("content");
-    let out = Command::new(EXE)
-        .args([
-            "generate",
-            "--max-tokens",
-            "24",
-            "--chunk",
-            CHUNK,
-            "--messages",
-            &Value::Array(messages.clone()).to_string(),
-        ])
-        .output()
-        .expect("generate");
-    assert_eq!(format!("{answer}\n"), String::from_utf8_lossy(&out.stdout));
+    assert_eq!(answer, recompute(&messages));
     // Its KV died with the node: recomputed, wherever it went.
     assert_eq!(header(&h, "x-tandem-cached-tokens"), "0", "{h:?}");
     eprintln!(

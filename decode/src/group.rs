@@ -33,15 +33,7 @@ use tandem_wire::node::{spawn_heartbeat, Beat, NodeSetup};
 
 use crate::admission::{Action, Admission, Limits, Rejection};
 
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Model(#[from] tandem_model::ModelError),
-    #[error(transparent)]
-    Wire(#[from] tandem_wire::WireError),
-}
+pub use tandem_wire::node::NodeError as DecodeError;
 
 pub type Result<T> = std::result::Result<T, DecodeError>;
 

@@ -34,15 +34,7 @@ use tandem_wire::messages::{
 };
 use tandem_wire::node::{spawn_heartbeat, Beat, NodeSetup};
 
-#[derive(Debug, thiserror::Error)]
-pub enum PrefillError {
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Model(#[from] tandem_model::ModelError),
-    #[error(transparent)]
-    Wire(#[from] tandem_wire::WireError),
-}
+pub use tandem_wire::node::NodeError as PrefillError;
 
 pub type Result<T> = std::result::Result<T, PrefillError>;
 

@@ -11,6 +11,17 @@ use crate::messages::{Hello, Load, Message, Role, PROTOCOL_VERSION};
 use crate::quic::Liveness;
 use crate::tls::{load_identity, NodeIdentity};
 
+/// Why a node process could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Model(#[from] tandem_model::ModelError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
 pub struct NodeSetup {
     pub cluster: Cluster,
     pub name: String,
