@@ -334,6 +334,9 @@ pub struct BenchSessionsArgs {
     decode_groups: usize,
     #[arg(long, default_value_t = 3)]
     pipelines: usize,
+    /// Decode groups prefill uncached suffixes up to this long themselves.
+    #[arg(long, default_value_t = 0)]
+    local_prefill_max: usize,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -448,6 +451,8 @@ pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
             routing.clone(),
             "--kv-blocks".into(),
             "1024".into(),
+            "--local-prefill-max".into(),
+            a.local_prefill_max.to_string(),
         ];
         let cluster = crate::serve::ServeChild::start(common, &args)?;
         let addr = cluster.http;

@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// Decode groups (each of --tp ranks).
     #[arg(long, default_value_t = 1)]
     pub decode_groups: usize,
+    /// Uncached prompt suffixes this short are prefilled by the decode group itself.
+    #[arg(long, default_value_t = 0)]
+    pub local_prefill_max: usize,
     /// Gateway routing: sessions (sticky, KV-aware), least-loaded or round-robin.
     #[arg(long, default_value = "sessions")]
     pub routing: String,
@@ -103,12 +106,13 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
     }
     for d in 0..a.decode_groups {
         t += &format!(
-            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\n\n",
+            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\n\n",
             free_udp()?,
             a.tp,
             a.kv_blocks,
             a.max_batch,
-            a.max_queue
+            a.max_queue,
+            a.local_prefill_max
         );
     }
     let path = dir.join("cluster.toml");

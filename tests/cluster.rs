@@ -625,3 +625,37 @@ fn new_sessions_go_to_their_cached_prefix_and_a_lost_decode_node_is_recomputed()
         t0.elapsed()
     );
 }
+
+#[test]
+fn a_short_uncached_suffix_is_prefilled_by_decode_itself() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(&["--local-prefill-max", "64"]);
+    let body =
+        |m: &Vec<Value>| json!({"model": MODEL, "messages": m, "temperature": 0, "max_tokens": 24});
+    let mut messages = vec![json!({"role": "user", "content": LONG})];
+    let (status, h, v) = chat_with_headers(c.port, &body(&messages), "local");
+    assert_eq!(status, 200, "{v}");
+    // LONG is ~80 tokens: over the threshold, so the pipeline prefilled it.
+    assert_ne!(header(&h, "x-tandem-kv-bytes"), "0");
+    messages.push(json!({"role": "assistant", "content": v["choices"][0]["message"]["content"]}));
+    messages.push(json!({"role": "user", "content": "Shorter, please."}));
+    // Turn 2: decode lacks only the last answer's tail and the new question.
+    let (status, h, v) = chat_with_headers(c.port, &body(&messages), "local");
+    assert_eq!(status, 200, "{v}");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("usage");
+    let cached: u64 = header(&h, "x-tandem-cached-tokens")
+        .parse()
+        .expect("number");
+    let prefilled: u64 = header(&h, "x-tandem-prefilled-tokens")
+        .parse()
+        .expect("number");
+    assert_eq!(header(&h, "x-tandem-kv-bytes"), "0", "nothing moved");
+    assert_eq!(cached + prefilled, prompt);
+    assert!(prefilled <= 64);
+    // Quantized-weight prefill: within tolerance of the reference, which for
+    // this greedy answer means the same text.
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert_eq!(answer, recompute(&messages));
+}

@@ -27,7 +27,7 @@ use tandem_wire::config::Pipeline;
 use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
 use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, KvChunk, KvDone, Lease, Load, Message,
-    PrefillRequest, RankTarget, RequestId, Role,
+    PrefillRequest, RankTarget, RequestId, Role, WARM_LEASE,
 };
 use tandem_wire::node::{spawn_heartbeat, Beat, NodeSetup};
 
@@ -70,6 +70,8 @@ struct Req {
     running: Option<Running>,
     acct: Accounting,
     submitted: Instant,
+    /// The pipeline that prefilled it (none when prefilled here).
+    pipeline: Option<String>,
 }
 
 pub struct Group<'m> {
@@ -91,6 +93,9 @@ pub struct Group<'m> {
     epoch: Instant,
     beat: Arc<Mutex<Beat>>,
     gateway: String,
+    /// Uncached suffixes this short are prefilled here.
+    local_prefill_max: usize,
+    local_prefills: u64,
 }
 
 fn class_of(why: &Rejection) -> (ErrorClass, String) {
@@ -356,6 +361,7 @@ impl Group<'_> {
                     ..Default::default()
                 },
                 submitted: Instant::now(),
+                pipeline: None,
             },
         );
         let now = self.now();
@@ -420,8 +426,16 @@ impl Group<'_> {
                 .min_by_key(|p| self.inflight.get(*p).copied().unwrap_or(0))
                 .cloned(),
         };
+        let mut tokens = r.gen.prompt.clone();
+        tokens.extend(&r.gen.generated);
+        // Conditional disaggregation: a short uncached suffix is cheaper to
+        // prefill here than to ship to a pipeline and back; with no pipeline
+        // up, every prefill happens here.
+        if tokens.len() - cached <= self.local_prefill_max || pick.is_none() {
+            return self.prefill_locally(id, lease, tokens, blocks, cached);
+        }
         let Some(pipeline) = pick else {
-            return self.fail(id, ErrorClass::NodeLost, "no prefill pipeline is up".into());
+            unreachable!("handled above")
         };
         let p = self
             .pipelines
@@ -429,8 +443,6 @@ impl Group<'_> {
             .find(|p| p.name == pipeline)
             .expect("picked from the list")
             .clone();
-        let mut tokens = r.gen.prompt.clone();
-        tokens.extend(&r.gen.generated);
         let targets: Vec<RankTarget> = (0..self.group.tp)
             .map(|rank| {
                 let h = self.group.heads(rank);
@@ -482,6 +494,93 @@ impl Group<'_> {
             );
             self.kv_lost(id, lease);
         }
+    }
+
+    /// Asks `pipeline` to compute and cache `tokens` (nothing comes back).
+    fn warm_pipeline(&self, id: RequestId, pipeline: &str, tokens: Vec<u32>) {
+        let Some(stage0) = self
+            .pipelines
+            .iter()
+            .find(|p| p.name == pipeline)
+            .map(|p| p.stages[0].0.clone())
+        else {
+            return;
+        };
+        if let Some(l) = self.links.get(&stage0) {
+            let _ = l.try_send(Message::Prefill(PrefillRequest {
+                id,
+                lease: WARM_LEASE,
+                decode: self.name.clone(),
+                tokens,
+                cached: 0,
+                reuse_from: 0,
+                reuse: true,
+                targets: Vec::new(),
+                params: tandem_model::SamplingParams::greedy(1),
+                deadline_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+                    + 60_000,
+            }));
+        }
+    }
+
+    /// Prefills `tokens[cached..]` on this group's own ranks (quantized
+    /// weights: logits within a stated tolerance of the pipeline's, not
+    /// bit-equal) and starts the request.
+    fn prefill_locally(
+        &mut self,
+        id: RequestId,
+        lease: Lease,
+        tokens: Vec<u32>,
+        blocks: Vec<BlockId>,
+        cached: usize,
+    ) {
+        let t0 = Instant::now();
+        let n = tokens.len() - cached;
+        let out = self.group.forward(
+            Input::Tokens(tokens[cached..].to_vec()),
+            vec![Span {
+                pos: cached,
+                n,
+                blocks: blocks.clone(),
+            }],
+            Phase::Decode,
+        );
+        let logits = match out {
+            Ok(SliceOutput::Logits(l)) => l,
+            Ok(_) => {
+                return self.fail(
+                    id,
+                    ErrorClass::Internal,
+                    "local prefill gave no logits".into(),
+                )
+            }
+            Err(e) => return self.fail(id, ErrorClass::Internal, format!("local prefill: {e}")),
+        };
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let s = Sampler::new(&r.gen.params).sample(&logits);
+        r.acct.cached_tokens = cached as u32;
+        r.acct.prefilled_tokens = n as u32;
+        r.acct.prefill_compute_us = t0.elapsed().as_micros() as u64;
+        r.acct.decode_queue_us = r.submitted.elapsed().as_micros() as u64;
+        self.local_prefills += 1;
+        let now = self.now();
+        let actions = self.admission.kv_complete(id, lease, true, now);
+        // Start reads the first token from the attempt.
+        if let Some(r) = self.reqs.get_mut(&id) {
+            r.attempt = Some(Attempt {
+                lease,
+                pipeline: String::new(),
+                incoming: Incoming::new(lease, 0, Vec::new()),
+                verdict: Some(Verdict::Verified),
+                first: Some((s.token, s.logprob)),
+                sent: t0,
+            });
+        }
+        self.carry_out(actions);
     }
 
     fn plan(&mut self, pipeline: &str, stage: u32, rank: u32) -> Option<Vec<CopyRun>> {
@@ -590,6 +689,7 @@ impl Group<'_> {
             return;
         };
         let Some(a) = r.attempt.take() else { return };
+        r.pipeline = Some(a.pipeline.clone()).filter(|p| !p.is_empty());
         let (first, logprob) = a.first.expect("started only with a first token");
         let params = &r.gen.params;
         let mut sampler = Sampler::new(params);
@@ -655,9 +755,14 @@ impl Group<'_> {
                 },
             );
             let now = self.now();
-            // Its KV stays cached for the conversation's next turn.
+            // Its KV stays cached for the conversation's next turn; the
+            // pipeline is asked to cache the answer too, so that turn only
+            // computes what is new there as well.
             let actions = self.admission.finish(id, &computed, now);
             self.carry_out(actions);
+            if let Some(p) = r.pipeline.as_ref().filter(|_| r.gen.session.is_some()) {
+                self.warm_pipeline(id, p, computed);
+            }
         }
     }
 
@@ -840,6 +945,9 @@ pub fn run(
         let gw = &cluster.file.gateway;
         spawn_dialer(ep, gw.quic.clone(), gw.name.clone(), hello, tx.clone());
         spawn_heartbeat(setup.name.clone(), setup.heartbeat_period(), beat.clone());
+        if let Some(h) = tandem_wire::node::health_addr()? {
+            tandem_wire::node::spawn_health(h, setup.name.clone(), beat.clone());
+        }
     }
     let mut g = Group {
         name: setup.name.clone(),
@@ -858,6 +966,8 @@ pub fn run(
         epoch: Instant::now(),
         beat,
         gateway: cluster.file.gateway.name.clone(),
+        local_prefill_max: d.local_prefill_max,
+        local_prefills: 0,
     };
     let _ = g.n_layers;
     tracing::info!("{}: decode group (tp {}) ready at {}", g.name, d.tp, d.addr);

@@ -10,6 +10,9 @@
 #   TANDEM_THREADS  compute threads (default: every core)
 #   TANDEM_HOME     where the default model is cached (default: ~/.cache/tandem)
 #   TANDEM_LOG      log filter, e.g. info or tandem_decode=debug (default: info)
+#   TANDEM_HEALTH_ADDR  prefill and decode nodes: serve probes here, e.g.
+#                   0.0.0.0:9100 (GET /health: 200 once linked to the
+#                   gateway; GET /live: 200 while running); unset: no probes
 #   TANDEM_PYTHON   python used to fetch the default model (default: python3)
 #   UCX_TLS, UCX_NET_DEVICES pass through untouched.
 set -euo pipefail

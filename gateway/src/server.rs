@@ -1130,6 +1130,7 @@ pub async fn run(
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/live", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))

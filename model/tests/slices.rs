@@ -191,3 +191,37 @@ fn half_precision_kv_stays_close() {
         assert!(d < 0.05, "{dtype:?} KV moves decode logits by {d}");
     }
 }
+
+/// A decode group prefilling a short suffix itself runs the prompt through
+/// the quantized weights instead of the dense ones: the same numbers
+/// (dense weights are the dequantized blocks), summed in another order, so
+/// logits agree within a stated tolerance rather than bit for bit.
+#[test]
+fn prefill_on_quantized_weights_stays_within_tolerance() {
+    /// Largest difference allowed, relative to the largest logit.
+    const TOLERANCE: f32 = 1e-3;
+    let file = common::open();
+    let opts = |formats| EngineOptions {
+        kv_blocks: 32,
+        formats,
+        ..Default::default()
+    };
+    let mut dense = Engine::new(&file, &opts(tandem_model::Formats::BOTH)).expect("engine");
+    let mut quant = Engine::new(&file, &opts(tandem_model::Formats::DECODE)).expect("engine");
+    for p in PROMPTS {
+        let ids = prompt_ids(&file, p);
+        let (pre, dec) = logits(&mut dense, &ids);
+        let (p2, d2) = logits(&mut quant, &ids);
+        let d = common::rel_diff(&pre, &p2);
+        assert!(d < TOLERANCE, "{p:?}: prefill logits differ by {d}");
+        assert!(
+            common::rel_diff(&dec, &d2) < TOLERANCE,
+            "{p:?}: the next step too"
+        );
+        assert_eq!(
+            tandem_model::sampling::argmax(&pre),
+            tandem_model::sampling::argmax(&p2),
+            "{p:?}"
+        );
+    }
+}

@@ -30,7 +30,7 @@ use tandem_model::{
 use tandem_wire::config::Pipeline;
 use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
 use tandem_wire::messages::{
-    Activations, ErrorClass, Lease, Load, Message, PrefillRequest, RequestId, Role,
+    Activations, ErrorClass, Lease, Load, Message, PrefillRequest, RequestId, Role, WARM_LEASE,
 };
 use tandem_wire::node::{spawn_heartbeat, Beat, NodeSetup};
 
@@ -250,12 +250,17 @@ impl Stage {
             };
             if self.index > 0 && hit.len() * bs < req.reuse_from as usize {
                 self.cache.release(&hit);
+                // Stage 0 may have cached a prompt whose part here is still
+                // computing: wait for what is in flight before giving up.
+                if !self.reqs.is_empty() {
+                    break;
+                }
                 let req = self.waiting.pop_front().expect("front exists");
                 self.fail(
                     &req,
                     ErrorClass::Internal,
                     format!(
-                        "stage {} no longer caches the prompt's first {} tokens",
+                        "stage {} does not cache the prompt's first {} tokens",
                         self.index, req.reuse_from
                     ),
                 );
@@ -445,7 +450,7 @@ impl Stage {
         for d in r.out.as_ref().expect("outgoing").finish() {
             transport.done(d).map_err(|e| e.to_string())?;
         }
-        if let Some(l) = logits.filter(|_| is_last) {
+        if let Some(l) = logits.filter(|_| is_last && !r.req.targets.is_empty()) {
             let s = Sampler::new(&r.req.params).sample(&l);
             transport
                 .link
@@ -569,6 +574,9 @@ pub fn run(
             );
         }
         spawn_heartbeat(setup.name.clone(), setup.heartbeat_period(), beat.clone());
+        if let Some(h) = tandem_wire::node::health_addr()? {
+            tandem_wire::node::spawn_health(h, setup.name.clone(), beat.clone());
+        }
     }
     let pipeline_blocks = pipeline.kv_blocks;
     let mut st = Stage {
@@ -607,7 +615,13 @@ pub fn run(
                 st.on_event(ev);
             }
         }
-        if let Some(w) = st.work.pop_front() {
+        // Requests someone waits for go before cache warming.
+        let next = st
+            .work
+            .iter()
+            .position(|w| w.key.1 != WARM_LEASE)
+            .or((!st.work.is_empty()).then_some(0));
+        if let Some(w) = next.and_then(|i| st.work.remove(i)) {
             st.step(w);
         }
         {

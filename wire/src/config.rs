@@ -144,6 +144,11 @@ pub struct DecodeSection {
     /// Requests waiting for admission.
     #[serde(default = "default_queue")]
     pub max_queue: usize,
+    /// Prompts whose uncached part is at most this many tokens are prefilled
+    /// by the decode group itself (conditional disaggregation); 0 sends every
+    /// prefill to a pipeline.
+    #[serde(default = "default_local_prefill")]
+    pub local_prefill_max: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -206,6 +211,9 @@ fn default_gateway_queue() -> usize {
 }
 fn default_chunk() -> usize {
     256
+}
+fn default_local_prefill() -> usize {
+    0
 }
 fn default_prefill_blocks() -> usize {
     1024

@@ -96,3 +96,69 @@ pub fn spawn_heartbeat(node: String, period: Duration, beat: Arc<Mutex<Beat>>) {
         }
     });
 }
+
+/// Answers probes on `addr` (Kubernetes, load balancers): `GET /health` is
+/// 200 while the node is linked to the gateway and 503 before (readiness);
+/// `GET /live` is 200 while the process serves (liveness). The body names the
+/// node and its load. A node has no other HTTP surface.
+pub fn spawn_health(addr: std::net::SocketAddr, node: String, beat: Arc<Mutex<Beat>>) {
+    tokio::spawn(async move {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{node}: cannot serve health checks on {addr}: {e}");
+                return;
+            }
+        };
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let (load, linked) = {
+                let b = beat.lock().expect("heartbeat state");
+                (b.load, b.gateway.as_ref().is_some_and(|l| !l.is_closed()))
+            };
+            let node = node.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 1024];
+                let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .unwrap_or(0);
+                let live = buf[..n].starts_with(b"GET /live");
+                let body = format!(
+                    "{{\"node\":\"{node}\",\"linked_to_gateway\":{linked},\"running\":{},\"queued\":{},\"free_blocks\":{},\"total_blocks\":{}}}",
+                    load.running, load.queued, load.free_blocks, load.total_blocks
+                );
+                let status = if linked || live {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.0 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+}
+
+/// The health-check address from `TANDEM_HEALTH_ADDR`, if set.
+pub fn health_addr() -> Result<Option<std::net::SocketAddr>> {
+    match std::env::var("TANDEM_HEALTH_ADDR") {
+        Ok(v) if !v.is_empty() => v.parse().map(Some).map_err(|_| {
+            WireError::Connection(format!(
+                "TANDEM_HEALTH_ADDR '{v}' is not an address like 0.0.0.0:9100"
+            ))
+        }),
+        _ => Ok(None),
+    }
+}
