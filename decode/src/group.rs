@@ -927,12 +927,7 @@ pub fn run(
         max_attempts: MAX_ATTEMPTS,
         kv_timeout: KV_TIMEOUT_MS,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name(format!("{}-io", setup.name))
-        .build()
-        .map_err(|e| DecodeError::Setup(format!("cannot start the I/O runtime: {e}")))?;
+    let rt = tandem_wire::node::io_runtime(&setup.name)?;
     let (tx, rx) = mpsc::channel();
     let beat = Arc::new(Mutex::new(Beat::default()));
     let hello = setup.hello(Role::Decode {

@@ -529,12 +529,7 @@ pub fn run(
         cfg.head_dim,
         cluster.kv_dtype,
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name(format!("{}-io", setup.name))
-        .build()
-        .map_err(|e| PrefillError::Setup(format!("cannot start the I/O runtime: {e}")))?;
+    let rt = tandem_wire::node::io_runtime(&setup.name)?;
     let (tx, rx) = mpsc::channel();
     let beat = Arc::new(Mutex::new(Beat::default()));
     let role = Role::Prefill {

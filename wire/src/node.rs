@@ -22,6 +22,16 @@ pub enum NodeError {
     Wire(#[from] WireError),
 }
 
+/// The small tokio runtime a node's links run on (compute has its own threads).
+pub fn io_runtime(node: &str) -> std::result::Result<tokio::runtime::Runtime, NodeError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name(format!("{node}-io"))
+        .build()
+        .map_err(|e| NodeError::Setup(format!("cannot start the I/O runtime: {e}")))
+}
+
 pub struct NodeSetup {
     pub cluster: Cluster,
     pub name: String,
