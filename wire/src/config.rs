@@ -387,6 +387,11 @@ impl ClusterFile {
                 c.limits.down_after_ms, c.limits.heartbeat_ms
             )));
         }
+        if c.transport.kind == TransportKind::Ucx {
+            return Err(bad(
+                "[transport] kind = \"ucx\": this build has no UCX transport yet; use \"quic\" or \"auto\" (auto uses QUIC)".into(),
+            ));
+        }
         Ok(Cluster {
             file: self,
             kv_dtype,
@@ -591,6 +596,10 @@ tp = 3
             (
                 format!("{GOOD}\n[transport]\nkind = \"carrier-pigeon\"\n"),
                 "carrier-pigeon",
+            ),
+            (
+                format!("{GOOD}\n[transport]\nkind = \"ucx\"\n"),
+                "no UCX transport yet",
             ),
         ];
         for (text, want) in cases {
