@@ -1,0 +1,314 @@
+//! Turning a request's events into OpenAI responses: whole bodies,
+//! server-sent event streams, and the accounting that rides along.
+
+use super::*;
+
+/// What kind of response a request wants.
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Kind {
+    Chat,
+    Completion,
+}
+
+pub(super) struct Shape {
+    pub(super) kind: Kind,
+    pub(super) id: String,
+    pub(super) created: u64,
+    pub(super) model: String,
+    pub(super) include_usage: bool,
+    pub(super) logprobs: bool,
+}
+
+impl Shape {
+    fn chunk(
+        &self,
+        gw: &Gateway,
+        text: &str,
+        token: Option<(u32, f32)>,
+        finish: Option<FinishReason>,
+    ) -> Value {
+        let lp = token
+            .filter(|_| self.logprobs)
+            .map(|(t, lp)| (gw.token_text(t), lp));
+        match self.kind {
+            Kind::Chat => {
+                let delta = if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({ "content": text })
+                };
+                api::chat_chunk(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    delta,
+                    finish,
+                    lp,
+                    self.include_usage,
+                )
+            }
+            Kind::Completion => {
+                let mut c =
+                    api::completion_chunk(&self.id, self.created, &self.model, text, finish, lp);
+                if self.include_usage {
+                    c["usage"] = Value::Null;
+                }
+                c
+            }
+        }
+    }
+
+    fn usage(&self, usage: Usage) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        json!({ "id": self.id, "object": object, "created": self.created, "model": self.model, "system_fingerprint": Value::Null, "choices": [], "usage": usage })
+    }
+}
+
+fn timing(a: &Accounting, gateway_us: u64) -> Value {
+    json!({
+        "nodes": a.nodes,
+        "prefilled_tokens": a.prefilled_tokens,
+        "cached_tokens": a.cached_tokens,
+        "kv_bytes": a.kv_bytes,
+        "gateway_us": gateway_us,
+        "decode_queue_us": a.decode_queue_us,
+        "prefill_queue_us": a.prefill_queue_us,
+        "prefill_compute_us": a.prefill_compute_us,
+        "kv_transfer_us": a.kv_transfer_us,
+        "first_step_us": a.first_step_us,
+    })
+}
+
+pub(super) async fn respond(
+    gw: Arc<Gateway>,
+    ticket: Ticket,
+    shape: Shape,
+    stream: bool,
+) -> Response {
+    let headers = ticket.headers.clone();
+    let mut r = respond_body(gw, ticket, shape, stream).await;
+    for (k, v) in headers {
+        if let Ok(v) = header::HeaderValue::from_str(&v) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+    r
+}
+
+/// Per-request accounting as response headers (non-streaming responses;
+/// a stream carries it in its last chunk).
+fn accounting_headers(r: &mut Response, a: &Accounting) {
+    for (k, v) in [
+        ("x-tandem-cached-tokens", a.cached_tokens.to_string()),
+        ("x-tandem-prefilled-tokens", a.prefilled_tokens.to_string()),
+        ("x-tandem-kv-bytes", a.kv_bytes.to_string()),
+        ("x-tandem-decode-queue-us", a.decode_queue_us.to_string()),
+        ("x-tandem-prefill-queue-us", a.prefill_queue_us.to_string()),
+        (
+            "x-tandem-prefill-compute-us",
+            a.prefill_compute_us.to_string(),
+        ),
+        ("x-tandem-kv-transfer-us", a.kv_transfer_us.to_string()),
+        ("x-tandem-first-step-us", a.first_step_us.to_string()),
+    ] {
+        if let Ok(v) = header::HeaderValue::from_str(&v) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+}
+
+async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bool) -> Response {
+    if stream {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        tokio::spawn(stream_events(gw, ticket, shape, tx));
+        let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        }));
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    let Ticket {
+        mut guard,
+        mut rx,
+        first,
+        prompt_tokens,
+        ..
+    } = ticket;
+    let mut text = String::new();
+    let mut completion = 0usize;
+    let mut logprobs = Vec::new();
+    let mut ev = Some(first);
+    loop {
+        let Some(e) = ev.take() else {
+            guard.done = true;
+            return error_response(&ApiError::Unavailable("the decode group went away".into()));
+        };
+        match e {
+            GenerateEvent::Token {
+                token,
+                logprob,
+                text: t,
+                ..
+            } => {
+                completion += 1;
+                text.push_str(&t);
+                if shape.logprobs {
+                    logprobs.push((gw.token_text(token), logprob));
+                }
+                gw.metrics.tokens_out.inc();
+            }
+            GenerateEvent::Finished { reason, accounting } => {
+                guard.done = true;
+                let usage = Usage::new(prompt_tokens, completion);
+                gw.metrics
+                    .finish(prompt_tokens, guard.started.elapsed(), &accounting);
+                let mut v = match shape.kind {
+                    Kind::Chat => api::chat_completion(
+                        &shape.id,
+                        shape.created,
+                        &shape.model,
+                        &text,
+                        reason,
+                        usage,
+                    ),
+                    Kind::Completion => {
+                        let mut c = api::completion_chunk(
+                            &shape.id,
+                            shape.created,
+                            &shape.model,
+                            &text,
+                            Some(reason),
+                            None,
+                        );
+                        c["usage"] = json!(usage);
+                        c
+                    }
+                };
+                if shape.logprobs {
+                    let content: Vec<Value> = logprobs
+                        .iter()
+                        .map(|(t, lp)| json!({ "token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": [] }))
+                        .collect();
+                    v["choices"][0]["logprobs"] = match shape.kind {
+                        Kind::Chat => json!({ "content": content }),
+                        Kind::Completion => json!({
+                            "tokens": logprobs.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+                            "token_logprobs": logprobs.iter().map(|(_, l)| *l).collect::<Vec<_>>(),
+                            "top_logprobs": Value::Null,
+                            "text_offset": Value::Null,
+                        }),
+                    };
+                }
+                v["tandem"] = timing(&accounting, 0);
+                let mut r = (StatusCode::OK, axum::Json(v)).into_response();
+                accounting_headers(&mut r, &accounting);
+                return r;
+            }
+            GenerateEvent::Failed { class, message } => {
+                guard.done = true;
+                return error_response(&api_error(class, message));
+            }
+        }
+        ev = rx.recv().await;
+    }
+}
+
+async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc::Sender<Bytes>) {
+    let Ticket {
+        mut guard,
+        mut rx,
+        first,
+        prompt_tokens,
+        ..
+    } = ticket;
+    let send = |v: String| {
+        let tx = tx.clone();
+        async move { tx.send(Bytes::from(v)).await.is_ok() }
+    };
+    if shape.kind == Kind::Chat {
+        let role = api::chat_chunk(
+            &shape.id,
+            shape.created,
+            &shape.model,
+            json!({ "role": "assistant", "content": "" }),
+            None,
+            None,
+            shape.include_usage,
+        );
+        if !send(api::sse(&role)).await {
+            return;
+        }
+    }
+    let mut completion = 0usize;
+    let mut ev = Some(first);
+    let mut last_token = guard.started;
+    loop {
+        let e = match ev.take() {
+            Some(e) => e,
+            None => {
+                let e = GenerateEvent::Failed {
+                    class: ErrorClass::NodeLost,
+                    message: "the decode group went away".into(),
+                };
+                guard.done = true;
+                let err = api_error(ErrorClass::NodeLost, "the decode group went away".into());
+                let _ = send(api::sse(&err.body())).await;
+                let _ = e;
+                return;
+            }
+        };
+        match e {
+            GenerateEvent::Token {
+                token,
+                logprob,
+                text,
+                ..
+            } => {
+                completion += 1;
+                gw.metrics.tokens_out.inc();
+                if completion > 1 {
+                    gw.metrics.itl.observe(last_token.elapsed().as_secs_f64());
+                }
+                last_token = Instant::now();
+                if !text.is_empty() || shape.logprobs {
+                    let c = shape.chunk(&gw, &text, Some((token, logprob)), None);
+                    if !send(api::sse(&c)).await {
+                        return;
+                    }
+                }
+            }
+            GenerateEvent::Finished { reason, accounting } => {
+                guard.done = true;
+                gw.metrics
+                    .finish(prompt_tokens, guard.started.elapsed(), &accounting);
+                let mut c = shape.chunk(&gw, "", None, Some(reason));
+                c["tandem"] = timing(&accounting, 0);
+                let _ = send(api::sse(&c)).await;
+                if shape.include_usage {
+                    let _ = send(api::sse(
+                        &shape.usage(Usage::new(prompt_tokens, completion)),
+                    ))
+                    .await;
+                }
+                let _ = send(api::SSE_DONE.to_string()).await;
+                return;
+            }
+            GenerateEvent::Failed { class, message } => {
+                guard.done = true;
+                let _ = send(api::sse(&api_error(class, message).body())).await;
+                return;
+            }
+        }
+        ev = tokio::select! {
+            e = rx.recv() => e,
+            _ = tx.closed() => return, // the client left: the guard cancels
+        };
+    }
+}
