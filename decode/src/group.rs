@@ -253,6 +253,16 @@ impl Group<'_> {
                 compute_us,
                 prefilled,
             } => {
+                // A token outside the vocabulary would index past the
+                // embedding: the attempt is treated as failed and retried.
+                if token as usize >= self.tok.vocab_size() {
+                    tracing::warn!(
+                        "{}: {peer} sent token {token} for request {}; retrying",
+                        self.name,
+                        id.0
+                    );
+                    return self.kv_lost(id, lease);
+                }
                 if let Some(r) = self.reqs.get_mut(&id) {
                     if let Some(a) = r.attempt.as_mut().filter(|a| a.lease == lease) {
                         a.first = Some((token, logprob));

@@ -205,6 +205,16 @@ impl Stage {
                 req.cached
             ));
         }
+        // Stage 0 sets reuse_from for the stages after it; a value that does
+        // not leave the last token to compute would underflow the accounting.
+        if req.reuse_from as usize % self.block_size != 0
+            || req.reuse_from as usize >= req.tokens.len()
+        {
+            return Err(format!(
+                "reusing {} tokens is not a whole number of blocks below the prompt",
+                req.reuse_from
+            ));
+        }
         if need > self.cache.total() {
             return Err(format!(
                 "{} tokens need {need} blocks; the stage has {}",
