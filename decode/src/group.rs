@@ -29,7 +29,7 @@ use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, KvChunk, KvDone, Lease, Load, Message,
     PrefillRequest, RankTarget, RequestId, Role, WARM_LEASE,
 };
-use tandem_wire::node::{spawn_heartbeat, Beat, NodeSetup};
+use tandem_wire::node::{Beat, NodeSetup};
 
 use crate::admission::{Action, Admission, Limits, Rejection};
 
@@ -671,10 +671,7 @@ pub fn run(
         spawn_acceptor(ep.clone(), hello.clone(), tx.clone());
         let gw = &cluster.file.gateway;
         spawn_dialer(ep, gw.quic.clone(), gw.name.clone(), hello, tx.clone());
-        spawn_heartbeat(setup.name.clone(), setup.heartbeat_period(), beat.clone());
-        if let Some(h) = tandem_wire::node::health_addr()? {
-            tandem_wire::node::spawn_health(h, setup.name.clone(), beat.clone());
-        }
+        setup.spawn_services(&beat)?;
     }
     let mut g = Group {
         name: setup.name.clone(),

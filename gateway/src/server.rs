@@ -31,7 +31,7 @@ use tandem_wire::link::{spawn_acceptor, Link, NetEvent};
 use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, Load, Message, RequestId, Role,
 };
-use tandem_wire::node::NodeSetup;
+use tandem_wire::node::{now_ms, NodeSetup};
 use tokio::sync::mpsc;
 
 use crate::api::{self, ApiError, PromptInput, Usage};
@@ -90,13 +90,6 @@ fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 

@@ -32,7 +32,7 @@ use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
 use tandem_wire::messages::{
     Activations, ErrorClass, Lease, Load, Message, PrefillRequest, RequestId, Role, WARM_LEASE,
 };
-use tandem_wire::node::{spawn_heartbeat, Beat, NodeSetup};
+use tandem_wire::node::{now_ms, Beat, NodeSetup};
 
 pub use tandem_wire::node::NodeError as PrefillError;
 
@@ -486,13 +486,6 @@ impl Stage {
     }
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Runs stage `node` until `stop` is set. Call from a plain thread: it
 /// starts its own tokio runtime for the links.
 pub fn run(
@@ -578,10 +571,7 @@ pub fn run(
                 tx.clone(),
             );
         }
-        spawn_heartbeat(setup.name.clone(), setup.heartbeat_period(), beat.clone());
-        if let Some(h) = tandem_wire::node::health_addr()? {
-            tandem_wire::node::spawn_health(h, setup.name.clone(), beat.clone());
-        }
+        setup.spawn_services(&beat)?;
     }
     let pipeline_blocks = pipeline.kv_blocks;
     let mut st = Stage {

@@ -161,6 +161,26 @@ pub fn spawn_health(addr: std::net::SocketAddr, node: String, beat: Arc<Mutex<Be
     });
 }
 
+/// Milliseconds since the Unix epoch (request deadlines are in these).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl NodeSetup {
+    /// What every prefill and decode node runs beside its links: heartbeats
+    /// to the gateway, and probes when `TANDEM_HEALTH_ADDR` asks for them.
+    /// Must be called inside the node's runtime.
+    pub fn spawn_services(&self, beat: &Arc<Mutex<Beat>>) -> Result<()> {
+        spawn_heartbeat(self.name.clone(), self.heartbeat_period(), beat.clone());
+        if let Some(h) = health_addr()? {
+            spawn_health(h, self.name.clone(), beat.clone());
+        }
+        Ok(())
+    }
+}
+
 /// The health-check address from `TANDEM_HEALTH_ADDR`, if set.
 pub fn health_addr() -> Result<Option<std::net::SocketAddr>> {
     match std::env::var("TANDEM_HEALTH_ADDR") {

@@ -118,10 +118,7 @@ impl Group<'_> {
                 reuse: true,
                 targets: Vec::new(),
                 params: tandem_model::SamplingParams::greedy(1),
-                deadline_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64)
-                    + 60_000,
+                deadline_ms: tandem_wire::node::now_ms() + 60_000,
             }));
         }
     }
