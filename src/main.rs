@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the crates.
 
 mod bench;
+mod bench_serve;
 mod cluster;
 mod generate;
 mod node;
@@ -44,6 +45,9 @@ enum Cmd {
     Generate(generate::GenerateArgs),
     /// Download the default model (SmolLM2-135M-Instruct) into the cache.
     FetchModel,
+    /// Write a model's tokenizer as a Hugging Face tokenizer directory
+    /// (tokenizer.json, tokenizer_config.json), for tools such as AIPerf.
+    ExportTokenizer(ExportTokenizerArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -63,12 +67,55 @@ enum Cmd {
     Decode(node::RoleArgs),
 }
 
+#[derive(Args)]
+struct ExportTokenizerArgs {
+    /// GGUF file or Hugging Face directory (default: the embedded default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Directory to write (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn export_tokenizer(common: &Common, a: ExportTokenizerArgs) -> Result<()> {
+    use anyhow::Context;
+    let path = common.model_path(&a.model)?;
+    let file = tandem_model::ModelFile::open(&path)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let tok = &file.tokenizer;
+    let name = |id: Option<u32>| id.map(|i| tok.token_text(i));
+    let mut config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": file.config.context_length,
+        "bos_token": name(tok.bos),
+        "eos_token": name(tok.eos),
+        "add_bos_token": tok.add_bos,
+    });
+    if let Some(t) = &file.chat_template {
+        config["chat_template"] = t.source().into();
+    }
+    let write = |f: &str, body: String| {
+        let p = a.out.join(f);
+        std::fs::write(&p, body).with_context(|| format!("writing {}", p.display()))
+    };
+    write("tokenizer.json", tok.to_hf_json()?)?;
+    write(
+        "tokenizer_config.json",
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    println!("{}", a.out.display());
+    Ok(())
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Prefill and decode throughput of the model engine.
     Engine(bench::BenchEngineArgs),
     /// Time to first token through a local cluster, beside the single-process prefill.
     Ttft(bench::BenchTtftArgs),
+    /// The serving harness: TTFT, TPOT, ITL, throughput and goodput of any
+    /// OpenAI-compatible endpoint under a workload and load.
+    Serve(bench_serve::BenchServeArgs),
     /// Multi-turn sessions: TTFT per turn under each routing policy, in one run.
     Sessions(bench::BenchSessionsArgs),
 }
@@ -139,8 +186,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", p.display());
             Ok(())
         }
+        Cmd::ExportTokenizer(a) => export_tokenizer(&cli.common, a),
         Cmd::Bench(BenchCmd::Engine(a)) => bench::engine(&cli.common, threads, a),
         Cmd::Bench(BenchCmd::Ttft(a)) => bench::ttft(&cli.common, threads, a),
+        Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(&cli.common, a),
         Cmd::Bench(BenchCmd::Sessions(a)) => bench::sessions(&cli.common, a),
         Cmd::Certs(a) => cluster::certs(&cli.common, a),
         Cmd::CheckConfig(a) => cluster::check(&cli.common, a),

@@ -5,7 +5,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub enum Arrivals {
     Constant { rate: f64 },
     Poisson { rate: f64 },
@@ -13,6 +13,38 @@ pub enum Arrivals {
 }
 
 impl Arrivals {
+    /// Mean requests per second.
+    pub fn rate(&self) -> f64 {
+        match *self {
+            Arrivals::Constant { rate } | Arrivals::Poisson { rate } => rate,
+            Arrivals::Gamma { rate, .. } => rate,
+        }
+    }
+
+    /// `kind` is `constant`, `poisson` or `gamma` (with `burstiness`).
+    pub fn parse(kind: &str, rate: f64, burstiness: f64) -> Result<Arrivals, crate::BenchError> {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(crate::BenchError::Usage(format!(
+                "request rate {rate} must be a positive number"
+            )));
+        }
+        match kind {
+            "constant" => Ok(Arrivals::Constant { rate }),
+            "poisson" if burstiness == 1.0 => Ok(Arrivals::Poisson { rate }),
+            "poisson" | "gamma" => {
+                if !(burstiness.is_finite() && burstiness > 0.0) {
+                    return Err(crate::BenchError::Usage(format!(
+                        "burstiness {burstiness} must be a positive number"
+                    )));
+                }
+                Ok(Arrivals::Gamma { rate, burstiness })
+            }
+            other => Err(crate::BenchError::Usage(format!(
+                "unknown arrival process {other:?} (constant, poisson or gamma)"
+            ))),
+        }
+    }
+
     /// Send times (seconds from the start) of `n` requests.
     pub fn schedule(&self, n: usize, seed: u64) -> Vec<f64> {
         let mut rng = StdRng::seed_from_u64(seed);

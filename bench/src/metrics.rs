@@ -10,9 +10,45 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+/// Tandem's per-request accounting (the `tandem` object of the last chunk).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct TandemPhases {
+    pub nodes: Vec<String>,
+    pub cached_tokens: u64,
+    pub prefilled_tokens: u64,
+    pub kv_bytes: u64,
+    pub gateway_us: u64,
+    pub decode_queue_us: u64,
+    pub prefill_queue_us: u64,
+    pub prefill_compute_us: u64,
+    pub kv_transfer_us: u64,
+    pub first_step_us: u64,
+}
+
+/// Medians of Tandem's phase times over the requests that reported them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseSummary {
+    pub requests: usize,
+    pub gateway_ms: f64,
+    pub decode_queue_ms: f64,
+    pub prefill_queue_ms: f64,
+    pub prefill_compute_ms: f64,
+    pub kv_transfer_ms: f64,
+    pub first_step_ms: f64,
+    /// Share of prompt tokens found in decode's prefix cache (all requests).
+    pub cached_share: f64,
+    /// Share of prompt tokens the prefill pipeline computed.
+    pub prefilled_share: f64,
+    pub kv_mb_per_request: f64,
+}
+
 /// What the harness saw of one request; times in seconds from the run's start.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestRecord {
+    /// The job (session) this request belongs to, and its turn (from 0).
+    pub job: usize,
+    pub turn: usize,
     pub sent: f64,
     /// Arrival time of every content-bearing token (or chunk).
     pub tokens: Vec<f64>,
@@ -22,6 +58,8 @@ pub struct RequestRecord {
     pub output_tokens: usize,
     /// Failure class ("http_429", "timeout", "malformed_stream", …), if it failed.
     pub error: Option<String>,
+    /// Tandem's accounting, when the server is Tandem.
+    pub tandem: Option<TandemPhases>,
 }
 
 impl RequestRecord {
@@ -117,6 +155,37 @@ pub struct Summary {
     pub slo_attainment: Option<f64>,
     /// Requests per second that met the SLOs.
     pub goodput: Option<f64>,
+    /// Where TTFT went, when the server is Tandem.
+    pub phases: Option<PhaseSummary>,
+}
+
+fn phases(ok: &[&RequestRecord]) -> Option<PhaseSummary> {
+    let t: Vec<(&TandemPhases, usize)> = ok
+        .iter()
+        .filter_map(|r| r.tandem.as_ref().map(|t| (t, r.input_tokens)))
+        .collect();
+    if t.is_empty() {
+        return None;
+    }
+    let med = |f: fn(&TandemPhases) -> u64| {
+        stats(t.iter().map(|(p, _)| f(p) as f64 / 1e3)).map_or(0.0, |s| s.median)
+    };
+    let prompt: usize = t.iter().map(|(_, n)| n).sum::<usize>().max(1);
+    Some(PhaseSummary {
+        requests: t.len(),
+        gateway_ms: med(|p| p.gateway_us),
+        decode_queue_ms: med(|p| p.decode_queue_us),
+        prefill_queue_ms: med(|p| p.prefill_queue_us),
+        prefill_compute_ms: med(|p| p.prefill_compute_us),
+        kv_transfer_ms: med(|p| p.kv_transfer_us),
+        first_step_ms: med(|p| p.first_step_us),
+        cached_share: t.iter().map(|(p, _)| p.cached_tokens).sum::<u64>() as f64 / prompt as f64,
+        prefilled_share: t.iter().map(|(p, _)| p.prefilled_tokens).sum::<u64>() as f64
+            / prompt as f64,
+        kv_mb_per_request: t.iter().map(|(p, _)| p.kv_bytes).sum::<u64>() as f64
+            / 1e6
+            / t.len() as f64,
+    })
 }
 
 /// Summarizes a run that lasted `duration_s` seconds.
@@ -157,6 +226,7 @@ pub fn summarize(records: &[RequestRecord], duration_s: f64, slo: Option<Slo>) -
             }
         }),
         goodput: good.map(|g| per_s(g as f64)),
+        phases: phases(&ok),
     }
 }
 
@@ -166,12 +236,15 @@ mod tests {
 
     fn rec(sent: f64, tokens: &[f64], error: Option<&str>) -> RequestRecord {
         RequestRecord {
+            job: 0,
+            turn: 0,
             sent,
             tokens: tokens.to_vec(),
             done: tokens.last().copied().unwrap_or(sent) + 0.001,
             input_tokens: 100,
             output_tokens: tokens.len(),
             error: error.map(str::to_owned),
+            tandem: None,
         }
     }
 

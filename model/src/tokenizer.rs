@@ -178,6 +178,20 @@ impl Tokenizer {
         ))
     }
 
+    /// A tokenizer alone: a Hugging Face `tokenizer.json` (or a directory
+    /// holding one, with its `tokenizer_config.json`), or any model file
+    /// [`crate::ModelFile::open`] reads.
+    pub fn load(path: &Path) -> Result<Tokenizer> {
+        if path.is_dir() && path.join("tokenizer.json").is_file() {
+            return Self::from_hf_file(&path.join("tokenizer.json"), path);
+        }
+        if path.extension().is_some_and(|e| e == "json") {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            return Self::from_hf_file(path, dir);
+        }
+        Ok(crate::ModelFile::open(path)?.tokenizer)
+    }
+
     pub(crate) fn from_hf_file(path: &Path, dir: &Path) -> Result<Tokenizer> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
             ModelError::malformed(path, format!("cannot load tokenizer.json ({e})"))
