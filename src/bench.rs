@@ -327,6 +327,9 @@ pub struct BenchSessionsArgs {
     turn_tokens: usize,
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    /// Pause between an answer and the session's next turn (a user reading).
+    #[arg(long, default_value_t = 0)]
+    think_time_ms: u64,
     /// Routing policies to compare, one cluster each.
     #[arg(long, value_delimiter = ',', default_value = "sessions,round-robin")]
     routing: Vec<String>,
@@ -334,215 +337,139 @@ pub struct BenchSessionsArgs {
     decode_groups: usize,
     #[arg(long, default_value_t = 3)]
     pipelines: usize,
-    /// Decode groups prefill uncached suffixes up to this long themselves.
+    /// Decode groups prefill uncached suffixes up to this long themselves;
+    /// several values compare them (one cluster per routing and value).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    local_prefill_max: Vec<usize>,
     #[arg(long, default_value_t = 0)]
-    local_prefill_max: usize,
+    seed: u64,
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
-/// One turn's measurements.
-#[derive(Debug, Clone, serde::Serialize)]
-struct TurnRecord {
-    session: usize,
-    turn: usize,
-    ttft_s: f64,
-    prompt_tokens: u64,
-    cached_tokens: u64,
-    prefilled_tokens: u64,
-    decode: String,
-}
-
-fn session_turn(
-    addr: std::net::SocketAddr,
-    model: &str,
-    session: &str,
-    messages: &[serde_json::Value],
-    max_tokens: usize,
-) -> Result<(TurnRecord, String)> {
-    let body = serde_json::json!({
-        "model": model,
-        "messages": messages,
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    })
-    .to_string();
-    let r = tandem_bench::http::post_with(
-        addr,
-        "/v1/chat/completions",
-        &body,
-        &[("X-Session-Id", session)],
-        std::time::Duration::from_secs(600),
-    )?;
-    if r.status != 200 {
-        anyhow::bail!("status {}: {}", r.status, r.body);
-    }
-    let mut text = String::new();
-    let mut ttft = None;
-    let mut rec = TurnRecord {
-        session: 0,
-        turn: 0,
-        ttft_s: 0.0,
-        prompt_tokens: 0,
-        cached_tokens: 0,
-        prefilled_tokens: 0,
-        decode: String::new(),
-    };
-    for (t, data) in &r.events {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
-            continue;
-        };
-        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
-            if !c.is_empty() && ttft.is_none() {
-                ttft = Some(t.as_secs_f64());
-            }
-            text.push_str(c);
-        }
-        if let Some(a) = v.get("tandem") {
-            rec.cached_tokens = a["cached_tokens"].as_u64().unwrap_or(0);
-            rec.prefilled_tokens = a["prefilled_tokens"].as_u64().unwrap_or(0);
-            rec.decode = a["nodes"][0].as_str().unwrap_or("").to_string();
-            ttft.get_or_insert(t.as_secs_f64());
-        }
-        if let Some(p) = v["usage"]["prompt_tokens"].as_u64() {
-            rec.prompt_tokens = p;
-        }
-    }
-    rec.ttft_s = ttft.ok_or_else(|| anyhow::anyhow!("no tokens in the stream"))?;
-    Ok((rec, text))
+/// Median of the records' TTFTs for one turn.
+fn turn_median(recs: &[tandem_bench::metrics::RequestRecord], turn: usize) -> f64 {
+    tandem_bench::metrics::stats(
+        recs.iter()
+            .filter(|r| r.ok() && r.turn == turn)
+            .filter_map(|r| r.ttft()),
+    )
+    .map_or(f64::NAN, |s| s.median)
 }
 
 pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
+    use tandem_bench::client::{Api, Endpoint};
+    use tandem_bench::run::{Load, RunOptions};
+    use tandem_bench::workload::{LenDist, PromptSource, Shape, Workload};
     let path = common.model_path(&a.model)?;
     let file = tandem_model::ModelFile::open(&path)?;
     let model = crate::node::served_name(&file);
-    // Real text, cut into per-turn pieces of `turn_tokens` tokens; every
-    // session and turn starts at its own offset, so sessions share nothing
-    // but the chat template's system prompt.
-    let corpus = file.tokenizer.encode(
-        "Rivers shape the land they cross. Over thousands of years a river carves valleys, deposits silt on its floodplain, and builds deltas where it meets the sea. Towns grow along its banks because water brings trade, food and power. Engineers later straighten channels, raise levees and build dams, trading floods for electricity and irrigation, and ecologists study what those changes do to fish, birds and the wetlands that once filtered the water. ",
-    )?;
-    let piece = |s: usize, t: usize| -> String {
-        let start = (s * 131 + t * 37) % corpus.len();
-        let ids: Vec<u32> = (0..a.turn_tokens)
-            .map(|i| corpus[(start + i) % corpus.len()])
-            .collect();
-        format!(
-            "Read this and answer briefly: {}",
-            file.tokenizer.decode(&ids)
-        )
-    };
     println!(
-        "{} sessions x {} turns ({} at a time), ~{} new tokens per turn, {} answer tokens; {} decode groups, {} prefill pipelines",
-        a.sessions, a.turns, a.concurrency, a.turn_tokens, a.max_tokens, a.decode_groups, a.pipelines
+        "{} sessions x {} turns ({} at a time), {} new tokens per turn, {} answer tokens, think time {} ms; {} decode groups, {} prefill pipelines",
+        a.sessions, a.turns, a.concurrency, a.turn_tokens, a.max_tokens, a.think_time_ms, a.decode_groups, a.pipelines
     );
-    let mut all: Vec<(String, Vec<TurnRecord>)> = Vec::new();
-    for routing in &a.routing {
-        let args = vec![
-            "--model".to_string(),
-            path.display().to_string(),
-            "--decode-groups".into(),
-            a.decode_groups.to_string(),
-            "--pipelines".into(),
-            a.pipelines.to_string(),
-            "--routing".into(),
-            routing.clone(),
-            "--kv-blocks".into(),
-            "1024".into(),
-            "--local-prefill-max".into(),
-            a.local_prefill_max.to_string(),
-        ];
-        let cluster = crate::serve::ServeChild::start(common, &args)?;
-        let addr = cluster.http;
-        // Warm-up, not measured.
-        session_turn(
-            addr,
-            &model,
-            "warm-up",
-            &[serde_json::json!({"role": "user", "content": "Hello"})],
-            4,
-        )?;
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let records = std::sync::Mutex::new(Vec::new());
-        let failure = std::sync::Mutex::new(None::<String>);
-        std::thread::scope(|scope| {
-            for _ in 0..a.concurrency.max(1) {
-                scope.spawn(|| loop {
-                    let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if s >= a.sessions {
-                        return;
-                    }
-                    let id = format!("bench-{routing}-{s}");
-                    let mut messages = Vec::new();
-                    for t in 0..a.turns {
-                        messages.push(serde_json::json!({"role": "user", "content": piece(s, t)}));
-                        match session_turn(addr, &model, &id, &messages, a.max_tokens) {
-                            Ok((mut rec, answer)) => {
-                                rec.session = s;
-                                rec.turn = t + 1;
-                                records.lock().expect("records").push(rec);
-                                messages.push(
-                                    serde_json::json!({"role": "assistant", "content": answer}),
-                                );
-                            }
-                            Err(e) => {
-                                *failure.lock().expect("failure") =
-                                    Some(format!("session {s} turn {}: {e}", t + 1));
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        drop(cluster);
-        if let Some(f) = failure.into_inner().expect("failure") {
-            anyhow::bail!("routing {routing}: {f}");
-        }
-        let records = records.into_inner().expect("records");
-        println!("\nrouting {routing}:");
-        println!("  turn  prompt tok  TTFT median  TTFT p90   decode had  pipeline computed");
-        for t in 1..=a.turns {
-            let rs: Vec<&TurnRecord> = records.iter().filter(|r| r.turn == t).collect();
-            let mut ttft: Vec<f64> = rs.iter().map(|r| r.ttft_s).collect();
-            ttft.sort_by(f64::total_cmp);
-            let p90 = ttft[((ttft.len() as f64 * 0.9).ceil() as usize)
-                .saturating_sub(1)
-                .min(ttft.len() - 1)];
-            let prompt: u64 = rs.iter().map(|r| r.prompt_tokens).sum();
-            let cached: u64 = rs.iter().map(|r| r.cached_tokens).sum();
-            let computed: u64 = rs.iter().map(|r| r.prefilled_tokens).sum();
-            println!(
-                "  {t:>4}  {:>10.0}  {:>9.1} ms  {:>7.1} ms  {:>9.1}%  {:>16.1}%",
-                prompt as f64 / rs.len() as f64,
-                median(&mut ttft) * 1e3,
-                p90 * 1e3,
-                100.0 * cached as f64 / prompt.max(1) as f64,
-                100.0 * computed as f64 / prompt.max(1) as f64,
+    let workload = Workload {
+        shape: Shape::Sessions {
+            turns: a.turns,
+            input: LenDist::Fixed(a.turn_tokens),
+            output: LenDist::Fixed(a.max_tokens),
+            think: std::time::Duration::from_millis(a.think_time_ms),
+        },
+        prompts: PromptSource::new(tandem_model::Tokenizer::load(&path)?)?,
+        seed: a.seed,
+        run_tag: format!("{}", tandem_wire::node::now_ms()),
+    };
+    let mut all: Vec<(String, Vec<tandem_bench::metrics::RequestRecord>)> = Vec::new();
+    for lpm in &a.local_prefill_max {
+        for routing in &a.routing {
+            let name = if a.local_prefill_max.len() > 1 {
+                format!("{routing} (local prefill <= {lpm})")
+            } else {
+                routing.clone()
+            };
+            let args = vec![
+                "--model".to_string(),
+                path.display().to_string(),
+                "--decode-groups".into(),
+                a.decode_groups.to_string(),
+                "--pipelines".into(),
+                a.pipelines.to_string(),
+                "--routing".into(),
+                routing.clone(),
+                "--kv-blocks".into(),
+                "1024".into(),
+                "--local-prefill-max".into(),
+                lpm.to_string(),
+            ];
+            let cluster = crate::serve::ServeChild::start(common, &args)?;
+            let ep = Endpoint {
+                addr: cluster.http,
+                host: cluster.http.to_string(),
+                base: String::new(),
+                api: Api::Chat,
+                model: model.clone(),
+                api_key: None,
+                extra: serde_json::Map::from_iter([("ignore_eos".to_string(), true.into())]),
+                timeout: std::time::Duration::from_secs(600),
+            };
+            let result = tandem_bench::run::run(
+                &ep,
+                &workload,
+                &RunOptions {
+                    load: Load::Concurrency(a.concurrency.max(1)),
+                    jobs: Some(a.sessions),
+                    duration: None,
+                    warmup: 1,
+                    seed: a.seed,
+                    progress: true,
+                },
             );
-        }
-        all.push((routing.clone(), records));
-    }
-    if all.len() > 1 {
-        let turn_median = |recs: &[TurnRecord], t: usize| {
-            let mut v: Vec<f64> = recs
-                .iter()
-                .filter(|r| r.turn == t)
-                .map(|r| r.ttft_s)
-                .collect();
-            median(&mut v)
-        };
-        let base = &all[all.len() - 1];
-        println!();
-        for (routing, recs) in &all[..all.len() - 1] {
-            for t in 1..=a.turns {
-                println!(
-                    "turn {t}: median TTFT {routing} / {} = {:.2}x",
-                    base.0,
-                    turn_median(recs, t) / turn_median(&base.1, t)
+            drop(cluster);
+            let records = result.records;
+            if let Some(r) = records.iter().find(|r| r.error.is_some()) {
+                anyhow::bail!(
+                    "{name}: session {} turn {} failed: {}",
+                    r.job,
+                    r.turn + 1,
+                    r.error.as_deref().unwrap_or("")
                 );
+            }
+            println!("\n{name}:");
+            println!("  turn  prompt tok  TTFT median  TTFT p90   decode had  pipeline computed");
+            for t in 0..a.turns {
+                let rs: Vec<_> = records.iter().filter(|r| r.turn == t).collect();
+                let st = tandem_bench::metrics::stats(rs.iter().filter_map(|r| r.ttft()));
+                let prompt: usize = rs.iter().map(|r| r.input_tokens).sum();
+                let field = |f: fn(&tandem_bench::metrics::TandemPhases) -> u64| -> u64 {
+                    rs.iter().filter_map(|r| r.tandem.as_ref()).map(f).sum()
+                };
+                println!(
+                    "  {:>4}  {:>10.0}  {:>9.1} ms  {:>7.1} ms  {:>9.1}%  {:>16.1}%",
+                    t + 1,
+                    prompt as f64 / rs.len().max(1) as f64,
+                    st.map_or(f64::NAN, |s| s.median) * 1e3,
+                    st.map_or(f64::NAN, |s| s.p90) * 1e3,
+                    100.0 * field(|p| p.cached_tokens) as f64 / prompt.max(1) as f64,
+                    100.0 * field(|p| p.prefilled_tokens) as f64 / prompt.max(1) as f64,
+                );
+            }
+            all.push((name, records));
+        }
+    }
+    if a.routing.len() > 1 {
+        // Each policy against the last one listed, per local-prefill value.
+        for group in all.chunks(a.routing.len()) {
+            let base = &group[group.len() - 1];
+            println!();
+            for (name, recs) in &group[..group.len() - 1] {
+                for t in 0..a.turns {
+                    println!(
+                        "turn {}: median TTFT {name} / {} = {:.2}x",
+                        t + 1,
+                        base.0,
+                        turn_median(recs, t) / turn_median(&base.1, t)
+                    );
+                }
             }
         }
     }

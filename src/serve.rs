@@ -47,7 +47,8 @@ pub struct ServeArgs {
     /// KV storage: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub kv_dtype: String,
-    /// Prefill pipelines (each of --pp stages).
+    /// Prefill pipelines (each of --pp stages); 0 makes a colocated cluster
+    /// whose decode groups prefill every prompt themselves.
     #[arg(long, default_value_t = 1)]
     pub pipelines: usize,
     /// Decode groups (each of --tp ranks).
@@ -56,6 +57,16 @@ pub struct ServeArgs {
     /// Uncached prompt suffixes this short are prefilled by the decode group itself.
     #[arg(long, default_value_t = 0)]
     pub local_prefill_max: usize,
+    /// Tokens of a local prefill computed per decode step (chunked prefill
+    /// mixed into decoding).
+    #[arg(long, default_value_t = 256)]
+    pub local_prefill_chunk: usize,
+    /// Compute threads of each decode group (default: --threads).
+    #[arg(long)]
+    pub decode_threads: Option<usize>,
+    /// Pin decode groups to these CPUs (a taskset list such as "1" or "0-1").
+    #[arg(long)]
+    pub decode_cpus: Option<String>,
     /// Gateway routing: sessions (sticky, KV-aware), least-loaded or round-robin.
     #[arg(long, default_value = "sessions")]
     pub routing: String,
@@ -106,13 +117,14 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
     }
     for d in 0..a.decode_groups {
         t += &format!(
-            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\n\n",
+            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\nlocal_prefill_chunk = {}\n\n",
             free_udp()?,
             a.tp,
             a.kv_blocks,
             a.max_batch,
             a.max_queue,
-            a.local_prefill_max
+            a.local_prefill_max,
+            a.local_prefill_chunk
         );
     }
     let path = dir.join("cluster.toml");
@@ -241,8 +253,8 @@ impl Drop for Children {
 }
 
 pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
-    if a.pp == 0 || a.tp == 0 || a.pipelines == 0 || a.decode_groups == 0 {
-        bail!("--pp, --tp, --pipelines and --decode-groups must be at least 1");
+    if a.pp == 0 || a.tp == 0 || a.decode_groups == 0 || a.local_prefill_chunk == 0 {
+        bail!("--pp, --tp, --decode-groups and --local-prefill-chunk must be at least 1");
     }
     let model = common.model_path(&a.model)?;
     let dir = match &a.dir {
@@ -271,11 +283,11 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
     let stop = stop_flag();
     let mut children = Children(Vec::new());
     let stage_threads = (threads / a.pp).max(1);
-    let mut spawn = |role: &str, node: &str, threads: usize, cpu: Option<usize>| -> Result<()> {
+    let mut spawn = |role: &str, node: &str, threads: usize, cpu: Option<String>| -> Result<()> {
         let mut args: Vec<std::ffi::OsString> = Vec::new();
         let program = match cpu {
             Some(c) => {
-                args.extend(["-c".into(), c.to_string().into(), exe.clone().into()]);
+                args.extend(["-c".into(), c.into(), exe.clone().into()]);
                 PathBuf::from("taskset")
             }
             None => exe.clone(),
@@ -300,13 +312,18 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
         .unwrap_or(1);
     for p in &cluster.pipelines {
         for (i, (name, _, _)) in p.stages.iter().enumerate() {
-            let cpu = a.pin_stages.then_some(i % ncpu);
+            let cpu = a.pin_stages.then(|| (i % ncpu).to_string());
             let t = if a.pin_stages { 1 } else { stage_threads };
             spawn("prefill", name, t, cpu)?;
         }
     }
     for d in &cluster.file.decode {
-        spawn("decode", &d.name, threads, None)?;
+        spawn(
+            "decode",
+            &d.name,
+            a.decode_threads.unwrap_or(threads).max(1),
+            a.decode_cpus.clone(),
+        )?;
     }
     let http = cluster.file.gateway.http.resolve()?;
     let started = Instant::now();

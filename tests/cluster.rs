@@ -659,3 +659,49 @@ fn a_short_uncached_suffix_is_prefilled_by_decode_itself() {
         .expect("content");
     assert_eq!(answer, recompute(&messages));
 }
+
+#[test]
+fn a_colocated_group_prefills_in_chunks_between_decode_steps() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // No pipelines: the decode group prefills every prompt itself, 16 tokens
+    // per decode step.
+    let c = Cluster::start(&["--pipelines", "0", "--local-prefill-chunk", "16"]);
+    assert_eq!(http(c.port, "GET", "/health", None).0, 200);
+    let long = |max: usize| json!({"model": MODEL, "messages": [{"role": "user", "content": LONG}], "temperature": 0, "max_tokens": max});
+    // Alone: a prompt of several chunks gives the reference's greedy text.
+    let (status, v) = c.chat(&long(24));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        json!(generate(LONG, 24))
+    );
+    assert_eq!(
+        v["tandem"]["kv_bytes"],
+        json!(0),
+        "nothing moved between nodes"
+    );
+    // Beside a running stream: both finish whole, the stream with every
+    // token it asked for while the prompt went through in chunks.
+    let port = c.port;
+    let streamer = std::thread::spawn(move || {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to one hundred."}], "temperature": 0, "max_tokens": 60, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+        stream(port, &body)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, v) = c.chat(&long(8));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], json!(8));
+    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert!(
+        prompt > 48,
+        "the prompt spans several 16-token chunks ({prompt})"
+    );
+    let (status, events) = streamer.join().expect("streamer");
+    assert_eq!(status, 200);
+    let usage = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|v| v["usage"]["completion_tokens"].as_u64());
+    assert_eq!(usage, Some(60));
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+}

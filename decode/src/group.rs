@@ -64,6 +64,19 @@ struct Running {
     index: u32,
 }
 
+/// A prompt being prefilled on this group's ranks, chunk by chunk.
+struct LocalPrefill {
+    id: RequestId,
+    lease: Lease,
+    tokens: Vec<u32>,
+    blocks: Vec<BlockId>,
+    cached: usize,
+    /// Tokens whose KV is in the blocks.
+    done: usize,
+    compute_us: u64,
+    started: Option<Instant>,
+}
+
 struct Req {
     gen: Generate,
     /// The gateway link that asked; events go back on it.
@@ -95,8 +108,13 @@ pub struct Group<'m> {
     epoch: Instant,
     beat: Arc<Mutex<Beat>>,
     gateway: String,
-    /// Uncached suffixes this short are prefilled here.
+    /// Uncached suffixes this short are prefilled here…
     local_prefill_max: usize,
+    /// …in chunks of at most this many tokens, one per decode step.
+    local_chunk: usize,
+    local: std::collections::VecDeque<LocalPrefill>,
+    /// Dense weights are loaded: a pass carrying a prefill chunk runs on them.
+    dense_prefill: bool,
     local_prefills: u64,
 }
 
@@ -340,7 +358,10 @@ impl Group<'_> {
                 .map(|l| l.blocking_send(Message::Event { id, event: ev }));
             return;
         }
-        if self.pipelines_up().is_empty() {
+        // A colocated group (no pipelines in the cluster) prefills everything
+        // itself; one whose pipelines are all down sends the request back,
+        // so the gateway can pick a group that has one.
+        if !self.pipelines.is_empty() && self.pipelines_up().is_empty() {
             let ev = GenerateEvent::Failed {
                 class: ErrorClass::NodeLost,
                 message: "no prefill pipeline is linked to this decode group".into(),
@@ -506,7 +527,7 @@ impl Group<'_> {
             .filter(|(_, r)| r.running.is_some())
             .map(|(id, _)| *id)
             .collect();
-        if ids.is_empty() {
+        if ids.is_empty() && self.local.is_empty() {
             return;
         }
         ids.sort();
@@ -531,9 +552,6 @@ impl Group<'_> {
             }
             batch.push(id);
         }
-        if batch.is_empty() {
-            return;
-        }
         let mut tokens = Vec::with_capacity(batch.len());
         let mut spans = Vec::with_capacity(batch.len());
         for id in &batch {
@@ -545,10 +563,23 @@ impl Group<'_> {
                 blocks: run.blocks.clone(),
             });
         }
+        // A chunk of a local prefill rides along in the same pass.
+        let chunk = self.next_local_chunk().map(|(t, span)| {
+            tokens.extend(t);
+            let n = span.n;
+            spans.push(span);
+            n
+        });
+        if spans.is_empty() {
+            return;
+        }
+        let phase = if chunk.is_some() && self.dense_prefill {
+            Phase::Prefill
+        } else {
+            Phase::Decode
+        };
         let t0 = Instant::now();
-        let out = self
-            .group
-            .forward(Input::Tokens(tokens), spans, Phase::Decode);
+        let out = self.group.forward(Input::Tokens(tokens), spans, phase);
         let logits = match out {
             Ok(SliceOutput::Logits(l)) => l,
             other => {
@@ -559,11 +590,20 @@ impl Group<'_> {
                 for id in batch {
                     self.fail(id, ErrorClass::Internal, why.clone());
                 }
+                if chunk.is_some() {
+                    if let Some(l) = self.local.pop_front() {
+                        self.fail(l.id, ErrorClass::Internal, why);
+                    }
+                }
                 return;
             }
         };
         let step_us = t0.elapsed().as_micros() as u64;
-        let vocab = logits.len() / batch.len();
+        let vocab = logits.len() / (batch.len() + usize::from(chunk.is_some()));
+        if let Some(n) = chunk {
+            let row = logits[batch.len() * vocab..(batch.len() + 1) * vocab].to_vec();
+            self.local_chunk_done(n, step_us, &row);
+        }
         for (i, id) in batch.into_iter().enumerate() {
             let r = self.reqs.get_mut(&id).expect("batched");
             if r.acct.first_step_us == 0 {
@@ -629,6 +669,10 @@ pub fn run(
         })?;
     let cfg = &file.config;
     let block_size = cluster.file.cluster.block_size;
+    // A group that prefills (colocated, or short suffixes) keeps dense
+    // weights too: a prefill chunk is a GEMM, several times faster dense
+    // than on quantized blocks.
+    let dense_prefill = d.local_prefill_max > 0 || cluster.pipelines.is_empty();
     let group = RankGroup::new(
         file,
         &RankGroupOptions {
@@ -637,7 +681,11 @@ pub fn run(
             block_size,
             kv_dtype: cluster.kv_dtype,
             kv_blocks: d.kv_blocks,
-            formats: Formats::DECODE,
+            formats: if dense_prefill {
+                Formats::BOTH
+            } else {
+                Formats::DECODE
+            },
             threads,
         },
     )?;
@@ -691,13 +739,16 @@ pub fn run(
         beat,
         gateway: cluster.file.gateway.name.clone(),
         local_prefill_max: d.local_prefill_max,
+        local_chunk: d.local_prefill_chunk,
+        dense_prefill,
+        local: Default::default(),
         local_prefills: 0,
     };
     let _ = g.n_layers;
     tracing::info!("{}: decode group (tp {}) ready at {}", g.name, d.tp, d.addr);
     let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let busy = g.reqs.values().any(|r| r.running.is_some());
+        let busy = !g.local.is_empty() || g.reqs.values().any(|r| r.running.is_some());
         let first = if busy {
             rx.try_recv().ok()
         } else {

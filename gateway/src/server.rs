@@ -154,7 +154,8 @@ struct Ticket {
 }
 
 impl Gateway {
-    /// Ready when some decode group is linked and has a pipeline.
+    /// Ready when some decode group is linked and has a pipeline (or the
+    /// cluster has no pipelines: decode groups then prefill themselves).
     pub fn ready(&self) -> bool {
         self.state
             .lock()
@@ -162,7 +163,9 @@ impl Gateway {
             .nodes
             .values()
             .any(|n| {
-                matches!(n.role, Role::Decode { .. }) && n.load.is_some_and(|l| l.pipelines_up > 0)
+                matches!(n.role, Role::Decode { .. })
+                    && n.load
+                        .is_some_and(|l| l.pipelines_up > 0 || self.pipelines.is_empty())
             })
     }
 

@@ -149,6 +149,14 @@ pub struct DecodeSection {
     /// prefill to a pipeline.
     #[serde(default = "default_local_prefill")]
     pub local_prefill_max: usize,
+    /// A local prefill is fed this many tokens per decode step (chunked
+    /// prefill mixed into decode), so running streams keep going.
+    #[serde(default = "default_local_chunk")]
+    pub local_prefill_chunk: usize,
+}
+
+fn default_local_chunk() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -303,11 +311,8 @@ impl ClusterFile {
                 c.cluster.kv_dtype
             ))
         })?;
-        if c.prefill.is_empty() {
-            return Err(bad(
-                "no [[prefill]] pipeline: a cluster needs at least one".into()
-            ));
-        }
+        // No [[prefill]] at all is a colocated cluster: every decode group
+        // prefills its own prompts (chunked, mixed into decode steps).
         if c.decode.is_empty() {
             return Err(bad(
                 "no [[decode]] group: a cluster needs at least one".into()
@@ -372,6 +377,7 @@ impl ClusterFile {
                 ("kv_blocks", d.kv_blocks),
                 ("max_batch", d.max_batch),
                 ("max_queue", d.max_queue),
+                ("local_prefill_chunk", d.local_prefill_chunk),
             ] {
                 if v == 0 {
                     return Err(bad(format!(

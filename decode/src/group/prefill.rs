@@ -123,9 +123,12 @@ impl Group<'_> {
         }
     }
 
-    /// Prefills `tokens[cached..]` on this group's own ranks (quantized
-    /// weights: logits within a stated tolerance of the pipeline's, not
-    /// bit-equal) and starts the request.
+    /// Queues `tokens[cached..]` for prefill on this group's own ranks
+    /// (quantized weights: logits within a stated tolerance of the
+    /// pipeline's, not bit-equal). The decode loop feeds it in chunks of at
+    /// most `local_chunk` tokens, each in the same forward pass as a decode
+    /// step of every running sequence, so running streams never stall for a
+    /// whole prompt.
     pub(super) fn prefill_locally(
         &mut self,
         id: RequestId,
@@ -134,48 +137,75 @@ impl Group<'_> {
         blocks: Vec<BlockId>,
         cached: usize,
     ) {
-        let t0 = Instant::now();
-        let n = tokens.len() - cached;
-        let out = self.group.forward(
-            Input::Tokens(tokens[cached..].to_vec()),
-            vec![Span {
-                pos: cached,
-                n,
-                blocks: blocks.clone(),
-            }],
-            Phase::Decode,
-        );
-        let logits = match out {
-            Ok(SliceOutput::Logits(l)) => l,
-            Ok(_) => {
-                return self.fail(
-                    id,
-                    ErrorClass::Internal,
-                    "local prefill gave no logits".into(),
-                )
+        self.local.push_back(LocalPrefill {
+            id,
+            lease,
+            tokens,
+            blocks,
+            cached,
+            done: cached,
+            compute_us: 0,
+            started: None,
+        });
+    }
+
+    /// The next chunk of the oldest local prefill still wanted: its tokens
+    /// and span. Prefills whose request went away or moved to a new lease
+    /// are dropped here, before anything is written to their blocks.
+    pub(super) fn next_local_chunk(&mut self) -> Option<(Vec<u32>, Span)> {
+        while let Some(l) = self.local.front_mut() {
+            let live =
+                self.reqs.contains_key(&l.id) && self.admission.lease_of(l.id) == Some(l.lease);
+            if !live {
+                self.local.pop_front();
+                continue;
             }
-            Err(e) => return self.fail(id, ErrorClass::Internal, format!("local prefill: {e}")),
-        };
-        let Some(r) = self.reqs.get_mut(&id) else {
+            l.started.get_or_insert_with(Instant::now);
+            let n = (l.tokens.len() - l.done).min(self.local_chunk.max(1));
+            let span = Span {
+                pos: l.done,
+                n,
+                blocks: l.blocks.clone(),
+            };
+            return Some((l.tokens[l.done..l.done + n].to_vec(), span));
+        }
+        None
+    }
+
+    /// Records that the head local prefill's chunk of `n` tokens was
+    /// computed in `us`; when it was the last, samples the first token from
+    /// `logits` and starts the request.
+    pub(super) fn local_chunk_done(&mut self, n: usize, us: u64, logits: &[f32]) {
+        let Some(l) = self.local.front_mut() else {
             return;
         };
-        let s = Sampler::new(&r.gen.params).sample(&logits);
-        r.acct.cached_tokens = cached as u32;
-        r.acct.prefilled_tokens = n as u32;
-        r.acct.prefill_compute_us = t0.elapsed().as_micros() as u64;
-        r.acct.decode_queue_us = r.submitted.elapsed().as_micros() as u64;
+        l.done += n;
+        l.compute_us += us;
+        if l.done < l.tokens.len() {
+            return;
+        }
+        let l = self.local.pop_front().expect("front");
+        let Some(r) = self.reqs.get_mut(&l.id) else {
+            return;
+        };
+        let s = Sampler::new(&r.gen.params).sample(logits);
+        let started = l.started.unwrap_or_else(Instant::now);
+        r.acct.cached_tokens = l.cached as u32;
+        r.acct.prefilled_tokens = (l.tokens.len() - l.cached) as u32;
+        r.acct.prefill_compute_us = l.compute_us;
+        r.acct.decode_queue_us = started.saturating_duration_since(r.submitted).as_micros() as u64;
         self.local_prefills += 1;
         let now = self.now();
-        let actions = self.admission.kv_complete(id, lease, true, now);
+        let actions = self.admission.kv_complete(l.id, l.lease, true, now);
         // Start reads the first token from the attempt.
-        if let Some(r) = self.reqs.get_mut(&id) {
+        if let Some(r) = self.reqs.get_mut(&l.id) {
             r.attempt = Some(Attempt {
-                lease,
+                lease: l.lease,
                 pipeline: String::new(),
-                incoming: Incoming::new(lease, 0, Vec::new()),
+                incoming: Incoming::new(l.lease, 0, Vec::new()),
                 verdict: Some(Verdict::Verified),
                 first: Some((s.token, s.logprob)),
-                sent: t0,
+                sent: started,
             });
         }
         self.carry_out(actions);

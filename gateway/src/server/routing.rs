@@ -51,7 +51,9 @@ impl Gateway {
             *local.entry(p.decode.clone()).or_default() += 1;
         }
         let usable = |n: &Node| {
-            matches!(n.role, Role::Decode { .. }) && n.load.is_some_and(|l| l.pipelines_up > 0)
+            matches!(n.role, Role::Decode { .. })
+                && n.load
+                    .is_some_and(|l| l.pipelines_up > 0 || self.pipelines.is_empty())
         };
         let pipeline_up = |st: &Nodes, p: &str| {
             self.pipelines
