@@ -453,6 +453,18 @@ pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
                     100.0 * field(|p| p.prefilled_tokens) as f64 / prompt.max(1) as f64,
                 );
             }
+            let sum = tandem_bench::metrics::summarize(&records, result.duration_s, None);
+            let ms = |s: Option<tandem_bench::metrics::Stats>,
+                      f: fn(&tandem_bench::metrics::Stats) -> f64| {
+                s.map_or(f64::NAN, |s| f(&s) * 1e3)
+            };
+            println!(
+                "  all turns: TPOT median {:.1} ms, p90 {:.1} ms; ITL p99 {:.1} ms, max {:.1} ms",
+                ms(sum.tpot, |s| s.median),
+                ms(sum.tpot, |s| s.p90),
+                ms(sum.itl, |s| s.p99),
+                ms(sum.itl, |s| s.max)
+            );
             all.push((name, records));
         }
     }

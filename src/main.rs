@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the crates.
 
 mod bench;
+mod bench_goodput;
 mod bench_serve;
 mod cluster;
 mod generate;
@@ -116,6 +117,9 @@ enum BenchCmd {
     /// The serving harness: TTFT, TPOT, ITL, throughput and goodput of any
     /// OpenAI-compatible endpoint under a workload and load.
     Serve(bench_serve::BenchServeArgs),
+    /// Disaggregated vs colocated vs llama.cpp's server on the same cores:
+    /// SLO attainment and goodput over a sweep of request rates.
+    Goodput(bench_goodput::BenchGoodputArgs),
     /// Multi-turn sessions: TTFT per turn under each routing policy, in one run.
     Sessions(bench::BenchSessionsArgs),
 }
@@ -190,6 +194,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Engine(a)) => bench::engine(&cli.common, threads, a),
         Cmd::Bench(BenchCmd::Ttft(a)) => bench::ttft(&cli.common, threads, a),
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(&cli.common, a),
+        Cmd::Bench(BenchCmd::Goodput(a)) => bench_goodput::run(&cli.common, a),
         Cmd::Bench(BenchCmd::Sessions(a)) => bench::sessions(&cli.common, a),
         Cmd::Certs(a) => cluster::certs(&cli.common, a),
         Cmd::CheckConfig(a) => cluster::check(&cli.common, a),

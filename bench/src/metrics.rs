@@ -34,7 +34,11 @@ pub struct PhaseSummary {
     pub decode_queue_ms: f64,
     pub prefill_queue_ms: f64,
     pub prefill_compute_ms: f64,
+    /// Decode asking a pipeline to verified KV (queue, compute and transfer).
     pub kv_transfer_ms: f64,
+    /// What that round trip spent beyond the pipeline's queue and compute:
+    /// hops, the KV still in flight after the last chunk, checks.
+    pub kv_tail_ms: f64,
     pub first_step_ms: f64,
     /// Share of prompt tokens found in decode's prefix cache (all requests).
     pub cached_share: f64,
@@ -178,6 +182,17 @@ fn phases(ok: &[&RequestRecord]) -> Option<PhaseSummary> {
         prefill_queue_ms: med(|p| p.prefill_queue_us),
         prefill_compute_ms: med(|p| p.prefill_compute_us),
         kv_transfer_ms: med(|p| p.kv_transfer_us),
+        kv_tail_ms: stats(
+            t.iter()
+                .filter(|(p, _)| p.kv_transfer_us > 0)
+                .map(|(p, _)| {
+                    p.kv_transfer_us
+                        .saturating_sub(p.prefill_queue_us + p.prefill_compute_us)
+                        as f64
+                        / 1e3
+                }),
+        )
+        .map_or(0.0, |s| s.median),
         first_step_ms: med(|p| p.first_step_us),
         cached_share: t.iter().map(|(p, _)| p.cached_tokens).sum::<u64>() as f64 / prompt as f64,
         prefilled_share: t.iter().map(|(p, _)| p.prefilled_tokens).sum::<u64>() as f64

@@ -82,8 +82,8 @@ pub fn table(p: &Point) -> String {
     if let Some(ph) = &s.phases {
         let _ = writeln!(
             o,
-            "  where TTFT went (Tandem, medians): gateway {:.1} ms, decode queue {:.1} ms, prefill queue {:.1} ms, prefill compute {:.1} ms, KV wait after compute {:.1} ms, first step {:.1} ms",
-            ph.gateway_ms, ph.decode_queue_ms, ph.prefill_queue_ms, ph.prefill_compute_ms, ph.kv_transfer_ms, ph.first_step_ms
+            "  where TTFT went (Tandem, medians): gateway {:.1} ms, decode queue {:.1} ms, prefill queue {:.1} ms, prefill compute {:.1} ms, prefill round trip {:.1} ms (of which beyond queue and compute {:.1} ms), first step {:.1} ms",
+            ph.gateway_ms, ph.decode_queue_ms, ph.prefill_queue_ms, ph.prefill_compute_ms, ph.kv_transfer_ms, ph.kv_tail_ms, ph.first_step_ms
         );
         let _ = writeln!(
             o,

@@ -404,3 +404,36 @@ fn workloads_are_repeatable_and_cut_to_length() {
         "every request starts with one of the two group prefixes"
     );
 }
+
+#[test]
+fn sharegpt_files_keep_only_usable_conversations() {
+    let prompts =
+        PromptSource::new(tandem_model::Tokenizer::load(&model_path()).expect("tokenizer"))
+            .expect("prompts");
+    let dir = std::env::temp_dir().join(format!("tandem-sharegpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("sharegpt.json");
+    let long_reply = "The river carried silt down to the delta every spring. ".repeat(3);
+    let doc = serde_json::json!([
+        {"id": "ok", "conversations": [
+            {"from": "human", "value": "Tell me how rivers build deltas over many years."},
+            {"from": "gpt", "value": long_reply}]},
+        {"id": "short", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there, how can I help you today?"}]},
+        {"id": "no-reply", "conversations": [{"from": "human", "value": "Is anyone there to answer this question?"}]},
+        {"id": "not-a-conversation"}
+    ]);
+    std::fs::write(&path, doc.to_string()).expect("write");
+    let entries =
+        tandem_bench::workload::load_sharegpt(&path, &prompts, 1024, 2048, 0).expect("loads");
+    assert_eq!(entries.len(), 1);
+    assert!(entries[0].prompt.starts_with("Tell me how rivers"));
+    assert_eq!(entries[0].completion_tokens, prompts.count(&long_reply));
+    // A file with nothing usable, or not JSON, is a clear error.
+    std::fs::write(&path, "[]").expect("write");
+    assert!(tandem_bench::workload::load_sharegpt(&path, &prompts, 1024, 2048, 0).is_err());
+    std::fs::write(&path, "{not json").expect("write");
+    let e = tandem_bench::workload::load_sharegpt(&path, &prompts, 1024, 2048, 0)
+        .expect_err("not JSON");
+    assert!(e.to_string().contains("not JSON"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

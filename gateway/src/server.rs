@@ -149,6 +149,9 @@ struct Ticket {
     rx: mpsc::UnboundedReceiver<GenerateEvent>,
     first: GenerateEvent,
     prompt_tokens: usize,
+    /// From the HTTP request's arrival to its dispatch to decode (parsing,
+    /// template, tokenization, routing, admission at the gateway).
+    gateway_us: u64,
     /// Response headers naming where it went.
     headers: Vec<(&'static str, String)>,
 }
@@ -174,6 +177,7 @@ impl Gateway {
         prompt: Vec<u32>,
         params: SamplingParams,
         session: Option<String>,
+        received: Instant,
     ) -> Result<Ticket, ApiError> {
         if prompt.is_empty() {
             return Err(ApiError::bad("prompt", "the prompt is empty"));
@@ -199,6 +203,7 @@ impl Gateway {
         // client: the request goes to another (the lost one is out of the
         // routing table by the time its failure arrives).
         let mut attempt = 0;
+        let mut gateway_us;
         let (route, link, mut guard, rx, first) = loop {
             attempt += 1;
             let route = self.route(session.as_deref(), &prompt)?;
@@ -230,6 +235,7 @@ impl Gateway {
                 session: session.clone(),
                 pipeline: route.pipeline.clone(),
             };
+            gateway_us = received.elapsed().as_micros() as u64;
             let first = if link.send(Message::Generate(gen)).await.is_err() {
                 None
             } else {
@@ -288,6 +294,7 @@ impl Gateway {
             rx,
             first,
             prompt_tokens,
+            gateway_us,
             headers,
         })
     }
@@ -408,6 +415,7 @@ async fn generate(
         Kind::Completion => ("completions", "cmpl"),
     };
     gw.metrics.requests.with_label_values(&[endpoint]).inc();
+    let received = Instant::now();
     let r = async {
         let body = body_or_error(body)?;
         // Templates and tokenization are CPU work: off the runtime.
@@ -415,7 +423,9 @@ async fn generate(
         let p = tokio::task::spawn_blocking(move || g.prepare(&body, kind))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
-        let ticket = gw.submit(p.prompt, p.params, session.or(p.session)).await?;
+        let ticket = gw
+            .submit(p.prompt, p.params, session.or(p.session), received)
+            .await?;
         let shape = Shape {
             kind,
             id: format!("{prefix}-{:x}", ticket.guard.id.0),

@@ -67,13 +67,13 @@ impl Shape {
     }
 }
 
-fn timing(a: &Accounting, gateway_us: u64) -> Value {
+fn timing(a: &Accounting) -> Value {
     json!({
         "nodes": a.nodes,
         "prefilled_tokens": a.prefilled_tokens,
         "cached_tokens": a.cached_tokens,
         "kv_bytes": a.kv_bytes,
-        "gateway_us": gateway_us,
+        "gateway_us": a.gateway_queue_us,
         "decode_queue_us": a.decode_queue_us,
         "prefill_queue_us": a.prefill_queue_us,
         "prefill_compute_us": a.prefill_compute_us,
@@ -105,6 +105,7 @@ fn accounting_headers(r: &mut Response, a: &Accounting) {
         ("x-tandem-cached-tokens", a.cached_tokens.to_string()),
         ("x-tandem-prefilled-tokens", a.prefilled_tokens.to_string()),
         ("x-tandem-kv-bytes", a.kv_bytes.to_string()),
+        ("x-tandem-gateway-us", a.gateway_queue_us.to_string()),
         ("x-tandem-decode-queue-us", a.decode_queue_us.to_string()),
         ("x-tandem-prefill-queue-us", a.prefill_queue_us.to_string()),
         (
@@ -139,6 +140,7 @@ async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bo
         mut rx,
         first,
         prompt_tokens,
+        gateway_us,
         ..
     } = ticket;
     let mut text = String::new();
@@ -164,8 +166,12 @@ async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bo
                 }
                 gw.metrics.tokens_out.inc();
             }
-            GenerateEvent::Finished { reason, accounting } => {
+            GenerateEvent::Finished {
+                reason,
+                mut accounting,
+            } => {
                 guard.done = true;
+                accounting.gateway_queue_us = gateway_us;
                 let usage = Usage::new(prompt_tokens, completion);
                 gw.metrics
                     .finish(prompt_tokens, guard.started.elapsed(), &accounting);
@@ -206,7 +212,7 @@ async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bo
                         }),
                     };
                 }
-                v["tandem"] = timing(&accounting, 0);
+                v["tandem"] = timing(&accounting);
                 let mut r = (StatusCode::OK, axum::Json(v)).into_response();
                 accounting_headers(&mut r, &accounting);
                 return r;
@@ -226,6 +232,7 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
         mut rx,
         first,
         prompt_tokens,
+        gateway_us,
         ..
     } = ticket;
     let send = |v: String| {
@@ -284,12 +291,16 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
                     }
                 }
             }
-            GenerateEvent::Finished { reason, accounting } => {
+            GenerateEvent::Finished {
+                reason,
+                mut accounting,
+            } => {
                 guard.done = true;
+                accounting.gateway_queue_us = gateway_us;
                 gw.metrics
                     .finish(prompt_tokens, guard.started.elapsed(), &accounting);
                 let mut c = shape.chunk(&gw, "", None, Some(reason));
-                c["tandem"] = timing(&accounting, 0);
+                c["tandem"] = timing(&accounting);
                 let _ = send(api::sse(&c)).await;
                 if shape.include_usage {
                     let _ = send(api::sse(

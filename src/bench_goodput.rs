@@ -1,0 +1,399 @@
+//! `tandem bench goodput`: DistServe's comparison on this machine — the same
+//! cores serving the same model disaggregated (a prefill stage on one core,
+//! a decode group on the other), colocated (one decode group on every core,
+//! prefilling locally in chunks mixed into decode steps) and, as an outside
+//! reference, llama.cpp's server; chat, long-prompt and multi-turn mixes
+//! under Poisson arrivals at a sweep of rates; SLO attainment and goodput.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tandem_bench::arrivals::Arrivals;
+use tandem_bench::client::{Api, Endpoint};
+use tandem_bench::metrics::{summarize, Slo};
+use tandem_bench::report::{self, Point};
+use tandem_bench::run::{self, Load, RunOptions};
+use tandem_bench::workload::{LenDist, PromptSource, Shape, Workload};
+
+use crate::Common;
+
+#[derive(Args)]
+pub struct BenchGoodputArgs {
+    /// GGUF file (default: the embedded default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// llama.cpp's `llama-server` (`bench/llamacpp.sh build` builds it);
+    /// without it that system is skipped.
+    #[arg(long, env = "TANDEM_LLAMA_SERVER")]
+    llama_server: Option<PathBuf>,
+    /// disaggregated, colocated, llamacpp.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "disaggregated,colocated,llamacpp"
+    )]
+    systems: Vec<String>,
+    /// chat, long, sessions.
+    #[arg(long, value_delimiter = ',', default_value = "chat,long,sessions")]
+    workloads: Vec<String>,
+    /// Request rates (jobs/s) per workload.
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1,1.5")]
+    chat_rates: Vec<f64>,
+    #[arg(long, value_delimiter = ',', default_value = "0.04,0.08,0.12,0.16")]
+    long_rates: Vec<f64>,
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3,0.4")]
+    sessions_rates: Vec<f64>,
+    /// Jobs per rate (sessions count as one job of --turns requests).
+    #[arg(long, default_value_t = 24)]
+    requests: usize,
+    #[arg(long, default_value_t = 12)]
+    long_requests: usize,
+    #[arg(long, default_value_t = 3)]
+    turns: usize,
+    /// SLOs per workload, "TTFT_MS:TPOT_MS" (the README explains the choice).
+    #[arg(long, default_value = "1500:100")]
+    chat_slo: String,
+    #[arg(long, default_value = "15000:100")]
+    long_slo: String,
+    #[arg(long, default_value = "1500:100")]
+    sessions_slo: String,
+    /// Colocated: prompt tokens per decode step.
+    #[arg(long, default_value_t = 128)]
+    colocated_chunk: usize,
+    /// Share of requests that must meet both SLOs.
+    #[arg(long, default_value_t = 0.9)]
+    target: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Directory for JSON, CSV and plots.
+    #[arg(long, default_value = "goodput")]
+    out: PathBuf,
+}
+
+/// A running system under test (dropping it stops it).
+enum System {
+    Tandem(#[allow(dead_code)] crate::serve::ServeChild),
+    Llama(Child),
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        if let System::Llama(c) = self {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start(
+    common: &Common,
+    a: &BenchGoodputArgs,
+    name: &str,
+    model: &std::path::Path,
+) -> Result<(System, SocketAddr)> {
+    let m = model.display().to_string();
+    let tandem = |extra: &[&str]| -> Result<(System, SocketAddr)> {
+        let mut args: Vec<String> = vec![
+            "--model".into(),
+            m.clone(),
+            "--kv-blocks".into(),
+            "2048".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let c = crate::serve::ServeChild::start(common, &args)?;
+        let addr = c.http;
+        Ok((System::Tandem(c), addr))
+    };
+    match name {
+        // One core each: the prefill stage on CPU 0, the decode group on CPU 1.
+        "disaggregated" => tandem(&[
+            "--pipelines",
+            "1",
+            "--pp",
+            "1",
+            "--pin-stages",
+            "--decode-groups",
+            "1",
+            "--decode-threads",
+            "1",
+            "--decode-cpus",
+            "1",
+        ]),
+        // One decode group on both cores, every prefill local and chunked.
+        "colocated" => {
+            let chunk = a.colocated_chunk.to_string();
+            tandem(&[
+                "--pipelines",
+                "0",
+                "--decode-groups",
+                "1",
+                "--decode-threads",
+                "2",
+                "--decode-cpus",
+                "0-1",
+                "--local-prefill-chunk",
+                &chunk,
+            ])
+        }
+        "llamacpp" => {
+            let bin = a
+                .llama_server
+                .as_ref()
+                .context("--llama-server is not set")?;
+            let port = free_port()?;
+            let child = Command::new("taskset")
+                .args(["-c", "0-1"])
+                .arg(bin)
+                .arg("-m")
+                .arg(model)
+                .args([
+                    "-t",
+                    "2",
+                    "-c",
+                    "16384",
+                    "-np",
+                    "4",
+                    "--port",
+                    &port.to_string(),
+                    "--host",
+                    "127.0.0.1",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let t0 = Instant::now();
+            loop {
+                let ok = tandem_bench::http::get(
+                    addr,
+                    &addr.to_string(),
+                    "/health",
+                    &[],
+                    Duration::from_secs(2),
+                )
+                .is_ok_and(|r| r.status == 200);
+                if ok {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(120) {
+                    bail!("llama-server did not become healthy in 120 s");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok((System::Llama(child), addr))
+        }
+        other => bail!("unknown system {other:?} (disaggregated, colocated, llamacpp)"),
+    }
+}
+
+fn parse_slo(s: &str) -> Result<Slo> {
+    let (t, p) = s.split_once(':').context("an SLO is TTFT_MS:TPOT_MS")?;
+    let (t, p): (f64, f64) = (t.parse()?, p.parse()?);
+    if !(t > 0.0 && p > 0.0) {
+        bail!("SLO {s}: both bounds must be positive");
+    }
+    Ok(Slo {
+        ttft: t / 1e3,
+        tpot: p / 1e3,
+    })
+}
+
+struct Mix {
+    name: &'static str,
+    shape: Shape,
+    rates: Vec<f64>,
+    jobs: usize,
+    slo: Slo,
+}
+
+pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
+    let model = common.model_path(&a.model)?;
+    let tok = || -> Result<PromptSource> {
+        Ok(PromptSource::new(tandem_model::Tokenizer::load(&model)?)?)
+    };
+    let mut mixes = Vec::new();
+    for w in &a.workloads {
+        mixes.push(match w.as_str() {
+            // Short prompts, medium answers.
+            "chat" => Mix {
+                name: "chat",
+                shape: Shape::Synthetic {
+                    input: LenDist::Uniform { lo: 64, hi: 256 },
+                    output: LenDist::Uniform { lo: 64, hi: 192 },
+                },
+                rates: a.chat_rates.clone(),
+                jobs: a.requests,
+                slo: parse_slo(&a.chat_slo)?,
+            },
+            // RAG-like: 2,000-token prompts, short answers.
+            "long" => Mix {
+                name: "long",
+                shape: Shape::Synthetic {
+                    input: LenDist::Fixed(2000),
+                    output: LenDist::Fixed(32),
+                },
+                rates: a.long_rates.clone(),
+                jobs: a.long_requests,
+                slo: parse_slo(&a.long_slo)?,
+            },
+            // Conversations: each turn adds ~150 tokens and asks for ~64.
+            "sessions" => Mix {
+                name: "sessions",
+                shape: Shape::Sessions {
+                    turns: a.turns,
+                    input: LenDist::Uniform { lo: 100, hi: 200 },
+                    output: LenDist::Uniform { lo: 32, hi: 96 },
+                    think: Duration::from_millis(1000),
+                },
+                rates: a.sessions_rates.clone(),
+                jobs: a.requests / a.turns.max(1),
+                slo: parse_slo(&a.sessions_slo)?,
+            },
+            other => bail!("unknown workload {other:?} (chat, long, sessions)"),
+        });
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    // results[mix][system] = points over the rate sweep.
+    let mut results: Vec<Vec<(String, Vec<Point>)>> = mixes.iter().map(|_| Vec::new()).collect();
+    let mut lone: Vec<(String, String, f64, f64)> = Vec::new();
+    for sys in &a.systems {
+        if sys == "llamacpp" && a.llama_server.is_none() {
+            println!("skipping llamacpp: no --llama-server (bench/llamacpp.sh build makes one)");
+            continue;
+        }
+        let (system, addr) = start(common, &a, sys, &model)?;
+        let api_model = match &system {
+            System::Tandem(_) => crate::node::served_name(&tandem_model::ModelFile::open(&model)?),
+            System::Llama(_) => "default".into(),
+        };
+        let ep = Endpoint {
+            addr,
+            host: addr.to_string(),
+            base: String::new(),
+            api: Api::Chat,
+            model: api_model,
+            api_key: None,
+            extra: serde_json::Map::from_iter([("ignore_eos".to_string(), true.into())]),
+            timeout: Duration::from_secs(900),
+        };
+        for (mi, mix) in mixes.iter().enumerate() {
+            let workload = Workload {
+                shape: mix.shape.clone(),
+                prompts: tok()?,
+                seed: a.seed,
+                run_tag: format!("{sys}-{}", tandem_wire::node::now_ms()),
+            };
+            // A lone request first: the latency the SLOs are stated against.
+            let alone = run::run(
+                &ep,
+                &workload,
+                &RunOptions {
+                    load: Load::Concurrency(1),
+                    jobs: Some(2),
+                    duration: None,
+                    warmup: 1,
+                    seed: a.seed,
+                    progress: false,
+                },
+            );
+            let s = summarize(&alone.records, alone.duration_s, None);
+            let (t, p) = (
+                s.ttft.map_or(f64::NAN, |x| x.median),
+                s.tpot.map_or(f64::NAN, |x| x.median),
+            );
+            println!(
+                "{sys} / {}: a lone request: TTFT {:.0} ms, TPOT {:.1} ms",
+                mix.name,
+                t * 1e3,
+                p * 1e3
+            );
+            lone.push((sys.clone(), mix.name.to_string(), t, p));
+            let mut points = Vec::new();
+            for &rate in &mix.rates {
+                let opts = RunOptions {
+                    load: Load::Rate {
+                        arrivals: Arrivals::Poisson { rate },
+                        max_concurrency: 256,
+                    },
+                    jobs: Some(mix.jobs),
+                    duration: None,
+                    warmup: 0,
+                    seed: a.seed,
+                    progress: true,
+                };
+                let r = run::run(&ep, &workload, &opts);
+                let summary = summarize(&r.records, r.duration_s, Some(mix.slo));
+                let p = Point {
+                    label: format!("{sys} {} {rate}/s", mix.name),
+                    rate: Some(rate),
+                    summary,
+                    harness_cpu_share: r.harness_cpu_share,
+                    records: r.records,
+                };
+                print!("{}", report::table(&p));
+                points.push(p);
+            }
+            results[mi].push((sys.clone(), points));
+        }
+        drop(system);
+    }
+    // The comparison.
+    println!(
+        "\ngoodput: the highest rate at which >= {:.0}% of requests met both SLOs",
+        a.target * 100.0
+    );
+    println!(
+        "{:<10} {:>14} {:>14} {:>14}  SLO (TTFT, TPOT)",
+        "mix", "disaggregated", "colocated", "llama.cpp"
+    );
+    let mut doc = serde_json::json!({ "target": a.target, "lone": lone.iter().map(|(s, m, t, p)| serde_json::json!({"system": s, "mix": m, "ttft_s": t, "tpot_s": p})).collect::<Vec<_>>(), "mixes": {} });
+    for (mix, res) in mixes.iter().zip(&results) {
+        let goodput = |sys: &str| -> Option<f64> {
+            let (_, pts) = res.iter().find(|(s, _)| s == sys)?;
+            Some(
+                pts.iter()
+                    .filter(|p| p.summary.slo_attainment.is_some_and(|x| x >= a.target))
+                    .filter_map(|p| p.rate)
+                    .fold(0.0, f64::max),
+            )
+        };
+        let cell = |g: Option<f64>| g.map_or("-".to_string(), |g| format!("{g:.2}/s"));
+        println!(
+            "{:<10} {:>14} {:>14} {:>14}  {:.0} ms, {:.0} ms",
+            mix.name,
+            cell(goodput("disaggregated")),
+            cell(goodput("colocated")),
+            cell(goodput("llamacpp")),
+            mix.slo.ttft * 1e3,
+            mix.slo.tpot * 1e3
+        );
+        let plot = a.out.join(format!("{}.svg", mix.name));
+        report::plot_sweep(&plot, res)?;
+        println!("  wrote {}", plot.display());
+        let all: Vec<Point> = res.iter().flat_map(|(_, p)| p.iter().cloned()).collect();
+        report::write_csv(&a.out.join(format!("{}.csv", mix.name)), &all)?;
+        doc["mixes"][mix.name] = serde_json::json!({
+            "slo_ttft_s": mix.slo.ttft, "slo_tpot_s": mix.slo.tpot,
+            "goodput": {"disaggregated": goodput("disaggregated"), "colocated": goodput("colocated"), "llamacpp": goodput("llamacpp")},
+            "systems": res.iter().map(|(s, pts)| (s.clone(), serde_json::json!(pts.iter().map(|p| serde_json::json!({"rate": p.rate, "summary": p.summary})).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
+        });
+    }
+    let path = a.out.join("goodput.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    println!(
+        "wrote {} (per-request records in the CSV files)",
+        path.display()
+    );
+    Ok(())
+}
