@@ -339,7 +339,7 @@ pub struct BenchSessionsArgs {
     pipelines: usize,
     /// Decode groups prefill uncached suffixes up to this long themselves;
     /// several values compare them (one cluster per routing and value).
-    #[arg(long, value_delimiter = ',', default_value = "0")]
+    #[arg(long, value_delimiter = ',', default_value = "256")]
     local_prefill_max: Vec<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -41,26 +41,32 @@ pub struct BenchGoodputArgs {
     #[arg(long, value_delimiter = ',', default_value = "chat,long,sessions")]
     workloads: Vec<String>,
     /// Request rates (jobs/s) per workload.
-    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1,1.5")]
+    #[arg(long, value_delimiter = ',', default_value = "0.2,0.4,0.6,0.8")]
     chat_rates: Vec<f64>,
-    #[arg(long, value_delimiter = ',', default_value = "0.04,0.08,0.12,0.16")]
+    #[arg(long, value_delimiter = ',', default_value = "0.04,0.08,0.12")]
     long_rates: Vec<f64>,
-    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3,0.4")]
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3")]
     sessions_rates: Vec<f64>,
     /// Jobs per rate (sessions count as one job of --turns requests).
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 20)]
     requests: usize,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 8)]
     long_requests: usize,
     #[arg(long, default_value_t = 3)]
     turns: usize,
-    /// SLOs per workload, "TTFT_MS:TPOT_MS" (the README explains the choice).
-    #[arg(long, default_value = "1500:100")]
-    chat_slo: String,
-    #[arg(long, default_value = "15000:100")]
-    long_slo: String,
-    #[arg(long, default_value = "1500:100")]
-    sessions_slo: String,
+    /// SLOs, as multiples of the best lone-request latency any system
+    /// reached on the workload (measured first, in the same run).
+    #[arg(long, default_value_t = 4.0)]
+    ttft_scale: f64,
+    #[arg(long, default_value_t = 3.0)]
+    tpot_scale: f64,
+    /// Or fixed SLOs per workload, "TTFT_MS:TPOT_MS".
+    #[arg(long)]
+    chat_slo: Option<String>,
+    #[arg(long)]
+    long_slo: Option<String>,
+    #[arg(long)]
+    sessions_slo: Option<String>,
     /// Colocated: prompt tokens per decode step.
     #[arg(long, default_value_t = 128)]
     colocated_chunk: usize,
@@ -214,7 +220,7 @@ struct Mix {
     shape: Shape,
     rates: Vec<f64>,
     jobs: usize,
-    slo: Slo,
+    slo: Option<Slo>,
 }
 
 pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
@@ -234,7 +240,7 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                 },
                 rates: a.chat_rates.clone(),
                 jobs: a.requests,
-                slo: parse_slo(&a.chat_slo)?,
+                slo: a.chat_slo.as_deref().map(parse_slo).transpose()?,
             },
             // RAG-like: 2,000-token prompts, short answers.
             "long" => Mix {
@@ -245,7 +251,7 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                 },
                 rates: a.long_rates.clone(),
                 jobs: a.long_requests,
-                slo: parse_slo(&a.long_slo)?,
+                slo: a.long_slo.as_deref().map(parse_slo).transpose()?,
             },
             // Conversations: each turn adds ~150 tokens and asks for ~64.
             "sessions" => Mix {
@@ -258,7 +264,7 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                 },
                 rates: a.sessions_rates.clone(),
                 jobs: a.requests / a.turns.max(1),
-                slo: parse_slo(&a.sessions_slo)?,
+                slo: a.sessions_slo.as_deref().map(parse_slo).transpose()?,
             },
             other => bail!("unknown workload {other:?} (chat, long, sessions)"),
         });
@@ -333,7 +339,7 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                     progress: true,
                 };
                 let r = run::run(&ep, &workload, &opts);
-                let summary = summarize(&r.records, r.duration_s, Some(mix.slo));
+                let summary = summarize(&r.records, r.duration_s, mix.slo);
                 let p = Point {
                     label: format!("{sys} {} {rate}/s", mix.name),
                     rate: Some(rate),
@@ -348,7 +354,27 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
         }
         drop(system);
     }
-    // The comparison.
+    // SLOs from the lone requests: a multiple of the best any system did.
+    let mut slos = Vec::new();
+    for (mix, res) in mixes.iter().zip(results.iter_mut()) {
+        let best = |f: fn(&(String, String, f64, f64)) -> f64| {
+            lone.iter()
+                .filter(|l| l.1 == mix.name)
+                .map(f)
+                .filter(|x| x.is_finite())
+                .fold(f64::INFINITY, f64::min)
+        };
+        let slo = mix.slo.unwrap_or(Slo {
+            ttft: a.ttft_scale * best(|l| l.2),
+            tpot: a.tpot_scale * best(|l| l.3),
+        });
+        for (_, points) in res.iter_mut() {
+            for p in points.iter_mut() {
+                p.summary = summarize(&p.records, p.summary.duration_s, Some(slo));
+            }
+        }
+        slos.push(slo);
+    }
     println!(
         "\ngoodput: the highest rate at which >= {:.0}% of requests met both SLOs",
         a.target * 100.0
@@ -357,8 +383,8 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
         "{:<10} {:>14} {:>14} {:>14}  SLO (TTFT, TPOT)",
         "mix", "disaggregated", "colocated", "llama.cpp"
     );
-    let mut doc = serde_json::json!({ "target": a.target, "lone": lone.iter().map(|(s, m, t, p)| serde_json::json!({"system": s, "mix": m, "ttft_s": t, "tpot_s": p})).collect::<Vec<_>>(), "mixes": {} });
-    for (mix, res) in mixes.iter().zip(&results) {
+    let mut doc = serde_json::json!({ "target": a.target, "ttft_scale": a.ttft_scale, "tpot_scale": a.tpot_scale, "lone": lone.iter().map(|(s, m, t, p)| serde_json::json!({"system": s, "mix": m, "ttft_s": t, "tpot_s": p})).collect::<Vec<_>>(), "mixes": {} });
+    for ((mix, res), slo) in mixes.iter().zip(&results).zip(&slos) {
         let goodput = |sys: &str| -> Option<f64> {
             let (_, pts) = res.iter().find(|(s, _)| s == sys)?;
             Some(
@@ -375,18 +401,39 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
             cell(goodput("disaggregated")),
             cell(goodput("colocated")),
             cell(goodput("llamacpp")),
-            mix.slo.ttft * 1e3,
-            mix.slo.tpot * 1e3
+            slo.ttft * 1e3,
+            slo.tpot * 1e3
         );
+        for (sys, pts) in res {
+            for p in pts {
+                let st = &p.summary;
+                let q = |x: &Option<tandem_bench::metrics::Stats>,
+                         f: fn(&tandem_bench::metrics::Stats) -> f64| {
+                    x.as_ref().map_or(f64::NAN, |s| f(s) * 1e3)
+                };
+                println!(
+                    "    {sys:<14} {:>5}/s: attainment {:>5.1}%, TTFT p50 {:>7.0} p90 {:>7.0} ms, TPOT p50 {:>5.1} p90 {:>5.1} ms, {}/{} ok",
+                    p.rate.unwrap_or(0.0),
+                    st.slo_attainment.unwrap_or(0.0) * 100.0,
+                    q(&st.ttft, |s| s.median),
+                    q(&st.ttft, |s| s.p90),
+                    q(&st.tpot, |s| s.median),
+                    q(&st.tpot, |s| s.p90),
+                    st.completed,
+                    st.requests
+                );
+            }
+        }
         let plot = a.out.join(format!("{}.svg", mix.name));
         report::plot_sweep(&plot, res)?;
         println!("  wrote {}", plot.display());
         let all: Vec<Point> = res.iter().flat_map(|(_, p)| p.iter().cloned()).collect();
         report::write_csv(&a.out.join(format!("{}.csv", mix.name)), &all)?;
         doc["mixes"][mix.name] = serde_json::json!({
-            "slo_ttft_s": mix.slo.ttft, "slo_tpot_s": mix.slo.tpot,
+            "slo_ttft_s": slo.ttft, "slo_tpot_s": slo.tpot,
             "goodput": {"disaggregated": goodput("disaggregated"), "colocated": goodput("colocated"), "llamacpp": goodput("llamacpp")},
             "systems": res.iter().map(|(s, pts)| (s.clone(), serde_json::json!(pts.iter().map(|p| serde_json::json!({"rate": p.rate, "summary": p.summary})).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
+            "attainment": res.iter().map(|(s, pts)| (s.clone(), serde_json::json!(pts.iter().map(|p| (p.rate, p.summary.slo_attainment)).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
         });
     }
     let path = a.out.join("goodput.json");

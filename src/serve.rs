@@ -54,8 +54,9 @@ pub struct ServeArgs {
     /// Decode groups (each of --tp ranks).
     #[arg(long, default_value_t = 1)]
     pub decode_groups: usize,
-    /// Uncached prompt suffixes this short are prefilled by the decode group itself.
-    #[arg(long, default_value_t = 0)]
+    /// Uncached prompt suffixes this short are prefilled by the decode group
+    /// itself (0: every prefill goes to a pipeline).
+    #[arg(long, default_value_t = 256)]
     pub local_prefill_max: usize,
     /// Tokens of a local prefill computed per decode step (chunked prefill
     /// mixed into decoding).
@@ -264,6 +265,8 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
             .join("serve")
             .join(std::process::id().to_string()),
     };
+    // A directory made for this run goes when the run ends.
+    let _scratch = ScratchDir(a.dir.is_none().then(|| dir.clone()));
     let config = write_cluster(&a, &model, &dir)?;
     // Validate before starting anything, so a bad --tp is one clear message.
     let file = tandem_wire::config::ClusterFile::load(&config)?;
@@ -369,6 +372,17 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
             return Err(e);
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes a throwaway cluster directory (certificates, cluster file) on drop.
+struct ScratchDir(Option<PathBuf>);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 

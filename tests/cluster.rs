@@ -38,6 +38,14 @@ impl Cluster {
             .arg("--dir")
             .arg(std::env::temp_dir().join(format!("tandem-cluster-test-{port}")))
             .args(extra)
+            // The pipeline path unless a test asks for local prefill.
+            .args(
+                if extra.contains(&"--local-prefill-max") || extra.contains(&"--pipelines") {
+                    &[][..]
+                } else {
+                    &["--local-prefill-max", "0"][..]
+                },
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

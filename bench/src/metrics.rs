@@ -2,7 +2,8 @@
 //! AIPerf and GuideLLM define them, and goodput as DistServe defines it.
 //!
 //! - TTFT: first token time − send time.
-//! - TPOT: (E2E − TTFT) / (output tokens − 1), per request with ≥ 2 tokens.
+//! - TPOT: (last token − first token) / (output tokens − 1), per request
+//!   with ≥ 2 tokens (E2E − TTFT without the stream's closing chunks).
 //! - ITL: every gap between consecutive tokens.
 //! - Goodput: requests per second that met both SLOs (TTFT ≤ X and TPOT ≤ Y).
 
@@ -79,9 +80,13 @@ impl RequestRecord {
         self.done - self.sent
     }
 
+    /// From the first to the last token with text, per token after the
+    /// first (AIPerf's definition; the usage chunk and `[DONE]` after the
+    /// last token do not count).
     pub fn tpot(&self) -> Option<f64> {
-        let ttft = self.ttft()?;
-        (self.output_tokens >= 2).then(|| (self.e2e() - ttft) / (self.output_tokens - 1) as f64)
+        let first = *self.tokens.first()?;
+        let last = *self.tokens.last()?;
+        (self.output_tokens >= 2).then(|| (last - first) / (self.output_tokens - 1) as f64)
     }
 
     pub fn itls(&self) -> impl Iterator<Item = f64> + '_ {
@@ -281,7 +286,7 @@ mod tests {
         assert_eq!(s.errors.get("http_429"), Some(&1));
         let ttft = s.ttft.expect("ttft");
         assert!((ttft.mean - 0.35).abs() < 1e-9 && (ttft.max - 0.5).abs() < 1e-9);
-        assert!((a.tpot().expect("tpot") - (0.351 - 0.2) / 3.0).abs() < 1e-9);
+        assert!((a.tpot().expect("tpot") - (0.35 - 0.2) / 3.0).abs() < 1e-9);
         let itl = s.itl.expect("itl");
         assert_eq!(itl.count, 5);
         assert!((itl.max - 0.1).abs() < 1e-9);

@@ -251,7 +251,7 @@ fn metrics_match_the_scripted_truth_and_failures_are_counted() {
         let at = |i: Instant| i.duration_since(start).as_secs_f64();
         let ttft = at(t.tokens[0]) - at(t.received);
         let gaps: Vec<f64> = t.tokens.windows(2).map(|w| at(w[1]) - at(w[0])).collect();
-        let tpot = (at(t.done) - at(t.tokens[0])) / 4.0;
+        let tpot = (at(t.tokens[4]) - at(t.tokens[0])) / 4.0;
         truth_ttft.push(ttft);
         let got = r.ttft().expect("ttft");
         assert!(

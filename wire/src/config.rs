@@ -146,7 +146,7 @@ pub struct DecodeSection {
     pub max_queue: usize,
     /// Prompts whose uncached part is at most this many tokens are prefilled
     /// by the decode group itself (conditional disaggregation); 0 sends every
-    /// prefill to a pipeline.
+    /// prefill to a pipeline. Default 256.
     #[serde(default = "default_local_prefill")]
     pub local_prefill_max: usize,
     /// A local prefill is fed this many tokens per decode step (chunked
@@ -220,8 +220,11 @@ fn default_gateway_queue() -> usize {
 fn default_chunk() -> usize {
     256
 }
+/// Chosen by measurement (`tandem bench sessions --local-prefill-max
+/// 0,64,256`, README): prefilling a ~150-token new turn on the decode group
+/// beat shipping it to a pipeline at every turn, in TTFT and in TPOT.
 fn default_local_prefill() -> usize {
-    0
+    256
 }
 fn default_prefill_blocks() -> usize {
     1024
