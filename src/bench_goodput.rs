@@ -134,6 +134,8 @@ fn start(
             "1",
             "--decode-cpus",
             "1",
+            "--local-prefill-max",
+            "0",
         ]),
         // One decode group on both cores, every prefill local and chunked.
         "colocated" => {
