@@ -422,6 +422,7 @@ pub fn sessions(common: &Common, a: BenchSessionsArgs) -> Result<()> {
                     warmup: 1,
                     seed: a.seed,
                     progress: true,
+                    first_job: 0,
                 },
             );
             drop(cluster);

@@ -41,16 +41,16 @@ pub struct BenchGoodputArgs {
     #[arg(long, value_delimiter = ',', default_value = "chat,long,sessions")]
     workloads: Vec<String>,
     /// Request rates (jobs/s) per workload.
-    #[arg(long, value_delimiter = ',', default_value = "0.2,0.4,0.6,0.8")]
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.6,0.9")]
     chat_rates: Vec<f64>,
-    #[arg(long, value_delimiter = ',', default_value = "0.04,0.08,0.12")]
+    #[arg(long, value_delimiter = ',', default_value = "0.03,0.06,0.09")]
     long_rates: Vec<f64>,
     #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3")]
     sessions_rates: Vec<f64>,
     /// Jobs per rate (sessions count as one job of --turns requests).
     #[arg(long, default_value_t = 20)]
     requests: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 6)]
     long_requests: usize,
     #[arg(long, default_value_t = 3)]
     turns: usize,
@@ -308,11 +308,12 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                 &workload,
                 &RunOptions {
                     load: Load::Concurrency(1),
-                    jobs: Some(2),
+                    jobs: Some(3),
                     duration: None,
                     warmup: 1,
                     seed: a.seed,
                     progress: false,
+                    first_job: 900_000_000,
                 },
             );
             let s = summarize(&alone.records, alone.duration_s, None);
@@ -328,7 +329,7 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
             );
             lone.push((sys.clone(), mix.name.to_string(), t, p));
             let mut points = Vec::new();
-            for &rate in &mix.rates {
+            for (k, &rate) in mix.rates.iter().enumerate() {
                 let opts = RunOptions {
                     load: Load::Rate {
                         arrivals: Arrivals::Poisson { rate },
@@ -339,6 +340,8 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                     warmup: 0,
                     seed: a.seed,
                     progress: true,
+                    // Fresh prompts per rate: the servers cache prefixes.
+                    first_job: k * 1_000_000,
                 };
                 let r = run::run(&ep, &workload, &opts);
                 let summary = summarize(&r.records, r.duration_s, mix.slo);

@@ -280,6 +280,8 @@ pub fn run(common: &Common, a: BenchServeArgs) -> Result<()> {
             warmup: if k == 0 { a.warmup } else { 0 },
             seed: a.seed,
             progress: !a.no_progress,
+            // Each point of a sweep sends prompts of its own.
+            first_job: k * 1_000_000,
         };
         let result = run::run(&endpoint, &workload, &opts);
         let summary = summarize(&result.records, result.duration_s, slo);

@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// Compute threads of each decode group (default: --threads).
     #[arg(long)]
     pub decode_threads: Option<usize>,
+    /// API keys, one per line: `/v1` requests then need `Authorization: Bearer KEY`.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
     /// Pin decode groups to these CPUs (a taskset list such as "1" or "0-1").
     #[arg(long)]
     pub decode_cpus: Option<String>,
@@ -97,11 +100,21 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
         a.kv_dtype
     );
     t += &format!(
-        "[gateway]\nhttp = \"{http}\"\nquic = \"127.0.0.1:{}\"\nmax_queue = {}\nrouting = {:?}\n\n",
+        "[gateway]\nhttp = \"{http}\"\nquic = \"127.0.0.1:{}\"\nmax_queue = {}\nrouting = {:?}\n{}\n",
         free_udp()?,
         // The gateway's cap covers everything the decode groups hold or queue.
         (a.max_queue + a.max_batch) * a.decode_groups.max(1),
-        a.routing
+        a.routing,
+        match &a.api_key_file {
+            Some(f) => format!(
+                "api_keys_file = {:?}\n",
+                std::path::absolute(f)
+                    .with_context(|| format!("{}", f.display()))?
+                    .display()
+                    .to_string()
+            ),
+            None => String::new(),
+        }
     );
     for p in 0..a.pipelines {
         t += &format!(

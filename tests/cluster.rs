@@ -459,13 +459,18 @@ fn chat_with_headers(
     body: &Value,
     session: &str,
 ) -> (u16, Vec<(String, String)>, Value) {
+    chat_with(port, body, &format!("X-Session-Id: {session}\r\n"))
+}
+
+/// A non-streaming chat with extra request header lines (each ending in CRLF).
+fn chat_with(port: u16, body: &Value, extra: &str) -> (u16, Vec<(String, String)>, Value) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
     let b = body.to_string();
     write!(
         s,
-        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nX-Session-Id: {session}\r\nContent-Length: {}\r\n\r\n{b}",
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{b}",
         b.len()
     )
     .expect("write");
@@ -712,4 +717,51 @@ fn a_colocated_group_prefills_in_chunks_between_decode_steps() {
         .find_map(|v| v["usage"]["completion_tokens"].as_u64());
     assert_eq!(usage, Some(60));
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+}
+
+#[test]
+fn api_keys_guard_the_api_but_not_the_probes() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let keys = std::env::temp_dir().join(format!("tandem-keys-{}", std::process::id()));
+    std::fs::write(&keys, "# clients\nsk-alpha\nsk-beta  # the second one\n").expect("keys");
+    let c = Cluster::start(&["--api-key-file", keys.to_str().expect("path")]);
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    for extra in [
+        "",
+        "Authorization: Bearer sk-gamma\r\n",
+        "Authorization: Basic sk-alpha\r\n",
+    ] {
+        let (status, h, v) = chat_with(c.port, &body, extra);
+        assert_eq!(status, 401, "{extra:?}: {v}");
+        assert_eq!(v["error"]["type"], "authentication_error");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert!(h
+            .iter()
+            .any(|(k, v)| k == "www-authenticate" && v == "Bearer"));
+    }
+    for key in ["sk-alpha", "sk-beta"] {
+        let (status, _, v) = chat_with(c.port, &body, &format!("Authorization: Bearer {key}\r\n"));
+        assert_eq!(status, 200, "{key}: {v}");
+    }
+    assert_eq!(http(c.port, "GET", "/v1/models", None).0, 401);
+    assert_eq!(http(c.port, "GET", "/health", None).0, 200);
+    assert_eq!(
+        c.metric("tandem_request_errors_total", "status=\"401\""),
+        Some(4.0)
+    );
+    // The OpenAPI document is served, and every path and method it names
+    // is one the gateway routes (401 behind the key, never 404 or 405).
+    let (status, doc) = http(c.port, "GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&doc).expect("OpenAPI JSON");
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 7);
+    for (path, ops) in paths {
+        for method in ops.as_object().expect("operations").keys() {
+            let status = http(c.port, &method.to_uppercase(), path, None).0;
+            assert!(![404, 405].contains(&status), "{method} {path}: {status}");
+        }
+    }
+    let _ = std::fs::remove_file(&keys);
 }

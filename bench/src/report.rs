@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::metrics::{RequestRecord, Stats, Summary};
@@ -177,6 +178,21 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> BenchError {
     BenchError::Plot(format!("{e:?}"))
 }
 
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    position: SeriesLabelPosition,
+) -> Result<(), BenchError> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)
+}
+
 /// Empirical CDFs of TTFT, TPOT and ITL, one panel each, one line per point.
 pub fn plot_cdfs(path: &Path, points: &[Point]) -> Result<(), BenchError> {
     let root = SVGBackend::new(path, (1500, 450)).into_drawing_area();
@@ -234,13 +250,7 @@ pub fn plot_cdfs(path: &Path, points: &[Point]) -> Result<(), BenchError> {
                     PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present().map_err(plot_err)
 }
@@ -324,13 +334,7 @@ pub fn plot_sweep(path: &Path, series: &[(String, Vec<Point>)]) -> Result<(), Be
                     .map_err(plot_err)?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_err)?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }
     root.present().map_err(plot_err)
 }

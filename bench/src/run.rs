@@ -36,6 +36,9 @@ pub struct RunOptions {
     pub warmup: usize,
     pub seed: u64,
     pub progress: bool,
+    /// Index of the first job: runs against the same server should not
+    /// share jobs (their prompts would be prefix-cache hits).
+    pub first_job: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -145,7 +148,9 @@ pub fn run(ep: &Endpoint, workload: &Workload, opts: &RunOptions) -> RunResult {
                         if !more(i) {
                             return;
                         }
-                        run_job(ep, &workload.job(i), start, &mut |r| push(r));
+                        run_job(ep, &workload.job(opts.first_job + i), start, &mut |r| {
+                            push(r)
+                        });
                     });
                 }
             });
@@ -181,7 +186,9 @@ pub fn run(ep: &Endpoint, workload: &Workload, opts: &RunOptions) -> RunResult {
                     }
                     let (push, in_flight) = (&push, &in_flight);
                     s.spawn(move || {
-                        run_job(ep, &workload.job(i), start, &mut |r| push(r));
+                        run_job(ep, &workload.job(opts.first_job + i), start, &mut |r| {
+                            push(r)
+                        });
                         let (m, cv) = in_flight;
                         *m.lock().expect("in flight") -= 1;
                         cv.notify_one();

@@ -18,15 +18,9 @@ use tandem_bench::run::{run, Load, RunOptions};
 use tandem_bench::workload::{PromptSource, Shape, ShareGptEntry, Workload};
 
 fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("TANDEM_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("TANDEM_HOME")
+    std::env::var_os("TANDEM_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem")
-        });
-    tandem_model::fetch::default_model_path(&home)
+        .unwrap_or_else(tandem_model::fetch::cached_default_model)
 }
 
 /// What the server did for one request (keyed by its prompt).
@@ -218,6 +212,7 @@ fn metrics_match_the_scripted_truth_and_failures_are_counted() {
             warmup: 0,
             seed: 1,
             progress: false,
+            first_job: 0,
         },
     );
     assert_eq!(result.records.len(), n, "every request is recorded");
@@ -314,6 +309,7 @@ fn open_loop_runs_send_on_the_requested_arrival_process() {
             warmup: 0,
             seed: 11,
             progress: false,
+            first_job: 0,
         },
     );
     assert_eq!(result.records.iter().filter(|r| r.ok()).count(), n);

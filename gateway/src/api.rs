@@ -20,7 +20,7 @@ pub enum ApiError {
     Overloaded { retry_after_s: u64 },
     #[error("No node is available to serve the request: {0}")]
     Unavailable(String),
-    #[error("Invalid API key")]
+    #[error("Missing or invalid API key: send Authorization: Bearer KEY")]
     Unauthorized,
     #[error("The request body is too large: {0}")]
     TooLarge(String),

@@ -72,6 +72,8 @@ struct Nodes {
 }
 
 pub struct Gateway {
+    /// Accepted `Authorization: Bearer` keys; empty means no check.
+    api_keys: Vec<String>,
     pub model: String,
     file: Arc<ModelFile>,
     context: usize,
@@ -102,6 +104,78 @@ fn error_response(e: &ApiError) -> Response {
         }
     }
     r
+}
+
+/// The HTTP API as an OpenAPI 3.1 document.
+const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// With API keys configured, `/v1/*` needs `Authorization: Bearer KEY`
+/// (probes and metrics stay open for the orchestrator).
+async fn authorize(
+    State(gw): State<Arc<Gateway>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if gw.api_keys.is_empty() || !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Compare every key in full, whatever matches, so timing reveals nothing.
+    let ok = given.is_some_and(|k| {
+        gw.api_keys.iter().fold(false, |hit, key| {
+            hit | same_bytes(key.as_bytes(), k.as_bytes())
+        })
+    });
+    if ok {
+        return next.run(req).await;
+    }
+    gw.metrics.errors.with_label_values(&["401"]).inc();
+    let mut r = error_response(&ApiError::Unauthorized);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// API keys from `[gateway] api_keys_file` and `TANDEM_API_KEYS`.
+fn load_api_keys(file: Option<&std::path::Path>) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    if let Some(p) = file {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| format!("reading the API key file {}: {e}", p.display()))?;
+        keys.extend(
+            text.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned),
+        );
+        if keys.is_empty() {
+            return Err(format!("the API key file {} holds no key", p.display()));
+        }
+    }
+    if let Ok(env) = std::env::var("TANDEM_API_KEYS") {
+        keys.extend(
+            env.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    Ok(keys)
 }
 
 fn api_error(class: ErrorClass, message: String) -> ApiError {
@@ -612,7 +686,15 @@ pub async fn run(
 ) -> Result<(), String> {
     let g = &setup.cluster.file.gateway;
     let limits = &setup.cluster.file.limits;
+    let api_keys = load_api_keys(g.api_keys_file.as_deref())?;
+    if !api_keys.is_empty() {
+        tracing::info!(
+            "gateway: {} API key(s); /v1 requests need one",
+            api_keys.len()
+        );
+    }
     let gw = Arc::new(Gateway {
+        api_keys,
         model: model_name,
         context: file.config.context_length,
         file,
@@ -651,7 +733,9 @@ pub async fn run(
         .route("/health", get(health))
         .route("/live", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(gw);
     let listener = tokio::net::TcpListener::bind(g.http.bind())

@@ -22,6 +22,18 @@ pub fn default_model_path(cache_dir: &Path) -> PathBuf {
     cache_dir.join("models").join(DEFAULT_MODEL_FILE)
 }
 
+/// Where the default model is cached for this user: under `TANDEM_HOME`,
+/// else `~/.cache/tandem` (whether or not it has been fetched yet).
+pub fn cached_default_model() -> PathBuf {
+    let home = std::env::var_os("TANDEM_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
+                .join(".cache/tandem")
+        });
+    default_model_path(&home)
+}
+
 /// The default model's path, fetching it first if the cache lacks it.
 pub fn ensure_default_model(cache_dir: &Path, python: &str) -> Result<PathBuf> {
     let dest = default_model_path(cache_dir);

@@ -88,6 +88,11 @@ pub struct GatewaySection {
     /// How requests pick a decode group and a pipeline.
     #[serde(default)]
     pub routing: Routing,
+    /// A file of API keys, one per line (`#` starts a comment); when set,
+    /// `/v1/*` requests need `Authorization: Bearer KEY`. Relative to the
+    /// cluster file. `TANDEM_API_KEYS` (comma-separated) adds keys too.
+    #[serde(default)]
+    pub api_keys_file: Option<PathBuf>,
 }
 
 /// The gateway's routing policy.
@@ -277,9 +282,13 @@ impl ClusterFile {
         let mut f = Self::parse(&text, path)?;
         // Paths in the file are relative to the file.
         let dir = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut f.cluster.model, &mut f.cluster.certs]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut f.cluster.model,
+            &mut f.cluster.certs,
+            &mut f.gateway.api_keys_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p.is_relative() {
                 *p = dir.join(&*p);

@@ -12,12 +12,7 @@ pub fn model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("TANDEM_TEST_MODEL") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("TANDEM_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/tandem")
-        });
-    let p = tandem_model::fetch::default_model_path(&home);
+    let p = tandem_model::fetch::cached_default_model();
     assert!(
         p.is_file(),
         "default model missing at {}: run `tandem fetch-model` (CI does) or set TANDEM_TEST_MODEL",
