@@ -57,13 +57,15 @@ impl Endpoint {
         Ok((addr, host.to_string(), base))
     }
 
-    fn headers<'a>(&'a self, session: Option<&'a str>, auth: &'a str) -> Vec<(&'a str, &'a str)> {
+    /// Request headers: `Authorization: Bearer` when there is a key, and
+    /// the session id when there is one.
+    fn headers(auth: &Option<String>, session: Option<&str>) -> Vec<(&'static str, String)> {
         let mut h = Vec::new();
-        if self.api_key.is_some() {
-            h.push(("Authorization", auth));
+        if let Some(k) = auth {
+            h.push(("Authorization", format!("Bearer {k}")));
         }
         if let Some(s) = session {
-            h.push(("X-Session-Id", s));
+            h.push(("X-Session-Id", s.to_string()));
         }
         h
     }
@@ -75,12 +77,8 @@ impl Endpoint {
         base: &str,
         api_key: Option<&str>,
     ) -> Result<String, BenchError> {
-        let auth = api_key.map(|k| format!("Bearer {k}")).unwrap_or_default();
-        let headers: Vec<(&str, &str)> = if api_key.is_some() {
-            vec![("Authorization", auth.as_str())]
-        } else {
-            vec![]
-        };
+        let owned = Self::headers(&api_key.map(str::to_owned), None);
+        let headers: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let r = crate::http::get(
             addr,
             host,
@@ -138,12 +136,8 @@ impl Endpoint {
             Api::Chat => format!("{}/v1/chat/completions", self.base),
             Api::Completions => format!("{}/v1/completions", self.base),
         };
-        let auth = self
-            .api_key
-            .as_deref()
-            .map(|k| format!("Bearer {k}"))
-            .unwrap_or_default();
-        let headers = self.headers(session, &auth);
+        let owned = Self::headers(&self.api_key, session);
+        let headers: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let sent = run_start.elapsed().as_secs_f64();
         let mut rec = RequestRecord {
             job: 0,

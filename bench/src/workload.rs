@@ -92,10 +92,6 @@ impl PromptSource {
         Ok(PromptSource { tokenizer, tokens })
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
     /// `len` tokens of text starting at a random place (wrapping around).
     pub fn cut(&self, len: usize, rng: &mut StdRng) -> String {
         let start = rng.random_range(0..self.tokens.len());
