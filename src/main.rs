@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_goodput;
+mod bench_kv;
 mod bench_serve;
 mod cluster;
 mod generate;
@@ -122,6 +123,9 @@ enum BenchCmd {
     Goodput(bench_goodput::BenchGoodputArgs),
     /// Multi-turn sessions: TTFT per turn under each routing policy, in one run.
     Sessions(bench::BenchSessionsArgs),
+    /// KV transfer between two processes over UCX (shared memory, TCP) and
+    /// QUIC, beside ucx_perftest and plain quinn.
+    Kv(bench_kv::BenchKvArgs),
 }
 
 impl Common {
@@ -196,6 +200,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Serve(a)) => bench_serve::run(&cli.common, a),
         Cmd::Bench(BenchCmd::Goodput(a)) => bench_goodput::run(&cli.common, a),
         Cmd::Bench(BenchCmd::Sessions(a)) => bench::sessions(&cli.common, a),
+        Cmd::Bench(BenchCmd::Kv(a)) => bench_kv::run(a),
         Cmd::Certs(a) => cluster::certs(&cli.common, a),
         Cmd::CheckConfig(a) => cluster::check(&cli.common, a),
         Cmd::Plan(a) => plan::run(a),

@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// API keys, one per line: `/v1` requests then need `Authorization: Bearer KEY`.
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
+    /// How KV moves from prefill to decode: auto (UCX when installed, else
+    /// QUIC), ucx or quic.
+    #[arg(long, default_value = "auto")]
+    pub kv_transport: String,
     /// Pin decode groups to these CPUs (a taskset list such as "1" or "0-1").
     #[arg(long)]
     pub decode_cpus: Option<String>,
@@ -95,9 +99,10 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
     let http = SocketAddr::new(a.host, a.port);
     let mut t = String::new();
     t += &format!(
-        "[cluster]\nname = \"local\"\nmodel = {:?}\ncerts = \"certs\"\nkv_dtype = {:?}\n\n",
+        "[cluster]\nname = \"local\"\nmodel = {:?}\ncerts = \"certs\"\nkv_dtype = {:?}\nkv_transport = {:?}\n\n",
         model.display().to_string(),
-        a.kv_dtype
+        a.kv_dtype,
+        a.kv_transport
     );
     t += &format!(
         "[gateway]\nhttp = \"{http}\"\nquic = \"127.0.0.1:{}\"\nmax_queue = {}\nrouting = {:?}\n{}\n",

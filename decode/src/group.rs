@@ -38,6 +38,7 @@ pub use tandem_wire::node::NodeError as DecodeError;
 pub type Result<T> = std::result::Result<T, DecodeError>;
 
 mod prefill;
+mod ucx;
 
 /// Attempts at a request's KV (first try and retries) before it fails.
 const MAX_ATTEMPTS: u32 = 3;
@@ -95,6 +96,9 @@ pub struct Group<'m> {
     context: usize,
     n_layers: usize,
     block_size: usize,
+    /// KV over UCX, when a pipeline uses it. Declared before `group`: the
+    /// worker, which has the ranks' pools registered, is dropped first.
+    ucx: Option<ucx::DecodeUcx>,
     group: RankGroup,
     rank_descs: Vec<PoolDesc>,
     pipelines: Vec<Pipeline>,
@@ -177,6 +181,7 @@ impl Group<'_> {
 
     /// Tells the pipeline of a request's open attempt to stop.
     fn end_attempt(&mut self, r: &Req) {
+        self.fence_close(r.gen.id);
         if let Some(a) = &r.attempt {
             self.abort_prefill(r.gen.id, a.lease, &a.pipeline);
         }
@@ -202,6 +207,7 @@ impl Group<'_> {
                 if replaced {
                     self.peer_lost(&peer);
                 }
+                self.ucx_hello(&peer);
             }
             Change::Down(peer) => self.peer_lost(&peer),
             Change::Message { peer, msg } => self.on_message(&peer, msg),
@@ -243,6 +249,9 @@ impl Group<'_> {
     }
 
     fn kv_lost(&mut self, id: RequestId, lease: Lease) {
+        if self.admission.lease_of(id) == Some(lease) {
+            self.fence_close(id);
+        }
         let now = self.now();
         let actions = self.admission.kv_lost(id, lease, now);
         self.carry_out(actions);
@@ -262,6 +271,13 @@ impl Group<'_> {
             }
             Message::Kv(c) => self.on_kv(c),
             Message::KvDone(d) => self.on_kv_done(d),
+            Message::KvLanded {
+                id,
+                lease,
+                stage,
+                rank,
+                blocks,
+            } => self.on_kv_landed(id, lease, stage, rank, blocks),
             Message::FirstToken {
                 id,
                 lease,
@@ -689,6 +705,7 @@ pub fn run(
             threads,
         },
     )?;
+    let ucx = ucx::start(&setup.name, &group, d.tp, &cluster.pipelines)?;
     let rank_descs = (0..d.tp)
         .map(|r| {
             PoolDesc::new(
@@ -727,6 +744,7 @@ pub fn run(
         context: cfg.context_length,
         n_layers: cfg.n_layers,
         block_size,
+        ucx,
         group,
         rank_descs,
         pipelines: cluster.pipelines.clone(),

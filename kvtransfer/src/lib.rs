@@ -26,6 +26,8 @@ pub enum KvTransferError {
 }
 
 pub mod transfer;
+pub mod over_ucx;
+pub mod ucx;
 pub use transfer::{InProcess, Incoming, Outgoing, QuicTransport, Transport, Verdict};
 
 pub type Result<T> = std::result::Result<T, KvTransferError>;

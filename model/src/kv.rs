@@ -146,6 +146,17 @@ pub struct KvPool {
 }
 
 impl KvPool {
+    /// The pool's memory as bytes: where a transport may write blocks
+    /// directly. The storage is allocated once and never resized, so the
+    /// address holds for the pool's life.
+    pub fn raw_bytes(&mut self) -> (*mut u8, usize) {
+        match &mut self.storage {
+            KvStorage::F32(v) => (v.as_mut_ptr() as *mut u8, v.len() * 4),
+            KvStorage::F16(v) => (v.as_mut_ptr() as *mut u8, v.len() * 2),
+            KvStorage::Bf16(v) => (v.as_mut_ptr() as *mut u8, v.len() * 2),
+        }
+    }
+
     pub fn new(layout: KvLayout, n_blocks: usize) -> KvPool {
         let n = layout.block_elems() * n_blocks;
         let storage = match layout.dtype {

@@ -22,7 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_kvtransfer::over_ucx::UcxTransport;
+use tandem_kvtransfer::ucx::{EpId, Ucx, Worker, WorkerOptions};
 use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
+use tandem_wire::config::KvTransport;
 use tandem_model::{
     block_hashes, BlockId, Formats, Input, ModelFile, Phase, PrefixCache, RankGroup,
     RankGroupOptions, Sampler, SliceOutput, Span,
@@ -79,6 +82,13 @@ pub struct Stage {
     /// Chunks that arrived for prompts still waiting to start.
     early: HashMap<Key, Vec<Work>>,
     beat: Arc<Mutex<Beat>>,
+    /// KV over UCX: the worker, and an endpoint per decode group that sent
+    /// its address. Groups without one get KV on the QUIC link.
+    ucx: Option<Arc<Worker>>,
+    ucx_peers: HashMap<String, EpId>,
+    /// Fault injection (`TANDEM_FAULT_CORRUPT_KV=N`): corrupt one byte of the
+    /// first KV message of the next N requests, after its checksum.
+    corrupt_left: u32,
 }
 
 impl Stage {
@@ -121,6 +131,9 @@ impl Stage {
 
     /// Work that depended on `peer` cannot finish.
     fn peer_lost(&mut self, peer: &str) {
+        if let (Some(ep), Some(w)) = (self.ucx_peers.remove(peer), &self.ucx) {
+            w.close(ep);
+        }
         let next = self.next_name();
         let keys: Vec<Key> = self
             .reqs
@@ -173,6 +186,18 @@ impl Stage {
                 }
             }
             Message::Heartbeat { .. } => {}
+            Message::UcxHello { address } => {
+                let Some(w) = &self.ucx else { return };
+                match w.connect(&address) {
+                    Ok(ep) => {
+                        if let Some(old) = self.ucx_peers.insert(peer.to_string(), ep) {
+                            w.close(old);
+                        }
+                        tracing::info!("{}: KV to {peer} over UCX", self.name);
+                    }
+                    Err(e) => tracing::warn!("{}: UCX to {peer} failed ({e}); KV goes over QUIC", self.name),
+                }
+            }
             other => tracing::warn!(
                 "{}: ignoring an unexpected message from {peer}: {:?}",
                 self.name,
@@ -435,7 +460,16 @@ impl Stage {
             .get(&r.req.decode)
             .cloned()
             .ok_or_else(|| format!("decode group {} is not linked", r.req.decode))?;
-        let transport = QuicTransport { link: decode };
+        let transport: Box<dyn Transport> = match (&self.ucx, self.ucx_peers.get(&r.req.decode)) {
+            (Some(w), Some(&ep)) => Box::new(UcxTransport {
+                worker: w.clone(),
+                ep,
+                link: decode.clone(),
+            }),
+            _ => Box::new(QuicTransport {
+                link: decode.clone(),
+            }),
+        };
         if complete > r.sent {
             let range: Range<usize> = r.sent..complete;
             let mut outgoing = r.out.take().expect("outgoing lives with the request");
@@ -448,8 +482,17 @@ impl Stage {
                 })
                 .map_err(|e| e.to_string())?;
             r.out = Some(outgoing);
+            let first = r.sent == 0;
             r.sent = complete;
-            for c in chunks.map_err(|e| e.to_string())? {
+            let mut chunks = chunks.map_err(|e| e.to_string())?;
+            if first && self.corrupt_left > 0 {
+                if let Some(b) = chunks.first_mut().and_then(|c| c.blocks.first_mut()) {
+                    self.corrupt_left -= 1;
+                    b.1[0] ^= 0x5a;
+                    tracing::warn!("{}: fault injection: corrupted KV of request {}", self.name, w.key.0 .0);
+                }
+            }
+            for c in chunks {
                 transport.put(c).map_err(|e| e.to_string())?;
             }
         }
@@ -462,8 +505,7 @@ impl Stage {
         }
         if let Some(l) = logits.filter(|_| is_last && !r.req.targets.is_empty()) {
             let s = Sampler::new(&r.req.params).sample(&l);
-            transport
-                .link
+            decode
                 .blocking_send(Message::FirstToken {
                     id: w.key.0,
                     lease: w.key.1,
@@ -574,6 +616,7 @@ pub fn run(
         setup.spawn_services(&beat)?;
     }
     let pipeline_blocks = pipeline.kv_blocks;
+    let st_transport = pipeline.kv_transport;
     let mut st = Stage {
         name: setup.name.clone(),
         index,
@@ -590,6 +633,12 @@ pub fn run(
         work: VecDeque::new(),
         early: HashMap::new(),
         beat,
+        ucx: start_ucx(&setup.name, st_transport)?,
+        ucx_peers: HashMap::new(),
+        corrupt_left: std::env::var("TANDEM_FAULT_CORRUPT_KV")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     };
     let gateway = cluster.file.gateway.name.clone();
     tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);
@@ -634,4 +683,27 @@ pub fn run(
     drop(st);
     rt.shutdown_timeout(Duration::from_millis(200));
     Ok(())
+}
+
+/// Starts UCX when the pipeline wants it: `ucx` without the library is an
+/// error, `auto` falls back to QUIC with a warning.
+fn start_ucx(name: &str, t: KvTransport) -> Result<Option<Arc<Worker>>> {
+    if t == KvTransport::Quic {
+        return Ok(None);
+    }
+    let ucx = match Ucx::load(None) {
+        Ok(u) => u,
+        Err(e) if t == KvTransport::Ucx => {
+            return Err(PrefillError::Setup(format!(
+                "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
+            )))
+        }
+        Err(e) => {
+            tracing::warn!("{name}: {e}; KV goes over QUIC");
+            return Ok(None);
+        }
+    };
+    let w = Worker::start(ucx, &WorkerOptions::default(), "ucx-prefill")
+        .map_err(|e| PrefillError::Setup(e.to_string()))?;
+    Ok(Some(Arc::new(w)))
 }

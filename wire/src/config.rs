@@ -71,6 +71,25 @@ pub struct ClusterSection {
     /// model file's name without its quantization tag.
     #[serde(default)]
     pub served_model_name: Option<String>,
+    /// How KV moves from prefill stages to decode groups, unless a pipeline
+    /// says otherwise: `auto` (UCX when the library loads, else QUIC with a
+    /// warning), `ucx` or `quic`.
+    #[serde(default)]
+    pub kv_transport: KvTransport,
+}
+
+/// How a pipeline's stages send KV to decode groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvTransport {
+    /// UCX when the library loads (RDMA, shared memory or TCP, as UCX
+    /// picks; `UCX_TLS`/`UCX_NET_DEVICES` apply), else QUIC.
+    #[default]
+    Auto,
+    /// UCX, or the node refuses to start.
+    Ucx,
+    /// The QUIC link between the nodes.
+    Quic,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +138,9 @@ pub struct PipelineSection {
     /// KV blocks in each stage's pool (prompts in flight through the stage).
     #[serde(default = "default_prefill_blocks")]
     pub kv_blocks: usize,
+    /// Overrides `[cluster] kv_transport` for this pipeline's links.
+    #[serde(default)]
+    pub kv_transport: Option<KvTransport>,
     pub stages: Vec<StageSection>,
 }
 
@@ -262,6 +284,7 @@ pub struct Pipeline {
     pub name: String,
     pub chunk: usize,
     pub kv_blocks: usize,
+    pub kv_transport: KvTransport,
     pub stages: Vec<(String, NodeAddr, Range<usize>)>,
 }
 
@@ -373,7 +396,7 @@ impl ClusterFile {
                 return Err(bad(format!("two pipelines are named '{}'", p.name)));
             }
             pipelines.push(
-                validate_pipeline(p, model)
+                validate_pipeline(p, model, c.cluster.kv_transport)
                     .map_err(|r| bad(format!("pipeline '{}': {r}", p.name)))?,
             );
         }
@@ -421,6 +444,7 @@ impl ClusterFile {
 fn validate_pipeline(
     p: &PipelineSection,
     model: &ModelConfig,
+    kv_transport: KvTransport,
 ) -> std::result::Result<Pipeline, String> {
     let n = model.n_layers;
     if p.stages.is_empty() {
@@ -472,6 +496,7 @@ fn validate_pipeline(
         name: p.name.clone(),
         chunk: p.chunk,
         kv_blocks: p.kv_blocks,
+        kv_transport: p.kv_transport.unwrap_or(kv_transport),
         stages: p
             .stages
             .iter()

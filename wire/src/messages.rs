@@ -229,6 +229,19 @@ pub enum Message {
     Activations(Activations),
     Kv(KvChunk),
     KvDone(KvDone),
+    /// Decode → stage: its UCX worker's address; KV may come over UCX.
+    UcxHello {
+        address: ByteBuf,
+    },
+    /// Stage → decode: these blocks were written over UCX (every byte is
+    /// in the rank's pool); decode checksums them from there.
+    KvLanded {
+        id: RequestId,
+        lease: Lease,
+        stage: u32,
+        rank: u32,
+        blocks: Vec<BlockId>,
+    },
     FirstToken {
         id: RequestId,
         lease: Lease,

@@ -68,6 +68,7 @@ impl Group<'_> {
             deadline_ms: r.gen.deadline_ms,
         };
         let queued = r.submitted.elapsed().as_micros() as u64;
+        self.fence_open(id, lease, &pipeline, &blocks);
         let stage0 = &p.stages[0].0;
         let sent = self
             .links
@@ -307,6 +308,8 @@ impl Group<'_> {
         if let Some(n) = self.inflight.get_mut(&pipeline) {
             *n = n.saturating_sub(1);
         }
+        // Every notice is in: nothing more may land in these blocks.
+        self.fence_close(id);
         let now = self.now();
         let actions = self.admission.kv_complete(id, lease, verified, now);
         self.carry_out(actions);

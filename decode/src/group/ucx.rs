@@ -1,0 +1,170 @@
+//! KV over UCX on the decode side: a worker whose address goes to every
+//! stage of a UCX pipeline when its link comes up, the ranks' pools
+//! registered with it once, and the landing table that lets only a live
+//! attempt's stages write its blocks.
+
+use super::*;
+use tandem_kvtransfer::over_ucx::{Landing, RankMemory};
+use tandem_kvtransfer::ucx::{Ucx, Worker, WorkerOptions};
+use tandem_wire::config::KvTransport;
+
+pub(super) struct DecodeUcx {
+    pub worker: Worker,
+    pub landing: Landing,
+}
+
+fn setup_err(e: impl std::fmt::Display) -> DecodeError {
+    DecodeError::Setup(e.to_string())
+}
+
+/// Starts UCX when a pipeline wants it: `ucx` without the library is an
+/// error, `auto` falls back to QUIC with a warning.
+pub(super) fn start(
+    name: &str,
+    group: &RankGroup,
+    tp: usize,
+    pipelines: &[Pipeline],
+) -> Result<Option<DecodeUcx>> {
+    let wanted: Vec<KvTransport> = pipelines
+        .iter()
+        .map(|p| p.kv_transport)
+        .filter(|t| *t != KvTransport::Quic)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let ucx = match Ucx::load(None) {
+        Ok(u) => u,
+        Err(e) if wanted.contains(&KvTransport::Ucx) => {
+            return Err(DecodeError::Setup(format!(
+                "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
+            )))
+        }
+        Err(e) => {
+            tracing::warn!("{name}: {e}; KV comes over QUIC");
+            return Ok(None);
+        }
+    };
+    let worker = Worker::start(ucx.clone(), &WorkerOptions::default(), "ucx-decode").map_err(setup_err)?;
+    let mut ranks = Vec::new();
+    for r in 0..tp {
+        let (ptr, len, layout, n_blocks) = group.with_pool(r, |pool| {
+            let (p, l) = pool.raw_bytes();
+            (p as usize, l, pool.layout.clone(), pool.n_blocks)
+        })?;
+        // SAFETY: a rank's pool is allocated once and lives until the rank
+        // group is dropped, after this worker (`Group::ucx` is declared
+        // before `Group::group`). Stages write only blocks the landing table
+        // allows, which the ranks do not read until the transfer is verified.
+        unsafe { worker.map(ptr as *mut u8, len) }.map_err(setup_err)?;
+        ranks.push(RankMemory {
+            base: ptr,
+            n_blocks,
+            block_bytes: layout.block_bytes(),
+            elem_bytes: layout.dtype.bytes(),
+        });
+    }
+    let landing = Landing::install(&worker, ranks).map_err(setup_err)?;
+    tracing::info!("{name}: KV over UCX {} ({})", ucx.version(), ucx.path);
+    Ok(Some(DecodeUcx { worker, landing }))
+}
+
+impl Group<'_> {
+    /// A stage of a UCX pipeline came up: tell it where to send KV.
+    pub(super) fn ucx_hello(&self, peer: &str) {
+        let Some(u) = &self.ucx else { return };
+        let wants = self.pipelines.iter().any(|p| {
+            p.kv_transport != KvTransport::Quic && p.stages.iter().any(|s| s.0 == peer)
+        });
+        if let (true, Some(l)) = (wants, self.links.get(peer)) {
+            let _ = l.try_send(Message::UcxHello {
+                address: u.worker.address().to_vec().into(),
+            });
+        }
+    }
+
+    /// Lets the attempt's stages write its blocks (before they are asked to).
+    pub(super) fn fence_open(&mut self, id: RequestId, lease: Lease, pipeline: &str, blocks: &[BlockId]) {
+        if self.ucx.is_none() {
+            return;
+        }
+        let stages = self
+            .pipelines
+            .iter()
+            .find(|p| p.name == pipeline)
+            .map_or(0, |p| p.stages.len());
+        let mut plans = HashMap::new();
+        for s in 0..stages as u32 {
+            for r in 0..self.group.tp as u32 {
+                if let Some(p) = self.plan(pipeline, s, r) {
+                    plans.insert((s, r), p);
+                }
+            }
+        }
+        let allowed = vec![blocks.to_vec(); self.group.tp];
+        if let Some(u) = &self.ucx {
+            u.landing.open(id, lease, allowed, plans);
+        }
+    }
+
+    /// No more writes into the request's blocks from any attempt.
+    pub(super) fn fence_close(&self, id: RequestId) {
+        if let Some(u) = &self.ucx {
+            u.landing.close(id);
+        }
+    }
+
+    /// Blocks a stage wrote over UCX: checksum them from the pool.
+    pub(super) fn on_kv_landed(&mut self, id: RequestId, lease: Lease, stage: u32, rank: u32, blocks: Vec<BlockId>) {
+        let Some(a) = self
+            .reqs
+            .get(&id)
+            .and_then(|r| r.attempt.as_ref())
+            .filter(|a| a.lease == lease)
+        else {
+            return;
+        };
+        if let Some(why) = self.ucx.as_ref().and_then(|u| u.landing.failure(id, lease)) {
+            tracing::warn!("{}: KV for request {} over UCX failed: {why}", self.name, id.0);
+            return self.kv_lost(id, lease);
+        }
+        let pipeline = a.pipeline.clone();
+        let Some(runs) = self.plan(&pipeline, stage, rank) else {
+            return self.kv_lost(id, lease);
+        };
+        // Read back what landed, in the order it was sent, for the checksum.
+        let back: Vec<CopyRun> = runs
+            .iter()
+            .map(|r| CopyRun {
+                src: r.dst,
+                dst: r.dst,
+                len: r.len,
+            })
+            .collect();
+        let read = self.group.with_pool(rank as usize, move |pool| {
+            blocks
+                .iter()
+                .map(|b| tandem_kvtransfer::gather(pool, *b, &back).map(|v| (*b, v.into())))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        });
+        let chunk = match read {
+            Ok(Ok(blocks)) => KvChunk {
+                id,
+                lease,
+                stage,
+                rank,
+                blocks,
+            },
+            _ => return self.kv_lost(id, lease),
+        };
+        let a = self
+            .reqs
+            .get_mut(&id)
+            .and_then(|r| r.attempt.as_mut())
+            .expect("checked above");
+        if let Err(e) = a.incoming.accept(&chunk) {
+            tracing::warn!("{}: refusing KV for request {}: {e}", self.name, id.0);
+            self.kv_lost(id, lease);
+        }
+    }
+}
