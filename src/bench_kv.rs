@@ -49,6 +49,11 @@ pub struct BenchKvArgs {
     /// QUIC reference: plain quinn with this many parallel streams (besides 1).
     #[arg(long, default_value_t = 4)]
     quinn_streams: usize,
+    /// Where the receiving process's buffer lives: `ucx` (allocated and
+    /// registered through UCX, as decode's KV pools are) or `heap`
+    /// (ordinary memory, registered).
+    #[arg(long, default_value = "ucx")]
+    receiver_memory: String,
     /// Skip `ucx_perftest` even when it is installed.
     #[arg(long)]
     no_perftest: bool,
@@ -199,20 +204,28 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
 
 fn receiver(transport: &str, capacity: usize) -> Result<()> {
     match transport {
-        "ucx" => ucx_receiver(capacity),
+        "ucx" => ucx_receiver(capacity, false),
+        "ucx-heap" => ucx_receiver(capacity, true),
         "quic" => quic_receiver(),
         other => bail!("unknown receiver {other}"),
     }
 }
 
 /// Registers a buffer, prints how to reach it, then answers `hash OFF LEN`.
-fn ucx_receiver(capacity: usize) -> Result<()> {
+fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
     let ucx = Ucx::load(None)?;
     let worker = Worker::start(ucx, &WorkerOptions::default(), "ucx-bench")?;
-    let mut buf = vec![0u8; capacity];
-    let base = buf.as_mut_ptr() as usize;
-    // SAFETY: `buf` lives until this function returns, after the worker is dropped.
-    let region = unsafe { worker.map(buf.as_mut_ptr(), buf.len()) }?;
+    let mut heap_buf = vec![0u8; if heap { capacity } else { 0 }];
+    let region = if heap {
+        // SAFETY: `heap_buf` lives until this function returns, after the worker is dropped.
+        unsafe { worker.map(heap_buf.as_mut_ptr(), capacity) }?
+    } else {
+        worker.alloc(capacity)?
+    };
+    let base = region.base as usize;
+    // SAFETY: the region is `capacity` bytes, allocated or registered above,
+    // and stays mapped until the worker is dropped at the end.
+    let buf = unsafe { std::slice::from_raw_parts(base as *const u8, capacity) };
     // Active messages carry their offset in the header and land there.
     worker.on_am(
         1,
@@ -247,6 +260,7 @@ fn ucx_receiver(capacity: usize) -> Result<()> {
         }
     }
     drop(worker);
+    drop(heap_buf);
     Ok(())
 }
 
@@ -254,7 +268,8 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
     let tls_env = if tls == "sm" { "sm,self" } else { "tcp" };
     std::env::set_var("UCX_TLS", tls_env);
     let capacity = block * max_blocks;
-    let mut peer = Peer::spawn("ucx", capacity, &[("UCX_TLS", tls_env)])?;
+    let kind = if a.receiver_memory == "heap" { "ucx-heap" } else { "ucx" };
+    let mut peer = Peer::spawn(kind, capacity, &[("UCX_TLS", tls_env)])?;
     let info = peer.line()?;
     let f: Vec<&str> = info.split_whitespace().collect();
     let [addr, base, _len, rkey] = f[..] else {

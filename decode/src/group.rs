@@ -53,6 +53,8 @@ struct Attempt {
     verdict: Option<Verdict>,
     first: Option<(u32, f32)>,
     sent: Instant,
+    /// Some of its KV came over UCX.
+    over_ucx: bool,
 }
 
 struct Running {
@@ -657,6 +659,8 @@ impl Group<'_> {
             free_blocks: (self.admission.total_blocks() - self.admission.used_blocks()) as u32,
             total_blocks: self.admission.total_blocks() as u32,
             pipelines_up: self.pipelines_up().len() as u32,
+            kv_checksum_failures: self.admission.counters.checksum_failures,
+            kv_retries: self.admission.counters.retries,
         };
         b.gateway = self.links.get(&self.gateway).cloned();
     }

@@ -32,6 +32,8 @@ pub struct Metrics {
     node_queued: IntGaugeVec,
     kv_used: IntGaugeVec,
     kv_total: IntGaugeVec,
+    kv_checksum_failures: IntGaugeVec,
+    kv_retries: IntGaugeVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -165,6 +167,16 @@ impl Metrics {
                 &["node"],
             )?,
             kv_total: gauge_vec("tandem_kv_blocks_total", "KV blocks a node has", &["node"])?,
+            kv_checksum_failures: gauge_vec(
+                "tandem_kv_checksum_failures",
+                "KV transfers a decode group refused for a checksum mismatch, since it started",
+                &["node"],
+            )?,
+            kv_retries: gauge_vec(
+                "tandem_kv_retries",
+                "Prefill attempts a decode group retried (lost stage, timeout, bad KV), since it started",
+                &["node"],
+            )?,
             registry,
         })
     }
@@ -208,6 +220,12 @@ impl Metrics {
                 self.kv_total
                     .with_label_values(&[name])
                     .set(l.total_blocks.into());
+                self.kv_checksum_failures
+                    .with_label_values(&[name])
+                    .set(l.kv_checksum_failures as i64);
+                self.kv_retries
+                    .with_label_values(&[name])
+                    .set(l.kv_retries as i64);
             }
         }
     }

@@ -117,6 +117,8 @@ struct Fenced {
     plans: HashMap<(u32, u32), Vec<CopyRun>>,
     /// Messages being received into its blocks right now.
     inflight: usize,
+    /// (stage, rank, block) whose bytes are all in place.
+    landed: std::collections::HashSet<(u32, u32, BlockId)>,
     failed: Option<String>,
 }
 
@@ -172,15 +174,17 @@ impl Landing {
             .collect();
         f.inflight += 1;
         let table = self.table.clone();
-        let id = h.id;
         Placement::Into {
             runs,
             done: Box::new(move |r| {
                 let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(f) = t.get_mut(&id) {
+                if let Some(f) = t.get_mut(&h.id) {
                     f.inflight = f.inflight.saturating_sub(1);
-                    if let Err(e) = r {
-                        f.failed = Some(e.to_string());
+                    match r {
+                        Ok(()) => {
+                            f.landed.insert((h.stage, h.rank, h.block));
+                        }
+                        Err(e) => f.failed = Some(e.to_string()),
                     }
                 }
             }),
@@ -205,6 +209,7 @@ impl Landing {
                 allowed,
                 plans,
                 inflight: 0,
+                landed: Default::default(),
                 failed: None,
             },
         );
@@ -229,11 +234,39 @@ impl Landing {
         }
     }
 
-    /// Why the attempt's transfer failed, if it did.
-    pub fn failure(&self, id: RequestId, lease: Lease) -> Option<String> {
-        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        t.get(&id)
-            .filter(|f| f.lease == lease)
-            .and_then(|f| f.failed.clone())
+    /// Waits until this side's worker has completed receiving every one of
+    /// `blocks` from (stage, rank). The stage's notice follows its own
+    /// completions, which can run ahead of the receiver's by a few
+    /// microseconds. Errors with why the transfer failed, or on `timeout`.
+    pub fn landed(
+        &self,
+        id: RequestId,
+        lease: Lease,
+        stage: u32,
+        rank: u32,
+        blocks: &[BlockId],
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(f) = t.get(&id).filter(|f| f.lease == lease) else {
+                    return Err("the attempt is no longer open".into());
+                };
+                if let Some(why) = &f.failed {
+                    return Err(why.clone());
+                }
+                if blocks.iter().all(|b| f.landed.contains(&(stage, rank, *b))) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "blocks from stage {stage} for rank {rank} did not land within {timeout:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 }

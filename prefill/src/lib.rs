@@ -675,7 +675,7 @@ pub fn run(
                 queued: st.waiting.len() as u32,
                 free_blocks: st.cache.available() as u32,
                 total_blocks: st.cache.total() as u32,
-                pipelines_up: 0,
+                ..Load::default()
             };
             b.gateway = st.links.get(&gateway).cloned();
         }

@@ -115,6 +115,9 @@ pub struct Accounting {
     pub kv_transfer_us: u64,
     pub decode_queue_us: u64,
     pub first_step_us: u64,
+    /// How the prompt's KV reached decode: "ucx", "quic", or "local"
+    /// (prefilled by the decode group itself); empty when all of it was cached.
+    pub kv_transport: String,
 }
 
 /// Decode → gateway, on the request's stream.
@@ -207,6 +210,10 @@ pub struct Load {
     pub total_blocks: u32,
     /// Decode: prefill pipelines whose every stage is linked to it.
     pub pipelines_up: u32,
+    /// Decode, since start: KV transfers that failed their checksum, and
+    /// prefill attempts retried (for any reason).
+    pub kv_checksum_failures: u64,
+    pub kv_retries: u64,
 }
 
 /// Every message after the handshake.
@@ -389,7 +396,19 @@ mod tests {
                     free_blocks: 3,
                     total_blocks: 4,
                     pipelines_up: 1,
+                    kv_checksum_failures: 5,
+                    kv_retries: 6,
                 },
+            },
+            Message::UcxHello {
+                address: ByteBuf::from(vec![1, 2, 3]),
+            },
+            Message::KvLanded {
+                id,
+                lease: Lease(3),
+                stage: 1,
+                rank: 2,
+                blocks: vec![BlockId(7), BlockId(9)],
             },
             Message::CacheStored {
                 node: "d0".into(),

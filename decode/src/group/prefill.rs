@@ -86,6 +86,7 @@ impl Group<'_> {
             verdict: None,
             first: None,
             sent: Instant::now(),
+            over_ucx: false,
         });
         *self.inflight.entry(pipeline.clone()).or_default() += 1;
         if !sent {
@@ -194,6 +195,7 @@ impl Group<'_> {
         r.acct.cached_tokens = l.cached as u32;
         r.acct.prefilled_tokens = (l.tokens.len() - l.cached) as u32;
         r.acct.prefill_compute_us = l.compute_us;
+        r.acct.kv_transport = "local".into();
         r.acct.decode_queue_us = started.saturating_duration_since(r.submitted).as_micros() as u64;
         self.local_prefills += 1;
         let now = self.now();
@@ -207,6 +209,7 @@ impl Group<'_> {
                 verdict: Some(Verdict::Verified),
                 first: Some((s.token, s.logprob)),
                 sent: started,
+                over_ucx: false,
             });
         }
         self.carry_out(actions);
@@ -303,6 +306,12 @@ impl Group<'_> {
         };
         let lease = a.lease;
         r.acct.kv_bytes = a.incoming.bytes;
+        r.acct.kv_transport = match (a.pipeline.is_empty(), a.over_ucx) {
+            (true, _) => "local",
+            (false, true) => "ucx",
+            (false, false) => "quic",
+        }
+        .into();
         r.acct.kv_transfer_us = a.sent.elapsed().as_micros() as u64;
         let pipeline = a.pipeline.clone();
         if let Some(n) = self.inflight.get_mut(&pipeline) {

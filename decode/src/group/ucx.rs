@@ -124,7 +124,11 @@ impl Group<'_> {
         else {
             return;
         };
-        if let Some(why) = self.ucx.as_ref().and_then(|u| u.landing.failure(id, lease)) {
+        let landed = self.ucx.as_ref().map(|u| {
+            u.landing
+                .landed(id, lease, stage, rank, &blocks, Duration::from_secs(2))
+        });
+        if let Some(Err(why)) = landed {
             tracing::warn!("{}: KV for request {} over UCX failed: {why}", self.name, id.0);
             return self.kv_lost(id, lease);
         }
@@ -162,6 +166,7 @@ impl Group<'_> {
             .get_mut(&id)
             .and_then(|r| r.attempt.as_mut())
             .expect("checked above");
+        a.over_ucx = true;
         if let Err(e) = a.incoming.accept(&chunk) {
             tracing::warn!("{}: refusing KV for request {}: {e}", self.name, id.0);
             self.kv_lost(id, lease);

@@ -505,9 +505,29 @@ impl State {
             | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH) as u64;
         p.address = ptr as *mut c_void;
         p.length = len;
+        if ptr == 0 {
+            p.field_mask |= sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_FLAGS as u64;
+            p.flags = sys::UCP_MEM_MAP_ALLOCATE;
+        }
         let mut memh: sys::ucp_mem_h = std::ptr::null_mut();
-        // SAFETY: the caller of `Worker::map` promised the range stays allocated.
+        // SAFETY: the caller of `Worker::map` promised the range stays
+        // allocated; with a null address UCX allocates it.
         self.ucx.check("mem_map", unsafe { self.ucx.lib.ucp_mem_map(self.ctx, &p, &mut memh) })?;
+        let ptr = if ptr != 0 {
+            ptr
+        } else {
+            // SAFETY: zeroed attributes; address queried for a live handle.
+            let mut attr: sys::ucp_mem_attr_t = unsafe { std::mem::zeroed() };
+            attr.field_mask = sys::ucp_mem_attr_field_UCP_MEM_ATTR_FIELD_ADDRESS as u64;
+            // SAFETY: `memh` was just mapped.
+            let q = self.ucx.check("mem_query", unsafe { self.ucx.lib.ucp_mem_query(memh, &mut attr) });
+            if let Err(e) = q {
+                // SAFETY: mapped above, unmapped once.
+                unsafe { self.ucx.lib.ucp_mem_unmap(self.ctx, memh) };
+                return Err(e);
+            }
+            attr.address as usize
+        };
         let mut buf: *mut c_void = std::ptr::null_mut();
         let mut size = 0usize;
         // SAFETY: `memh` was just mapped; the packed buffer is copied and released.
