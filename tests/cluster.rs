@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -310,43 +310,6 @@ fn a_full_queue_gets_429_and_no_live_node_gets_503() {
     assert_eq!(v["error"]["code"], json!("no_live_node"));
 }
 
-/// A non-streaming chat with its response headers.
-fn chat_with_headers(
-    port: u16,
-    body: &Value,
-    session: &str,
-) -> (u16, Vec<(String, String)>, Value) {
-    chat_with(port, body, &format!("X-Session-Id: {session}\r\n"))
-}
-
-/// A non-streaming chat with extra request header lines (each ending in CRLF).
-fn chat_with(port: u16, body: &Value, extra: &str) -> (u16, Vec<(String, String)>, Value) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120)))
-        .expect("timeout");
-    let b = body.to_string();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{b}",
-        b.len()
-    )
-    .expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let (head, body) = resp.split_once("\r\n\r\n").expect("a header");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
-        .collect();
-    (status, headers, serde_json::from_str(body).expect("JSON"))
-}
-
 /// The answer a full recompute in one process gives for a conversation.
 fn recompute(messages: &[Value]) -> String {
     let out = Command::new(EXE)
@@ -371,12 +334,6 @@ fn recompute(messages: &[Value]) -> String {
     t
 }
 
-fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
-    h.iter()
-        .find(|(n, _)| n == k)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_else(|| panic!("no {k} in {h:?}"))
-}
 
 #[test]
 fn a_conversation_stays_on_its_nodes_and_moves_only_new_blocks() {

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub cancelled: IntCounter,
     pub sticky: IntCounter,
     pub redispatched: IntCounter,
+    pub resumed: IntCounter,
     pub repinned: IntCounter,
     pub cached_tokens: IntCounter,
     pub in_flight: IntGauge,
@@ -96,6 +97,10 @@ impl Metrics {
             redispatched: counter(
                 "tandem_requests_redispatched_total",
                 "Requests sent again after their decode group was lost before streaming",
+            )?,
+            resumed: counter(
+                "tandem_requests_resumed_total",
+                "Streams continued on another decode group after theirs was lost mid-answer",
             )?,
             sticky: counter(
                 "tandem_session_sticky_total",

@@ -228,6 +228,21 @@ struct Ticket {
     gateway_us: u64,
     /// Response headers naming where it went.
     headers: Vec<(&'static str, String)>,
+    /// What it takes to continue the request elsewhere.
+    resume: Resume,
+}
+
+/// Losses of a decode group mid-answer a request survives.
+const MAX_RESUMES: u32 = 2;
+
+/// A request as it was asked, to continue it on another decode group with
+/// the tokens already streamed.
+#[derive(Clone)]
+struct Resume {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    session: Option<String>,
+    left: u32,
 }
 
 impl Gateway {
@@ -253,6 +268,42 @@ impl Gateway {
         session: Option<String>,
         received: Instant,
     ) -> Result<Ticket, ApiError> {
+        self.dispatch(prompt, Vec::new(), params, session, received)
+            .await
+    }
+
+    /// Continues a request whose decode group was lost after it streamed
+    /// `generated`: another group prefills prompt + generated and goes on
+    /// from the next token.
+    async fn resume(self: &Arc<Self>, r: &Resume, generated: &[u32]) -> Result<Ticket, ApiError> {
+        if r.left == 0 {
+            return Err(ApiError::Unavailable(format!(
+                "the decode group was lost {} times during this answer",
+                MAX_RESUMES + 1
+            )));
+        }
+        self.metrics.resumed.inc();
+        let mut t = self
+            .dispatch(
+                r.prompt.clone(),
+                generated.to_vec(),
+                r.params.clone(),
+                r.session.clone(),
+                Instant::now(),
+            )
+            .await?;
+        t.resume.left = r.left - 1;
+        Ok(t)
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        prompt: Vec<u32>,
+        generated: Vec<u32>,
+        params: SamplingParams,
+        session: Option<String>,
+        received: Instant,
+    ) -> Result<Ticket, ApiError> {
         if prompt.is_empty() {
             return Err(ApiError::bad("prompt", "the prompt is empty"));
         }
@@ -272,6 +323,14 @@ impl Gateway {
         }
         let prompt_tokens = prompt.len();
         let gen_session = session.clone();
+        let resume = Resume {
+            prompt: prompt.clone(),
+            params: params.clone(),
+            session: session.clone(),
+            left: MAX_RESUMES,
+        };
+        let mut routed = prompt.clone();
+        routed.extend(&generated);
         let started = Instant::now();
         // A decode group lost before it streamed anything is no loss to the
         // client: the request goes to another (the lost one is out of the
@@ -280,7 +339,7 @@ impl Gateway {
         let mut gateway_us;
         let (route, link, mut guard, rx, first) = loop {
             attempt += 1;
-            let route = self.route(session.as_deref(), &prompt)?;
+            let route = self.route(session.as_deref(), &routed)?;
             let link = route.link.clone();
             let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
             let (tx, mut rx) = mpsc::unbounded_channel();
@@ -303,7 +362,7 @@ impl Gateway {
             let gen = Generate {
                 id,
                 prompt: prompt.clone(),
-                generated: Vec::new(),
+                generated: generated.clone(),
                 params: params.clone(),
                 deadline_ms: now_ms() + self.request_timeout.as_millis() as u64,
                 session: session.clone(),
@@ -350,9 +409,11 @@ impl Gateway {
             }
             return Err(api_error(class, message));
         }
-        self.metrics
-            .ttft
-            .observe(guard.started.elapsed().as_secs_f64());
+        if generated.is_empty() {
+            self.metrics
+                .ttft
+                .observe(guard.started.elapsed().as_secs_f64());
+        }
         let mut headers = vec![
             ("x-tandem-decode", link.peer.clone()),
             ("x-tandem-sticky", route.sticky.to_string()),
@@ -370,6 +431,7 @@ impl Gateway {
             prompt_tokens,
             gateway_us,
             headers,
+            resume,
         })
     }
 

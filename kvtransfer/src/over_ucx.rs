@@ -32,6 +32,9 @@ use crate::{CopyRun, KvTransferError, Result, Transport};
 /// The active-message id KV blocks travel under.
 pub const KV_AM: u16 = 0x4b56;
 
+/// How long one chunk's sends may take before the transfer is given up.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What travels with each block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvHeader {
@@ -73,9 +76,10 @@ impl Transport for UcxTransport {
             ids.push(block);
         }
         // Rendezvous completion: the receiver holds every byte where its
-        // handler put them (or refused them).
+        // handler put them (or refused them). Bounded: a receiver that died
+        // without UCX noticing must not hold the stage forever.
         for p in pending {
-            p.wait().map_err(transport_err)?;
+            p.wait_for(SEND_TIMEOUT).map_err(transport_err)?;
         }
         self.link
             .blocking_send(Message::KvLanded {

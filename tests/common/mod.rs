@@ -155,3 +155,48 @@ pub const SHORT: &str = "What is the capital of France?";
 /// Long enough for several chunks and blocks.
 pub const LONG: &str = "Summarize in two sentences: The city council met on Tuesday to discuss the new park. Residents asked for more trees, a playground, benches along the river, and a small library kiosk. The council agreed to fund the trees and benches this year and to revisit the playground next spring after a survey of families.";
 
+
+/// A non-streaming chat with its response headers.
+pub fn chat_with_headers(
+    port: u16,
+    body: &Value,
+    session: &str,
+) -> (u16, Vec<(String, String)>, Value) {
+    chat_with(port, body, &format!("X-Session-Id: {session}\r\n"))
+}
+
+/// A non-streaming chat with extra request header lines (each ending in CRLF).
+pub fn chat_with(port: u16, body: &Value, extra: &str) -> (u16, Vec<(String, String)>, Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    let b = body.to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{b}",
+        b.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a header");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    (status, headers, serde_json::from_str(body).expect("JSON"))
+}
+
+
+pub fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
+    h.iter()
+        .find(|(n, _)| n == k)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {k} in {h:?}"))
+}

@@ -143,24 +143,43 @@ async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bo
         first,
         prompt_tokens,
         gateway_us,
+        mut resume,
         ..
     } = ticket;
     let mut text = String::new();
     let mut completion = 0usize;
     let mut logprobs = Vec::new();
+    let mut generated = Vec::new();
     let mut ev = Some(first);
     loop {
-        let Some(e) = ev.take() else {
-            guard.done = true;
-            return error_response(&ApiError::Unavailable("the decode group went away".into()));
+        let e = match ev.take() {
+            None
+            | Some(GenerateEvent::Failed {
+                class: ErrorClass::NodeLost,
+                ..
+            }) => {
+                match continue_elsewhere(&gw, &mut resume, &mut guard, &mut rx, &generated).await {
+                    Ok(first) => {
+                        ev = Some(first);
+                        continue;
+                    }
+                    Err(e) => return error_response(&e),
+                }
+            }
+            Some(e) => e,
         };
         match e {
             GenerateEvent::Token {
+                index,
                 token,
                 logprob,
                 text: t,
-                ..
             } => {
+                if (index as usize) < generated.len() {
+                    ev = rx.recv().await;
+                    continue;
+                }
+                generated.push(token);
                 completion += 1;
                 text.push_str(&t);
                 if shape.logprobs {
@@ -235,6 +254,7 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
         first,
         prompt_tokens,
         gateway_us,
+        mut resume,
         ..
     } = ticket;
     let send = |v: String| {
@@ -256,30 +276,51 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
         }
     }
     let mut completion = 0usize;
+    let mut generated = Vec::new();
     let mut ev = Some(first);
     let mut last_token = guard.started;
     loop {
         let e = match ev.take() {
-            Some(e) => e,
-            None => {
-                let e = GenerateEvent::Failed {
-                    class: ErrorClass::NodeLost,
-                    message: "the decode group went away".into(),
+            // The decode group was lost mid-answer: the stream goes on from
+            // another one, or ends with an error event (never a `stop`).
+            None
+            | Some(GenerateEvent::Failed {
+                class: ErrorClass::NodeLost,
+                ..
+            }) => {
+                let next = tokio::select! {
+                    r = continue_elsewhere(&gw, &mut resume, &mut guard, &mut rx, &generated) => r,
+                    _ = tx.closed() => return,
                 };
-                guard.done = true;
-                let err = api_error(ErrorClass::NodeLost, "the decode group went away".into());
-                let _ = send(api::sse(&err.body())).await;
-                let _ = e;
-                return;
+                match next {
+                    Ok(first) => {
+                        ev = Some(first);
+                        continue;
+                    }
+                    Err(err) => {
+                        let _ = send(api::sse(&err.body())).await;
+                        return;
+                    }
+                }
             }
+            Some(e) => e,
         };
         match e {
             GenerateEvent::Token {
+                index,
                 token,
                 logprob,
                 text,
-                ..
             } => {
+                if (index as usize) < generated.len() {
+                    // Already streamed before the loss.
+                    ev = tokio::select! {
+                        e = rx.recv() => e,
+                        _ = tx.closed() => return,
+                    };
+                    continue;
+                }
+                generated.push(token);
                 completion += 1;
                 gw.metrics.tokens_out.inc();
                 if completion > 1 {
@@ -324,4 +365,28 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
             _ = tx.closed() => return, // the client left: the guard cancels
         };
     }
+}
+
+/// After the decode group was lost mid-answer: the request continues on
+/// another group from the tokens already sent, and the next event comes
+/// from there; or the error that ends it.
+async fn continue_elsewhere(
+    gw: &Arc<Gateway>,
+    resume: &mut Resume,
+    guard: &mut Guard,
+    rx: &mut mpsc::UnboundedReceiver<GenerateEvent>,
+    generated: &[u32],
+) -> Result<GenerateEvent, ApiError> {
+    // The lost group has nothing left to cancel.
+    guard.done = true;
+    tracing::warn!(
+        "request {} lost its decode group after {} tokens; continuing elsewhere",
+        guard.id.0,
+        generated.len()
+    );
+    let t = gw.resume(resume, generated).await?;
+    *guard = t.guard;
+    *rx = t.rx;
+    *resume = t.resume;
+    Ok(t.first)
 }

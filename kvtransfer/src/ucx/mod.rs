@@ -148,6 +148,23 @@ impl Pending {
         self.0.blocking_recv().unwrap_or(Err(UcxError::WorkerGone))
     }
 
+    /// [`Pending::wait`], giving up after `timeout` (a peer that died
+    /// without UCX noticing never completes an operation).
+    pub fn wait_for(mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.0.try_recv() {
+                Ok(r) => return r,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return Err(UcxError::WorkerGone),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+            if Instant::now() > deadline {
+                return Err(UcxError::Invalid(format!("no completion within {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
     /// Awaits the operation.
     pub async fn done(self) -> Result<()> {
         self.0.await.unwrap_or(Err(UcxError::WorkerGone))

@@ -49,6 +49,17 @@ pub(super) struct State {
     slots: Vec<Box<AmSlot>>,
     ops: Vec<Op>,
     next: u64,
+    /// Only shared-memory transports are allowed: they cannot report a
+    /// lost peer, so endpoints are made without peer-failure handling.
+    shm_only: bool,
+}
+
+/// Whether a `UCX_TLS` value names only same-host transports.
+fn shm_only(tls: &str) -> bool {
+    let shm = ["sm", "shm", "posix", "sysv", "cma", "knem", "xpmem", "self"];
+    !tls.trim().is_empty()
+        && !tls.starts_with('^')
+        && tls.split(',').all(|t| shm.contains(&t.trim()))
 }
 
 // The error callback gets the endpoint's id as its argument.
@@ -96,9 +107,12 @@ unsafe extern "C" fn on_am(
     match placement {
         Placement::Drop => {
             if rndv {
-                // SAFETY: `data` is the rendezvous descriptor of this
-                // message, not yet received or released.
-                unsafe { st.ucx.lib.ucp_am_data_release(st.worker, data) };
+                // Received into a scratch buffer and discarded: releasing a
+                // rendezvous descriptor unreceived trips an assertion in UCX
+                // 1.13 when the sender completes.
+                let mut scratch = vec![0u8; length];
+                let run = vec![(scratch.as_mut_ptr() as usize, length)];
+                st.receive(data, run, Box::new(move |_| drop(scratch)));
             }
         }
         Placement::Into { runs, done } => {
@@ -108,12 +122,19 @@ unsafe extern "C" fn on_am(
                 let bytes = unsafe { std::slice::from_raw_parts(data as *const u8, length) };
                 done(copy_runs(bytes, &runs));
             } else if runs.iter().map(|r| r.1).sum::<usize>() != length {
-                // SAFETY: as in the `Drop` arm.
-                unsafe { st.ucx.lib.ucp_am_data_release(st.worker, data) };
-                done(Err(UcxError::Invalid(format!(
-                    "{length} payload bytes for runs covering {}",
-                    runs.iter().map(|r| r.1).sum::<usize>()
-                ))));
+                let covered = runs.iter().map(|r| r.1).sum::<usize>();
+                let mut scratch = vec![0u8; length];
+                let run = vec![(scratch.as_mut_ptr() as usize, length)];
+                st.receive(
+                    data,
+                    run,
+                    Box::new(move |_| {
+                        drop(scratch);
+                        done(Err(UcxError::Invalid(format!(
+                            "{length} payload bytes for runs covering {covered}"
+                        ))))
+                    }),
+                );
             } else {
                 st.receive(data, runs, done);
             }
@@ -180,6 +201,13 @@ impl State {
             slots: Vec::new(),
             ops: Vec::new(),
             next: 1,
+            shm_only: shm_only(
+                &opts
+                    .tls
+                    .clone()
+                    .or_else(|| std::env::var("UCX_TLS").ok())
+                    .unwrap_or_default(),
+            ),
         }))
     }
 
@@ -467,9 +495,10 @@ impl State {
     /// (TCP, RDMA); shared-memory transports do not, and there the QUIC link
     /// beside the endpoint is what notices a lost peer.
     fn connect(&mut self, addr: &[u8]) -> Result<EpId> {
-        let ep = match self.create_ep(addr, true) {
-            Ok(ep) => ep,
-            Err(_) => self.create_ep(addr, false)?,
+        let ep = if self.shm_only {
+            self.create_ep(addr, false)?
+        } else {
+            self.create_ep(addr, true)?
         };
         let id = self.id();
         self.eps.insert(id, ep);
