@@ -86,6 +86,13 @@ pub fn table(p: &Point) -> String {
             "  where TTFT went (Tandem, medians): gateway {:.1} ms, decode queue {:.1} ms, prefill queue {:.1} ms, prefill compute {:.1} ms, prefill round trip {:.1} ms (of which beyond queue and compute {:.1} ms), first step {:.1} ms",
             ph.gateway_ms, ph.decode_queue_ms, ph.prefill_queue_ms, ph.prefill_compute_ms, ph.kv_transfer_ms, ph.kv_tail_ms, ph.first_step_ms
         );
+        if let Some(t) = s.ttft.as_ref().filter(|t| t.median > 0.0) {
+            let _ = writeln!(
+                o,
+                "  waiting for KV after the last chunk's compute: {:.1}% of the median TTFT",
+                ph.kv_tail_ms / (t.median * 1e3) * 100.0
+            );
+        }
         let _ = writeln!(
             o,
             "  prompt tokens cached on decode {:.1}%, computed by prefill {:.1}%, {:.2} MB KV per request",

@@ -86,9 +86,41 @@ pub struct Stage {
     /// its address. Groups without one get KV on the QUIC link.
     ucx: Option<Arc<Worker>>,
     ucx_peers: HashMap<String, EpId>,
-    /// Fault injection (`TANDEM_FAULT_CORRUPT_KV=N`): corrupt one byte of the
-    /// first KV message of the next N requests, after its checksum.
+    faults: Faults,
+}
+
+/// Fault injection for tests and benchmarks, off unless set in the stage's
+/// environment:
+/// - `TANDEM_FAULT_CORRUPT_KV=N`: corrupt one byte of the first KV message of
+///   the next N requests, after its checksum was taken;
+/// - `TANDEM_FAULT_DELAY_KV_MS=M`: hold every KV message M ms before sending;
+/// - `TANDEM_FAULT_STALL_MS=M`: stall M ms before computing each chunk;
+/// - `TANDEM_FAULT_EXIT_AFTER=N`: the process aborts when its (N+1)-th
+///   request arrives (a node dropping out mid-work).
+#[derive(Debug, Default)]
+struct Faults {
     corrupt_left: u32,
+    delay_kv: Duration,
+    stall: Duration,
+    exit_after: Option<u64>,
+    admitted: u64,
+}
+
+impl Faults {
+    fn from_env() -> Faults {
+        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        let f = Faults {
+            corrupt_left: num("TANDEM_FAULT_CORRUPT_KV").unwrap_or(0) as u32,
+            delay_kv: Duration::from_millis(num("TANDEM_FAULT_DELAY_KV_MS").unwrap_or(0)),
+            stall: Duration::from_millis(num("TANDEM_FAULT_STALL_MS").unwrap_or(0)),
+            exit_after: num("TANDEM_FAULT_EXIT_AFTER"),
+            admitted: 0,
+        };
+        if f.corrupt_left > 0 || !f.delay_kv.is_zero() || !f.stall.is_zero() || f.exit_after.is_some() {
+            tracing::warn!("fault injection is on: {f:?}");
+        }
+        f
+    }
 }
 
 impl Stage {
@@ -251,6 +283,11 @@ impl Stage {
     }
 
     fn admit(&mut self, req: PrefillRequest) {
+        self.faults.admitted += 1;
+        if self.faults.exit_after.is_some_and(|n| self.faults.admitted > n) {
+            tracing::error!("{}: fault injection: dropping out", self.name);
+            std::process::abort();
+        }
         if let Err(why) = self.check(&req) {
             self.fail(&req, ErrorClass::BadRequest, why);
             return;
@@ -411,6 +448,9 @@ impl Stage {
         if now_ms() > r.req.deadline_ms {
             return Err("the request's deadline passed during prefill".into());
         }
+        if !self.faults.stall.is_zero() {
+            std::thread::sleep(self.faults.stall);
+        }
         let t0 = Instant::now();
         let total = r.req.tokens.len();
         let span = Span {
@@ -485,14 +525,17 @@ impl Stage {
             let first = r.sent == 0;
             r.sent = complete;
             let mut chunks = chunks.map_err(|e| e.to_string())?;
-            if first && self.corrupt_left > 0 {
+            if first && self.faults.corrupt_left > 0 {
                 if let Some(b) = chunks.first_mut().and_then(|c| c.blocks.first_mut()) {
-                    self.corrupt_left -= 1;
+                    self.faults.corrupt_left -= 1;
                     b.1[0] ^= 0x5a;
                     tracing::warn!("{}: fault injection: corrupted KV of request {}", self.name, w.key.0 .0);
                 }
             }
             for c in chunks {
+                if !self.faults.delay_kv.is_zero() {
+                    std::thread::sleep(self.faults.delay_kv);
+                }
                 transport.put(c).map_err(|e| e.to_string())?;
             }
         }
@@ -635,10 +678,7 @@ pub fn run(
         beat,
         ucx: start_ucx(&setup.name, st_transport)?,
         ucx_peers: HashMap::new(),
-        corrupt_left: std::env::var("TANDEM_FAULT_CORRUPT_KV")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
+        faults: Faults::from_env(),
     };
     let gateway = cluster.file.gateway.name.clone();
     tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);
