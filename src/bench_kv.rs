@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use tandem_kvtransfer::ucx::{Placement, Ucx, Worker, WorkerOptions};
-use tandem_wire::link::{Link, NetEvent};
 use tandem_model::BlockId;
+use tandem_wire::link::{Link, NetEvent};
 use tandem_wire::messages::{ByteBuf, Hello, KvChunk, KvDone, Lease, Message, RequestId, Role};
 
 #[derive(Args)]
@@ -84,7 +84,12 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
         return receiver(&t, a.capacity);
     }
     let block = a.layers * 2 * a.kv_heads * a.block_size * a.head_dim * a.dtype_bytes;
-    let max_blocks = a.tokens.iter().map(|t| t.div_ceil(a.block_size)).max().unwrap_or(1);
+    let max_blocks = a
+        .tokens
+        .iter()
+        .map(|t| t.div_ceil(a.block_size))
+        .max()
+        .unwrap_or(1);
     println!(
         "KV block: {} layers x K,V x {} heads x {} tokens x {} dims x {} bytes = {} KiB",
         a.layers,
@@ -230,7 +235,10 @@ fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
     worker.on_am(
         1,
         Box::new(move |h, len| {
-            let Some(off) = h.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize) else {
+            let Some(off) = h
+                .get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+            else {
                 return Placement::Drop;
             };
             if off + len > capacity {
@@ -252,7 +260,11 @@ fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
     std::io::stdout().flush()?;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
-        let v: Vec<usize> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let v: Vec<usize> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
         if let [off, len] = v[..] {
             // The sender completed (flushed) before asking: the bytes are in.
             println!("{}", hash(&buf[off..off + len]));
@@ -268,7 +280,11 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
     let tls_env = if tls == "sm" { "sm,self" } else { "tcp" };
     std::env::set_var("UCX_TLS", tls_env);
     let capacity = block * max_blocks;
-    let kind = if a.receiver_memory == "heap" { "ucx-heap" } else { "ucx" };
+    let kind = if a.receiver_memory == "heap" {
+        "ucx-heap"
+    } else {
+        "ucx"
+    };
     let mut peer = Peer::spawn(kind, capacity, &[("UCX_TLS", tls_env)])?;
     let info = peer.line()?;
     let f: Vec<&str> = info.split_whitespace().collect();
@@ -285,7 +301,11 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
         let n = tokens.div_ceil(a.block_size);
         let bytes = n * block;
         // The sender's side of a chunk: its blocks gathered into one buffer.
-        let data: Arc<Vec<u8>> = Arc::new((0..n).flat_map(|i| pattern(block, i as u64 + tokens as u64)).collect());
+        let data: Arc<Vec<u8>> = Arc::new(
+            (0..n)
+                .flat_map(|i| pattern(block, i as u64 + tokens as u64))
+                .collect(),
+        );
         let expect = hash(&data);
         let reference = if a.no_perftest {
             ("-".to_string(), None)
@@ -296,14 +316,27 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
             let once = || -> Result<Duration> {
                 let t0 = Instant::now();
                 if method == "put" {
-                    let op = if std::env::var_os("XX_ONE").is_some() { n * block } else { block };
-                    let parts = (0..n * block / op).map(|i| (i * op..(i + 1) * op, base + (i * op) as u64)).collect();
+                    let op = if std::env::var_os("XX_ONE").is_some() {
+                        n * block
+                    } else {
+                        block
+                    };
+                    let parts = (0..n * block / op)
+                        .map(|i| (i * op..(i + 1) * op, base + (i * op) as u64))
+                        .collect();
                     worker.put_many(ep, data.clone(), parts, rk).wait()?;
                 } else {
                     let pending: Vec<_> = (0..n)
                         .map(|i| {
                             let range = i * block..(i + 1) * block;
-                            worker.am_send(ep, 1, ((i * block) as u64).to_le_bytes().to_vec(), data.clone(), range, true)
+                            worker.am_send(
+                                ep,
+                                1,
+                                ((i * block) as u64).to_le_bytes().to_vec(),
+                                data.clone(),
+                                range,
+                                true,
+                            )
                         })
                         .collect();
                     for p in pending {
@@ -320,7 +353,11 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
             if got != expect {
                 bail!("{tls} {method}: the receiver's bytes do not match what was sent");
             }
-            let total: Duration = (0..a.iters).map(|_| once()).collect::<Result<Vec<_>>>()?.iter().sum();
+            let total: Duration = (0..a.iters)
+                .map(|_| once())
+                .collect::<Result<Vec<_>>>()?
+                .iter()
+                .sum();
             let gbps = (bytes * a.iters) as f64 / total.as_secs_f64() / 1e9;
             let (reference, reference_gbps) = reference.clone();
             rows.push(Row {
@@ -364,10 +401,19 @@ fn perftest(tls: &str, test: &str, size: usize) -> (String, Option<f64>) {
         if !server {
             c.arg("127.0.0.1");
         }
-        c.args(["-t", test, "-s", &size.to_string(), "-n", &iters.to_string(), "-p", &port.to_string()])
-            .env("UCX_TLS", tls)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        c.args([
+            "-t",
+            test,
+            "-s",
+            &size.to_string(),
+            "-n",
+            &iters.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .env("UCX_TLS", tls)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
         c
     };
     let Ok(mut server) = args(true).spawn() else {
@@ -381,7 +427,11 @@ fn perftest(tls: &str, test: &str, size: usize) -> (String, Option<f64>) {
         String::from_utf8_lossy(&o.stdout)
             .lines()
             .find(|l| l.trim_start().starts_with("Final:"))
-            .and_then(|l| l.split_whitespace().nth(5).and_then(|x| x.parse::<f64>().ok()))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .nth(5)
+                    .and_then(|x| x.parse::<f64>().ok())
+            })
     });
     // ucx_perftest reports MB/s in units of 2^20 bytes.
     (label, mbps.map(|m| m * (1 << 20) as f64 / 1e9))
@@ -424,12 +474,18 @@ fn quic_receiver() -> Result<()> {
                         let mut sum = 0u64;
                         while let Ok(ev) = rx.recv() {
                             match ev {
-                                NetEvent::Message { msg: Message::Kv(c), .. } => {
+                                NetEvent::Message {
+                                    msg: Message::Kv(c),
+                                    ..
+                                } => {
                                     for (_, b) in &c.blocks {
                                         sum = sum.rotate_left(7) ^ hash(b);
                                     }
                                 }
-                                NetEvent::Message { msg: Message::KvDone(mut d), .. } => {
+                                NetEvent::Message {
+                                    msg: Message::KvDone(mut d),
+                                    ..
+                                } => {
                                     d.checksum = sum;
                                     sum = 0;
                                     let _ = link.blocking_send(Message::KvDone(d));
@@ -449,15 +505,21 @@ fn quic_receiver() -> Result<()> {
                         let mut parts = Vec::new();
                         let mut want = 1usize;
                         while parts.len() < want {
-                            let Ok(mut r) = conn.accept_uni().await else { return };
-                            let Ok(v) = r.read_to_end(1 << 31).await else { return };
+                            let Ok(mut r) = conn.accept_uni().await else {
+                                return;
+                            };
+                            let Ok(v) = r.read_to_end(1 << 31).await else {
+                                return;
+                            };
                             want = u64::from_le_bytes(v[..8].try_into().unwrap()) as usize;
                             let index = u64::from_le_bytes(v[8..16].try_into().unwrap());
                             parts.push((index, hash(&v[16..])));
                         }
                         parts.sort();
                         let h = parts.iter().fold(0u64, |a, p| a.rotate_left(7) ^ p.1);
-                        let Ok(mut s) = conn.open_uni().await else { return };
+                        let Ok(mut s) = conn.open_uni().await else {
+                            return;
+                        };
                         let _ = s.write_all(&h.to_le_bytes()).await;
                         let _ = s.finish();
                     }
@@ -474,9 +536,16 @@ fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Result<Vec<Ro
     tandem_wire::tls::write_cluster_certs(
         &dir,
         "bench-kv",
-        &[("decode".to_string(), ips.clone()), ("prefill".to_string(), ips)],
+        &[
+            ("decode".to_string(), ips.clone()),
+            ("prefill".to_string(), ips),
+        ],
     )?;
-    let mut peer = Peer::spawn("quic", 0, &[("TANDEM_BENCH_CERTS", dir.to_str().unwrap_or("."))])?;
+    let mut peer = Peer::spawn(
+        "quic",
+        0,
+        &[("TANDEM_BENCH_CERTS", dir.to_str().unwrap_or("."))],
+    )?;
     let port: u16 = peer.line()?.parse()?;
     let id = tandem_wire::tls::load_identity(&dir, "prefill")?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -497,7 +566,9 @@ fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Result<Vec<Ro
     for &tokens in &a.tokens {
         let n = tokens.div_ceil(a.block_size);
         let bytes = n * block;
-        let blocks: Vec<Vec<u8>> = (0..n).map(|i| pattern(block, i as u64 + tokens as u64)).collect();
+        let blocks: Vec<Vec<u8>> = (0..n)
+            .map(|i| pattern(block, i as u64 + tokens as u64))
+            .collect();
         let expect = blocks.iter().fold(0u64, |s, b| s.rotate_left(7) ^ hash(b));
         // Tandem's QUIC transport: 4 MiB `Kv` messages, then the notice.
         let per = (4usize << 20).div_ceil(block).max(1);
@@ -527,7 +598,10 @@ fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Result<Vec<Ro
             }))?;
             loop {
                 match events.recv_timeout(Duration::from_secs(60))? {
-                    NetEvent::Message { msg: Message::KvDone(d), .. } => {
+                    NetEvent::Message {
+                        msg: Message::KvDone(d),
+                        ..
+                    } => {
                         if d.checksum != expect {
                             bail!("quic link: the receiver's bytes do not match");
                         }
@@ -540,7 +614,11 @@ fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Result<Vec<Ro
         };
         let point = |method: String, once: &dyn Fn() -> Result<Duration>| -> Result<f64> {
             once()?;
-            let total: Duration = (0..a.iters).map(|_| once()).collect::<Result<Vec<_>>>()?.iter().sum();
+            let total: Duration = (0..a.iters)
+                .map(|_| once())
+                .collect::<Result<Vec<_>>>()?
+                .iter()
+                .sum();
             let gbps = (bytes * a.iters) as f64 / total.as_secs_f64() / 1e9;
             println!("quic {method} {tokens} tokens: {gbps:.2} GB/s");
             Ok(gbps)

@@ -334,7 +334,6 @@ fn recompute(messages: &[Value]) -> String {
     t
 }
 
-
 #[test]
 fn a_conversation_stays_on_its_nodes_and_moves_only_new_blocks() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -38,7 +38,8 @@ struct Sse {
 impl Sse {
     fn open(port: u16, body: &Value, session: &str) -> Sse {
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout");
         let raw = body.to_string();
         write!(
             s,
@@ -107,7 +108,10 @@ fn kill_9_of_the_decode_process_mid_stream_and_the_stream_goes_on() {
     let mut killed_at = None;
     let mut gap_after_kill = None;
     while let Some(ev) = s.next() {
-        assert!(ev.get("error").is_none(), "the stream ended in an error: {ev}");
+        assert!(
+            ev.get("error").is_none(),
+            "the stream ended in an error: {ev}"
+        );
         let choice = &ev["choices"][0];
         if let Some(t) = choice["delta"]["content"].as_str() {
             text.push_str(t);
@@ -125,7 +129,10 @@ fn kill_9_of_the_decode_process_mid_stream_and_the_stream_goes_on() {
         }
     }
     assert!(killed_at.is_some(), "the answer ended before the kill");
-    assert_eq!(text, want, "the resumed stream's text equals an uninterrupted run's");
+    assert_eq!(
+        text, want,
+        "the resumed stream's text equals an uninterrupted run's"
+    );
     assert_eq!(finish, json!("length"), "a real end, not a truncation");
     let resumed = c.metric("tandem_requests_resumed_total", "").unwrap_or(0.0);
     assert!(resumed >= 1.0, "resumed {resumed}");
@@ -157,7 +164,10 @@ fn kill_9_of_a_prefill_stage_mid_prefill_and_the_request_completes() {
     let (status, h, v) = req.join().expect("request thread");
     let total = t0.elapsed();
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(want.as_str()));
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str(),
+        Some(want.as_str())
+    );
     let _ = h;
     std::thread::sleep(Duration::from_millis(1500));
     let retries = c.metric("tandem_kv_retries", "").unwrap_or(0.0);
@@ -196,7 +206,10 @@ fn a_thousand_clients_hanging_up_mid_stream_leave_no_block_allocated() {
         })
         .collect();
     let started: usize = handles.into_iter().map(|h| h.join().expect("client")).sum();
-    assert!(started >= total * 9 / 10, "only {started} of {total} streams started");
+    assert!(
+        started >= total * 9 / 10,
+        "only {started} of {total} streams started"
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let d0 = c.metric("tandem_kv_blocks_used", "node=\"d0\"");
@@ -210,8 +223,13 @@ fn a_thousand_clients_hanging_up_mid_stream_leave_no_block_allocated() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let cancelled = c.metric("tandem_requests_cancelled_total", "").unwrap_or(0.0);
-    assert!(cancelled >= started as f64 * 0.9, "{cancelled} cancelled of {started}");
+    let cancelled = c
+        .metric("tandem_requests_cancelled_total", "")
+        .unwrap_or(0.0);
+    assert!(
+        cancelled >= started as f64 * 0.9,
+        "{cancelled} cancelled of {started}"
+    );
     let (status, v) = c.chat(&greedy(SHORT, 8));
     assert_eq!(status, 200, "still serving: {v}");
     eprintln!(
@@ -295,5 +313,54 @@ fn ten_times_the_capacity_gets_429s_every_accepted_request_completes_and_memory_
     assert_eq!(status, 200, "still serving: {v}");
     eprintln!(
         "FIGURE overload: 3 bursts of {burst} (10x the capacity of 8): {ok} served, {busy} got 429, 0 lost; RSS {before:.0} MiB before, {peak:.0} MiB peak, {after:.0} MiB after"
+    );
+}
+
+#[test]
+fn a_non_streaming_client_that_hangs_up_is_cancelled_everywhere() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(&[]);
+    let mut body = greedy(LONG, 400);
+    body["ignore_eos"] = json!(true);
+    let raw = body.to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", c.port)).expect("connect");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{raw}",
+        raw.len()
+    )
+    .expect("write");
+    // Wait until it is decoding, then leave without reading an answer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c
+        .metric("tandem_kv_blocks_used", "node=\"d0\"")
+        .unwrap_or(0.0)
+        == 0.0
+    {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = Instant::now();
+    s.shutdown(std::net::Shutdown::Both).expect("hang up");
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d0 = c.metric("tandem_kv_blocks_used", "node=\"d0\"");
+        if d0 == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks still held 20 s after the client left: {d0:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cancelled = c
+        .metric("tandem_requests_cancelled_total", "")
+        .unwrap_or(0.0);
+    assert!(cancelled >= 1.0, "{cancelled}");
+    eprintln!(
+        "FIGURE non-streaming hang-up: blocks freed {:?} after the client left",
+        left.elapsed()
     );
 }

@@ -19,7 +19,14 @@ fn two_processes_move_kv_blocks_over_tcp_and_shared_memory_and_the_bytes_match()
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // `bench kv` fails if the receiving process's bytes differ from what was sent.
     let out = Command::new(EXE)
-        .args(["bench", "kv", "--transports", "tcp,sm,quic", "--tokens", "64,300"])
+        .args([
+            "bench",
+            "kv",
+            "--transports",
+            "tcp,sm,quic",
+            "--tokens",
+            "64,300",
+        ])
         .args(["--iters", "2", "--no-perftest"])
         .output()
         .expect("bench kv runs");
@@ -29,7 +36,13 @@ fn two_processes_move_kv_blocks_over_tcp_and_shared_memory_and_the_bytes_match()
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for needle in ["tcp put 64", "tcp am 300", "sm put 300", "sm am 64", "quic link 300"] {
+    for needle in [
+        "tcp put 64",
+        "tcp am 300",
+        "sm put 300",
+        "sm am 64",
+        "quic link 300",
+    ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
 }
@@ -55,7 +68,11 @@ fn the_cluster_over_ucx_answers_exactly_as_over_quic() {
         // retry would hide a transport that lands bytes late or wrong).
         std::thread::sleep(std::time::Duration::from_millis(1500));
         assert_eq!(c.metric("tandem_kv_retries", "d0"), Some(0.0), "over {t}");
-        assert_eq!(c.metric("tandem_kv_checksum_failures", "d0"), Some(0.0), "over {t}");
+        assert_eq!(
+            c.metric("tandem_kv_checksum_failures", "d0"),
+            Some(0.0),
+            "over {t}"
+        );
     }
 }
 
@@ -69,7 +86,11 @@ fn corrupted_kv_is_caught_by_the_checksum_and_prefilled_again() {
         std::env::remove_var("TANDEM_FAULT_CORRUPT_KV");
         let (status, v) = c.chat(&greedy(LONG, 20));
         assert_eq!(status, 200, "{v}");
-        assert_eq!(content(&v), want, "over {t}: the client sees the correct text");
+        assert_eq!(
+            content(&v),
+            want,
+            "over {t}: the client sees the correct text"
+        );
         // The gateway learns the count from the next heartbeat.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let failures = loop {
@@ -79,7 +100,10 @@ fn corrupted_kv_is_caught_by_the_checksum_and_prefilled_again() {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         };
-        assert!(failures >= 1.0, "over {t}: {failures} checksum failures counted");
+        assert!(
+            failures >= 1.0,
+            "over {t}: {failures} checksum failures counted"
+        );
     }
 }
 
@@ -93,7 +117,15 @@ fn without_the_library_auto_falls_back_to_quic_and_ucx_refuses_to_start() {
     assert_eq!(v["tandem"]["kv_transport"], "quic", "{v}");
     drop(c);
     let out = Command::new(EXE)
-        .args(["serve", "--port", "0", "--kv-transport", "ucx", "--local-prefill-max", "0"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--kv-transport",
+            "ucx",
+            "--local-prefill-max",
+            "0",
+        ])
         .output()
         .expect("serve runs");
     std::env::remove_var("TANDEM_UCX_LIB");

@@ -25,8 +25,8 @@ pub enum KvTransferError {
     Transport(String),
 }
 
-pub mod transfer;
 pub mod over_ucx;
+pub mod transfer;
 pub mod ucx;
 pub use transfer::{InProcess, Incoming, Outgoing, QuicTransport, Transport, Verdict};
 

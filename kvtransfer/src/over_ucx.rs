@@ -74,7 +74,10 @@ impl Transport for UcxTransport {
             let header = tandem_wire::codec::encode(&header).map_err(transport_err)?;
             let data = Arc::new(bytes.into_vec());
             let n = data.len();
-            pending.push(self.worker.am_send(self.ep, KV_AM, header, data, 0..n, true));
+            pending.push(
+                self.worker
+                    .am_send(self.ep, KV_AM, header, data, 0..n, true),
+            );
             ids.push(block);
         }
         // Rendezvous completion: the receiver holds every byte where its
@@ -161,7 +164,10 @@ impl Landing {
             f.allowed.get(h.rank as usize),
             f.plans.get(&(h.stage, h.rank)),
         ) else {
-            f.failed = Some(format!("stage {} rank {} is not part of the transfer", h.stage, h.rank));
+            f.failed = Some(format!(
+                "stage {} rank {} is not part of the transfer",
+                h.stage, h.rank
+            ));
             return Placement::Drop;
         };
         let b = h.block.0 as usize;

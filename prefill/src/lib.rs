@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 use tandem_kvtransfer::over_ucx::UcxTransport;
 use tandem_kvtransfer::ucx::{EpId, Ucx, Worker, WorkerOptions};
 use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
-use tandem_wire::config::KvTransport;
 use tandem_model::{
     block_hashes, BlockId, Formats, Input, ModelFile, Phase, PrefixCache, RankGroup,
     RankGroupOptions, Sampler, SliceOutput, Span,
 };
+use tandem_wire::config::KvTransport;
 use tandem_wire::config::Pipeline;
 use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
 use tandem_wire::messages::{
@@ -116,7 +116,11 @@ impl Faults {
             exit_after: num("TANDEM_FAULT_EXIT_AFTER"),
             admitted: 0,
         };
-        if f.corrupt_left > 0 || !f.delay_kv.is_zero() || !f.stall.is_zero() || f.exit_after.is_some() {
+        if f.corrupt_left > 0
+            || !f.delay_kv.is_zero()
+            || !f.stall.is_zero()
+            || f.exit_after.is_some()
+        {
             tracing::warn!("fault injection is on: {f:?}");
         }
         f
@@ -227,7 +231,10 @@ impl Stage {
                         }
                         tracing::info!("{}: KV to {peer} over UCX", self.name);
                     }
-                    Err(e) => tracing::warn!("{}: UCX to {peer} failed ({e}); KV goes over QUIC", self.name),
+                    Err(e) => tracing::warn!(
+                        "{}: UCX to {peer} failed ({e}); KV goes over QUIC",
+                        self.name
+                    ),
                 }
             }
             other => tracing::warn!(
@@ -284,7 +291,11 @@ impl Stage {
 
     fn admit(&mut self, req: PrefillRequest) {
         self.faults.admitted += 1;
-        if self.faults.exit_after.is_some_and(|n| self.faults.admitted > n) {
+        if self
+            .faults
+            .exit_after
+            .is_some_and(|n| self.faults.admitted > n)
+        {
             tracing::error!("{}: fault injection: dropping out", self.name);
             std::process::abort();
         }
@@ -529,7 +540,11 @@ impl Stage {
                 if let Some(b) = chunks.first_mut().and_then(|c| c.blocks.first_mut()) {
                     self.faults.corrupt_left -= 1;
                     b.1[0] ^= 0x5a;
-                    tracing::warn!("{}: fault injection: corrupted KV of request {}", self.name, w.key.0 .0);
+                    tracing::warn!(
+                        "{}: fault injection: corrupted KV of request {}",
+                        self.name,
+                        w.key.0 .0
+                    );
                 }
             }
             for c in chunks {
@@ -733,11 +748,9 @@ fn start_ucx(name: &str, t: KvTransport) -> Result<Option<Arc<Worker>>> {
     }
     let ucx = match Ucx::load(None) {
         Ok(u) => u,
-        Err(e) if t == KvTransport::Ucx => {
-            return Err(PrefillError::Setup(format!(
-                "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
-            )))
-        }
+        Err(e) if t == KvTransport::Ucx => return Err(PrefillError::Setup(format!(
+            "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
+        ))),
         Err(e) => {
             tracing::warn!("{name}: {e}; KV goes over QUIC");
             return Ok(None);

@@ -155,7 +155,6 @@ pub const SHORT: &str = "What is the capital of France?";
 /// Long enough for several chunks and blocks.
 pub const LONG: &str = "Summarize in two sentences: The city council met on Tuesday to discuss the new park. Residents asked for more trees, a playground, benches along the river, and a small library kiosk. The council agreed to fund the trees and benches this year and to revisit the playground next spring after a survey of families.";
 
-
 /// A non-streaming chat with its response headers.
 pub fn chat_with_headers(
     port: u16,
@@ -192,7 +191,6 @@ pub fn chat_with(port: u16, body: &Value, extra: &str) -> (u16, Vec<(String, Str
         .collect();
     (status, headers, serde_json::from_str(body).expect("JSON"))
 }
-
 
 pub fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
     h.iter()

@@ -35,17 +35,16 @@ pub(super) fn start(
     }
     let ucx = match Ucx::load(None) {
         Ok(u) => u,
-        Err(e) if wanted.contains(&KvTransport::Ucx) => {
-            return Err(DecodeError::Setup(format!(
-                "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
-            )))
-        }
+        Err(e) if wanted.contains(&KvTransport::Ucx) => return Err(DecodeError::Setup(format!(
+            "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
+        ))),
         Err(e) => {
             tracing::warn!("{name}: {e}; KV comes over QUIC");
             return Ok(None);
         }
     };
-    let worker = Worker::start(ucx.clone(), &WorkerOptions::default(), "ucx-decode").map_err(setup_err)?;
+    let worker =
+        Worker::start(ucx.clone(), &WorkerOptions::default(), "ucx-decode").map_err(setup_err)?;
     let mut ranks = Vec::new();
     for r in 0..tp {
         let (ptr, len, layout, n_blocks) = group.with_pool(r, |pool| {
@@ -73,9 +72,10 @@ impl Group<'_> {
     /// A stage of a UCX pipeline came up: tell it where to send KV.
     pub(super) fn ucx_hello(&self, peer: &str) {
         let Some(u) = &self.ucx else { return };
-        let wants = self.pipelines.iter().any(|p| {
-            p.kv_transport != KvTransport::Quic && p.stages.iter().any(|s| s.0 == peer)
-        });
+        let wants = self
+            .pipelines
+            .iter()
+            .any(|p| p.kv_transport != KvTransport::Quic && p.stages.iter().any(|s| s.0 == peer));
         if let (true, Some(l)) = (wants, self.links.get(peer)) {
             let _ = l.try_send(Message::UcxHello {
                 address: u.worker.address().to_vec().into(),
@@ -84,7 +84,13 @@ impl Group<'_> {
     }
 
     /// Lets the attempt's stages write its blocks (before they are asked to).
-    pub(super) fn fence_open(&mut self, id: RequestId, lease: Lease, pipeline: &str, blocks: &[BlockId]) {
+    pub(super) fn fence_open(
+        &mut self,
+        id: RequestId,
+        lease: Lease,
+        pipeline: &str,
+        blocks: &[BlockId],
+    ) {
         if self.ucx.is_none() {
             return;
         }
@@ -115,7 +121,14 @@ impl Group<'_> {
     }
 
     /// Blocks a stage wrote over UCX: checksum them from the pool.
-    pub(super) fn on_kv_landed(&mut self, id: RequestId, lease: Lease, stage: u32, rank: u32, blocks: Vec<BlockId>) {
+    pub(super) fn on_kv_landed(
+        &mut self,
+        id: RequestId,
+        lease: Lease,
+        stage: u32,
+        rank: u32,
+        blocks: Vec<BlockId>,
+    ) {
         let Some(a) = self
             .reqs
             .get(&id)
@@ -129,7 +142,11 @@ impl Group<'_> {
                 .landed(id, lease, stage, rank, &blocks, Duration::from_secs(2))
         });
         if let Some(Err(why)) = landed {
-            tracing::warn!("{}: KV for request {} over UCX failed: {why}", self.name, id.0);
+            tracing::warn!(
+                "{}: KV for request {} over UCX failed: {why}",
+                self.name,
+                id.0
+            );
             return self.kv_lost(id, lease);
         }
         let pipeline = a.pipeline.clone();

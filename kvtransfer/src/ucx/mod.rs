@@ -155,11 +155,15 @@ impl Pending {
         loop {
             match self.0.try_recv() {
                 Ok(r) => return r,
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return Err(UcxError::WorkerGone),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Err(UcxError::WorkerGone)
+                }
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
             }
             if Instant::now() > deadline {
-                return Err(UcxError::Invalid(format!("no completion within {timeout:?}")));
+                return Err(UcxError::Invalid(format!(
+                    "no completion within {timeout:?}"
+                )));
             }
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -346,13 +350,18 @@ impl Worker {
             .iter()
             .any(|(r, _)| r.end > data.len() || r.start > r.end)
         {
-            return Pending::ready(Err(UcxError::Invalid("put range outside the buffer".into())));
+            return Pending::ready(Err(UcxError::Invalid(
+                "put range outside the buffer".into(),
+            )));
         }
         let (done, rx) = tokio::sync::oneshot::channel();
         let cmd = Cmd::Put {
             ep,
             data,
-            parts: parts.into_iter().map(|(r, a)| (r.start, r.end, a)).collect(),
+            parts: parts
+                .into_iter()
+                .map(|(r, a)| (r.start, r.end, a))
+                .collect(),
             rkey,
             done,
         };
@@ -372,7 +381,9 @@ impl Worker {
         rndv: bool,
     ) -> Pending {
         if range.end > data.len() || range.start > range.end {
-            return Pending::ready(Err(UcxError::Invalid("send range outside the buffer".into())));
+            return Pending::ready(Err(UcxError::Invalid(
+                "send range outside the buffer".into(),
+            )));
         }
         let (done, rx) = tokio::sync::oneshot::channel();
         let cmd = Cmd::AmSend {

@@ -4,7 +4,8 @@
 use super::*;
 
 fn pair(tls: &str) -> (Worker, Worker) {
-    let ucx = Ucx::load(None).expect("UCX must be installed for these tests (apt-get install libucx0)");
+    let ucx =
+        Ucx::load(None).expect("UCX must be installed for these tests (apt-get install libucx0)");
     let opts = WorkerOptions {
         tls: Some(tls.to_string()),
         net_devices: None,
@@ -15,7 +16,9 @@ fn pair(tls: &str) -> (Worker, Worker) {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn put_lands(tls: &str) {
@@ -26,15 +29,27 @@ fn put_lands(tls: &str) {
     let ep = a.connect(b.address()).expect("connect");
     let rkey = a.unpack(ep, &region.rkey).expect("unpack");
     let data = Arc::new(pattern(1 << 20, 7));
-    a.put(ep, data.clone(), 0..data.len(), region.base + (1 << 20), rkey)
-        .wait()
-        .expect("put");
+    a.put(
+        ep,
+        data.clone(),
+        0..data.len(),
+        region.base + (1 << 20),
+        rkey,
+    )
+    .wait()
+    .expect("put");
     a.flush(ep).wait().expect("flush");
     drop(a);
     drop(b);
-    assert!(target[..1 << 20].iter().all(|&x| x == 0), "bytes before the target range");
+    assert!(
+        target[..1 << 20].iter().all(|&x| x == 0),
+        "bytes before the target range"
+    );
     assert_eq!(&target[1 << 20..2 << 20], &data[..]);
-    assert!(target[2 << 20..].iter().all(|&x| x == 0), "bytes after the target range");
+    assert!(
+        target[2 << 20..].iter().all(|&x| x == 0),
+        "bytes after the target range"
+    );
 }
 
 fn am_lands_in_runs(tls: &str) {
@@ -64,14 +79,23 @@ fn am_lands_in_runs(tls: &str) {
         a.am_send(ep, 9, b"want".to_vec(), data.clone(), 0..8192, rndv)
             .wait()
             .expect("send");
-        rx.recv_timeout(Duration::from_secs(10)).expect("placed").expect("no error");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("placed")
+            .expect("no error");
         assert_eq!(&target[3 * 4096..4 * 4096], &data[..4096]);
         assert_eq!(&target[4096..2 * 4096], &data[4096..]);
     }
     // A message the handler refuses is dropped; the next one still lands.
-    a.am_send(ep, 9, b"stale".to_vec(), Arc::new(vec![1; 8192]), 0..8192, true)
-        .wait()
-        .expect("a refused rendezvous still completes for the sender");
+    a.am_send(
+        ep,
+        9,
+        b"stale".to_vec(),
+        Arc::new(vec![1; 8192]),
+        0..8192,
+        true,
+    )
+    .wait()
+    .expect("a refused rendezvous still completes for the sender");
     assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
     assert_eq!(target[4096], pattern(8192, 0)[4096]);
     drop(a);
@@ -100,7 +124,9 @@ fn active_messages_over_shared_memory_land_in_the_runs_the_receiver_names() {
 
 #[test]
 fn a_wrong_library_path_is_a_clear_error() {
-    let e = Ucx::load(Some("/nonexistent/libucp.so.0")).err().expect("must fail");
+    let e = Ucx::load(Some("/nonexistent/libucp.so.0"))
+        .err()
+        .expect("must fail");
     assert!(e.to_string().contains("/nonexistent/libucp.so.0"), "{e}");
 }
 

@@ -99,7 +99,9 @@ unsafe extern "C" fn on_am(
         unsafe { std::slice::from_raw_parts(header as *const u8, header_length) }
     };
     // SAFETY: `param` points to a valid struct for the callback's duration.
-    let rndv = unsafe { (*param).recv_attr } & sys::ucp_am_recv_attr_t_UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0;
+    let rndv = unsafe { (*param).recv_attr }
+        & sys::ucp_am_recv_attr_t_UCP_AM_RECV_ATTR_FLAG_RNDV as u64
+        != 0;
     let placement = match st.handlers.get_mut(&slot.id) {
         Some(h) => h(header, length),
         None => Placement::Drop,
@@ -162,17 +164,25 @@ impl State {
             }
             Ok(())
         };
-        let modified = modify("TLS", &opts.tls).and_then(|_| modify("NET_DEVICES", &opts.net_devices));
+        let modified =
+            modify("TLS", &opts.tls).and_then(|_| modify("NET_DEVICES", &opts.net_devices));
         // SAFETY: zeroed is a valid `ucp_params_t` (plain data, null pointers);
         // only the fields named in `field_mask` are read.
         let mut params: sys::ucp_params_t = unsafe { std::mem::zeroed() };
         params.field_mask = sys::ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;
-        params.features = (sys::ucp_feature_UCP_FEATURE_RMA | sys::ucp_feature_UCP_FEATURE_AM) as u64;
+        params.features =
+            (sys::ucp_feature_UCP_FEATURE_RMA | sys::ucp_feature_UCP_FEATURE_AM) as u64;
         let mut ctx: sys::ucp_context_h = std::ptr::null_mut();
         let init = modified.and_then(|_| {
             // SAFETY: params and config are valid; `ctx` receives the context.
             ucx.check("init", unsafe {
-                lib.ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, config, &mut ctx)
+                lib.ucp_init_version(
+                    sys::UCP_API_MAJOR,
+                    sys::UCP_API_MINOR,
+                    &params,
+                    config,
+                    &mut ctx,
+                )
             })
         });
         // SAFETY: the config was read above and is not used after this.
@@ -184,7 +194,9 @@ impl State {
         wp.thread_mode = sys::ucs_thread_mode_t_UCS_THREAD_MODE_SINGLE;
         let mut worker: sys::ucp_worker_h = std::ptr::null_mut();
         // SAFETY: `ctx` is live; the worker is used only by this thread.
-        if let Err(e) = ucx.check("worker_create", unsafe { lib.ucp_worker_create(ctx, &wp, &mut worker) }) {
+        if let Err(e) = ucx.check("worker_create", unsafe {
+            lib.ucp_worker_create(ctx, &wp, &mut worker)
+        }) {
             // SAFETY: nothing else holds the context.
             unsafe { lib.ucp_cleanup(ctx) };
             return Err(e);
@@ -217,7 +229,9 @@ impl State {
         // SAFETY: the worker is live; UCX allocates the address, copied and
         // released right after.
         self.ucx.check("worker_get_address", unsafe {
-            self.ucx.lib.ucp_worker_get_address(self.worker, &mut addr, &mut len)
+            self.ucx
+                .lib
+                .ucp_worker_get_address(self.worker, &mut addr, &mut len)
         })?;
         // SAFETY: UCX returned `len` bytes at `addr`.
         let v = unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec();
@@ -299,7 +313,14 @@ impl State {
     }
 
     /// Tracks what a non-blocking call returned: done now, failed, or pending.
-    fn track(&mut self, op: &'static str, ret: sys::ucs_status_ptr_t, keep: Vec<Bytes>, iov: Option<Vec<sys::ucp_dt_iov_t>>, done: Done) {
+    fn track(
+        &mut self,
+        op: &'static str,
+        ret: sys::ucs_status_ptr_t,
+        keep: Vec<Bytes>,
+        iov: Option<Vec<sys::ucp_dt_iov_t>>,
+        done: Done,
+    ) {
         let p = ret as *const c_void;
         if sys::ptr_is_ptr(p) {
             self.ops.push(Op {
@@ -313,13 +334,19 @@ impl State {
         }
     }
 
-    fn receive(&mut self, data: *mut c_void, runs: Vec<(usize, usize)>, done: Box<dyn FnOnce(Result<()>) + Send>) {
+    fn receive(
+        &mut self,
+        data: *mut c_void,
+        runs: Vec<(usize, usize)>,
+        done: Box<dyn FnOnce(Result<()>) + Send>,
+    ) {
         if runs.len() > 1 {
             // UCX 1.13 mishandles a scattered (iov) rendezvous receive over
             // shared memory; several runs land in one buffer, copied out after.
             let mut bounce = vec![0u8; runs.iter().map(|r| r.1).sum()];
             let one = vec![(bounce.as_mut_ptr() as usize, bounce.len())];
-            let then = Box::new(move |r: Result<()>| done(r.and_then(|_| copy_runs(&bounce, &runs))));
+            let then =
+                Box::new(move |r: Result<()>| done(r.and_then(|_| copy_runs(&bounce, &runs))));
             return self.receive(data, one, then);
         }
         let iov: Vec<sys::ucp_dt_iov_t> = runs
@@ -337,16 +364,22 @@ impl State {
         // iov array lives in the tracked op until completion, and the runs
         // it names are writable memory the handler reserved for this message.
         let ret = unsafe {
-            self.ucx
-                .lib
-                .ucp_am_recv_data_nbx(self.worker, data, iov.as_ptr() as *mut c_void, iov.len(), &p)
+            self.ucx.lib.ucp_am_recv_data_nbx(
+                self.worker,
+                data,
+                iov.as_ptr() as *mut c_void,
+                iov.len(),
+                &p,
+            )
         };
         self.track("am_recv_data", ret, Vec::new(), Some(iov), Done::Call(done));
     }
 
     fn ep(&self, ep: EpId) -> Result<sys::ucp_ep_h> {
         if self.failed.contains(&ep.0) {
-            return Err(UcxError::Invalid("the UCX endpoint failed (peer lost)".into()));
+            return Err(UcxError::Invalid(
+                "the UCX endpoint failed (peer lost)".into(),
+            ));
         }
         self.eps
             .get(&ep.0)
@@ -367,7 +400,13 @@ impl State {
                     p.flags = sys::ucp_ep_close_flags_t_UCP_EP_CLOSE_FLAG_FORCE;
                     // SAFETY: `e` is a live endpoint, removed from the table so never used again.
                     let ret = unsafe { self.ucx.lib.ucp_ep_close_nbx(e, &p) };
-                    self.track("ep_close", ret, Vec::new(), None, Done::Call(Box::new(|_| {})));
+                    self.track(
+                        "ep_close",
+                        ret,
+                        Vec::new(),
+                        None,
+                        Done::Call(Box::new(|_| {})),
+                    );
                 }
             }
             Cmd::Map(ptr, len, reply) => {
@@ -385,7 +424,11 @@ impl State {
                     // SAFETY: `bytes` is a packed key the peer produced with
                     // `ucp_rkey_pack`; UCX validates it and copies what it needs.
                     self.ucx.check("rkey_unpack", unsafe {
-                        self.ucx.lib.ucp_ep_rkey_unpack(e, bytes.as_ptr() as *const c_void, &mut rkey)
+                        self.ucx.lib.ucp_ep_rkey_unpack(
+                            e,
+                            bytes.as_ptr() as *const c_void,
+                            &mut rkey,
+                        )
                     })?;
                     let id = self.id();
                     self.rkeys.insert(id, rkey);
@@ -403,7 +446,10 @@ impl State {
                 let (e, k) = match (self.ep(ep), self.rkeys.get(&rkey.0)) {
                     (Ok(e), Some(&k)) => (e, k),
                     (Err(err), _) => return Done::Tx(done).fire(Err(err)),
-                    (_, None) => return Done::Tx(done).fire(Err(UcxError::Invalid("no such remote key".into()))),
+                    (_, None) => {
+                        return Done::Tx(done)
+                            .fire(Err(UcxError::Invalid("no such remote key".into())))
+                    }
                 };
                 // One completion for every part: the last to finish fires it.
                 let all = Arc::new(std::sync::Mutex::new(Some((done, parts.len(), Ok(())))));
@@ -413,7 +459,14 @@ impl State {
                     // SAFETY: `data` stays alive in the tracked op until UCX
                     // is done reading it; the range was checked against its length.
                     let ret = unsafe {
-                        self.ucx.lib.ucp_put_nbx(e, data.as_ptr().add(start) as *const c_void, end - start, remote, k, &p)
+                        self.ucx.lib.ucp_put_nbx(
+                            e,
+                            data.as_ptr().add(start) as *const c_void,
+                            end - start,
+                            remote,
+                            k,
+                            &p,
+                        )
                     };
                     let all = all.clone();
                     let part_done = Done::Call(Box::new(move |r: Result<()>| {
@@ -487,7 +540,9 @@ impl State {
                 let _ = reply.send(self.set_handler(id, h));
             }
             Cmd::EpFailed(ep, reply) => {
-                let _ = reply.send(Ok(self.failed.contains(&ep.0) || !self.eps.contains_key(&ep.0)));
+                let _ = reply.send(Ok(
+                    self.failed.contains(&ep.0) || !self.eps.contains_key(&ep.0)
+                ));
             }
         }
     }
@@ -513,7 +568,8 @@ impl State {
         p.address = addr.as_ptr() as *const sys::ucp_address_t;
         if peer_errors {
             p.field_mask |= (sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
-                | sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+                | sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER)
+                as u64;
             p.err_mode = sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER;
             p.err_handler = sys::ucp_err_handler_t {
                 cb: Some(on_ep_error),
@@ -524,7 +580,9 @@ impl State {
         // SAFETY: `addr` is a worker address a peer sent; UCX parses and
         // copies it during the call. The error handler's `arg` is this
         // boxed state, which outlives every endpoint.
-        self.ucx.check("ep_create", unsafe { self.ucx.lib.ucp_ep_create(self.worker, &p, &mut ep) })?;
+        self.ucx.check("ep_create", unsafe {
+            self.ucx.lib.ucp_ep_create(self.worker, &p, &mut ep)
+        })?;
         Ok(ep)
     }
 
@@ -532,7 +590,8 @@ impl State {
         // SAFETY: zeroed params; address and length set.
         let mut p: sys::ucp_mem_map_params_t = unsafe { std::mem::zeroed() };
         p.field_mask = (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
-            | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH) as u64;
+            | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH)
+            as u64;
         p.address = ptr as *mut c_void;
         p.length = len;
         if ptr == 0 {
@@ -542,7 +601,9 @@ impl State {
         let mut memh: sys::ucp_mem_h = std::ptr::null_mut();
         // SAFETY: the caller of `Worker::map` promised the range stays
         // allocated; with a null address UCX allocates it.
-        self.ucx.check("mem_map", unsafe { self.ucx.lib.ucp_mem_map(self.ctx, &p, &mut memh) })?;
+        self.ucx.check("mem_map", unsafe {
+            self.ucx.lib.ucp_mem_map(self.ctx, &p, &mut memh)
+        })?;
         let ptr = if ptr != 0 {
             ptr
         } else {
@@ -550,7 +611,9 @@ impl State {
             let mut attr: sys::ucp_mem_attr_t = unsafe { std::mem::zeroed() };
             attr.field_mask = sys::ucp_mem_attr_field_UCP_MEM_ATTR_FIELD_ADDRESS as u64;
             // SAFETY: `memh` was just mapped.
-            let q = self.ucx.check("mem_query", unsafe { self.ucx.lib.ucp_mem_query(memh, &mut attr) });
+            let q = self.ucx.check("mem_query", unsafe {
+                self.ucx.lib.ucp_mem_query(memh, &mut attr)
+            });
             if let Err(e) = q {
                 // SAFETY: mapped above, unmapped once.
                 unsafe { self.ucx.lib.ucp_mem_unmap(self.ctx, memh) };
@@ -562,7 +625,9 @@ impl State {
         let mut size = 0usize;
         // SAFETY: `memh` was just mapped; the packed buffer is copied and released.
         let packed = self.ucx.check("rkey_pack", unsafe {
-            self.ucx.lib.ucp_rkey_pack(self.ctx, memh, &mut buf, &mut size)
+            self.ucx
+                .lib
+                .ucp_rkey_pack(self.ctx, memh, &mut buf, &mut size)
         });
         if let Err(e) = packed {
             // SAFETY: mapped above, unmapped once.
@@ -593,7 +658,8 @@ impl State {
         let mut p: sys::ucp_am_handler_param_t = unsafe { std::mem::zeroed() };
         p.field_mask = (sys::ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ID
             | sys::ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_CB
-            | sys::ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ARG) as u64;
+            | sys::ucp_am_handler_param_field_UCP_AM_HANDLER_PARAM_FIELD_ARG)
+            as u64;
         p.id = id as u32;
         p.cb = Some(on_am);
         p.arg = &*slot as *const AmSlot as *mut c_void;

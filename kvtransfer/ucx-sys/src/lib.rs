@@ -35,8 +35,8 @@ pub fn ptr_status(p: *const std::ffi::c_void) -> ucs_status_t {
 }
 
 /// `ucp_dt_make_contig(1)`: a contiguous buffer of bytes.
-pub const DATATYPE_BYTES: ucp_datatype_t =
-    (1 << ucp_dt_type_UCP_DATATYPE_SHIFT) as ucp_datatype_t | ucp_dt_type_UCP_DATATYPE_CONTIG as ucp_datatype_t;
+pub const DATATYPE_BYTES: ucp_datatype_t = (1 << ucp_dt_type_UCP_DATATYPE_SHIFT) as ucp_datatype_t
+    | ucp_dt_type_UCP_DATATYPE_CONTIG as ucp_datatype_t;
 
 /// `ucp_dt_make_iov()`: a list of [`ucp_dt_iov_t`].
 pub const DATATYPE_IOV: ucp_datatype_t = ucp_dt_type_UCP_DATATYPE_IOV as ucp_datatype_t;
