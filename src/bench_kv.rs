@@ -192,6 +192,15 @@ fn pattern(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// GB/s over `iters` transfers of `bytes`, each timed by `once`.
+fn timed(iters: usize, bytes: usize, once: &dyn Fn() -> Result<Duration>) -> Result<f64> {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        total += once()?;
+    }
+    Ok((bytes * iters) as f64 / total.as_secs_f64() / 1e9)
+}
+
 fn hash(b: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(b)
 }
@@ -353,12 +362,7 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
             if got != expect {
                 bail!("{tls} {method}: the receiver's bytes do not match what was sent");
             }
-            let total: Duration = (0..a.iters)
-                .map(|_| once())
-                .collect::<Result<Vec<_>>>()?
-                .iter()
-                .sum();
-            let gbps = (bytes * a.iters) as f64 / total.as_secs_f64() / 1e9;
+            let gbps = timed(a.iters, bytes, &once)?;
             let (reference, reference_gbps) = reference.clone();
             rows.push(Row {
                 transport: tls.into(),
@@ -614,12 +618,7 @@ fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Result<Vec<Ro
         };
         let point = |method: String, once: &dyn Fn() -> Result<Duration>| -> Result<f64> {
             once()?;
-            let total: Duration = (0..a.iters)
-                .map(|_| once())
-                .collect::<Result<Vec<_>>>()?
-                .iter()
-                .sum();
-            let gbps = (bytes * a.iters) as f64 / total.as_secs_f64() / 1e9;
+            let gbps = timed(a.iters, bytes, once)?;
             println!("quic {method} {tokens} tokens: {gbps:.2} GB/s");
             Ok(gbps)
         };

@@ -156,20 +156,7 @@ fn concurrent_streams_disconnects_and_bad_requests() {
     drop(r);
     s.shutdown(std::net::Shutdown::Both).expect("hang up");
     drop(s);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let d0 = c.metric("tandem_kv_blocks_used", "node=\"d0\"");
-        let p0 = c.metric("tandem_kv_blocks_used", "node=\"p0-s0\"");
-        let p1 = c.metric("tandem_kv_blocks_used", "node=\"p0-s1\"");
-        if d0 == Some(0.0) && p0 == Some(0.0) && p1 == Some(0.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "blocks still held 20 s after the client left: d0 {d0:?} p0-s0 {p0:?} p0-s1 {p1:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_no_blocks(&c, &["d0", "p0-s0", "p0-s1"], Duration::from_secs(20));
     assert!(
         c.metric("tandem_requests_cancelled_total", "")
             .unwrap_or(0.0)
@@ -312,26 +299,8 @@ fn a_full_queue_gets_429_and_no_live_node_gets_503() {
 
 /// The answer a full recompute in one process gives for a conversation.
 fn recompute(messages: &[Value]) -> String {
-    let out = Command::new(EXE)
-        .args([
-            "generate",
-            "--max-tokens",
-            "24",
-            "--chunk",
-            CHUNK,
-            "--messages",
-        ])
-        .arg(Value::Array(messages.to_vec()).to_string())
-        .output()
-        .expect("generate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut t = String::from_utf8(out.stdout).expect("utf-8");
-    assert_eq!(t.pop(), Some('\n'));
-    t
+    let json = Value::Array(messages.to_vec()).to_string();
+    generate_with(&["--messages", &json], 24)
 }
 
 #[test]

@@ -210,19 +210,7 @@ fn a_thousand_clients_hanging_up_mid_stream_leave_no_block_allocated() {
         started >= total * 9 / 10,
         "only {started} of {total} streams started"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let d0 = c.metric("tandem_kv_blocks_used", "node=\"d0\"");
-        let p0 = c.metric("tandem_kv_blocks_used", "node=\"p0-s0\"");
-        if d0 == Some(0.0) && p0 == Some(0.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "blocks still held 60 s after the last client left: d0 {d0:?} p0-s0 {p0:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_no_blocks(&c, &["d0", "p0-s0"], Duration::from_secs(60));
     let cancelled = c
         .metric("tandem_requests_cancelled_total", "")
         .unwrap_or(0.0);
@@ -343,18 +331,7 @@ fn a_non_streaming_client_that_hangs_up_is_cancelled_everywhere() {
     let left = Instant::now();
     s.shutdown(std::net::Shutdown::Both).expect("hang up");
     drop(s);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let d0 = c.metric("tandem_kv_blocks_used", "node=\"d0\"");
-        if d0 == Some(0.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "blocks still held 20 s after the client left: {d0:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_no_blocks(&c, &["d0"], Duration::from_secs(20));
     let cancelled = c
         .metric("tandem_requests_cancelled_total", "")
         .unwrap_or(0.0);

@@ -748,9 +748,11 @@ fn start_ucx(name: &str, t: KvTransport) -> Result<Option<Arc<Worker>>> {
     }
     let ucx = match Ucx::load(None) {
         Ok(u) => u,
-        Err(e) if t == KvTransport::Ucx => return Err(PrefillError::Setup(format!(
+        Err(e) if t == KvTransport::Ucx => {
+            return Err(PrefillError::Setup(format!(
             "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
-        ))),
+        )))
+        }
         Err(e) => {
             tracing::warn!("{name}: {e}; KV goes over QUIC");
             return Ok(None);

@@ -127,9 +127,16 @@ pub fn http_raw(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Strin
 }
 
 pub fn generate(chat: &str, max_tokens: usize) -> String {
+    generate_with(&["--chat", chat], max_tokens)
+}
+
+/// `tandem generate`'s greedy text for these arguments (`--chat TEXT` or
+/// `--messages JSON`), in one process: the reference the cluster must equal.
+pub fn generate_with(args: &[&str], max_tokens: usize) -> String {
     let out = Command::new(EXE)
-        .args(["generate", "--chat", chat, "--chunk", CHUNK])
+        .args(["generate", "--chunk", CHUNK])
         .args(["--max-tokens", &max_tokens.to_string()])
+        .args(args)
         .output()
         .expect("generate runs");
     assert!(
@@ -197,4 +204,29 @@ pub fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
         .find(|(n, _)| n == k)
         .map(|(_, v)| v.as_str())
         .unwrap_or_else(|| panic!("no {k} in {h:?}"))
+}
+
+/// Waits until none of `nodes` holds a KV block (read from `/metrics`);
+/// fails the test after `within`.
+pub fn wait_until_no_blocks(c: &Cluster, nodes: &[&str], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let held: Vec<(&str, Option<f64>)> = nodes
+            .iter()
+            .map(|n| {
+                (
+                    *n,
+                    c.metric("tandem_kv_blocks_used", &format!("node=\"{n}\"")),
+                )
+            })
+            .collect();
+        if held.iter().all(|(_, v)| *v == Some(0.0)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks still held {within:?} after the clients left: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

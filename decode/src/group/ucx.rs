@@ -35,9 +35,11 @@ pub(super) fn start(
     }
     let ucx = match Ucx::load(None) {
         Ok(u) => u,
-        Err(e) if wanted.contains(&KvTransport::Ucx) => return Err(DecodeError::Setup(format!(
+        Err(e) if wanted.contains(&KvTransport::Ucx) => {
+            return Err(DecodeError::Setup(format!(
             "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
-        ))),
+        )))
+        }
         Err(e) => {
             tracing::warn!("{name}: {e}; KV comes over QUIC");
             return Ok(None);
