@@ -515,8 +515,15 @@ fn quic_receiver() -> Result<()> {
                             let Ok(v) = r.read_to_end(1 << 31).await else {
                                 return;
                             };
-                            want = u64::from_le_bytes(v[..8].try_into().unwrap()) as usize;
-                            let index = u64::from_le_bytes(v[8..16].try_into().unwrap());
+                            let word = |at: usize| {
+                                v.get(at..at + 8)
+                                    .and_then(|b| b.try_into().ok())
+                                    .map(u64::from_le_bytes)
+                            };
+                            let (Some(n), Some(index)) = (word(0), word(8)) else {
+                                return;
+                            };
+                            want = n as usize;
                             parts.push((index, hash(&v[16..])));
                         }
                         parts.sort();

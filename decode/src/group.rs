@@ -38,6 +38,7 @@ pub use tandem_wire::node::NodeError as DecodeError;
 pub type Result<T> = std::result::Result<T, DecodeError>;
 
 mod prefill;
+mod publish;
 mod ucx;
 
 /// Attempts at a request's KV (first try and retries) before it fails.
@@ -632,37 +633,6 @@ impl Group<'_> {
             let s = run.sampler.sample(&logits[i * vocab..(i + 1) * vocab]);
             self.emit(id, s.token, s.logprob);
         }
-    }
-
-    fn publish(&mut self) {
-        // Blocks cached and evicted since the last time, for the gateway's
-        // KV-aware routing.
-        let ev = self.admission.cache.take_events();
-        if let Some(gw) = self.links.get(&self.gateway) {
-            if !ev.stored.is_empty() {
-                let _ = gw.try_send(Message::CacheStored {
-                    node: self.name.clone(),
-                    hashes: ev.stored,
-                });
-            }
-            if !ev.evicted.is_empty() {
-                let _ = gw.try_send(Message::CacheEvicted {
-                    node: self.name.clone(),
-                    hashes: ev.evicted,
-                });
-            }
-        }
-        let mut b = self.beat.lock().expect("heartbeat state");
-        b.load = Load {
-            running: self.admission.running() as u32,
-            queued: self.admission.queued() as u32,
-            free_blocks: (self.admission.total_blocks() - self.admission.used_blocks()) as u32,
-            total_blocks: self.admission.total_blocks() as u32,
-            pipelines_up: self.pipelines_up().len() as u32,
-            kv_checksum_failures: self.admission.counters.checksum_failures,
-            kv_retries: self.admission.counters.retries,
-        };
-        b.gateway = self.links.get(&self.gateway).cloned();
     }
 }
 
