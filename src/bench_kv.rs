@@ -287,7 +287,6 @@ fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
 
 fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Result<Vec<Row>> {
     let tls_env = if tls == "sm" { "sm,self" } else { "tcp" };
-    std::env::set_var("UCX_TLS", tls_env);
     let capacity = block * max_blocks;
     let kind = if a.receiver_memory == "heap" {
         "ucx-heap"
@@ -302,7 +301,11 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
     };
     let base: u64 = base.parse()?;
     let ucx = Ucx::load(None)?;
-    let worker = Worker::start(ucx, &WorkerOptions::default(), "ucx-bench")?;
+    let opts = WorkerOptions {
+        tls: Some(tls_env.to_string()),
+        net_devices: None,
+    };
+    let worker = Worker::start(ucx, &opts, "ucx-bench")?;
     let ep = worker.connect(&unhex(addr)?)?;
     let rk = worker.unpack(ep, &unhex(rkey)?)?;
     let mut rows = Vec::new();

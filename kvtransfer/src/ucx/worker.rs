@@ -62,17 +62,18 @@ fn shm_only(tls: &str) -> bool {
         && tls.split(',').all(|t| shm.contains(&t.trim()))
 }
 
-// The error callback gets the endpoint's id as its argument.
-unsafe extern "C" fn on_ep_error(arg: *mut c_void, _ep: sys::ucp_ep_h, _status: sys::ucs_status_t) {
+/// UCX reports a failed endpoint (its peer is gone): marks it failed, so
+/// operations on it return an error instead of waiting.
+unsafe extern "C" fn on_ep_error(arg: *mut c_void, ep: sys::ucp_ep_h, _status: sys::ucs_status_t) {
     // SAFETY: `arg` is the `State` that created the endpoint (set in
     // `connect`); UCX calls this only from progress, on the worker thread,
     // while that `State` is alive and not otherwise borrowed across progress.
     let st = unsafe { &mut *(arg as *mut State) };
-    // Which endpoint is not passed back as our id, so record by pointer.
+    // UCX passes its own handle, not our id: find the id by handle.
     let failed: Vec<u64> = st
         .eps
         .iter()
-        .filter(|(_, &e)| e == _ep)
+        .filter(|(_, &e)| e == ep)
         .map(|(&id, _)| id)
         .collect();
     st.failed.extend(failed);
