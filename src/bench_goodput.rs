@@ -41,11 +41,11 @@ pub struct BenchGoodputArgs {
     #[arg(long, value_delimiter = ',', default_value = "chat,long,sessions")]
     workloads: Vec<String>,
     /// Request rates (jobs/s) per workload.
-    #[arg(long, value_delimiter = ',', default_value = "0.3,0.6,0.9")]
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3")]
     chat_rates: Vec<f64>,
     #[arg(long, value_delimiter = ',', default_value = "0.03,0.06,0.09")]
     long_rates: Vec<f64>,
-    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3")]
+    #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.2")]
     sessions_rates: Vec<f64>,
     /// Jobs per rate (sessions count as one job of --turns requests).
     #[arg(long, default_value_t = 20)]
