@@ -13,6 +13,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,10 @@ pub struct BenchKvArgs {
     block_size: usize,
     #[arg(long, default_value_t = 4)]
     dtype_bytes: usize,
+    /// Prompt tokens per prefill chunk (the cluster's `chunk`): over UCX a
+    /// stage sends each chunk's consecutive blocks as one message.
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
     /// QUIC reference: plain quinn with this many parallel streams (besides 1).
     #[arg(long, default_value_t = 4)]
     quinn_streams: usize,
@@ -225,7 +230,9 @@ fn receiver(transport: &str, capacity: usize) -> Result<()> {
     }
 }
 
-/// Registers a buffer, prints how to reach it, then answers `hash OFF LEN`.
+/// Registers a buffer, prints how to reach it, then answers `hash OFF LEN
+/// [WANT]` (the bytes' hash) and `zero OFF LEN [WANT]` (clears them), each
+/// once WANT bytes of active messages have landed since the last `zero`.
 fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
     let ucx = Ucx::load(None)?;
     let worker = Worker::start(ucx, &WorkerOptions::default(), "ucx-bench")?;
@@ -238,9 +245,14 @@ fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
     };
     let base = region.base as usize;
     // SAFETY: the region is `capacity` bytes, allocated or registered above,
-    // and stays mapped until the worker is dropped at the end.
-    let buf = unsafe { std::slice::from_raw_parts(base as *const u8, capacity) };
-    // Active messages carry their offset in the header and land there.
+    // and stays mapped until the worker is dropped at the end. The sender
+    // writes it only between this loop's requests, each of which it sends
+    // after its transfers completed.
+    let buf = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, capacity) };
+    // Active messages carry their offset in the header and land there; the
+    // counter is what landed since the last `zero`.
+    let landed = Arc::new(AtomicUsize::new(0));
+    let counter = landed.clone();
     worker.on_am(
         1,
         Box::new(move |h, len| {
@@ -253,9 +265,14 @@ fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
             if off + len > capacity {
                 return Placement::Drop;
             }
+            let landed = counter.clone();
             Placement::Into {
                 runs: vec![(base + off, len)],
-                done: Box::new(|_| {}),
+                done: Box::new(move |r| {
+                    if r.is_ok() {
+                        landed.fetch_add(len, Ordering::SeqCst);
+                    }
+                }),
             }
         }),
     )?;
@@ -274,11 +291,36 @@ fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
             .skip(1)
             .filter_map(|x| x.parse().ok())
             .collect();
-        if let [off, len] = v[..] {
-            // The sender completed (flushed) before asking: the bytes are in.
-            println!("{}", hash(&buf[off..off + len]));
+        let (off, len, want) = match v[..] {
+            [off, len] => (off, len, 0),
+            [off, len, want] => (off, len, want),
+            _ => (usize::MAX, 0, 0),
+        };
+        let Some(range) = off
+            .checked_add(len)
+            .filter(|&e| e <= capacity)
+            .map(|e| off..e)
+        else {
+            println!("bad request {line:?}");
             std::io::stdout().flush()?;
+            continue;
+        };
+        // The sender completed (flushed) before asking: the bytes are in,
+        // and no message is landing while this reads or zeroes them.
+        // A sender's rendezvous can complete a little before the receiver's
+        // own completion: first wait for `want` bytes to have landed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while landed.load(Ordering::SeqCst) < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
         }
+        if line.starts_with("zero") {
+            buf[range].fill(0);
+            landed.store(0, Ordering::SeqCst);
+            println!("ok");
+        } else {
+            println!("{}", hash(&buf[range]));
+        }
+        std::io::stdout().flush()?;
     }
     drop(worker);
     drop(heap_buf);
@@ -309,59 +351,73 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
     let ep = worker.connect(&unhex(addr)?)?;
     let rk = worker.unpack(ep, &unhex(rkey)?)?;
     let mut rows = Vec::new();
+    // Active messages: one per block (what the cluster sends), and batched
+    // per prefill chunk or up to 64 MiB, either gathered by UCX from each
+    // block's own buffer (iov) or from one buffer holding the blocks.
+    let chunk_blocks = a.chunk.div_ceil(a.block_size).max(1);
+    let most_blocks = ((64usize << 20) / block).max(1);
+    let methods: Vec<(String, usize, bool)> = vec![
+        ("put".into(), 0, false),
+        ("am, 1 block/message".into(), 1, false),
+        (
+            format!("am, {}-token chunks, iov", a.chunk),
+            chunk_blocks,
+            true,
+        ),
+        (format!("am, {}-token chunks", a.chunk), chunk_blocks, false),
+        ("am, ≤64 MiB messages".into(), most_blocks, false),
+    ];
     for &tokens in &a.tokens {
         let n = tokens.div_ceil(a.block_size);
         let bytes = n * block;
-        // The sender's side of a chunk: its blocks gathered into one buffer.
-        let data: Arc<Vec<u8>> = Arc::new(
-            (0..n)
-                .flat_map(|i| pattern(block, i as u64 + tokens as u64))
-                .collect(),
-        );
+        // The sender's side: each block in its own buffer, as a stage gathers
+        // them, and one buffer holding them all.
+        let blocks: Vec<Arc<Vec<u8>>> = (0..n)
+            .map(|i| Arc::new(pattern(block, i as u64 + tokens as u64)))
+            .collect();
+        let data: Arc<Vec<u8>> = Arc::new(blocks.iter().flat_map(|b| b.iter().copied()).collect());
         let expect = hash(&data);
         let reference = if a.no_perftest {
             ("-".to_string(), None)
         } else {
             best_perftest(tls_env, bytes)
         };
-        for method in ["put", "am"] {
+        for (method, per_message, iov) in &methods {
             let once = || -> Result<Duration> {
                 let t0 = Instant::now();
-                if method == "put" {
-                    let op = if std::env::var_os("XX_ONE").is_some() {
-                        n * block
-                    } else {
-                        block
-                    };
-                    let parts = (0..n * block / op)
-                        .map(|i| (i * op..(i + 1) * op, base + (i * op) as u64))
+                if *per_message == 0 {
+                    let parts = (0..n)
+                        .map(|i| (i * block..(i + 1) * block, base + (i * block) as u64))
                         .collect();
                     worker.put_many(ep, data.clone(), parts, rk).wait()?;
+                    worker.flush(ep).wait()?;
                 } else {
                     let pending: Vec<_> = (0..n)
-                        .map(|i| {
-                            let range = i * block..(i + 1) * block;
-                            worker.am_send(
-                                ep,
-                                1,
-                                ((i * block) as u64).to_le_bytes().to_vec(),
-                                data.clone(),
-                                range,
-                                true,
-                            )
+                        .step_by(*per_message)
+                        .map(|first| {
+                            let last = (first + per_message).min(n);
+                            let parts = if *iov {
+                                blocks[first..last]
+                                    .iter()
+                                    .map(|b| (b.clone(), 0..b.len()))
+                                    .collect()
+                            } else {
+                                vec![(data.clone(), first * block..last * block)]
+                            };
+                            let offset = ((first * block) as u64).to_le_bytes().to_vec();
+                            worker.am_send_parts(ep, 1, offset, parts, true)
                         })
                         .collect();
                     for p in pending {
                         p.wait()?;
                     }
                 }
-                if method == "put" {
-                    worker.flush(ep).wait()?;
-                }
                 Ok(t0.elapsed())
             };
             once()?;
-            let got: u64 = peer.ask(&format!("hash 0 {bytes}"))?.parse()?;
+            // Active messages: wait until the receiver saw them all land.
+            let want = if *per_message == 0 { 0 } else { bytes };
+            let got: u64 = peer.ask(&format!("hash 0 {bytes} {want}"))?.parse()?;
             if got != expect {
                 bail!("{tls} {method}: the receiver's bytes do not match what was sent");
             }
@@ -369,7 +425,7 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
             let (reference, reference_gbps) = reference.clone();
             rows.push(Row {
                 transport: tls.into(),
-                method: format!("ucx {method}, {} KiB ops", block / 1024),
+                method: method.clone(),
                 tokens,
                 bytes,
                 gbps,
@@ -377,6 +433,11 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
                 reference_gbps,
             });
             println!("{tls} {method} {tokens} tokens: {gbps:.2} GB/s");
+            // Zero the receiver's bytes between methods, so a method that
+            // moved nothing cannot pass on the previous one's data.
+            // Once the active messages sent so far have all landed.
+            let sent = want * (1 + a.iters);
+            peer.ask(&format!("zero 0 {bytes} {sent}"))?;
         }
     }
     Ok(rows)

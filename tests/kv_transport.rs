@@ -26,6 +26,8 @@ fn two_processes_move_kv_blocks_over_tcp_and_shared_memory_and_the_bytes_match()
             "tcp,sm,quic",
             "--tokens",
             "64,300",
+            "--chunk",
+            "64",
         ])
         .args(["--iters", "2", "--no-perftest"])
         .output()
@@ -38,9 +40,11 @@ fn two_processes_move_kv_blocks_over_tcp_and_shared_memory_and_the_bytes_match()
     );
     for needle in [
         "tcp put 64",
-        "tcp am 300",
+        "tcp am, 1 block/message 300",
+        "tcp am, 64-token chunks, iov 300",
         "sm put 300",
-        "sm am 64",
+        "sm am, 64-token chunks 300",
+        "sm am, ≤64 MiB messages 64",
         "quic link 300",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");

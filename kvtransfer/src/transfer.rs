@@ -20,6 +20,10 @@ use tandem_wire::messages::{ByteBuf, KvChunk, KvDone, Lease, Message, RankTarget
 
 use crate::{gather, reshard_plan, Checksum, CopyRun, KvTransferError, PoolDesc, Result};
 
+/// Largest KV message on a link: big enough to stream well, small enough to
+/// interleave with the link's other messages.
+pub const MESSAGE_BYTES: usize = 4 << 20;
+
 /// Carries KV chunks and completion notices from a stage to decode ranks.
 /// Calls may block while the receiver catches up (backpressure).
 pub trait Transport: Send {

@@ -23,6 +23,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_kvtransfer::over_ucx::UcxTransport;
+use tandem_kvtransfer::transfer::MESSAGE_BYTES;
 use tandem_kvtransfer::ucx::{EpId, Ucx, Worker, WorkerOptions};
 use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
 use tandem_model::{
@@ -40,9 +41,6 @@ use tandem_wire::node::{now_ms, Beat, NodeSetup};
 pub use tandem_wire::node::NodeError as PrefillError;
 
 pub type Result<T> = std::result::Result<T, PrefillError>;
-
-/// Largest KV message: big enough to stream well, small enough to interleave.
-const KV_MESSAGE_BYTES: usize = 4 << 20;
 
 type Key = (RequestId, Lease);
 
@@ -528,7 +526,7 @@ impl Stage {
             let (outgoing, chunks) = self
                 .group
                 .with_pool(0, move |pool| {
-                    let chunks = outgoing.gather(pool, &local, range, KV_MESSAGE_BYTES);
+                    let chunks = outgoing.gather(pool, &local, range, MESSAGE_BYTES);
                     (outgoing, chunks)
                 })
                 .map_err(|e| e.to_string())?;

@@ -198,12 +198,12 @@ enum Cmd {
         rkey: RkeyId,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
+    /// One message whose payload is the parts, in order: (buffer, start, end).
     AmSend {
         ep: EpId,
         id: u16,
         header: Vec<u8>,
-        data: Bytes,
-        range: (usize, usize),
+        parts: Vec<(Bytes, usize, usize)>,
         rndv: bool,
         done: tokio::sync::oneshot::Sender<Result<()>>,
     },
@@ -380,7 +380,27 @@ impl Worker {
         range: std::ops::Range<usize>,
         rndv: bool,
     ) -> Pending {
-        if range.end > data.len() || range.start > range.end {
+        self.am_send_parts(ep, id, header, vec![(data, range)], rndv)
+    }
+
+    /// Sends one active message whose payload is `parts` one after the
+    /// other, gathered by UCX from where they are (no copy into one buffer
+    /// first). The receiver sees one payload of their total length.
+    pub fn am_send_parts(
+        &self,
+        ep: EpId,
+        id: u16,
+        header: Vec<u8>,
+        parts: Vec<(Bytes, std::ops::Range<usize>)>,
+        rndv: bool,
+    ) -> Pending {
+        if parts.is_empty() {
+            return Pending::ready(Err(UcxError::Invalid("a message with no payload".into())));
+        }
+        if parts
+            .iter()
+            .any(|(d, r)| r.end > d.len() || r.start > r.end)
+        {
             return Pending::ready(Err(UcxError::Invalid(
                 "send range outside the buffer".into(),
             )));
@@ -390,8 +410,10 @@ impl Worker {
             ep,
             id,
             header,
-            data,
-            range: (range.start, range.end),
+            parts: parts
+                .into_iter()
+                .map(|(d, r)| (d, r.start, r.end))
+                .collect(),
             rndv,
             done,
         };

@@ -102,6 +102,81 @@ fn am_lands_in_runs(tls: &str) {
     drop(b);
 }
 
+/// One message gathered from several buffers arrives as their
+/// concatenation, whether it lands in one run or is scattered.
+fn parts_arrive_concatenated(tls: &str) {
+    let (a, b) = pair(tls);
+    let part = 96 << 10;
+    let mut target = vec![0u8; part * 3 * 2];
+    let base = target.as_mut_ptr() as usize;
+    let (tx, rx) = mpsc::channel();
+    b.on_am(
+        5,
+        Box::new(move |header, len| {
+            let tx = tx.clone();
+            let runs = if header == b"one" {
+                vec![(base, len)]
+            } else {
+                // Second half first, then the first half, after a gap.
+                let half = len / 2;
+                vec![(base + len + half, half), (base + len, len - half)]
+            };
+            Placement::Into {
+                runs,
+                done: Box::new(move |r| tx.send(r).unwrap()),
+            }
+        }),
+    )
+    .expect("handler");
+    let ep = a.connect(b.address()).expect("connect");
+    for rndv in [true, false] {
+        let bufs: Vec<Bytes> = (0..3)
+            .map(|i| Arc::new(pattern(part, i + 3 * rndv as u8)))
+            .collect();
+        let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        for header in ["one", "scattered"] {
+            let parts = bufs.iter().map(|b| (b.clone(), 0..b.len())).collect();
+            a.am_send_parts(ep, 5, header.as_bytes().to_vec(), parts, rndv)
+                .wait()
+                .expect("send");
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("placed")
+                .expect("no error");
+        }
+        let n = whole.len();
+        assert_eq!(&target[..n], &whole[..], "one run, rndv {rndv}");
+        let half = n / 2;
+        assert_eq!(
+            &target[n + half..],
+            &whole[..half],
+            "scattered, rndv {rndv}"
+        );
+        assert_eq!(
+            &target[n..n + half],
+            &whole[half..],
+            "scattered, rndv {rndv}"
+        );
+    }
+    // A range outside its buffer is refused before anything is sent.
+    let short = Arc::new(vec![0u8; 16]);
+    assert!(a
+        .am_send_parts(ep, 5, b"one".to_vec(), vec![(short, 0..32)], true)
+        .wait()
+        .is_err());
+    drop(a);
+    drop(b);
+}
+
+#[test]
+fn parts_of_one_message_over_tcp_arrive_concatenated() {
+    parts_arrive_concatenated("tcp");
+}
+
+#[test]
+fn parts_of_one_message_over_shared_memory_arrive_concatenated() {
+    parts_arrive_concatenated("sm,self");
+}
+
 #[test]
 fn put_over_tcp_writes_exactly_the_target_range() {
     put_lands("tcp");

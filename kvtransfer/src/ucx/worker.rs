@@ -495,8 +495,7 @@ impl State {
                 ep,
                 id,
                 header,
-                data,
-                range,
+                parts,
                 rndv,
                 done,
             } => {
@@ -504,27 +503,54 @@ impl State {
                     Ok(e) => e,
                     Err(err) => return Done::Tx(done).fire(Err(err)),
                 };
-                // SAFETY: zeroed params, then flags only.
+                // SAFETY: zeroed params, then masked fields only.
                 let mut p: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
                 if rndv {
-                    p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
+                    p.op_attr_mask |= sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
                     p.flags = sys::ucp_send_am_flags_UCP_AM_SEND_FLAG_RNDV;
                 }
+                // One part goes as a contiguous buffer; several as an iov,
+                // which UCX gathers on this side.
+                let iov: Option<Vec<sys::ucp_dt_iov_t>> = (parts.len() > 1).then(|| {
+                    parts
+                        .iter()
+                        .map(|(d, s, e)| sys::ucp_dt_iov_t {
+                            // SAFETY: `s <= e <= d.len()`, checked by `am_send_parts`.
+                            buffer: unsafe { d.as_ptr().add(*s) } as *mut c_void,
+                            length: e - s,
+                        })
+                        .collect()
+                });
+                let (buffer, count) = match &iov {
+                    Some(iov) => {
+                        p.op_attr_mask |= sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_DATATYPE;
+                        p.datatype = sys::DATATYPE_IOV;
+                        (iov.as_ptr() as *const c_void, iov.len())
+                    }
+                    None => {
+                        let (d, s, e) = &parts[0];
+                        // SAFETY: `s <= e <= d.len()`, checked by `am_send_parts`.
+                        (unsafe { d.as_ptr().add(*s) } as *const c_void, e - s)
+                    }
+                };
                 // The header must live until completion too.
                 let keep = Arc::new(header);
-                // SAFETY: header and data live in the tracked op until completion.
+                // SAFETY: header, parts and the iov array naming them live in
+                // the tracked op until completion.
                 let ret = unsafe {
                     self.ucx.lib.ucp_am_send_nbx(
                         e,
                         id as u32,
                         keep.as_ptr() as *const c_void,
                         keep.len(),
-                        data.as_ptr().add(range.0) as *const c_void,
-                        range.1 - range.0,
+                        buffer,
+                        count,
                         &p,
                     )
                 };
-                self.track("am_send", ret, vec![data, keep], None, Done::Tx(done));
+                let mut held: Vec<Bytes> = parts.into_iter().map(|(d, _, _)| d).collect();
+                held.push(keep);
+                self.track("am_send", ret, held, iov, Done::Tx(done));
             }
             Cmd::Flush(ep, done) => {
                 let e = match self.ep(ep) {
