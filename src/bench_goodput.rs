@@ -43,7 +43,7 @@ pub struct BenchGoodputArgs {
     /// Request rates (jobs/s) per workload.
     #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3")]
     chat_rates: Vec<f64>,
-    #[arg(long, value_delimiter = ',', default_value = "0.03,0.06,0.09")]
+    #[arg(long, value_delimiter = ',', default_value = "0.02,0.04,0.06")]
     long_rates: Vec<f64>,
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.2")]
     sessions_rates: Vec<f64>,
