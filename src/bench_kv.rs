@@ -47,8 +47,8 @@ pub struct BenchKvArgs {
     block_size: usize,
     #[arg(long, default_value_t = 4)]
     dtype_bytes: usize,
-    /// Prompt tokens per prefill chunk (the cluster's `chunk`): over UCX a
-    /// stage sends each chunk's consecutive blocks as one message.
+    /// Prompt tokens per prefill chunk (the cluster's `chunk`): the batch
+    /// size of the batched active-message rows.
     #[arg(long, default_value_t = 256)]
     chunk: usize,
     /// QUIC reference: plain quinn with this many parallel streams (besides 1).
@@ -305,10 +305,9 @@ fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
             std::io::stdout().flush()?;
             continue;
         };
-        // The sender completed (flushed) before asking: the bytes are in,
-        // and no message is landing while this reads or zeroes them.
-        // A sender's rendezvous can complete a little before the receiver's
-        // own completion: first wait for `want` bytes to have landed.
+        // Puts were flushed before the sender asked, so they are in. A
+        // rendezvous active message can complete for the sender a little
+        // before it does here: first wait for `want` bytes to have landed.
         let deadline = Instant::now() + Duration::from_secs(10);
         while landed.load(Ordering::SeqCst) < want && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(50));
