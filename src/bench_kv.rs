@@ -113,7 +113,7 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
         }
     }
     println!(
-        "\n{:<6} {:<26} {:>7} {:>9} {:>9}   {:<34} {:>9} {:>6}",
+        "\n{:<6} {:<32} {:>7} {:>9} {:>9}   {:<26} {:>9} {:>6}",
         "link", "method", "tokens", "MiB", "GB/s", "reference", "GB/s", "ratio"
     );
     for r in &rows {
@@ -122,7 +122,7 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
             None => ("-".into(), "-".into()),
         };
         println!(
-            "{:<6} {:<26} {:>7} {:>9.1} {:>9.2}   {:<34} {:>9} {:>6}",
+            "{:<6} {:<32} {:>7} {:>9.1} {:>9.2}   {:<26} {:>9} {:>6}",
             r.transport,
             r.method,
             r.tokens,
@@ -344,28 +344,73 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
     let ucx = Ucx::load(None)?;
     let opts = WorkerOptions {
         tls: Some(tls_env.to_string()),
-        net_devices: None,
+        ..Default::default()
     };
-    let worker = Worker::start(ucx, &opts, "ucx-bench")?;
+    let worker = Worker::start(ucx.clone(), &opts, "ucx-bench")?;
     let ep = worker.connect(&unhex(addr)?)?;
     let rk = worker.unpack(ep, &unhex(rkey)?)?;
+    // Over TCP a second worker connects without peer-failure handling, which
+    // the cluster keeps on: UCX then writes rendezvous payloads straight
+    // into the receiver's memory instead of streaming them as fragments, and
+    // the row shows what the handling costs. Shared-memory endpoints have
+    // no such handling to begin with.
+    let plain = if tls == "tcp" {
+        let w = Worker::start(
+            ucx,
+            &WorkerOptions {
+                without_peer_failure: true,
+                ..opts.clone()
+            },
+            "ucx-bench-plain",
+        )?;
+        let e = w.connect(&unhex(addr)?)?;
+        Some((w, e))
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     // Active messages: one per block (what the cluster sends), and batched
     // per prefill chunk or up to 64 MiB, either gathered by UCX from each
     // block's own buffer (iov) or from one buffer holding the blocks.
     let chunk_blocks = a.chunk.div_ceil(a.block_size).max(1);
     let most_blocks = ((64usize << 20) / block).max(1);
-    let methods: Vec<(String, usize, bool)> = vec![
-        ("put".into(), 0, false),
-        ("am, 1 block/message".into(), 1, false),
-        (
+    let method = |label: String, per_message, iov, plain| Method {
+        label,
+        per_message,
+        iov,
+        plain,
+    };
+    let mut methods = vec![
+        method("put".into(), 0, false, false),
+        method("am, 1 block/message".into(), 1, false, false),
+        method(
             format!("am, {}-token chunks, iov", a.chunk),
             chunk_blocks,
             true,
+            false,
         ),
-        (format!("am, {}-token chunks", a.chunk), chunk_blocks, false),
-        ("am, ≤64 MiB messages".into(), most_blocks, false),
+        method(
+            format!("am, {}-token chunks", a.chunk),
+            chunk_blocks,
+            false,
+            false,
+        ),
+        method("am, ≤64 MiB messages".into(), most_blocks, false, false),
     ];
+    if plain.is_some() {
+        methods.push(method(
+            "am, 1 block/msg, no peer-fail".into(),
+            1,
+            false,
+            true,
+        ));
+        methods.push(method(
+            format!("am, {}-tok chunks, no peer-fail", a.chunk),
+            chunk_blocks,
+            false,
+            true,
+        ));
+    }
     for &tokens in &a.tokens {
         let n = tokens.div_ceil(a.block_size);
         let bytes = n * block;
@@ -381,10 +426,14 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
         } else {
             best_perftest(tls_env, bytes)
         };
-        for (method, per_message, iov) in &methods {
+        for m in &methods {
+            let (worker, ep) = match (&plain, m.plain) {
+                (Some((w, e)), true) => (w, *e),
+                _ => (&worker, ep),
+            };
             let once = || -> Result<Duration> {
                 let t0 = Instant::now();
-                if *per_message == 0 {
+                if m.per_message == 0 {
                     let parts = (0..n)
                         .map(|i| (i * block..(i + 1) * block, base + (i * block) as u64))
                         .collect();
@@ -392,10 +441,10 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
                     worker.flush(ep).wait()?;
                 } else {
                     let pending: Vec<_> = (0..n)
-                        .step_by(*per_message)
+                        .step_by(m.per_message)
                         .map(|first| {
-                            let last = (first + per_message).min(n);
-                            let parts = if *iov {
+                            let last = (first + m.per_message).min(n);
+                            let parts = if m.iov {
                                 blocks[first..last]
                                     .iter()
                                     .map(|b| (b.clone(), 0..b.len()))
@@ -415,23 +464,26 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
             };
             once()?;
             // Active messages: wait until the receiver saw them all land.
-            let want = if *per_message == 0 { 0 } else { bytes };
+            let want = if m.per_message == 0 { 0 } else { bytes };
             let got: u64 = peer.ask(&format!("hash 0 {bytes} {want}"))?.parse()?;
             if got != expect {
-                bail!("{tls} {method}: the receiver's bytes do not match what was sent");
+                bail!(
+                    "{tls} {}: the receiver's bytes do not match what was sent",
+                    m.label
+                );
             }
             let gbps = timed(a.iters, bytes, &once)?;
             let (reference, reference_gbps) = reference.clone();
             rows.push(Row {
                 transport: tls.into(),
-                method: method.clone(),
+                method: m.label.clone(),
                 tokens,
                 bytes,
                 gbps,
                 reference,
                 reference_gbps,
             });
-            println!("{tls} {method} {tokens} tokens: {gbps:.2} GB/s");
+            println!("{tls} {} {tokens} tokens: {gbps:.2} GB/s", m.label);
             // Zero the receiver's bytes between methods, so a method that
             // moved nothing cannot pass on the previous one's data.
             // Once the active messages sent so far have all landed.
@@ -440,6 +492,17 @@ fn ucx_rows(a: &BenchKvArgs, tls: &str, block: usize, max_blocks: usize) -> Resu
         }
     }
     Ok(rows)
+}
+
+/// One way of moving a transfer in `bench kv`'s UCX rows.
+struct Method {
+    label: String,
+    /// Blocks per active message; 0 means one-sided puts and a flush.
+    per_message: usize,
+    /// The message's blocks are gathered by UCX from their own buffers.
+    iov: bool,
+    /// Sent by the worker connected without peer-failure handling.
+    plain: bool,
 }
 
 /// The best of `ucx_perftest`'s put, active-message and tagged bandwidth

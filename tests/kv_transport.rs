@@ -42,6 +42,8 @@ fn two_processes_move_kv_blocks_over_tcp_and_shared_memory_and_the_bytes_match()
         "tcp put 64",
         "tcp am, 1 block/message 300",
         "tcp am, 64-token chunks, iov 300",
+        "tcp am, 1 block/msg, no peer-fail 300",
+        "tcp am, 64-tok chunks, no peer-fail 64",
         "sm put 300",
         "sm am, 64-token chunks 300",
         "sm am, ≤64 MiB messages 64",

@@ -333,7 +333,7 @@ mod tests {
         let ucx = crate::ucx::Ucx::load(None).expect("UCX must be installed");
         let opts = crate::ucx::WorkerOptions {
             tls: Some("tcp".into()),
-            net_devices: None,
+            ..Default::default()
         };
         let stage = Worker::start(ucx.clone(), &opts, "stage").expect("worker");
         let decode = Worker::start(ucx, &opts, "decode").expect("worker");

@@ -98,6 +98,12 @@ pub struct WorkerOptions {
     pub tls: Option<String>,
     /// Devices, as `UCX_NET_DEVICES` takes them: "mlx5_0:1", "lo", …
     pub net_devices: Option<String>,
+    /// Connect without peer-failure handling even where the transports
+    /// support it. UCX then no longer fails operations when a peer dies, but
+    /// may use zero-copy rendezvous over transports that cannot revoke a
+    /// peer's access to registered memory (TCP). Tandem's nodes keep the
+    /// handling on; `tandem bench kv` measures what it costs.
+    pub without_peer_failure: bool,
 }
 
 /// An endpoint to a remote worker, by id on the worker thread.

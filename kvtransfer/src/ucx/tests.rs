@@ -4,12 +4,15 @@
 use super::*;
 
 fn pair(tls: &str) -> (Worker, Worker) {
+    pair_with(WorkerOptions {
+        tls: Some(tls.to_string()),
+        ..Default::default()
+    })
+}
+
+fn pair_with(opts: WorkerOptions) -> (Worker, Worker) {
     let ucx =
         Ucx::load(None).expect("UCX must be installed for these tests (apt-get install libucx0)");
-    let opts = WorkerOptions {
-        tls: Some(tls.to_string()),
-        net_devices: None,
-    };
     let a = Worker::start(ucx.clone(), &opts, "ucx-a").expect("worker a");
     let b = Worker::start(ucx, &opts, "ucx-b").expect("worker b");
     (a, b)
@@ -105,7 +108,10 @@ fn am_lands_in_runs(tls: &str) {
 /// One message gathered from several buffers arrives as their
 /// concatenation, whether it lands in one run or is scattered.
 fn parts_arrive_concatenated(tls: &str) {
-    let (a, b) = pair(tls);
+    parts_arrive_concatenated_with(pair(tls));
+}
+
+fn parts_arrive_concatenated_with((a, b): (Worker, Worker)) {
     let part = 96 << 10;
     let mut target = vec![0u8; part * 3 * 2];
     let base = target.as_mut_ptr() as usize;
@@ -170,6 +176,18 @@ fn parts_arrive_concatenated(tls: &str) {
 #[test]
 fn parts_of_one_message_over_tcp_arrive_concatenated() {
     parts_arrive_concatenated("tcp");
+}
+
+/// Without peer-failure handling, a rendezvous into one contiguous run over
+/// TCP is a zero-copy write into the receiver's memory (UCX's put protocol)
+/// rather than a stream of fragments: the bytes must land the same.
+#[test]
+fn parts_of_one_message_over_tcp_without_peer_failure_handling_arrive_concatenated() {
+    parts_arrive_concatenated_with(pair_with(WorkerOptions {
+        tls: Some("tcp".into()),
+        without_peer_failure: true,
+        ..Default::default()
+    }));
 }
 
 #[test]

@@ -52,6 +52,8 @@ pub(super) struct State {
     /// Only shared-memory transports are allowed: they cannot report a
     /// lost peer, so endpoints are made without peer-failure handling.
     shm_only: bool,
+    /// Endpoints are made without peer-failure handling anyway.
+    without_peer_failure: bool,
 }
 
 /// Whether a `UCX_TLS` value names only same-host transports.
@@ -214,6 +216,7 @@ impl State {
             slots: Vec::new(),
             ops: Vec::new(),
             next: 1,
+            without_peer_failure: opts.without_peer_failure,
             shm_only: shm_only(
                 &opts
                     .tls
@@ -350,28 +353,38 @@ impl State {
                 Box::new(move |r: Result<()>| done(r.and_then(|_| copy_runs(&bounce, &runs))));
             return self.receive(data, one, then);
         }
-        let iov: Vec<sys::ucp_dt_iov_t> = runs
-            .iter()
-            .map(|&(p, l)| sys::ucp_dt_iov_t {
-                buffer: p as *mut c_void,
-                length: l,
-            })
-            .collect();
-        // SAFETY: zeroed is a valid param block; only masked fields are read.
+        let Some(&(ptr, len)) = runs.first() else {
+            return done(Err(UcxError::Invalid("a placement with no runs".into())));
+        };
+        // The run is named as a contiguous buffer, which lets UCX pick a
+        // zero-copy rendezvous (an RDMA read or write straight into it),
+        // except on shared memory alone, where it is named as a one-entry
+        // iov. UCX has no zero-copy rendezvous for an iov, so the sender
+        // streams the payload through the shared-memory FIFO, and that
+        // measured faster here than the cross-memory-attach read a
+        // contiguous buffer gets (`tandem bench kv`, 90 MiB in 720 KiB
+        // messages: 4.5 against 3.3 GB/s).
+        let iov = vec![sys::ucp_dt_iov_t {
+            buffer: ptr as *mut c_void,
+            length: len,
+        }];
+        // SAFETY: zeroed is a valid param block; only masked fields are read
+        // (none: the datatype is contiguous bytes).
         let mut p: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
-        p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_DATATYPE;
-        p.datatype = sys::DATATYPE_IOV;
+        let (buffer, count) = if self.shm_only {
+            p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_DATATYPE;
+            p.datatype = sys::DATATYPE_IOV;
+            (iov.as_ptr() as *mut c_void, iov.len())
+        } else {
+            (ptr as *mut c_void, len)
+        };
         // SAFETY: `data` is the rendezvous descriptor from the callback; the
-        // iov array lives in the tracked op until completion, and the runs
-        // it names are writable memory the handler reserved for this message.
+        // iov array lives in the tracked op until completion, and the run it
+        // names is writable memory the handler reserved for this message.
         let ret = unsafe {
-            self.ucx.lib.ucp_am_recv_data_nbx(
-                self.worker,
-                data,
-                iov.as_ptr() as *mut c_void,
-                iov.len(),
-                &p,
-            )
+            self.ucx
+                .lib
+                .ucp_am_recv_data_nbx(self.worker, data, buffer, count, &p)
         };
         self.track("am_recv_data", ret, Vec::new(), Some(iov), Done::Call(done));
     }
@@ -578,7 +591,7 @@ impl State {
     /// (TCP, RDMA); shared-memory transports do not, and there the QUIC link
     /// beside the endpoint is what notices a lost peer.
     fn connect(&mut self, addr: &[u8]) -> Result<EpId> {
-        let ep = if self.shm_only {
+        let ep = if self.shm_only || self.without_peer_failure {
             self.create_ep(addr, false)?
         } else {
             self.create_ep(addr, true)?
