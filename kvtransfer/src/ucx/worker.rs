@@ -368,8 +368,8 @@ impl State {
             buffer: ptr as *mut c_void,
             length: len,
         }];
-        // SAFETY: zeroed is a valid param block; only masked fields are read
-        // (none: the datatype is contiguous bytes).
+        // SAFETY: zeroed is a valid param block; only masked fields are read,
+        // and with no datatype masked it is contiguous bytes.
         let mut p: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
         let (buffer, count) = if self.shm_only {
             p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_DATATYPE;
