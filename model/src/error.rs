@@ -27,6 +27,10 @@ pub enum ModelError {
     Compute(#[from] candle_core::Error),
     #[error("a model worker thread stopped: {0}")]
     Worker(String),
+    /// A preemptible pass stopped between layers because its stop flag was
+    /// set; the KV it wrote for its positions is partial.
+    #[error("preempted between layers")]
+    Preempted,
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -8,6 +8,7 @@
 //! its own thread alone; KV transfers reach it as closures ([`RankGroup::with_pool`]).
 
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -42,6 +43,7 @@ pub struct Span {
 }
 
 /// The input of a pass, shared by every rank without copies.
+#[derive(Debug, Clone)]
 pub enum Input {
     Tokens(Vec<u32>),
     Hidden(Vec<f32>),
@@ -54,6 +56,7 @@ enum Job {
         input: Arc<Input>,
         spans: Arc<Vec<Span>>,
         phase: Phase,
+        stop: Option<Arc<AtomicBool>>,
     },
     Pool(PoolJob),
 }
@@ -142,6 +145,21 @@ impl RankGroup {
     /// One pass of every rank over `spans`; returns rank 0's output (hidden
     /// states, or logits on the last layers).
     pub fn forward(&self, input: Input, spans: Vec<Span>, phase: Phase) -> Result<SliceOutput> {
+        self.forward_until(input, spans, phase, None)
+    }
+
+    /// [`forward`](Self::forward), stopped between layers with
+    /// [`ModelError::Preempted`] once `stop` is set. Only a group of one rank
+    /// honours it: ranks that stopped at different layers would leave the
+    /// others waiting in an all-reduce.
+    pub fn forward_until(
+        &self,
+        input: Input,
+        spans: Vec<Span>,
+        phase: Phase,
+        stop: Option<Arc<AtomicBool>>,
+    ) -> Result<SliceOutput> {
+        let stop = stop.filter(|_| self.ranks.len() == 1);
         let input = Arc::new(input);
         let spans = Arc::new(spans);
         for r in 0..self.ranks.len() {
@@ -151,6 +169,7 @@ impl RankGroup {
                     input: input.clone(),
                     spans: spans.clone(),
                     phase,
+                    stop: stop.clone(),
                 },
             )?;
         }
@@ -222,6 +241,7 @@ fn rank_loop(
                 input,
                 spans,
                 phase,
+                stop,
             } => {
                 let spans: Vec<SeqSpan> = spans
                     .iter()
@@ -236,7 +256,14 @@ fn rank_loop(
                     Input::Hidden(h) => SliceInput::Hidden(h),
                 };
                 let r = pool.install(|| {
-                    slice.forward(input, &spans, &mut kv, &group as &dyn AllReduce, phase)
+                    slice.forward(
+                        input,
+                        &spans,
+                        &mut kv,
+                        &group as &dyn AllReduce,
+                        phase,
+                        stop.as_deref(),
+                    )
                 });
                 if out.send(r).is_err() {
                     break;

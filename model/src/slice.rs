@@ -9,6 +9,7 @@
 //! and MLP down projection yield partial sums that [`AllReduce`] combines.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -342,6 +343,7 @@ impl ModelSlice {
         pool: &mut KvPool,
         comm: &dyn AllReduce,
         phase: Phase,
+        stop: Option<&AtomicBool>,
     ) -> Result<SliceOutput> {
         let h = self.config.hidden;
         let t: usize = seqs.iter().map(|s| s.n).sum();
@@ -409,6 +411,9 @@ impl ModelSlice {
         let positions: Vec<usize> = seqs.iter().flat_map(|s| s.pos..s.pos + s.n).collect();
         let rope = RopeTable::new(&self.inv_freq, &positions);
         for (li, layer) in self.layers.iter().enumerate() {
+            if stop.is_some_and(|s| s.load(Ordering::Acquire)) {
+                return Err(ModelError::Preempted);
+            }
             self.layer_forward(
                 layer,
                 li,

@@ -225,3 +225,85 @@ fn prefill_on_quantized_weights_stays_within_tolerance() {
         );
     }
 }
+
+/// A prefill stage stops a cache-warming pass between layers when real work
+/// arrives: the stopped pass reports `Preempted`, and running the same pass
+/// again gives the logits of one that was never stopped. A group of several
+/// ranks ignores the flag (ranks stopping at different layers would leave the
+/// others waiting in an all-reduce).
+#[test]
+fn a_preempted_pass_stops_and_runs_again_to_the_same_logits() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use tandem_model::{
+        Formats, Input, KvDtype, ModelError, Phase, RankGroup, RankGroupOptions, SliceOutput, Span,
+    };
+    let file = common::open();
+    let ids = prompt_ids(&file, PROMPTS[1]);
+    let group = |tp| {
+        RankGroup::new(
+            &file,
+            &RankGroupOptions {
+                layers: 0..file.config.n_layers,
+                tp,
+                block_size: 16,
+                kv_dtype: KvDtype::F32,
+                kv_blocks: 16,
+                formats: Formats::PREFILL,
+                threads: 2,
+            },
+        )
+        .expect("rank group")
+    };
+    let span = || {
+        vec![Span {
+            pos: 0,
+            n: ids.len(),
+            blocks: (0..ids.len().div_ceil(16) as u32)
+                .map(tandem_model::BlockId)
+                .collect(),
+        }]
+    };
+    let logits = |o: SliceOutput| match o {
+        SliceOutput::Logits(l) => l,
+        _ => panic!("a whole-model pass gives logits"),
+    };
+    let one = group(1);
+    let straight = logits(
+        one.forward(Input::Tokens(ids.clone()), span(), Phase::Prefill)
+            .expect("pass"),
+    );
+    let stop = Arc::new(AtomicBool::new(true));
+    let stopped = one.forward_until(
+        Input::Tokens(ids.clone()),
+        span(),
+        Phase::Prefill,
+        Some(stop.clone()),
+    );
+    assert!(
+        matches!(stopped, Err(ModelError::Preempted)),
+        "a set flag stops the pass"
+    );
+    stop.store(false, std::sync::atomic::Ordering::Release);
+    let again = logits(
+        one.forward_until(
+            Input::Tokens(ids.clone()),
+            span(),
+            Phase::Prefill,
+            Some(stop),
+        )
+        .expect("an unset flag lets the pass finish"),
+    );
+    assert_eq!(straight, again);
+    let three = group(3);
+    let through = three
+        .forward_until(
+            Input::Tokens(ids.clone()),
+            span(),
+            Phase::Prefill,
+            Some(Arc::new(AtomicBool::new(true))),
+        )
+        .expect("several ranks ignore the flag");
+    let through = logits(through);
+    assert_eq!(through.len(), straight.len());
+}

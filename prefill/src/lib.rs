@@ -27,7 +27,7 @@ use tandem_kvtransfer::transfer::MESSAGE_BYTES;
 use tandem_kvtransfer::ucx::{EpId, Ucx, Worker, WorkerOptions};
 use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
 use tandem_model::{
-    block_hashes, BlockId, Formats, Input, ModelFile, Phase, PrefixCache, RankGroup,
+    block_hashes, BlockId, Formats, Input, ModelError, ModelFile, Phase, PrefixCache, RankGroup,
     RankGroupOptions, Sampler, SliceOutput, Span,
 };
 use tandem_wire::config::KvTransport;
@@ -85,6 +85,10 @@ pub struct Stage {
     ucx: Option<Arc<Worker>>,
     ucx_peers: HashMap<String, EpId>,
     faults: Faults,
+    /// Set when real work (a prompt or a real request's activations) arrives:
+    /// a cache-warming pass in progress stops at its next layer and goes back
+    /// in the queue, behind the work someone waits for.
+    preempt: Arc<AtomicBool>,
 }
 
 /// Fault injection for tests and benchmarks, off unless set in the stage's
@@ -467,10 +471,34 @@ impl Stage {
             n: w.n,
             blocks: r.local.clone(),
         };
-        let out = self
+        // Cache warming yields to real work between layers; its chunk runs
+        // again from the start (rewriting the same KV) once that is done.
+        let warm = w.key.1 == WARM_LEASE;
+        let again = warm.then(|| Work {
+            key: w.key,
+            pos: w.pos,
+            n: w.n,
+            input: w.input.clone(),
+        });
+        let stop = warm.then(|| self.preempt.clone());
+        let out = match self
             .group
-            .forward(w.input, vec![span], Phase::Prefill)
-            .map_err(|e| e.to_string())?;
+            .forward_until(w.input, vec![span], Phase::Prefill, stop)
+        {
+            Err(ModelError::Preempted) => {
+                tracing::debug!(
+                    "{}: cache warming of request {} yields to real work",
+                    self.name,
+                    w.key.0 .0
+                );
+                // At the front: its request's later chunks must follow it.
+                if let Some(w) = again {
+                    self.work.push_front(w);
+                }
+                return Ok(());
+            }
+            r => r.map_err(|e| e.to_string())?,
+        };
         let end = w.pos + w.n;
         let last_chunk = end == total;
         // Hidden states go on before this stage spends time on KV.
@@ -632,6 +660,8 @@ pub fn run(
     );
     let rt = tandem_wire::node::io_runtime(&setup.name)?;
     let (tx, rx) = mpsc::channel();
+    let preempt = Arc::new(AtomicBool::new(false));
+    let tx = relay(tx, preempt.clone())?;
     let beat = Arc::new(Mutex::new(Beat::default()));
     let role = Role::Prefill {
         pipeline: pipeline.name.clone(),
@@ -692,10 +722,14 @@ pub fn run(
         ucx: start_ucx(&setup.name, st_transport)?,
         ucx_peers: HashMap::new(),
         faults: Faults::from_env(),
+        preempt,
     };
     let gateway = cluster.file.gateway.name.clone();
     tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);
     while !stop.load(Ordering::Relaxed) {
+        // Cleared before the events are read: work that arrives from here on
+        // sets it again and stops a warming pass.
+        st.preempt.store(false, Ordering::Release);
         // Events first, so aborts and new requests are seen between chunks.
         let ev = if st.work.is_empty() {
             match rx.recv_timeout(Duration::from_millis(50)) {
@@ -736,6 +770,38 @@ pub fn run(
     drop(st);
     rt.shutdown_timeout(Duration::from_millis(200));
     Ok(())
+}
+
+/// The links' events go through this thread on their way to the stage, which
+/// raises `preempt` as real work passes: the stage's own thread is inside a
+/// forward pass then, not reading events.
+fn relay(to: mpsc::Sender<NetEvent>, preempt: Arc<AtomicBool>) -> Result<mpsc::Sender<NetEvent>> {
+    let (tx, rx) = mpsc::channel::<NetEvent>();
+    std::thread::Builder::new()
+        .name("prefill-events".into())
+        .spawn(move || {
+            for ev in rx {
+                let real = match &ev {
+                    NetEvent::Message {
+                        msg: Message::Prefill(r),
+                        ..
+                    } => r.lease != WARM_LEASE,
+                    NetEvent::Message {
+                        msg: Message::Activations(a),
+                        ..
+                    } => a.lease != WARM_LEASE,
+                    _ => false,
+                };
+                if to.send(ev).is_err() {
+                    return;
+                }
+                if real {
+                    preempt.store(true, Ordering::Release);
+                }
+            }
+        })
+        .map_err(|e| PrefillError::Setup(format!("cannot start the event relay: {e}")))?;
+    Ok(tx)
 }
 
 /// Starts UCX when the pipeline wants it: `ucx` without the library is an
