@@ -73,7 +73,8 @@ pub struct Lease(pub u64);
 /// The lease of a cache-warming prefill: after a turn ends, decode asks the
 /// pipeline to compute and cache the prompt and answer (no targets), so the
 /// conversation's next turn computes only what is new. Nothing comes back
-/// for it, and pipelines run any other work first. Real leases start at 1.
+/// for it, and pipelines run any other work first, stopping a warming pass
+/// between layers when such work arrives. Real leases start at 1.
 pub const WARM_LEASE: Lease = Lease(0);
 
 /// How a failure is classed where it is reported; the gateway maps classes to HTTP statuses.
