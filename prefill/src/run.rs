@@ -1,0 +1,218 @@
+//! A stage's process: its links, the event relay and the main loop.
+
+use super::*;
+
+/// Runs stage `node` until `stop` is set. Call from a plain thread: it
+/// starts its own tokio runtime for the links.
+pub fn run(
+    file: &ModelFile,
+    setup: NodeSetup,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let cluster = &setup.cluster;
+    let (pipeline, index) = cluster
+        .pipelines
+        .iter()
+        .find_map(|p| {
+            p.stages
+                .iter()
+                .position(|s| s.0 == setup.name)
+                .map(|i| (p.clone(), i))
+        })
+        .ok_or_else(|| {
+            PrefillError::Setup(format!(
+                "'{}' is not a prefill stage in the cluster file",
+                setup.name
+            ))
+        })?;
+    let (_, addr, layers) = pipeline.stages[index].clone();
+    let cfg = &file.config;
+    let block_size = cluster.file.cluster.block_size;
+    let group = RankGroup::new(
+        file,
+        &RankGroupOptions {
+            layers: layers.clone(),
+            tp: 1,
+            block_size,
+            kv_dtype: cluster.kv_dtype,
+            kv_blocks: pipeline.kv_blocks,
+            formats: Formats::PREFILL,
+            threads,
+        },
+    )?;
+    let desc = PoolDesc::new(
+        layers,
+        0..cfg.n_kv_heads,
+        block_size,
+        cfg.head_dim,
+        cluster.kv_dtype,
+    );
+    let rt = tandem_wire::node::io_runtime(&setup.name)?;
+    let (tx, rx) = mpsc::channel();
+    let preempt = Arc::new(AtomicBool::new(false));
+    let tx = relay(tx, preempt.clone())?;
+    let beat = Arc::new(Mutex::new(Beat::default()));
+    let role = Role::Prefill {
+        pipeline: pipeline.name.clone(),
+        stage: index as u32,
+    };
+    let hello = setup.hello(role);
+    let live = setup.liveness();
+    {
+        let _g = rt.enter();
+        let ep = tandem_wire::quic::endpoint(addr.bind(), &setup.identity, live)?;
+        spawn_acceptor(ep.clone(), hello.clone(), tx.clone());
+        let gw = &cluster.file.gateway;
+        spawn_dialer(
+            ep.clone(),
+            gw.quic.clone(),
+            gw.name.clone(),
+            hello.clone(),
+            tx.clone(),
+        );
+        for d in &cluster.file.decode {
+            spawn_dialer(
+                ep.clone(),
+                d.addr.clone(),
+                d.name.clone(),
+                hello.clone(),
+                tx.clone(),
+            );
+        }
+        if let Some((name, addr, _)) = pipeline.stages.get(index + 1) {
+            spawn_dialer(
+                ep.clone(),
+                addr.clone(),
+                name.clone(),
+                hello.clone(),
+                tx.clone(),
+            );
+        }
+        setup.spawn_services(&beat)?;
+    }
+    let pipeline_blocks = pipeline.kv_blocks;
+    let st_transport = pipeline.kv_transport;
+    let mut st = Stage {
+        name: setup.name.clone(),
+        index,
+        pipeline,
+        n_layers: cfg.n_layers,
+        n_kv_heads: cfg.n_kv_heads,
+        desc,
+        group,
+        cache: PrefixCache::new(pipeline_blocks),
+        block_size,
+        links: Links::default(),
+        reqs: HashMap::new(),
+        waiting: VecDeque::new(),
+        work: VecDeque::new(),
+        early: HashMap::new(),
+        beat,
+        ucx: start_ucx(&setup.name, st_transport)?,
+        ucx_peers: HashMap::new(),
+        faults: Faults::from_env(),
+        preempt,
+    };
+    let gateway = cluster.file.gateway.name.clone();
+    tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);
+    while !stop.load(Ordering::Relaxed) {
+        // Cleared before the events are read: work that arrives from here on
+        // sets it again and stops a warming pass.
+        st.preempt.store(false, Ordering::Release);
+        // Events first, so aborts and new requests are seen between chunks.
+        let ev = if st.work.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(ev) => Some(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            rx.try_recv().ok()
+        };
+        if let Some(ev) = ev {
+            st.on_event(ev);
+            while let Ok(ev) = rx.try_recv() {
+                st.on_event(ev);
+            }
+        }
+        // Requests someone waits for go before cache warming.
+        let next = st
+            .work
+            .iter()
+            .position(|w| w.key.1 != WARM_LEASE)
+            .or((!st.work.is_empty()).then_some(0));
+        if let Some(w) = next.and_then(|i| st.work.remove(i)) {
+            st.step(w);
+        }
+        {
+            let mut b = st.beat.lock().expect("heartbeat state");
+            b.load = Load {
+                running: st.reqs.len() as u32,
+                queued: st.waiting.len() as u32,
+                free_blocks: st.cache.available() as u32,
+                total_blocks: st.cache.total() as u32,
+                ..Load::default()
+            };
+            b.gateway = st.links.get(&gateway).cloned();
+        }
+    }
+    drop(st);
+    rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}
+
+/// The links' events go through this thread on their way to the stage, which
+/// raises `preempt` as real work passes: the stage's own thread is inside a
+/// forward pass then, not reading events.
+fn relay(to: mpsc::Sender<NetEvent>, preempt: Arc<AtomicBool>) -> Result<mpsc::Sender<NetEvent>> {
+    let (tx, rx) = mpsc::channel::<NetEvent>();
+    std::thread::Builder::new()
+        .name("prefill-events".into())
+        .spawn(move || {
+            for ev in rx {
+                let real = match &ev {
+                    NetEvent::Message {
+                        msg: Message::Prefill(r),
+                        ..
+                    } => r.lease != WARM_LEASE,
+                    NetEvent::Message {
+                        msg: Message::Activations(a),
+                        ..
+                    } => a.lease != WARM_LEASE,
+                    _ => false,
+                };
+                if to.send(ev).is_err() {
+                    return;
+                }
+                if real {
+                    preempt.store(true, Ordering::Release);
+                }
+            }
+        })
+        .map_err(|e| PrefillError::Setup(format!("cannot start the event relay: {e}")))?;
+    Ok(tx)
+}
+
+/// Starts UCX when the pipeline wants it: `ucx` without the library is an
+/// error, `auto` falls back to QUIC with a warning.
+fn start_ucx(name: &str, t: KvTransport) -> Result<Option<Arc<Worker>>> {
+    if t == KvTransport::Quic {
+        return Ok(None);
+    }
+    let ucx = match Ucx::load(None) {
+        Ok(u) => u,
+        Err(e) if t == KvTransport::Ucx => {
+            return Err(PrefillError::Setup(format!(
+            "kv_transport is \"ucx\" but {e}; install UCX (libucx0) or set kv_transport = \"quic\""
+        )))
+        }
+        Err(e) => {
+            tracing::warn!("{name}: {e}; KV goes over QUIC");
+            return Ok(None);
+        }
+    };
+    let w = Worker::start(ucx, &WorkerOptions::default(), "ucx-prefill")
+        .map_err(|e| PrefillError::Setup(e.to_string()))?;
+    Ok(Some(Arc::new(w)))
+}
