@@ -216,3 +216,75 @@ fn start_ucx(name: &str, t: KvTransport) -> Result<Option<Arc<Worker>>> {
         .map_err(|e| PrefillError::Setup(e.to_string()))?;
     Ok(Some(Arc::new(w)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefill(lease: Lease) -> NetEvent {
+        NetEvent::Message {
+            peer: "d0".into(),
+            link: 1,
+            msg: Message::Prefill(PrefillRequest {
+                id: RequestId(1),
+                lease,
+                decode: "d0".into(),
+                tokens: vec![1, 2, 3],
+                cached: 0,
+                reuse_from: 0,
+                reuse: true,
+                targets: Vec::new(),
+                params: tandem_model::SamplingParams::greedy(1),
+                deadline_ms: now_ms() + 60_000,
+            }),
+        }
+    }
+
+    fn activations(lease: Lease) -> NetEvent {
+        NetEvent::Message {
+            peer: "p0-s0".into(),
+            link: 2,
+            msg: Message::Activations(Activations {
+                id: RequestId(1),
+                lease,
+                pos: 0,
+                n: 1,
+                hidden: vec![0.0; 4],
+            }),
+        }
+    }
+
+    /// Every event reaches the stage in order; only real work raises the
+    /// flag that stops a warming pass, and warming traffic leaves it down.
+    #[test]
+    fn the_relay_passes_events_on_and_flags_only_real_work() {
+        let (to, from) = mpsc::channel();
+        let flag = Arc::new(AtomicBool::new(false));
+        let tx = relay(to, flag.clone()).expect("relay");
+        let recv = || {
+            from.recv_timeout(Duration::from_secs(5))
+                .expect("passed on")
+        };
+        for ev in [prefill(WARM_LEASE), activations(WARM_LEASE)] {
+            tx.send(ev).unwrap();
+            recv();
+            assert!(!flag.load(Ordering::Acquire), "warming does not preempt");
+        }
+        for ev in [prefill(Lease(5)), activations(Lease(5))] {
+            flag.store(false, Ordering::Release);
+            tx.send(ev).unwrap();
+            match recv() {
+                NetEvent::Message { msg, .. } => {
+                    assert!(matches!(msg, Message::Prefill(_) | Message::Activations(_)))
+                }
+                _ => panic!("the event changed on the way"),
+            }
+            // Raised just after the event is passed on.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !flag.load(Ordering::Acquire) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(flag.load(Ordering::Acquire), "real work preempts");
+        }
+    }
+}
