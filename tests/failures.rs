@@ -142,6 +142,53 @@ fn kill_9_of_the_decode_process_mid_stream_and_the_stream_goes_on() {
     );
 }
 
+/// The decode group dies while a stage streams it the prompt's KV (over
+/// UCX when the library is installed, whose endpoints have no peer-failure
+/// handling: the stage must give up on the lost receiver, not wait on it),
+/// and the request is answered in full by the other group.
+#[test]
+fn kill_9_of_the_decode_process_while_kv_streams_to_it_and_the_answer_completes() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let prompt = LONG.repeat(6);
+    let n = 12;
+    let want = generate(&prompt, n);
+    let c = Cluster::start(&["--decode-groups", "2"]);
+    let mut body = greedy(&prompt, n);
+    body["stream"] = json!(true);
+    let t0 = Instant::now();
+    let mut s = Sse::open(c.port, &body, "kv-victim");
+    let victim = s.header("x-tandem-decode").to_string();
+    assert!(!victim.is_empty(), "{:?}", s.headers);
+    // Prefill of this prompt takes a second or more; its KV streams to the
+    // victim chunk by chunk meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    kill9(&c, "decode", &victim);
+    let mut text = String::new();
+    let mut finish = Value::Null;
+    while let Some(ev) = s.next() {
+        assert!(
+            ev.get("error").is_none(),
+            "the stream ended in an error: {ev}"
+        );
+        let choice = &ev["choices"][0];
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if !choice["finish_reason"].is_null() {
+            finish = choice["finish_reason"].clone();
+        }
+    }
+    assert_eq!(text, want, "the answer equals an uninterrupted run's");
+    assert_eq!(finish, json!("length"));
+    // The stages serve the next request as usual.
+    let (status, v) = c.chat(&greedy(SHORT, 4));
+    assert_eq!(status, 200, "{v}");
+    eprintln!(
+        "FIGURE decode kill -9 while KV streams to it: faults 1, requests lost 0, answered {:?} after the request was sent",
+        t0.elapsed()
+    );
+}
+
 #[test]
 fn kill_9_of_a_prefill_stage_mid_prefill_and_the_request_completes() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,29 +1,28 @@
 //! KV over UCX: the stage's [`UcxTransport`] and the decode group's
 //! [`Landing`].
 //!
-//! Each block goes as one active message in rendezvous: a small header
-//! (request, lease, stage, rank, first block, count) and the block's bytes.
+//! A stage sends each block as one active message in rendezvous: a small
+//! header (request, lease, stage, rank, the block) and the block's bytes.
 //! The decode side's handler checks that header against the attempts it is
 //! waiting for (the lease fences off every abandoned attempt) and names where
-//! the bytes go: the rank's registered pool, at the blocks' runs of the
+//! the bytes go: the rank's registered pool, at the block's runs of the
 //! reshard plan. UCX then moves them there without a bounce buffer on the
-//! receiver. The handler also takes several consecutive blocks in one
-//! message, but stages send one per block, by measurement (`tandem bench
-//! kv`): gathering a chunk's blocks into one message from their own buffers
-//! (an iov) is about 3x slower over TCP, and sending them from one buffer
-//! gains 0–32% over TCP and −10% to +9% over shared memory, before counting
-//! the copy into that buffer. Only
-//! once every message of a chunk has completed does the stage send a
-//! [`Message::KvLanded`] notice on its QUIC link, followed, as with QUIC, by
-//! the completion notice with the checksum, which the decode group checks
-//! against what it reads back from its pool.
+//! receiver. The handler also takes several blocks in one message. Every
+//! message of a prefill chunk, for every rank, is in flight at once; once a
+//! rank's have completed, the stage sends a [`Message::KvLanded`] notice for
+//! them on its QUIC link, followed, as with QUIC, by the completion notice
+//! with the checksum, which the decode group checks against what it reads
+//! back from its pool.
 //!
-//! Active messages rather than one-sided puts, by measurement (`tandem bench
-//! kv`): over TCP they are about 3x faster than puts (which UCX emulates
-//! there); over shared memory puts are 10–25% faster, but only a
-//! receiver-side handler can refuse a late write from an attempt decode gave
-//! up on before it touches blocks now used by another request, so one
-//! protocol serves every transport.
+//! By measurement (`tandem bench kv`, paired rounds against `ucx_perftest`):
+//! one message per block, because a chunk's blocks sent as one message
+//! (11 MiB) were no faster from a buffer already holding them and 30-75%
+//! slower once the stage copies them into one, over TCP and shared memory
+//! alike; and gathering them by UCX from each block's own buffer (an iov) is
+//! about 3x slower over TCP. Active messages rather than one-sided puts,
+//! because over TCP puts are about 4x slower (UCX emulates them there), and
+//! only a receiver-side handler can refuse a late write from an attempt
+//! decode gave up on before it touches blocks now used by another request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,19 +39,22 @@ use crate::{CopyRun, KvTransferError, Result, Transport};
 /// The active-message id KV blocks travel under.
 pub const KV_AM: u16 = 0x4b56;
 
-/// How long one chunk's sends may take before the transfer is given up.
+/// How long one chunk's sends may take before the transfer is given up
+/// (sooner when the QUIC link to the receiver closes).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What travels with each message: its blocks are `first`, `first + 1`, …,
-/// `count` of them, in that order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A stage gathers up to this much of a chunk's KV for a rank at once: its
+/// blocks go out together and one notice covers them.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// What travels with each message: the bytes of `blocks`, in that order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvHeader {
     pub id: RequestId,
     pub lease: Lease,
     pub stage: u32,
     pub rank: u32,
-    pub first: BlockId,
-    pub count: u32,
+    pub blocks: Vec<BlockId>,
 }
 
 /// Merges runs that touch into one: (address, length) in order.
@@ -79,43 +81,79 @@ fn transport_err(e: impl std::fmt::Display) -> KvTransferError {
     KvTransferError::Transport(e.to_string())
 }
 
+impl UcxTransport {
+    /// Waits for a send, giving up after [`SEND_TIMEOUT`] or as soon as the
+    /// QUIC link to the receiver closes: endpoints have no peer-failure
+    /// handling (see [`crate::ucx::WorkerOptions::peer_failure`]), so a
+    /// receiver that died never completes one.
+    fn wait(&self, mut p: crate::ucx::Pending) -> Result<()> {
+        let deadline = Instant::now() + SEND_TIMEOUT;
+        loop {
+            if let Some(r) = p.poll_for(Duration::from_millis(100)) {
+                return r.map_err(transport_err);
+            }
+            if self.link.is_closed() {
+                return Err(transport_err("the link to the receiver closed"));
+            }
+            if Instant::now() >= deadline {
+                return Err(transport_err(format!(
+                    "a send did not complete within {SEND_TIMEOUT:?}"
+                )));
+            }
+        }
+    }
+}
+
 impl Transport for UcxTransport {
     fn put(&self, chunk: KvChunk) -> Result<()> {
-        let mut pending = Vec::with_capacity(chunk.blocks.len());
-        let mut ids = Vec::with_capacity(chunk.blocks.len());
-        for (block, bytes) in chunk.blocks {
-            let header = KvHeader {
-                id: chunk.id,
-                lease: chunk.lease,
-                stage: chunk.stage,
-                rank: chunk.rank,
-                first: block,
-                count: 1,
-            };
-            let header = tandem_wire::codec::encode(&header).map_err(transport_err)?;
-            let data = Arc::new(bytes.into_vec());
-            let n = data.len();
-            pending.push(
-                self.worker
-                    .am_send(self.ep, KV_AM, header, data, 0..n, true),
-            );
-            ids.push(block);
+        self.put_all(vec![chunk])
+    }
+
+    fn put_all(&self, chunks: Vec<KvChunk>) -> Result<()> {
+        let mut sent = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let mut pending = Vec::with_capacity(chunk.blocks.len());
+            let mut ids = Vec::with_capacity(chunk.blocks.len());
+            for (block, bytes) in chunk.blocks {
+                let header = KvHeader {
+                    id: chunk.id,
+                    lease: chunk.lease,
+                    stage: chunk.stage,
+                    rank: chunk.rank,
+                    blocks: vec![block],
+                };
+                let header = tandem_wire::codec::encode(&header).map_err(transport_err)?;
+                let data = Arc::new(bytes.into_vec());
+                let n = data.len();
+                pending.push(
+                    self.worker
+                        .am_send(self.ep, KV_AM, header, data, 0..n, true),
+                );
+                ids.push(block);
+            }
+            sent.push((chunk.id, chunk.lease, chunk.stage, chunk.rank, ids, pending));
         }
         // Rendezvous completion: the receiver holds every byte where its
-        // handler put them (or refused them). Bounded: a receiver that died
-        // without UCX noticing must not hold the stage forever.
-        for p in pending {
-            p.wait_for(SEND_TIMEOUT).map_err(transport_err)?;
+        // handler put them (or refused them).
+        for (id, lease, stage, rank, blocks, pending) in sent {
+            for p in pending {
+                self.wait(p)?;
+            }
+            self.link
+                .blocking_send(Message::KvLanded {
+                    id,
+                    lease,
+                    stage,
+                    rank,
+                    blocks,
+                })
+                .map_err(transport_err)?;
         }
-        self.link
-            .blocking_send(Message::KvLanded {
-                id: chunk.id,
-                lease: chunk.lease,
-                stage: chunk.stage,
-                rank: chunk.rank,
-                blocks: ids,
-            })
-            .map_err(transport_err)
+        Ok(())
+    }
+
+    fn chunk_bytes(&self) -> usize {
+        MAX_MESSAGE
     }
 
     fn done(&self, done: KvDone) -> Result<()> {
@@ -191,19 +229,16 @@ impl Landing {
             ));
             return Placement::Drop;
         };
-        let blocks = (0..h.count).map(|i| h.first.0.checked_add(i).map(BlockId));
-        let Some(blocks) = blocks.collect::<Option<Vec<BlockId>>>() else {
-            f.failed = Some(format!("blocks {}+{} overflow", h.first.0, h.count));
-            return Placement::Drop;
-        };
+        let blocks = h.blocks;
         let per_block: usize = plan.iter().map(|r| r.len * mem.elem_bytes).sum();
         let fits = blocks
             .iter()
             .all(|b| allowed.contains(b) && (b.0 as usize) < mem.n_blocks);
         if blocks.is_empty() || !fits || per_block * blocks.len() != len {
             f.failed = Some(format!(
-                "blocks {}+{} ({len} bytes) are not ones the request expects on rank {}",
-                h.first.0, h.count, h.rank
+                "blocks {:?} ({len} bytes) are not ones the request expects on rank {}",
+                blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
+                h.rank
             ));
             return Placement::Drop;
         }
@@ -386,8 +421,7 @@ mod tests {
                 lease,
                 stage: 0,
                 rank: 0,
-                first: BlockId(first),
-                count,
+                blocks: ids(&(first..first + count).collect::<Vec<_>>()),
             };
             let parts = (first..first + count)
                 .map(|b| (block(b), 0..block_bytes))

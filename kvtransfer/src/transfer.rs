@@ -28,6 +28,14 @@ pub const MESSAGE_BYTES: usize = 4 << 20;
 /// Calls may block while the receiver catches up (backpressure).
 pub trait Transport: Send {
     fn put(&self, chunk: KvChunk) -> Result<()>;
+    /// Puts several chunks; a backend may keep them all in flight at once.
+    fn put_all(&self, chunks: Vec<KvChunk>) -> Result<()> {
+        chunks.into_iter().try_for_each(|c| self.put(c))
+    }
+    /// The largest chunk to gather for it (bytes of KV per rank).
+    fn chunk_bytes(&self) -> usize {
+        MESSAGE_BYTES
+    }
     fn done(&self, done: KvDone) -> Result<()>;
     /// What the backend is, for logs and metrics.
     fn name(&self) -> &'static str;

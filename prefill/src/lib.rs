@@ -23,7 +23,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_kvtransfer::over_ucx::UcxTransport;
-use tandem_kvtransfer::transfer::MESSAGE_BYTES;
 use tandem_kvtransfer::ucx::{EpId, Ucx, Worker, WorkerOptions};
 use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
 use tandem_model::{
@@ -554,10 +553,11 @@ impl Stage {
             let range: Range<usize> = r.sent..complete;
             let mut outgoing = r.out.take().expect("outgoing lives with the request");
             let local = r.local.clone();
+            let max = transport.chunk_bytes();
             let (outgoing, chunks) = self
                 .group
                 .with_pool(0, move |pool| {
-                    let chunks = outgoing.gather(pool, &local, range, MESSAGE_BYTES);
+                    let chunks = outgoing.gather(pool, &local, range, max);
                     (outgoing, chunks)
                 })
                 .map_err(|e| e.to_string())?;
@@ -576,11 +576,13 @@ impl Stage {
                     );
                 }
             }
-            for c in chunks {
-                if !self.faults.delay_kv.is_zero() {
+            if self.faults.delay_kv.is_zero() {
+                transport.put_all(chunks).map_err(|e| e.to_string())?;
+            } else {
+                for c in chunks {
                     std::thread::sleep(self.faults.delay_kv);
+                    transport.put(c).map_err(|e| e.to_string())?;
                 }
-                transport.put(c).map_err(|e| e.to_string())?;
             }
         }
         r.compute += t0.elapsed();

@@ -37,6 +37,16 @@ pub struct BenchKvArgs {
     /// Transfers per point (after one warm-up).
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// UCX rows: rounds per size. Each round runs `ucx_perftest` and then
+    /// every method, so a method and its reference are measured minutes
+    /// apart at most; rows report medians over the rounds, and the ratio is
+    /// the median of each round's own ratio.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// UCX rows: only methods whose label contains one of these (e.g.
+    /// `1 block` for what the cluster sends); all by default.
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
     /// KV layout: the default model (30 layers, 3 KV heads of 64) with the
     /// cluster's default blocks (16 tokens of f32).
     #[arg(long, default_value_t = 30)]
@@ -56,10 +66,10 @@ pub struct BenchKvArgs {
     /// QUIC reference: plain quinn with this many parallel streams (besides 1).
     #[arg(long, default_value_t = 4)]
     quinn_streams: usize,
-    /// Where the receiving process's buffer lives: `ucx` (allocated and
-    /// registered through UCX, as decode's KV pools are) or `heap`
-    /// (ordinary memory, registered).
-    #[arg(long, default_value = "ucx")]
+    /// Where the receiving process's buffer lives: `heap` (ordinary memory
+    /// registered with UCX, as decode's KV pools are) or `ucx` (allocated by
+    /// UCX, which over shared memory is a segment the sender maps).
+    #[arg(long, default_value = "heap")]
     receiver_memory: String,
     /// Skip `ucx_perftest` even when it is installed.
     #[arg(long)]
@@ -84,6 +94,21 @@ struct Row {
     gbps: f64,
     reference: String,
     reference_gbps: Option<f64>,
+    /// Tandem's rate over the reference's, per round, then the median.
+    ratio: Option<f64>,
+    /// Per round: (GB/s, the reference's GB/s in the same round).
+    rounds: Vec<(f64, Option<f64>)>,
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 pub fn run(a: BenchKvArgs) -> Result<()> {
@@ -119,10 +144,8 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
         "link", "method", "tokens", "MiB", "GB/s", "reference", "GB/s", "ratio"
     );
     for r in &rows {
-        let (rg, ratio) = match r.reference_gbps {
-            Some(g) => (format!("{g:.2}"), format!("{:.2}", r.gbps / g)),
-            None => ("-".into(), "-".into()),
-        };
+        let rg = r.reference_gbps.map_or("-".into(), |g| format!("{g:.2}"));
+        let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}"));
         println!(
             "{:<6} {:<32} {:>7} {:>9.1} {:>9.2}   {:<26} {:>9} {:>6}",
             r.transport,

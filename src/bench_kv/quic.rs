@@ -244,6 +244,8 @@ pub(super) fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Re
             gbps: tandem,
             reference: best.0,
             reference_gbps: Some(best.1),
+            ratio: Some(tandem / best.1),
+            rounds: vec![(tandem, Some(best.1))],
         });
     }
     drop(link);

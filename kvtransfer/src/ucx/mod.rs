@@ -98,12 +98,15 @@ pub struct WorkerOptions {
     pub tls: Option<String>,
     /// Devices, as `UCX_NET_DEVICES` takes them: "mlx5_0:1", "lo", …
     pub net_devices: Option<String>,
-    /// Connect without peer-failure handling even where the transports
-    /// support it. UCX then no longer fails operations when a peer dies, but
-    /// may use zero-copy rendezvous over transports that cannot revoke a
-    /// peer's access to registered memory (TCP). Tandem's nodes keep the
-    /// handling on; `tandem bench kv` measures what it costs.
-    pub without_peer_failure: bool,
+    /// Connect with UCX's peer-failure handling where the transports support
+    /// it (TCP, RDMA): UCX then fails the operations outstanding to a peer
+    /// that died. Off by default, by measurement (`tandem bench kv`): with it
+    /// on, UCX uses zero-copy rendezvous only through memory domains that can
+    /// revoke a peer's access, which TCP's cannot, so payloads stream as
+    /// 64 KiB fragments the receiver copies a second time (0.6-0.75x of the
+    /// rate without). Tandem's nodes notice a lost peer on the QUIC link
+    /// beside every endpoint and bound every wait instead.
+    pub peer_failure: bool,
 }
 
 /// An endpoint to a remote worker, by id on the worker thread.
@@ -157,19 +160,27 @@ impl Pending {
     /// [`Pending::wait`], giving up after `timeout` (a peer that died
     /// without UCX noticing never completes an operation).
     pub fn wait_for(mut self, timeout: Duration) -> Result<()> {
+        self.poll_for(timeout).unwrap_or_else(|| {
+            Err(UcxError::Invalid(format!(
+                "no completion within {timeout:?}"
+            )))
+        })
+    }
+
+    /// Waits up to `timeout` for the operation: `None` if it has not
+    /// completed by then (it stays pending, to be waited for again).
+    pub fn poll_for(&mut self, timeout: Duration) -> Option<Result<()>> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.0.try_recv() {
-                Ok(r) => return r,
+                Ok(r) => return Some(r),
                 Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                    return Err(UcxError::WorkerGone)
+                    return Some(Err(UcxError::WorkerGone))
                 }
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
             }
             if Instant::now() > deadline {
-                return Err(UcxError::Invalid(format!(
-                    "no completion within {timeout:?}"
-                )));
+                return None;
             }
             std::thread::sleep(Duration::from_micros(50));
         }

@@ -178,14 +178,14 @@ fn parts_of_one_message_over_tcp_arrive_concatenated() {
     parts_arrive_concatenated("tcp");
 }
 
-/// Without peer-failure handling, a rendezvous into one contiguous run over
-/// TCP is a zero-copy write into the receiver's memory (UCX's put protocol)
-/// rather than a stream of fragments: the bytes must land the same.
+/// With peer-failure handling, a rendezvous over TCP streams the payload as
+/// fragments the receiver copies into place (rather than UCX's zero-copy put
+/// protocol, the default): the bytes must land the same.
 #[test]
-fn parts_of_one_message_over_tcp_without_peer_failure_handling_arrive_concatenated() {
+fn parts_of_one_message_over_tcp_with_peer_failure_handling_arrive_concatenated() {
     parts_arrive_concatenated_with(pair_with(WorkerOptions {
         tls: Some("tcp".into()),
-        without_peer_failure: true,
+        peer_failure: true,
         ..Default::default()
     }));
 }

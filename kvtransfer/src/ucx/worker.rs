@@ -8,8 +8,10 @@ use super::*;
 /// An operation UCX has not completed yet.
 struct Op {
     req: *mut c_void,
-    /// Buffers the operation reads or writes: kept alive until it completes.
-    _keep: Vec<Bytes>,
+    /// Buffers the operation reads or writes: kept alive until it completes
+    /// (and released before its completion fires, so a waiter that holds
+    /// them too then holds the last reference).
+    keep: Vec<Bytes>,
     _iov: Option<Vec<sys::ucp_dt_iov_t>>,
     done: Done,
 }
@@ -52,8 +54,8 @@ pub(super) struct State {
     /// Only shared-memory transports are allowed: they cannot report a
     /// lost peer, so endpoints are made without peer-failure handling.
     shm_only: bool,
-    /// Endpoints are made without peer-failure handling anyway.
-    without_peer_failure: bool,
+    /// Endpoints are made with peer-failure handling (unless `shm_only`).
+    peer_failure: bool,
 }
 
 /// Whether a `UCX_TLS` value names only same-host transports.
@@ -216,7 +218,7 @@ impl State {
             slots: Vec::new(),
             ops: Vec::new(),
             next: 1,
-            without_peer_failure: opts.without_peer_failure,
+            peer_failure: opts.peer_failure,
             shm_only: shm_only(
                 &opts
                     .tls
@@ -310,6 +312,7 @@ impl State {
             let op = self.ops.swap_remove(i);
             // SAFETY: completed, so UCX no longer uses it; freed once.
             unsafe { self.ucx.lib.ucp_request_free(op.req) };
+            drop(op.keep);
             op.done.fire(self.ucx.check("request", s));
             any = true;
         }
@@ -329,11 +332,12 @@ impl State {
         if sys::ptr_is_ptr(p) {
             self.ops.push(Op {
                 req: ret,
-                _keep: keep,
+                keep,
                 _iov: iov,
                 done,
             });
         } else {
+            drop(keep);
             done.fire(self.ucx.check(op, sys::ptr_status(p)));
         }
     }
@@ -587,15 +591,10 @@ impl State {
         }
     }
 
-    /// Connects with peer-failure handling where the transports support it
-    /// (TCP, RDMA); shared-memory transports do not, and there the QUIC link
-    /// beside the endpoint is what notices a lost peer.
+    /// Connects, with peer-failure handling only when asked for and the
+    /// transports can support it (shared-memory ones cannot).
     fn connect(&mut self, addr: &[u8]) -> Result<EpId> {
-        let ep = if self.shm_only || self.without_peer_failure {
-            self.create_ep(addr, false)?
-        } else {
-            self.create_ep(addr, true)?
-        };
+        let ep = self.create_ep(addr, self.peer_failure && !self.shm_only)?;
         let id = self.id();
         self.eps.insert(id, ep);
         Ok(EpId(id))
