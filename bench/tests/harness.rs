@@ -28,7 +28,6 @@ fn model_path() -> PathBuf {
 struct Truth {
     received: Instant,
     tokens: Vec<Instant>,
-    done: Instant,
 }
 
 type Log = Arc<Mutex<HashMap<String, Truth>>>;
@@ -87,15 +86,9 @@ fn serve(mut s: TcpStream, log: Log) {
             let usage = serde_json::json!({"choices": [], "usage": {"prompt_tokens": 42, "completion_tokens": ms.len(), "total_tokens": 42 + ms.len()}});
             s.write_all(format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes())
                 .expect("done");
-            let done = Instant::now();
-            log.lock().expect("log").insert(
-                prompt,
-                Truth {
-                    received,
-                    tokens,
-                    done,
-                },
-            );
+            log.lock()
+                .expect("log")
+                .insert(prompt, Truth { received, tokens });
         }
         Some("fast") => {
             s.write_all(sse_head.as_bytes()).expect("head");

@@ -28,7 +28,8 @@ use ucx::{ucx_receiver, ucx_rows};
 
 #[derive(Args)]
 pub struct BenchKvArgs {
-    /// Transports: sm and tcp (UCX), quic.
+    /// Transports: sm and tcp (UCX with `UCX_TLS` set so), auto (UCX with
+    /// `UCX_TLS` as the environment has it, as Tandem's nodes run), quic.
     #[arg(long, value_delimiter = ',', default_value = "sm,tcp,quic")]
     transports: Vec<String>,
     /// Prompt lengths in tokens: each transfer moves that prompt's KV blocks.
@@ -134,9 +135,9 @@ pub fn run(a: BenchKvArgs) -> Result<()> {
     let mut rows = Vec::new();
     for t in &a.transports {
         match t.as_str() {
-            "sm" | "tcp" => rows.extend(ucx_rows(&a, t, block, max_blocks)?),
+            "sm" | "tcp" | "auto" => rows.extend(ucx_rows(&a, t, block, max_blocks)?),
             "quic" => rows.extend(quic_rows(&a, block, max_blocks)?),
-            other => bail!("unknown transport '{other}' (sm, tcp, quic)"),
+            other => bail!("unknown transport '{other}' (sm, tcp, auto, quic)"),
         }
     }
     println!(

@@ -107,14 +107,21 @@ pub(super) fn ucx_rows(
     block: usize,
     max_blocks: usize,
 ) -> Result<Vec<Row>> {
-    let tls_env = if tls == "sm" { "sm,self" } else { "tcp" };
+    // `auto` leaves UCX_TLS as the environment has it (unset: UCX picks),
+    // as Tandem's nodes do.
+    let tls_env = match tls {
+        "sm" => Some("sm,self"),
+        "tcp" => Some("tcp"),
+        _ => None,
+    };
     let capacity = block * max_blocks;
     let kind = if a.receiver_memory == "heap" {
         "ucx-heap"
     } else {
         "ucx"
     };
-    let mut peer = Peer::spawn(kind, capacity, &[("UCX_TLS", tls_env)])?;
+    let env: Vec<(&str, &str)> = tls_env.map(|t| ("UCX_TLS", t)).into_iter().collect();
+    let mut peer = Peer::spawn(kind, capacity, &env)?;
     let info = peer.line()?;
     let f: Vec<&str> = info.split_whitespace().collect();
     let [addr, base, _len, rkey] = f[..] else {
@@ -123,7 +130,7 @@ pub(super) fn ucx_rows(
     let base: u64 = base.parse()?;
     let ucx = Ucx::load(None)?;
     let opts = WorkerOptions {
-        tls: Some(tls_env.to_string()),
+        tls: tls_env.map(str::to_string),
         ..Default::default()
     };
     let worker = Worker::start(ucx.clone(), &opts, "ucx-bench")?;
@@ -322,7 +329,11 @@ struct Method {
 /// the same amount of memory). `tests` holds the tests still in the running:
 /// one under half the best is dropped for later rounds (over TCP, put runs
 /// at a twentieth of the others and would take most of the time).
-fn best_perftest(tls: &str, size: usize, tests: &mut Vec<&'static str>) -> (String, Option<f64>) {
+fn best_perftest(
+    tls: Option<&str>,
+    size: usize,
+    tests: &mut Vec<&'static str>,
+) -> (String, Option<f64>) {
     let mut best = ("ucx_perftest not installed".to_string(), None);
     let mut got = Vec::new();
     for &test in tests.iter() {
@@ -341,7 +352,7 @@ fn best_perftest(tls: &str, size: usize, tests: &mut Vec<&'static str>) -> (Stri
 
 /// `ucx_perftest`'s bandwidth for one test and message size, run as a
 /// server and client pair on loopback.
-fn perftest(tls: &str, test: &str, size: usize) -> (String, Option<f64>) {
+fn perftest(tls: Option<&str>, test: &str, size: usize) -> (String, Option<f64>) {
     let label = format!("ucx_perftest {test}");
     let iters = ((1usize << 30) / size.max(1)).clamp(10, 400);
     let port = 13000 + (std::process::id() % 2000) as u16;
@@ -360,7 +371,7 @@ fn perftest(tls: &str, test: &str, size: usize) -> (String, Option<f64>) {
             "-p",
             &port.to_string(),
         ])
-        .env("UCX_TLS", tls)
+        .envs(tls.map(|t| ("UCX_TLS", t)))
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
         c
