@@ -280,8 +280,10 @@ fn measure(
             let parts = (0..n)
                 .map(|i| (i * block..(i + 1) * block, t.base + (i * block) as u64))
                 .collect();
-            worker.put_many(ep, data.clone(), parts, t.rk).wait()?;
-            worker.flush(ep).wait()?;
+            worker
+                .put_many(ep, data.clone(), parts, t.rk)
+                .wait_for(LIMIT)?;
+            worker.flush(ep).wait_for(LIMIT)?;
         } else {
             let pending: Vec<_> = (0..n)
                 .step_by(m.per_message)
@@ -293,7 +295,7 @@ fn measure(
                 })
                 .collect();
             for p in pending {
-                p.wait()?;
+                p.wait_for(LIMIT)?;
             }
         }
         Ok(t0.elapsed())
@@ -314,6 +316,10 @@ fn measure(
     t.peer.ask(&format!("zero 0 {bytes} {sent}"))?;
     Ok(gbps)
 }
+
+/// How long one transfer may take before the bench gives up (the receiving
+/// process died, say: without peer-failure handling nothing else ends it).
+const LIMIT: Duration = Duration::from_secs(60);
 
 /// One way of moving a transfer in `bench kv`'s UCX rows.
 struct Method {

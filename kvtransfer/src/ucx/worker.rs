@@ -1,7 +1,7 @@
 //! The worker thread: owns the UCX context and worker, runs commands, and
-//! progresses the worker, spinning while operations are in flight and
-//! polling every millisecond when idle (so incoming messages are served
-//! without a core spent waiting).
+//! progresses the worker, spinning while there is activity and polling
+//! every millisecond when quiet (so incoming messages are served without a
+//! core spent waiting).
 
 use super::*;
 
@@ -270,19 +270,23 @@ impl State {
                 busy = true;
             }
             busy |= self.reap();
-            if busy || !self.ops.is_empty() {
-                if busy {
-                    idle_since = now();
-                } else {
-                    std::thread::yield_now();
-                }
+            if busy {
+                idle_since = now();
                 continue;
             }
-            // Idle: keep spinning (yielding) for 200 µs after the last
-            // activity, since transfers come in bursts; then wait for a
-            // command, progressing every millisecond, so an idle worker
-            // costs next to no CPU on nodes whose cores compute.
-            if idle_since.elapsed() < Duration::from_micros(200) {
+            // Quiet: keep spinning (yielding) for a while after the last
+            // activity, since transfers come in bursts: 200 µs, or 50 ms
+            // while operations are in flight. Then wait for a command,
+            // progressing every millisecond, so a quiet worker costs next to
+            // no CPU on nodes whose cores compute, even when an operation
+            // waits on a peer that died (endpoints have no peer-failure
+            // handling; it completes when its endpoint is closed).
+            let spin = if self.ops.is_empty() {
+                Duration::from_micros(200)
+            } else {
+                Duration::from_millis(50)
+            };
+            if idle_since.elapsed() < spin {
                 std::thread::yield_now();
                 continue;
             }
