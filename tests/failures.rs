@@ -87,6 +87,28 @@ impl Sse {
             }
         }
     }
+
+    /// Reads the stream to its end, failing on an error event: the text and
+    /// the finish reason. `on_token(n)` runs after the n-th content chunk.
+    fn read_to_end(&mut self, mut on_token: impl FnMut(usize)) -> (String, Value) {
+        let (mut text, mut finish, mut chunks) = (String::new(), Value::Null, 0);
+        while let Some(ev) = self.next() {
+            assert!(
+                ev.get("error").is_none(),
+                "the stream ended in an error: {ev}"
+            );
+            let choice = &ev["choices"][0];
+            if let Some(t) = choice["delta"]["content"].as_str() {
+                text.push_str(t);
+                chunks += 1;
+                on_token(chunks);
+            }
+            if !choice["finish_reason"].is_null() {
+                finish = choice["finish_reason"].clone();
+            }
+        }
+        (text, finish)
+    }
 }
 
 const STORY: &str = "Tell me a long story about a lighthouse keeper and a storm.";
@@ -102,32 +124,19 @@ fn kill_9_of_the_decode_process_mid_stream_and_the_stream_goes_on() {
     let mut s = Sse::open(c.port, &body, "story");
     let victim = s.header("x-tandem-decode").to_string();
     assert!(!victim.is_empty(), "{:?}", s.headers);
-    let mut text = String::new();
-    let mut finish = Value::Null;
     let mut chunks = 0;
     let mut killed_at = None;
     let mut gap_after_kill = None;
-    while let Some(ev) = s.next() {
-        assert!(
-            ev.get("error").is_none(),
-            "the stream ended in an error: {ev}"
-        );
-        let choice = &ev["choices"][0];
-        if let Some(t) = choice["delta"]["content"].as_str() {
-            text.push_str(t);
-            chunks += 1;
-            if let (Some(k), None) = (killed_at, gap_after_kill) {
-                gap_after_kill = Some(Instant::elapsed(&k));
-            }
+    let (text, finish) = s.read_to_end(|n| {
+        chunks = n;
+        if let (Some(k), None) = (killed_at, gap_after_kill) {
+            gap_after_kill = Some(Instant::elapsed(&k));
         }
-        if !choice["finish_reason"].is_null() {
-            finish = choice["finish_reason"].clone();
-        }
-        if chunks == 10 && killed_at.is_none() {
+        if n == 10 && killed_at.is_none() {
             kill9(&c, "decode", &victim);
             killed_at = Some(Instant::now());
         }
-    }
+    });
     assert!(killed_at.is_some(), "the answer ended before the kill");
     assert_eq!(
         text, want,
@@ -163,21 +172,7 @@ fn kill_9_of_the_decode_process_while_kv_streams_to_it_and_the_answer_completes(
     // victim chunk by chunk meanwhile.
     std::thread::sleep(Duration::from_millis(300));
     kill9(&c, "decode", &victim);
-    let mut text = String::new();
-    let mut finish = Value::Null;
-    while let Some(ev) = s.next() {
-        assert!(
-            ev.get("error").is_none(),
-            "the stream ended in an error: {ev}"
-        );
-        let choice = &ev["choices"][0];
-        if let Some(t) = choice["delta"]["content"].as_str() {
-            text.push_str(t);
-        }
-        if !choice["finish_reason"].is_null() {
-            finish = choice["finish_reason"].clone();
-        }
-    }
+    let (text, finish) = s.read_to_end(|_| {});
     assert_eq!(text, want, "the answer equals an uninterrupted run's");
     assert_eq!(finish, json!("length"));
     // The stages serve the next request as usual.
