@@ -231,9 +231,14 @@ impl Landing {
         };
         let blocks = h.blocks;
         let per_block: usize = plan.iter().map(|r| r.len * mem.elem_bytes).sum();
-        let fits = blocks
-            .iter()
-            .all(|b| allowed.contains(b) && (b.0 as usize) < mem.n_blocks);
+        // Each block once: the payload is laid out block after block.
+        let mut once = blocks.clone();
+        once.sort_unstable();
+        once.dedup();
+        let fits = once.len() == blocks.len()
+            && blocks
+                .iter()
+                .all(|b| allowed.contains(b) && (b.0 as usize) < mem.n_blocks);
         if blocks.is_empty() || !fits || per_block * blocks.len() != len {
             f.failed = Some(format!(
                 "blocks {:?} ({len} bytes) are not ones the request expects on rank {}",
@@ -406,7 +411,7 @@ mod tests {
             id,
             lease,
             vec![allowed.clone()],
-            HashMap::from([((0, 0), plan)]),
+            HashMap::from([((0, 0), plan.clone())]),
         );
         let ep = stage.connect(decode.address()).expect("connect");
         // Block b's bytes: its first half b + 1, its second half b + 101.
@@ -415,17 +420,15 @@ mod tests {
             v[block_bytes / 2..].fill(b as u8 + 101);
             Arc::new(v)
         };
-        let send = |lease: Lease, first: u32, count: u32| {
+        let send = |lease: Lease, blocks: &[u32]| {
             let header = KvHeader {
                 id,
                 lease,
                 stage: 0,
                 rank: 0,
-                blocks: ids(&(first..first + count).collect::<Vec<_>>()),
+                blocks: ids(blocks),
             };
-            let parts = (first..first + count)
-                .map(|b| (block(b), 0..block_bytes))
-                .collect();
+            let parts = blocks.iter().map(|&b| (block(b), 0..block_bytes)).collect();
             stage
                 .am_send_parts(
                     ep,
@@ -439,10 +442,10 @@ mod tests {
         };
         let at = |b: usize| pool[b * block_bytes..(b + 1) * block_bytes].to_vec();
         // An abandoned attempt's message is dropped: nothing lands.
-        send(Lease(2), 2, 3);
+        send(Lease(2), &[2, 3, 4]);
         assert!((0..n_blocks).all(|b| at(b).iter().all(|&x| x == 0)));
-        send(lease, 2, 3);
-        send(lease, 6, 1);
+        send(lease, &[2, 3, 4]);
+        send(lease, &[6]);
         landing
             .landed(id, lease, 0, 0, &allowed, Duration::from_secs(10))
             .expect("landed");
@@ -462,12 +465,25 @@ mod tests {
             assert!(at(b).iter().all(|&x| x == 0), "block {b} untouched");
         }
         // A block the request does not own fails the transfer, unwritten.
-        send(lease, 6, 2);
+        send(lease, &[6, 7]);
         let e = landing
             .landed(id, lease, 0, 0, &ids(&[7]), Duration::from_secs(10))
             .unwrap_err();
         assert!(e.contains("not ones the request expects"), "{e}");
         assert!(at(7).iter().all(|&x| x == 0));
+        // So does a message naming one block twice.
+        let lease = Lease(4);
+        landing.open(
+            id,
+            lease,
+            vec![allowed.clone()],
+            HashMap::from([((0, 0), plan)]),
+        );
+        send(lease, &[3, 3]);
+        let e = landing
+            .landed(id, lease, 0, 0, &ids(&[3]), Duration::from_secs(10))
+            .unwrap_err();
+        assert!(e.contains("not ones the request expects"), "{e}");
         landing.close(id);
         drop(stage);
         drop(decode);
