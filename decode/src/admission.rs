@@ -75,7 +75,23 @@ struct Held {
     hashes: Vec<u64>,
     blocks: Vec<BlockId>,
     state: HeldState,
+    /// Writers of the current attempt put into its blocks directly: if it
+    /// is abandoned, they stay out of use until the writers stopped.
+    fenced: bool,
 }
+
+/// Blocks of an abandoned attempt whose writers may still be putting into
+/// them, and since when.
+#[derive(Debug)]
+struct Quarantined {
+    blocks: Vec<BlockId>,
+    since: u64,
+}
+
+/// How long an abandoned attempt's blocks wait at most for its writers to
+/// confirm they stopped (a confirmation that was lost, a writer that
+/// neither answers nor drops its link), in the caller's time unit (ms).
+pub const QUARANTINE_MAX: u64 = 30_000;
 
 #[derive(Debug, PartialEq)]
 enum HeldState {
@@ -94,6 +110,9 @@ pub struct Counters {
     pub checksum_failures: u64,
     pub stale_completions: u64,
     pub rejected_overload: u64,
+    /// Abandoned attempts whose blocks were freed after [`QUARANTINE_MAX`]
+    /// without their writers confirming they stopped.
+    pub quarantine_expired: u64,
 }
 
 pub struct Admission {
@@ -101,6 +120,7 @@ pub struct Admission {
     pub cache: PrefixCache,
     queue: VecDeque<Queued>,
     held: HashMap<RequestId, Held>,
+    quarantine: HashMap<(RequestId, Lease), Quarantined>,
     next_lease: u64,
     pub counters: Counters,
 }
@@ -112,6 +132,7 @@ impl Admission {
             cache: PrefixCache::new(blocks),
             queue: VecDeque::new(),
             held: HashMap::new(),
+            quarantine: HashMap::new(),
             next_lease: 1,
             counters: Counters::default(),
         }
@@ -225,6 +246,7 @@ impl Admission {
                     hashes: q.hashes,
                     blocks,
                     state,
+                    fenced: false,
                 },
             );
         }
@@ -271,11 +293,59 @@ impl Admission {
         }
     }
 
+    /// The attempt under `lease` writes its blocks with one-sided puts:
+    /// abandoned, they are quarantined until [`Admission::writers_stopped`].
+    pub fn fence(&mut self, id: RequestId, lease: Lease) {
+        if let Some(h) = self.held.get_mut(&id) {
+            if matches!(h.state, HeldState::AwaitingKv { lease: l, .. } if l == lease) {
+                h.fenced = true;
+            }
+        }
+    }
+
+    /// Whether the abandoned attempt's blocks wait for its writers.
+    pub fn quarantined(&self, id: RequestId, lease: Lease) -> bool {
+        self.quarantine.contains_key(&(id, lease))
+    }
+
+    /// Blocks held back from abandoned attempts.
+    pub fn quarantined_blocks(&self) -> usize {
+        self.quarantine.values().map(|q| q.blocks.len()).sum()
+    }
+
+    /// Nothing writes the abandoned attempt's blocks any more: free them.
+    pub fn writers_stopped(&mut self, id: RequestId, lease: Lease, now: u64) -> Vec<Action> {
+        match self.quarantine.remove(&(id, lease)) {
+            Some(q) => {
+                self.cache.release(&q.blocks);
+                self.pump(now)
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Frees a held request's blocks, or quarantines them when its attempt
+    /// is still awaiting KV from writers that put into them directly.
+    fn free(&mut self, id: RequestId, h: &Held, now: u64) {
+        match h.state {
+            HeldState::AwaitingKv { lease, .. } if h.fenced => {
+                self.quarantine.insert(
+                    (id, lease),
+                    Quarantined {
+                        blocks: h.blocks.clone(),
+                        since: now,
+                    },
+                );
+            }
+            _ => self.cache.release(&h.blocks),
+        }
+    }
+
     /// Frees the attempt's blocks and queues the request again at the front,
     /// or fails it when it has had its attempts.
     fn retry(&mut self, id: RequestId, now: u64) -> Vec<Action> {
         let h = self.held.remove(&id).expect("callers hold the request");
-        self.cache.release(&h.blocks);
+        self.free(id, &h, now);
         let HeldState::AwaitingKv {
             attempts, lease, ..
         } = h.state
@@ -313,6 +383,18 @@ impl Admission {
         for id in late {
             out.extend(self.retry(id, now));
         }
+        let expired: Vec<(RequestId, Lease)> = self
+            .quarantine
+            .iter()
+            .filter(|(_, q)| now >= q.since + QUARANTINE_MAX)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            if let Some(q) = self.quarantine.remove(&k) {
+                self.counters.quarantine_expired += 1;
+                self.cache.release(&q.blocks);
+            }
+        }
         out.extend(self.pump(now));
         out
     }
@@ -343,7 +425,7 @@ impl Admission {
     /// The request was cancelled or its client left: free whatever it holds.
     pub fn release(&mut self, id: RequestId, now: u64) -> Vec<Action> {
         if let Some(h) = self.held.remove(&id) {
-            self.cache.release(&h.blocks);
+            self.free(id, &h, now);
         } else {
             self.queue.retain(|q| q.id != id);
         }

@@ -13,7 +13,7 @@
 //! join at the next step, finished ones leave), streams each token to the
 //! gateway, and frees the blocks at the end, on cancel or on failure.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -112,6 +112,9 @@ pub struct Group<'m> {
     reqs: HashMap<RequestId, Req>,
     /// Prefills in flight per pipeline, for routing.
     inflight: HashMap<String, usize>,
+    /// Abandoned attempts whose blocks are quarantined: the pipeline and
+    /// the stages (indices) that have not yet confirmed they stopped.
+    stopping: HashMap<(RequestId, Lease), (String, HashSet<u32>)>,
     epoch: Instant,
     beat: Arc<Mutex<Beat>>,
     gateway: String,
@@ -172,13 +175,15 @@ impl Group<'_> {
     }
 
     fn fail(&mut self, id: RequestId, class: ErrorClass, message: String) {
+        // Freed (or quarantined) first, so ending the attempt can tell
+        // whether its writers must confirm they stopped.
+        let now = self.now();
+        let actions = self.admission.release(id, now);
         if let Some(r) = self.reqs.remove(&id) {
             tracing::info!("{}: request {} failed: {message}", self.name, id.0);
             self.send_event(&r.client, id, GenerateEvent::Failed { class, message });
             self.end_attempt(&r);
         }
-        let now = self.now();
-        let actions = self.admission.release(id, now);
         self.carry_out(actions);
     }
 
@@ -194,13 +199,65 @@ impl Group<'_> {
         if let Some(n) = self.inflight.get_mut(pipeline) {
             *n = n.saturating_sub(1);
         }
-        let stage0 = self
+        // Every stage hears it from decode (stage 0 also passes it on), so a
+        // stage whose predecessor is gone still stops and confirms.
+        let stages: Vec<String> = self
             .pipelines
             .iter()
             .find(|p| p.name == pipeline)
-            .map(|p| p.stages[0].0.clone());
-        if let Some(l) = stage0.and_then(|s| self.links.get(&s)) {
-            let _ = l.try_send(Message::PrefillAbort { id, lease });
+            .map(|p| p.stages.iter().map(|s| s.0.clone()).collect())
+            .unwrap_or_default();
+        for s in &stages {
+            if let Some(l) = self.links.get(s) {
+                let _ = l.try_send(Message::PrefillAbort {
+                    id,
+                    lease,
+                    decode: self.name.clone(),
+                });
+            }
+        }
+        if !self.admission.quarantined(id, lease) {
+            return;
+        }
+        // The attempt's blocks wait for every stage still linked to confirm
+        // it stopped writing them; a stage that is gone writes nothing.
+        let waiting: HashSet<u32> = self
+            .pipelines
+            .iter()
+            .find(|p| p.name == pipeline)
+            .map(|p| {
+                p.stages
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| self.links.contains(&s.0))
+                    .map(|(i, _)| i as u32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if waiting.is_empty() {
+            let now = self.now();
+            let actions = self.admission.writers_stopped(id, lease, now);
+            self.carry_out(actions);
+        } else {
+            self.stopping
+                .insert((id, lease), (pipeline.to_string(), waiting));
+        }
+    }
+
+    /// Stage `stage` of the attempt's pipeline no longer writes its blocks.
+    fn writer_stopped(&mut self, id: RequestId, lease: Lease, stage: u32) {
+        let done = match self.stopping.get_mut(&(id, lease)) {
+            Some((_, left)) => {
+                left.remove(&stage);
+                left.is_empty()
+            }
+            None => false,
+        };
+        if done {
+            self.stopping.remove(&(id, lease));
+            let now = self.now();
+            let actions = self.admission.writers_stopped(id, lease, now);
+            self.carry_out(actions);
         }
     }
 
@@ -249,6 +306,19 @@ impl Group<'_> {
         for (id, lease) in lost {
             self.kv_lost(id, lease);
         }
+        // A lost stage writes nothing more into quarantined blocks.
+        let gone: Vec<(RequestId, Lease, u32)> = self
+            .stopping
+            .iter()
+            .filter_map(|(k, (pipeline, _))| {
+                let p = self.pipelines.iter().find(|p| &p.name == pipeline)?;
+                let i = p.stages.iter().position(|s| s.0 == peer)?;
+                Some((k.0, k.1, i as u32))
+            })
+            .collect();
+        for (id, lease, stage) in gone {
+            self.writer_stopped(id, lease, stage);
+        }
     }
 
     fn kv_lost(&mut self, id: RequestId, lease: Lease) {
@@ -266,12 +336,13 @@ impl Group<'_> {
             Message::Cancel { id } => {
                 if let Some(r) = self.reqs.remove(&id) {
                     tracing::debug!("{}: request {} cancelled", self.name, id.0);
-                    self.end_attempt(&r);
                     let now = self.now();
                     let actions = self.admission.release(id, now);
+                    self.end_attempt(&r);
                     self.carry_out(actions);
                 }
             }
+            Message::KvStopped { id, lease, stage } => self.writer_stopped(id, lease, stage),
             Message::Kv(c) => self.on_kv(c),
             Message::KvDone(d) => self.on_kv_done(d),
             Message::KvLanded {
@@ -280,7 +351,8 @@ impl Group<'_> {
                 stage,
                 rank,
                 blocks,
-            } => self.on_kv_landed(id, lease, stage, rank, blocks),
+                put,
+            } => self.on_kv_landed(id, lease, stage, rank, blocks, put),
             Message::FirstToken {
                 id,
                 lease,
@@ -727,6 +799,7 @@ pub fn run(
         links: Links::default(),
         reqs: HashMap::new(),
         inflight: HashMap::new(),
+        stopping: HashMap::new(),
         epoch: Instant::now(),
         beat,
         gateway: cluster.file.gateway.name.clone(),
@@ -759,7 +832,17 @@ pub fn run(
         if last_tick.elapsed() >= Duration::from_millis(50) {
             last_tick = Instant::now();
             let now = g.now();
+            let expired = g.admission.counters.quarantine_expired;
             let actions = g.admission.tick(now);
+            if g.admission.counters.quarantine_expired > expired {
+                tracing::warn!(
+                    "{}: freed the blocks of {} abandoned attempt(s) whose stages never confirmed they stopped writing",
+                    g.name,
+                    g.admission.counters.quarantine_expired - expired
+                );
+            }
+            let a = &g.admission;
+            g.stopping.retain(|k, _| a.quarantined(k.0, k.1));
             g.carry_out(actions);
             g.publish();
         }

@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tandem_model::BlockId;
 use tandem_wire::link::Link;
-use tandem_wire::messages::{KvChunk, KvDone, Lease, Message, RequestId};
+use tandem_wire::messages::{KvChunk, KvDone, Lease, Message, RequestId, UcxPool};
 
-use crate::ucx::{EpId, Placement, Worker};
+use crate::ucx::{EpId, Placement, RkeyId, Worker};
 use crate::{CopyRun, KvTransferError, Result, Transport};
 
 /// The active-message id KV blocks travel under.
@@ -69,12 +69,61 @@ fn coalesce(runs: impl Iterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
     out
 }
 
+/// A decode group's pools as a stage reaches them with puts: per rank, the
+/// unpacked remote key, where the pool is and its block size.
+pub struct PutTarget {
+    ranks: Vec<PutRank>,
+}
+
+struct PutRank {
+    rkey: RkeyId,
+    base: u64,
+    bytes: u64,
+    block_bytes: u64,
+}
+
+impl PutTarget {
+    /// The group's `pools` as reached over `ep`, when every one of them is
+    /// mapped into this process (the same host, memory UCX allocated in a
+    /// shared segment): a put is then one copy. `None` otherwise, and the
+    /// stage sends active messages.
+    pub fn reach(
+        worker: &Worker,
+        ep: EpId,
+        pools: &[UcxPool],
+    ) -> crate::ucx::Result<Option<PutTarget>> {
+        if pools.is_empty() {
+            return Ok(None);
+        }
+        let mut ranks = Vec::with_capacity(pools.len());
+        for p in pools {
+            let rkey = worker.unpack(ep, &p.rkey)?;
+            if p.block_bytes == 0 || !worker.mapped(rkey, p.base) {
+                return Ok(None);
+            }
+            ranks.push(PutRank {
+                rkey,
+                base: p.base,
+                bytes: p.bytes,
+                block_bytes: p.block_bytes,
+            });
+        }
+        Ok(Some(PutTarget { ranks }))
+    }
+}
+
+/// Where a rank's gathered block goes in its block:
+/// [`crate::Outgoing::placements`].
+pub type Placements = HashMap<u32, Vec<(usize, usize, usize)>>;
+
 /// A stage's transport to one decode group over UCX.
 pub struct UcxTransport {
     pub worker: Arc<Worker>,
     pub ep: EpId,
     /// The QUIC link to the same group, for the notices.
     pub link: Link,
+    /// Puts into the group's pools, placed so; active messages when `None`.
+    pub puts: Option<(Arc<PutTarget>, Placements)>,
 }
 
 fn transport_err(e: impl std::fmt::Display) -> KvTransferError {
@@ -102,6 +151,87 @@ impl UcxTransport {
             }
         }
     }
+
+    /// Gives up the endpoint for good: its operations still in flight are
+    /// cancelled before this returns, so nothing more of this stage lands
+    /// in the group's pools (see [`Message::KvStopped`]).
+    pub fn abandon(&self) {
+        self.worker.close(self.ep);
+        // A round trip through the worker's queue: the close ran.
+        let _ = self.worker.failed(self.ep);
+    }
+
+    /// Each block as puts straight into its place in the rank's pool, then
+    /// a flush (every byte is in the pool) and the notices.
+    fn put_blocks(
+        &self,
+        target: &PutTarget,
+        place: &Placements,
+        chunks: Vec<KvChunk>,
+    ) -> Result<()> {
+        if self.link.is_closed() {
+            return Err(transport_err("the link to the receiver closed"));
+        }
+        let mut pending = Vec::new();
+        let mut notices = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let (Some(rank), Some(runs)) = (
+                target.ranks.get(chunk.rank as usize),
+                place.get(&chunk.rank),
+            ) else {
+                return Err(transport_err(format!(
+                    "rank {} has no pool to put into",
+                    chunk.rank
+                )));
+            };
+            let mut ids = Vec::with_capacity(chunk.blocks.len());
+            for (block, bytes) in chunk.blocks {
+                let start = block.0 as u64 * rank.block_bytes;
+                let fits = start + rank.block_bytes <= rank.bytes
+                    && runs.iter().map(|r| r.2).sum::<usize>() == bytes.len()
+                    && runs
+                        .iter()
+                        .all(|&(_, d, l)| (d + l) as u64 <= rank.block_bytes);
+                if !fits {
+                    return Err(transport_err(format!(
+                        "block {} ({} bytes) does not fit rank {}'s pool",
+                        block.0,
+                        bytes.len(),
+                        chunk.rank
+                    )));
+                }
+                let parts = runs
+                    .iter()
+                    .map(|&(s, d, l)| (s..s + l, rank.base + start + d as u64))
+                    .collect();
+                let data = Arc::new(bytes.into_vec());
+                pending.push(self.worker.put_many(self.ep, data, parts, rank.rkey));
+                ids.push(block);
+            }
+            notices.push(Message::KvLanded {
+                id: chunk.id,
+                lease: chunk.lease,
+                stage: chunk.stage,
+                rank: chunk.rank,
+                blocks: ids,
+                put: true,
+            });
+        }
+        let sent = pending
+            .into_iter()
+            .try_for_each(|p| self.wait(p))
+            .and_then(|()| self.wait(self.worker.flush(self.ep)));
+        if let Err(e) = sent {
+            // Puts may still be queued: stop them before anyone is told
+            // this stage is done with the blocks.
+            self.abandon();
+            return Err(e);
+        }
+        for n in notices {
+            self.link.blocking_send(n).map_err(transport_err)?;
+        }
+        Ok(())
+    }
 }
 
 impl Transport for UcxTransport {
@@ -110,6 +240,9 @@ impl Transport for UcxTransport {
     }
 
     fn put_all(&self, chunks: Vec<KvChunk>) -> Result<()> {
+        if let Some((target, place)) = &self.puts {
+            return self.put_blocks(target, place, chunks);
+        }
         let mut sent = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             let mut pending = Vec::with_capacity(chunk.blocks.len());
@@ -146,6 +279,7 @@ impl Transport for UcxTransport {
                     stage,
                     rank,
                     blocks,
+                    put: false,
                 })
                 .map_err(transport_err)?;
         }

@@ -193,6 +193,29 @@ impl Outgoing {
         Ok(chunks)
     }
 
+    /// Per rank, where a gathered block's bytes go in the rank's block, in
+    /// bytes: (offset in the gathered block, offset in the rank's block,
+    /// length), runs that touch on both sides merged. A transport that
+    /// writes the ranks' pools itself (puts) places them so.
+    pub fn placements(&self, elem_bytes: usize) -> HashMap<u32, Vec<(usize, usize, usize)>> {
+        self.targets
+            .iter()
+            .map(|t| {
+                let mut out: Vec<(usize, usize, usize)> = Vec::new();
+                let mut at = 0;
+                for r in &t.runs {
+                    let (dst, len) = (r.dst * elem_bytes, r.len * elem_bytes);
+                    match out.last_mut() {
+                        Some((s, d, l)) if *s + *l == at && *d + *l == dst => *l += len,
+                        _ => out.push((at, dst, len)),
+                    }
+                    at += len;
+                }
+                (t.rank, out)
+            })
+            .collect()
+    }
+
     /// The completion notices, one per rank.
     pub fn finish(&self) -> Vec<KvDone> {
         self.targets

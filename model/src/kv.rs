@@ -132,9 +132,106 @@ impl KvElem for bf16 {
 
 #[derive(Debug)]
 pub enum KvStorage {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
+    F32(PoolBuf<f32>),
+    F16(PoolBuf<f16>),
+    Bf16(PoolBuf<bf16>),
+}
+
+/// A pool's elements: a vector of its own, or memory a transport allocated
+/// for it ([`KvPool::adopt`]): a decode rank's pool in a UCX segment that
+/// prefill stages on the same host write with one copy.
+pub struct PoolBuf<T> {
+    own: Vec<T>,
+    external: Option<External>,
+}
+
+struct External {
+    ptr: *mut u8,
+    /// Elements.
+    len: usize,
+    /// Keeps the memory allocated; dropping it frees it.
+    _keep: Box<dyn Send + Sync>,
+}
+
+// SAFETY: the external memory is owned by the buffer alone (see
+// `KvPool::adopt`), like a `Vec<T>`'s; `T` is a plain number type.
+unsafe impl<T: Send> Send for PoolBuf<T> {}
+// SAFETY: as above; shared access only reads.
+unsafe impl<T: Sync> Sync for PoolBuf<T> {}
+
+impl<T> From<Vec<T>> for PoolBuf<T> {
+    fn from(own: Vec<T>) -> Self {
+        PoolBuf {
+            own,
+            external: None,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for PoolBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match &self.external {
+            // SAFETY: `adopt` checked size and alignment; the memory lives
+            // as long as `_keep`, which lives as long as `self`.
+            Some(e) => unsafe { std::slice::from_raw_parts(e.ptr as *const T, e.len) },
+            None => &self.own,
+        }
+    }
+}
+
+impl<T> std::ops::DerefMut for PoolBuf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match &mut self.external {
+            // SAFETY: as in `deref`, and `&mut self` makes this the only
+            // reference through the buffer.
+            Some(e) => unsafe { std::slice::from_raw_parts_mut(e.ptr as *mut T, e.len) },
+            None => &mut self.own,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for PoolBuf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuf")
+            .field("len", &self.len())
+            .field("external", &self.external.is_some())
+            .finish()
+    }
+}
+
+impl<T: Copy> PoolBuf<T> {
+    /// Moves the elements into `ptr`, which then backs the buffer.
+    ///
+    /// # Safety
+    /// As [`KvPool::adopt`].
+    unsafe fn adopt(
+        &mut self,
+        ptr: *mut u8,
+        bytes: usize,
+        keep: Box<dyn Send + Sync>,
+    ) -> Result<()> {
+        let len = self.len();
+        if bytes != std::mem::size_of_val::<[T]>(self) {
+            return Err(ModelError::Kv(format!(
+                "{bytes} bytes offered for a pool of {} bytes",
+                std::mem::size_of_val::<[T]>(self)
+            )));
+        }
+        if ptr.is_null() || (ptr as usize) % std::mem::align_of::<T>() != 0 {
+            return Err(ModelError::Kv("pool memory is not aligned".into()));
+        }
+        // SAFETY: the caller gives `bytes` writable bytes at `ptr`, aligned
+        // (checked), disjoint from this buffer's current elements.
+        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr(), ptr as *mut T, len) };
+        self.external = Some(External {
+            ptr,
+            len,
+            _keep: keep,
+        });
+        self.own = Vec::new();
+        Ok(())
+    }
 }
 
 /// The KV memory of one slice: `n_blocks` blocks of `layout`.
@@ -157,12 +254,36 @@ impl KvPool {
         }
     }
 
+    /// Moves the pool into `bytes` bytes at `ptr`, which back it from then
+    /// on; dropping `keep` (when the pool drops) frees them.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `bytes` bytes until
+    /// `keep` is dropped, and nothing else may use that memory meanwhile
+    /// except writers of blocks the pool's owner handed them (a transport
+    /// landing KV the owner does not read until it is verified).
+    pub unsafe fn adopt(
+        &mut self,
+        ptr: *mut u8,
+        bytes: usize,
+        keep: Box<dyn Send + Sync>,
+    ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match &mut self.storage {
+                KvStorage::F32(v) => v.adopt(ptr, bytes, keep),
+                KvStorage::F16(v) => v.adopt(ptr, bytes, keep),
+                KvStorage::Bf16(v) => v.adopt(ptr, bytes, keep),
+            }
+        }
+    }
+
     pub fn new(layout: KvLayout, n_blocks: usize) -> KvPool {
         let n = layout.block_elems() * n_blocks;
         let storage = match layout.dtype {
-            KvDtype::F32 => KvStorage::F32(vec![0.0; n]),
-            KvDtype::F16 => KvStorage::F16(vec![f16::ZERO; n]),
-            KvDtype::Bf16 => KvStorage::Bf16(vec![bf16::ZERO; n]),
+            KvDtype::F32 => KvStorage::F32(vec![0.0; n].into()),
+            KvDtype::F16 => KvStorage::F16(vec![f16::ZERO; n].into()),
+            KvDtype::Bf16 => KvStorage::Bf16(vec![bf16::ZERO; n].into()),
         };
         KvPool {
             layout,
@@ -369,6 +490,75 @@ mod tests {
         assert!(a.release(b[0]));
         a.release_all(&b[1..]);
         assert_eq!(a.free_count(), 4);
+    }
+
+    /// A pool moved into outside memory keeps its contents, reads and
+    /// writes there, and frees it (drops `keep`) only when the pool drops;
+    /// memory of the wrong size is refused and the pool stays as it was.
+    #[test]
+    fn an_adopted_pool_keeps_its_data_and_frees_the_memory_with_it() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let l = KvLayout {
+            layers: 1,
+            kv_heads: 1,
+            block_size: 2,
+            head_dim: 4,
+            dtype: KvDtype::F32,
+        };
+        let mut p = KvPool::new(l, 2);
+        p.write(BlockId(1), 0, 1, 0, 1, &[1.0, 2.0, 3.0, 4.0])
+            .unwrap();
+        let bytes = p.raw_bytes().1;
+        struct Keep {
+            _mem: Vec<f32>,
+            freed: Arc<AtomicBool>,
+        }
+        impl Drop for Keep {
+            fn drop(&mut self) {
+                self.freed.store(true, Ordering::SeqCst);
+            }
+        }
+        let freed = Arc::new(AtomicBool::new(false));
+        let mut mem = vec![9.0f32; bytes / 4];
+        let ptr = mem.as_mut_ptr() as *mut u8;
+        // SAFETY: `mem`'s heap buffer moves into `keep` and lives as long as it.
+        let wrong = unsafe { p.adopt(ptr, bytes - 4, Box::new(())) };
+        assert!(wrong.is_err());
+        assert_eq!(
+            p.block_f32(BlockId(1)).unwrap()[12..16],
+            [1.0, 2.0, 3.0, 4.0]
+        );
+        // SAFETY: as above.
+        unsafe {
+            p.adopt(
+                ptr,
+                bytes,
+                Box::new(Keep {
+                    _mem: mem,
+                    freed: freed.clone(),
+                }),
+            )
+        }
+        .unwrap();
+        assert_eq!(
+            p.raw_bytes().0,
+            ptr,
+            "the pool now lives in the given memory"
+        );
+        assert_eq!(
+            p.block_f32(BlockId(1)).unwrap()[12..16],
+            [1.0, 2.0, 3.0, 4.0]
+        );
+        assert_eq!(p.block_f32(BlockId(0)).unwrap(), vec![0.0; 16]);
+        p.write(BlockId(0), 0, 0, 0, 0, &[5.0; 4]).unwrap();
+        assert_eq!(p.block_f32(BlockId(0)).unwrap()[..4], [5.0; 4]);
+        assert!(!freed.load(Ordering::SeqCst));
+        drop(p);
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "the memory goes with the pool"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_kvtransfer::over_ucx::UcxTransport;
+use tandem_kvtransfer::over_ucx::{PutTarget, UcxTransport};
 use tandem_kvtransfer::ucx::{EpId, Ucx, Worker, WorkerOptions};
 use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
 use tandem_model::{
@@ -83,9 +83,10 @@ pub struct Stage {
     early: HashMap<Key, Vec<Work>>,
     beat: Arc<Mutex<Beat>>,
     /// KV over UCX: the worker, and an endpoint per decode group that sent
-    /// its address. Groups without one get KV on the QUIC link.
+    /// its address, with its pools when this stage can put into them.
+    /// Groups without one get KV on the QUIC link.
     ucx: Option<Arc<Worker>>,
-    ucx_peers: HashMap<String, EpId>,
+    ucx_peers: HashMap<String, (EpId, Option<Arc<PutTarget>>)>,
     faults: Faults,
     /// Set when real work (a prompt or a real request's activations) arrives:
     /// a cache-warming pass in progress stops at its next layer and goes back
@@ -171,7 +172,7 @@ impl Stage {
 
     /// Work that depended on `peer` cannot finish.
     fn peer_lost(&mut self, peer: &str) {
-        if let (Some(ep), Some(w)) = (self.ucx_peers.remove(peer), &self.ucx) {
+        if let (Some((ep, _)), Some(w)) = (self.ucx_peers.remove(peer), &self.ucx) {
             w.close(ep);
         }
         let next = self.next_name();
@@ -202,11 +203,23 @@ impl Stage {
     fn on_message(&mut self, peer: &str, msg: Message) {
         match msg {
             Message::Prefill(req) => self.admit(req),
-            Message::PrefillAbort { id, lease } => {
+            Message::PrefillAbort { id, lease, decode } => {
                 self.waiting.retain(|r| !(r.id == id && r.lease == lease));
                 self.drop_req((id, lease), false);
-                if let Some(next) = self.next_name().and_then(|n| self.links.get(&n)) {
-                    let _ = next.try_send(Message::PrefillAbort { id, lease });
+                // Chunks run on this thread and wait for their puts (or
+                // cancel them), so none of this attempt's writes is still
+                // under way: tell decode its blocks are free of this stage.
+                if let Some(l) = self.links.get(&decode) {
+                    let _ = l.blocking_send(Message::KvStopped {
+                        id,
+                        lease,
+                        stage: self.index as u32,
+                    });
+                }
+                if peer == decode {
+                    if let Some(next) = self.next_name().and_then(|n| self.links.get(&n)) {
+                        let _ = next.try_send(Message::PrefillAbort { id, lease, decode });
+                    }
                 }
             }
             Message::Activations(a) => {
@@ -226,14 +239,27 @@ impl Stage {
                 }
             }
             Message::Heartbeat { .. } => {}
-            Message::UcxHello { address } => {
+            Message::UcxHello { address, pools } => {
                 let Some(w) = &self.ucx else { return };
                 match w.connect(&address) {
                     Ok(ep) => {
-                        if let Some(old) = self.ucx_peers.insert(peer.to_string(), ep) {
+                        let puts = match PutTarget::reach(w, ep, &pools) {
+                            Ok(t) => t.map(Arc::new),
+                            Err(e) => {
+                                tracing::warn!("{}: {peer}'s KV pools: {e}", self.name);
+                                None
+                            }
+                        };
+                        let how = if puts.is_some() {
+                            "puts into its pools (shared memory)"
+                        } else {
+                            "active messages"
+                        };
+                        if let Some((old, _)) = self.ucx_peers.insert(peer.to_string(), (ep, puts))
+                        {
                             w.close(old);
                         }
-                        tracing::info!("{}: KV to {peer} over UCX", self.name);
+                        tracing::info!("{}: KV to {peer} over UCX, {how}", self.name);
                     }
                     Err(e) => tracing::warn!(
                         "{}: UCX to {peer} failed ({e}); KV goes over QUIC",
@@ -450,6 +476,19 @@ impl Stage {
         if let Err(e) = self.run_chunk(w) {
             if let Some(r) = self.reqs.get(&key) {
                 let req = r.req.clone();
+                // A UCX endpoint given up on (a transfer that did not
+                // complete) carries nothing more: KV to that group goes over
+                // QUIC until it sends its address again.
+                if let (Some(wk), Some((ep, _))) = (&self.ucx, self.ucx_peers.get(&req.decode)) {
+                    if wk.failed(*ep) {
+                        tracing::warn!(
+                            "{}: UCX to {} given up; KV goes over QUIC",
+                            self.name,
+                            req.decode
+                        );
+                        self.ucx_peers.remove(&req.decode);
+                    }
+                }
                 self.fail(&req, ErrorClass::Internal, e);
             }
             self.drop_req(key, false);
@@ -539,11 +578,16 @@ impl Stage {
             .get(&r.req.decode)
             .cloned()
             .ok_or_else(|| format!("decode group {} is not linked", r.req.decode))?;
+        let elem_bytes = self.desc.layout.dtype.bytes();
         let transport: Box<dyn Transport> = match (&self.ucx, self.ucx_peers.get(&r.req.decode)) {
-            (Some(w), Some(&ep)) => Box::new(UcxTransport {
+            (Some(w), Some((ep, puts))) => Box::new(UcxTransport {
                 worker: w.clone(),
-                ep,
+                ep: *ep,
                 link: decode.clone(),
+                puts: puts.as_ref().and_then(|t| {
+                    let place = r.out.as_ref()?.placements(elem_bytes);
+                    Some((t.clone(), place))
+                }),
             }),
             _ => Box::new(QuicTransport {
                 link: decode.clone(),

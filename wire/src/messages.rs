@@ -192,6 +192,16 @@ pub struct KvChunk {
     pub blocks: Vec<(BlockId, ByteBuf)>,
 }
 
+/// A decode rank's KV pool as registered with UCX: where it is in the
+/// rank's address space and the packed remote key that reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UcxPool {
+    pub base: u64,
+    pub bytes: u64,
+    pub block_bytes: u64,
+    pub rkey: ByteBuf,
+}
+
 /// Stage → decode rank: everything of this stage for this rank was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvDone {
@@ -229,17 +239,30 @@ pub enum Message {
         id: RequestId,
     },
     Prefill(PrefillRequest),
-    /// Stop work under this lease (cancelled, or decode gave up on the attempt).
+    /// Stop work under this lease (cancelled, or decode gave up on the
+    /// attempt). Every stage answers `decode` with [`Message::KvStopped`].
     PrefillAbort {
         id: RequestId,
         lease: Lease,
+        decode: String,
+    },
+    /// Stage → decode: nothing of this stage writes the attempt's blocks any
+    /// more (its puts, if any, completed or were cancelled), so decode may
+    /// hand them to another request.
+    KvStopped {
+        id: RequestId,
+        lease: Lease,
+        stage: u32,
     },
     Activations(Activations),
     Kv(KvChunk),
     KvDone(KvDone),
     /// Decode → stage: its UCX worker's address; KV may come over UCX.
+    /// `pools` (per rank, possibly empty) are the ranks' KV pools, which a
+    /// stage that can map them (shared memory) writes with one-sided puts.
     UcxHello {
         address: ByteBuf,
+        pools: Vec<UcxPool>,
     },
     /// Stage → decode: these blocks were written over UCX (every byte is
     /// in the rank's pool); decode checksums them from there.
@@ -249,6 +272,9 @@ pub enum Message {
         stage: u32,
         rank: u32,
         blocks: Vec<BlockId>,
+        /// Written by one-sided puts (else by active messages, which the
+        /// decode side's handler saw land).
+        put: bool,
     },
     FirstToken {
         id: RequestId,
@@ -350,7 +376,16 @@ mod tests {
                 params: SamplingParams::greedy(1),
                 deadline_ms: 5,
             }),
-            Message::PrefillAbort { id, lease },
+            Message::PrefillAbort {
+                id,
+                lease,
+                decode: "d0".into(),
+            },
+            Message::KvStopped {
+                id,
+                lease,
+                stage: 1,
+            },
             Message::Activations(Activations {
                 id,
                 lease,
@@ -403,6 +438,12 @@ mod tests {
             },
             Message::UcxHello {
                 address: ByteBuf::from(vec![1, 2, 3]),
+                pools: vec![UcxPool {
+                    base: 1 << 40,
+                    bytes: 1 << 20,
+                    block_bytes: 4096,
+                    rkey: ByteBuf::from(vec![4, 5]),
+                }],
             },
             Message::KvLanded {
                 id,
@@ -410,6 +451,7 @@ mod tests {
                 stage: 1,
                 rank: 2,
                 blocks: vec![BlockId(7), BlockId(9)],
+                put: true,
             },
             Message::CacheStored {
                 node: "d0".into(),

@@ -246,3 +246,50 @@ fn a_later_turn_reuses_the_blocks_of_the_conversation_so_far() {
     };
     assert_eq!(*cached, 12);
 }
+
+/// An attempt whose writers put straight into its blocks: abandoned (by a
+/// retry or a cancel), its blocks go to no one until the writers confirm
+/// they stopped, or until the quarantine runs out; the retry gets others.
+#[test]
+fn an_abandoned_fenced_attempts_blocks_wait_for_its_writers() {
+    let mut a = Admission::new(limits(), 4);
+    let first = prefill_of(&a.submit(RequestId(1), &toks(7), 0));
+    let (id, lease, blocks) = first[0].clone();
+    a.fence(id, lease);
+    // The transfer fails: the retry cannot have the quarantined blocks,
+    // and the pool's other two are enough.
+    let retry = prefill_of(&a.kv_lost(id, lease, 1));
+    assert_eq!(retry.len(), 1);
+    assert!(a.quarantined(id, lease));
+    assert!(
+        retry[0].2.iter().all(|b| !blocks.contains(b)),
+        "{retry:?} {blocks:?}"
+    );
+    assert_eq!(a.quarantined_blocks(), 2);
+    // Another request finds the pool full while the quarantine holds.
+    assert!(a.submit(RequestId(2), &toks(3), 2).is_empty());
+    // The writers stopped: the blocks are free and the waiting request runs.
+    let next = prefill_of(&a.writers_stopped(id, lease, 3));
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].0, RequestId(2));
+    assert!(!a.quarantined(id, lease));
+    assert!(a.writers_stopped(id, lease, 3).is_empty(), "only once");
+
+    // A cancelled fenced attempt waits the same way; unconfirmed, its blocks
+    // come back after QUARANTINE_MAX, counted.
+    let (id2, lease2, _) = next[0].clone();
+    a.fence(id2, lease2);
+    a.release(id2, 10);
+    assert!(a.quarantined(id2, lease2));
+    a.tick(10 + QUARANTINE_MAX - 1);
+    assert!(a.quarantined(id2, lease2));
+    a.tick(10 + QUARANTINE_MAX);
+    assert!(!a.quarantined(id2, lease2));
+    assert_eq!(a.counters.quarantine_expired, 1);
+
+    // An unfenced attempt's blocks are free at once.
+    let (id3, lease3, _) = retry[0].clone();
+    a.release(id3, 20);
+    assert!(!a.quarantined(id3, lease3));
+    assert_eq!(a.used_blocks(), 0);
+}

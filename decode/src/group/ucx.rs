@@ -5,16 +5,87 @@
 
 use super::*;
 use tandem_kvtransfer::over_ucx::{Landing, RankMemory};
-use tandem_kvtransfer::ucx::{Ucx, Worker, WorkerOptions};
+use tandem_kvtransfer::ucx::{Region, Ucx, Worker, WorkerOptions};
 use tandem_wire::config::KvTransport;
+use tandem_wire::messages::UcxPool;
 
 pub(super) struct DecodeUcx {
-    pub worker: Worker,
+    pub worker: Arc<Worker>,
     pub landing: Landing,
+    /// Per rank, the pool as stages reach it for puts; empty when a pool is
+    /// not in memory UCX allocated (stages then send active messages).
+    pub pools: Vec<UcxPool>,
 }
 
 fn setup_err(e: impl std::fmt::Display) -> DecodeError {
     DecodeError::Setup(e.to_string())
+}
+
+/// UCX-allocated memory backing a rank's pool; freed when the pool drops.
+struct PoolMemory {
+    worker: Arc<Worker>,
+    region: Region,
+}
+
+impl Drop for PoolMemory {
+    fn drop(&mut self) {
+        self.worker.unmap(&self.region);
+    }
+}
+
+/// Moves rank `r`'s pool into memory UCX allocates, which over shared
+/// memory is a segment stages on this host map and write with one copy.
+/// `None` (the pool stays where it is) when UCX cannot allocate it or
+/// `/dev/shm` has no room for it: a full tmpfs would fault the pool later.
+fn move_pool(worker: &Arc<Worker>, group: &RankGroup, r: usize, len: usize) -> Option<UcxPool> {
+    let room = tandem_kvtransfer::ucx::shm_free_bytes().unwrap_or(0);
+    if room < len as u64 + (64 << 20) {
+        tracing::info!(
+            "rank {r}'s KV pool ({} MiB) stays in ordinary memory: /dev/shm has {} MiB free",
+            len >> 20,
+            room >> 20
+        );
+        return None;
+    }
+    let region = match worker.alloc(len) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("rank {r}'s KV pool stays in ordinary memory: {e}");
+            return None;
+        }
+    };
+    let (base, block_bytes) = (
+        region.base,
+        group.with_pool(r, |p| p.layout.block_bytes()).ok()?,
+    );
+    let pool = UcxPool {
+        base,
+        bytes: region.len as u64,
+        block_bytes: block_bytes as u64,
+        rkey: region.rkey.clone().into(),
+    };
+    let keep = PoolMemory {
+        worker: worker.clone(),
+        region,
+    };
+    let moved = group.with_pool(r, move |p| {
+        // SAFETY: the region is `len` bytes UCX allocated for this pool
+        // alone; `keep` unmaps it only when the pool drops. Stages write
+        // only blocks the decode group handed to a transfer, which the rank
+        // does not read until the transfer is verified.
+        unsafe { p.adopt(base as *mut u8, len, Box::new(keep)) }.map_err(|e| e.to_string())
+    });
+    match moved {
+        Ok(Ok(())) => Some(pool),
+        Ok(Err(e)) => {
+            tracing::warn!("rank {r}'s KV pool stays in ordinary memory: {e}");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("rank {r}'s KV pool stays in ordinary memory: {e}");
+            None
+        }
+    }
 }
 
 /// Starts UCX when a pipeline wants it: `ucx` without the library is an
@@ -45,19 +116,28 @@ pub(super) fn start(
             return Ok(None);
         }
     };
-    let worker =
-        Worker::start(ucx.clone(), &WorkerOptions::default(), "ucx-decode").map_err(setup_err)?;
+    let worker = Arc::new(
+        Worker::start(ucx.clone(), &WorkerOptions::default(), "ucx-decode").map_err(setup_err)?,
+    );
     let mut ranks = Vec::new();
+    let mut pools = Vec::new();
     for r in 0..tp {
+        let len = group.with_pool(r, |pool| pool.raw_bytes().1)?;
+        let moved = move_pool(&worker, group, r, len);
         let (ptr, len, layout, n_blocks) = group.with_pool(r, |pool| {
             let (p, l) = pool.raw_bytes();
             (p as usize, l, pool.layout.clone(), pool.n_blocks)
         })?;
-        // SAFETY: a rank's pool is allocated once and lives until the rank
-        // group is dropped, after this worker (`Group::ucx` is declared
-        // before `Group::group`). Stages write only blocks the landing table
-        // allows, which the ranks do not read until the transfer is verified.
-        unsafe { worker.map(ptr as *mut u8, len) }.map_err(setup_err)?;
+        if let Some(p) = moved {
+            pools.push(p);
+        } else {
+            // SAFETY: a rank's pool is allocated once and lives until the
+            // rank group is dropped, after this worker (`Group::ucx` is
+            // declared before `Group::group`). Stages write only blocks the
+            // landing table allows, which the ranks do not read until the
+            // transfer is verified.
+            unsafe { worker.map(ptr as *mut u8, len) }.map_err(setup_err)?;
+        }
         ranks.push(RankMemory {
             base: ptr,
             n_blocks,
@@ -65,9 +145,26 @@ pub(super) fn start(
             elem_bytes: layout.dtype.bytes(),
         });
     }
+    // Puts only when every rank's pool can take them.
+    if pools.len() != tp {
+        pools.clear();
+    }
     let landing = Landing::install(&worker, ranks).map_err(setup_err)?;
-    tracing::info!("{name}: KV over UCX {} ({})", ucx.version(), ucx.path);
-    Ok(Some(DecodeUcx { worker, landing }))
+    tracing::info!(
+        "{name}: KV over UCX {} ({}); pools {}",
+        ucx.version(),
+        ucx.path,
+        if pools.is_empty() {
+            "take active messages"
+        } else {
+            "in UCX memory, open to puts from stages on this host"
+        }
+    );
+    Ok(Some(DecodeUcx {
+        worker,
+        landing,
+        pools,
+    }))
 }
 
 impl Group<'_> {
@@ -81,6 +178,7 @@ impl Group<'_> {
         if let (true, Some(l)) = (wants, self.links.get(peer)) {
             let _ = l.try_send(Message::UcxHello {
                 address: u.worker.address().to_vec().into(),
+                pools: u.pools.clone(),
             });
         }
     }
@@ -112,6 +210,16 @@ impl Group<'_> {
         let allowed = vec![blocks.to_vec(); self.group.tp];
         if let Some(u) = &self.ucx {
             u.landing.open(id, lease, allowed, plans);
+            // Stages on this host may put into the pools: an abandoned
+            // attempt's blocks wait until they confirm they stopped.
+            let puts = !u.pools.is_empty()
+                && self
+                    .pipelines
+                    .iter()
+                    .any(|p| p.name == pipeline && p.kv_transport != KvTransport::Quic);
+            if puts {
+                self.admission.fence(id, lease);
+            }
         }
     }
 
@@ -130,6 +238,7 @@ impl Group<'_> {
         stage: u32,
         rank: u32,
         blocks: Vec<BlockId>,
+        put: bool,
     ) {
         let Some(a) = self
             .reqs
@@ -139,9 +248,15 @@ impl Group<'_> {
         else {
             return;
         };
-        let landed = self.ucx.as_ref().map(|u| {
-            u.landing
-                .landed(id, lease, stage, rank, &blocks, Duration::from_secs(2))
+        // Active messages: the handler saw them land. Puts: the stage
+        // flushed them before its notice, and only pools open to puts take
+        // them.
+        let landed = self.ucx.as_ref().map(|u| match put {
+            false => u
+                .landing
+                .landed(id, lease, stage, rank, &blocks, Duration::from_secs(2)),
+            true if u.pools.is_empty() => Err("puts into pools not open to them".to_string()),
+            true => Ok(()),
         });
         if let Some(Err(why)) = landed {
             tracing::warn!(

@@ -587,6 +587,19 @@ impl State {
             Cmd::Handler(id, h, reply) => {
                 let _ = reply.send(self.set_handler(id, h));
             }
+            Cmd::Mapped(rkey, remote, reply) => {
+                let r = match self.rkeys.get(&rkey.0) {
+                    Some(&k) => {
+                        let mut local: *mut c_void = std::ptr::null_mut();
+                        // SAFETY: `k` is a live remote key of this worker;
+                        // UCX only looks the address up and writes `local`.
+                        let s = unsafe { self.ucx.lib.ucp_rkey_ptr(k, remote, &mut local) };
+                        Ok(s == sys::ucs_status_t_UCS_OK && !local.is_null())
+                    }
+                    None => Err(UcxError::Invalid("no such remote key".into())),
+                };
+                let _ = reply.send(r);
+            }
             Cmd::EpFailed(ep, reply) => {
                 let _ = reply.send(Ok(
                     self.failed.contains(&ep.0) || !self.eps.contains_key(&ep.0)
