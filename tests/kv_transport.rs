@@ -39,12 +39,12 @@ fn two_processes_move_kv_blocks_over_tcp_and_shared_memory_and_the_bytes_match()
         String::from_utf8_lossy(&out.stderr)
     );
     for needle in [
-        "tcp put 64",
+        "tcp put, 1 block each 64",
         "tcp am, 1 block/message 300",
         "tcp am, 64-token chunks 300",
         "tcp am, 1 block/msg, peer-failure 300",
         "tcp am, 64-token chunks, peer-failure 64",
-        "sm put 300",
+        "sm put, 1 block each 300",
         "sm am, 64-token chunks 300",
         "sm am, 1 block/message 64",
         "quic link 300",
@@ -110,6 +110,18 @@ fn corrupted_kv_is_caught_by_the_checksum_and_prefilled_again() {
             failures >= 1.0,
             "over {t}: {failures} checksum failures counted"
         );
+        // The failed attempt's blocks come back once its stage confirmed it
+        // stopped writing them (over UCX's shared memory the stage put into
+        // them), well before the 30 s a silent stage would be given.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let used = loop {
+            let u = c.metric("tandem_kv_blocks_used", "d0").unwrap_or(-1.0);
+            if u == 0.0 || std::time::Instant::now() > deadline {
+                break u;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert_eq!(used, 0.0, "over {t}: blocks still held after the answer");
     }
 }
 

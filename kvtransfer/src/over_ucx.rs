@@ -1,28 +1,38 @@
 //! KV over UCX: the stage's [`UcxTransport`] and the decode group's
 //! [`Landing`].
 //!
-//! A stage sends each block as one active message in rendezvous: a small
-//! header (request, lease, stage, rank, the block) and the block's bytes.
-//! The decode side's handler checks that header against the attempts it is
-//! waiting for (the lease fences off every abandoned attempt) and names where
-//! the bytes go: the rank's registered pool, at the block's runs of the
-//! reshard plan. UCX then moves them there without a bounce buffer on the
-//! receiver. The handler also takes several blocks in one message. Every
-//! message of a prefill chunk, for every rank, is in flight at once; once a
-//! rank's have completed, the stage sends a [`Message::KvLanded`] notice for
-//! them on its QUIC link, followed, as with QUIC, by the completion notice
-//! with the checksum, which the decode group checks against what it reads
-//! back from its pool.
+//! Decode ranks' pools live in memory UCX allocated where it can (over
+//! shared memory, a segment other processes on the host map). A stage to
+//! which every rank's pool is mapped ([`PutTarget::reach`]) puts each block
+//! straight into its place in the pool, all blocks of a prefill step in
+//! flight at once, then flushes the endpoint: one copy, by the stage. A put
+//! cannot be refused, so decode keeps an abandoned attempt's blocks out of
+//! use until every stage confirms it stopped ([`Message::KvStopped`]); a
+//! stage that gives up on a put closes the endpoint first, which cancels
+//! whatever is still queued.
+//!
+//! Elsewhere (TCP, RDMA) a stage sends each block as one active message in
+//! rendezvous: a small header (request, lease, stage, rank, the block) and
+//! the block's bytes. The decode side's handler checks that header against
+//! the attempts it is waiting for (the lease fences off every abandoned
+//! attempt) and names where the bytes go: the rank's registered pool, at
+//! the block's runs of the reshard plan. UCX then moves them there without
+//! a bounce buffer on the receiver. The handler also takes several blocks
+//! in one message.
+//!
+//! Either way, once a rank's blocks of a step are in, the stage sends a
+//! [`Message::KvLanded`] notice for them on its QUIC link, followed, as
+//! with QUIC, by the completion notice with the checksum, which the decode
+//! group checks against what it reads back from its pool.
 //!
 //! By measurement (`tandem bench kv`, paired rounds against `ucx_perftest`):
-//! one message per block, because a chunk's blocks sent as one message
-//! (11 MiB) were no faster from a buffer already holding them and 30-75%
-//! slower once the stage copies them into one, over TCP and shared memory
-//! alike; and gathering them by UCX from each block's own buffer (an iov) is
-//! about 3x slower over TCP. Active messages rather than one-sided puts,
-//! because over TCP puts are about 4x slower (UCX emulates them there), and
-//! only a receiver-side handler can refuse a late write from an attempt
-//! decode gave up on before it touches blocks now used by another request.
+//! over shared memory, puts into UCX-allocated pools reach `ucx_perftest`'s
+//! put, where active messages reached half of it; over TCP, UCX emulates
+//! puts about 4x slower than active messages. One message per block,
+//! because a chunk's blocks sent as one message (11 MiB) were no faster
+//! from a buffer already holding them and 30-75% slower once the stage
+//! copies them into one; and gathering them by UCX from each block's own
+//! buffer (an iov) is about 3x slower over TCP.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -67,10 +67,11 @@ pub struct BenchKvArgs {
     /// QUIC reference: plain quinn with this many parallel streams (besides 1).
     #[arg(long, default_value_t = 4)]
     quinn_streams: usize,
-    /// Where the receiving process's buffer lives: `heap` (ordinary memory
-    /// registered with UCX, as decode's KV pools are) or `ucx` (allocated by
-    /// UCX, which over shared memory is a segment the sender maps).
-    #[arg(long, default_value = "heap")]
+    /// Where the receiving process's buffer lives: `ucx` (allocated by UCX,
+    /// which over shared memory is a segment the sender maps, as decode's
+    /// KV pools are when `/dev/shm` has room for them) or `heap` (ordinary
+    /// memory registered with UCX, as they are otherwise).
+    #[arg(long, default_value = "ucx")]
     receiver_memory: String,
     /// Skip `ucx_perftest` even when it is installed.
     #[arg(long)]
