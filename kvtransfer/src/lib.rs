@@ -26,6 +26,7 @@ pub enum KvTransferError {
 }
 
 pub mod over_ucx;
+pub mod stream_copy;
 pub mod transfer;
 pub mod ucx;
 pub use transfer::{InProcess, Incoming, Outgoing, QuicTransport, Transport, Verdict};

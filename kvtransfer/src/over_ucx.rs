@@ -2,14 +2,14 @@
 //! [`Landing`].
 //!
 //! Decode ranks' pools live in memory UCX allocated where it can (over
-//! shared memory, a segment other processes on the host map). A stage to
-//! which every rank's pool is mapped ([`PutTarget::reach`]) puts each block
-//! straight into its place in the pool, all blocks of a prefill step in
-//! flight at once, then flushes the endpoint: one copy, by the stage. A put
-//! cannot be refused, so decode keeps an abandoned attempt's blocks out of
-//! use until every stage confirms it stopped ([`Message::KvStopped`]); a
-//! stage that gives up on a put closes the endpoint first, which cancels
-//! whatever is still queued.
+//! shared memory, a segment other processes on the host map). A stage into
+//! which UCX maps every rank's pool (`ucp_rkey_ptr`, [`PutTarget::reach`])
+//! writes each block straight into its place there itself, with streaming
+//! stores ([`crate::stream_copy`]), then fences: one copy, no UCX call on
+//! the path. Such a write cannot be refused, so decode keeps an abandoned
+//! attempt's blocks out of use until every stage confirms it stopped
+//! ([`Message::KvStopped`]); a stage writes only from its main loop, which
+//! is also where it answers.
 //!
 //! Elsewhere (TCP, RDMA) a stage sends each block as one active message in
 //! rendezvous: a small header (request, lease, stage, rank, the block) and
@@ -26,13 +26,14 @@
 //! group checks against what it reads back from its pool.
 //!
 //! By measurement (`tandem bench kv`, paired rounds against `ucx_perftest`):
-//! over shared memory, puts into UCX-allocated pools reach `ucx_perftest`'s
-//! put, where active messages reached half of it; over TCP, UCX emulates
-//! puts about 4x slower than active messages. One message per block,
-//! because a chunk's blocks sent as one message (11 MiB) were no faster
-//! from a buffer already holding them and 30-75% slower once the stage
-//! copies them into one; and gathering them by UCX from each block's own
-//! buffer (an iov) is about 3x slower over TCP.
+//! over shared memory, writing the mapped pool with streaming stores beats
+//! `ucx_perftest`'s put, UCX's own put from each block reaches about 0.8x
+//! of it, and active messages half or less; over TCP, UCX emulates puts
+//! about 4x slower than active messages. One message per block, because a
+//! chunk's blocks sent as one message (11 MiB) were no faster from a buffer
+//! already holding them and 30-75% slower once the stage copies them into
+//! one; and gathering them by UCX from each block's own buffer (an iov) is
+//! about 3x slower over TCP.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,7 +44,7 @@ use tandem_model::BlockId;
 use tandem_wire::link::Link;
 use tandem_wire::messages::{KvChunk, KvDone, Lease, Message, RequestId, UcxPool};
 
-use crate::ucx::{EpId, Placement, RkeyId, Worker};
+use crate::ucx::{EpId, Placement, Worker};
 use crate::{CopyRun, KvTransferError, Result, Transport};
 
 /// The active-message id KV blocks travel under.
@@ -79,26 +80,29 @@ fn coalesce(runs: impl Iterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
     out
 }
 
-/// A decode group's pools as a stage reaches them with puts: per rank, the
-/// unpacked remote key, where the pool is and its block size.
+/// A decode group's pools as a stage on the same host writes them: per
+/// rank, where the pool is mapped into this process and its geometry.
 pub struct PutTarget {
     ranks: Vec<PutRank>,
+    /// Keeps the mappings: they live as long as the unpacked remote keys,
+    /// which live as long as the worker.
+    _worker: Arc<Worker>,
 }
 
 struct PutRank {
-    rkey: RkeyId,
-    base: u64,
+    /// The pool's first byte in this process.
+    local: usize,
     bytes: u64,
     block_bytes: u64,
 }
 
 impl PutTarget {
     /// The group's `pools` as reached over `ep`, when every one of them is
-    /// mapped into this process (the same host, memory UCX allocated in a
-    /// shared segment): a put is then one copy. `None` otherwise, and the
-    /// stage sends active messages.
+    /// mapped into this process whole (the same host, memory UCX allocated
+    /// in a shared segment): a block is then written with one copy, by the
+    /// stage. `None` otherwise, and the stage sends active messages.
     pub fn reach(
-        worker: &Worker,
+        worker: &Arc<Worker>,
         ep: EpId,
         pools: &[UcxPool],
     ) -> crate::ucx::Result<Option<PutTarget>> {
@@ -108,17 +112,64 @@ impl PutTarget {
         let mut ranks = Vec::with_capacity(pools.len());
         for p in pools {
             let rkey = worker.unpack(ep, &p.rkey)?;
-            if p.block_bytes == 0 || !worker.mapped(rkey, p.base) {
+            let (Some(local), Some(last)) = (
+                worker.local_address(rkey, p.base),
+                worker.local_address(rkey, p.base + p.bytes.saturating_sub(1)),
+            ) else {
+                return Ok(None);
+            };
+            if p.block_bytes == 0 || p.bytes == 0 || last != local + p.bytes as usize - 1 {
                 return Ok(None);
             }
             ranks.push(PutRank {
-                rkey,
-                base: p.base,
+                local,
                 bytes: p.bytes,
                 block_bytes: p.block_bytes,
             });
         }
-        Ok(Some(PutTarget { ranks }))
+        Ok(Some(PutTarget {
+            ranks,
+            _worker: worker.clone(),
+        }))
+    }
+
+    /// Writes one gathered block of `rank` into its place: `runs` as
+    /// [`crate::Outgoing::placements`] gives them. Call
+    /// [`crate::stream_copy::fence`] before announcing it.
+    pub fn write(
+        &self,
+        rank: u32,
+        block: BlockId,
+        bytes: &[u8],
+        runs: &[(usize, usize, usize)],
+    ) -> Result<()> {
+        let Some(r) = self.ranks.get(rank as usize) else {
+            return Err(transport_err(format!("rank {rank} has no pool to write")));
+        };
+        let start = block.0 as u64 * r.block_bytes;
+        let fits = start + r.block_bytes <= r.bytes
+            && runs.iter().map(|x| x.2).sum::<usize>() == bytes.len()
+            && runs
+                .iter()
+                .all(|&(s, d, l)| s + l <= bytes.len() && (d + l) as u64 <= r.block_bytes);
+        if !fits {
+            return Err(transport_err(format!(
+                "block {} ({} bytes) does not fit rank {rank}'s pool",
+                block.0,
+                bytes.len()
+            )));
+        }
+        for &(s, d, l) in runs {
+            let dst = r.local + start as usize + d;
+            // SAFETY: `dst..dst + l` lies inside the rank's pool (checked
+            // above), which `reach` found mapped into this process whole and
+            // which stays mapped while the worker holds the remote key; it is
+            // another process's memory, aliased by nothing in this one. The
+            // decode group handed this block to the transfer and does not
+            // read it until the transfer is verified.
+            unsafe { crate::stream_copy::copy(dst as *mut u8, &bytes[s..s + l]) };
+        }
+        Ok(())
     }
 }
 
@@ -132,7 +183,8 @@ pub struct UcxTransport {
     pub ep: EpId,
     /// The QUIC link to the same group, for the notices.
     pub link: Link,
-    /// Puts into the group's pools, placed so; active messages when `None`.
+    /// Writes into the group's mapped pools, placed so; active messages
+    /// when `None`.
     pub puts: Option<(Arc<PutTarget>, Placements)>,
 }
 
@@ -162,17 +214,9 @@ impl UcxTransport {
         }
     }
 
-    /// Gives up the endpoint for good: its operations still in flight are
-    /// cancelled before this returns, so nothing more of this stage lands
-    /// in the group's pools (see [`Message::KvStopped`]).
-    pub fn abandon(&self) {
-        self.worker.close(self.ep);
-        // A round trip through the worker's queue: the close ran.
-        let _ = self.worker.failed(self.ep);
-    }
-
-    /// Each block as puts straight into its place in the rank's pool, then
-    /// a flush (every byte is in the pool) and the notices.
+    /// Each block written straight into its place in the rank's pool, by
+    /// this thread, then a store fence and the notices. Nothing is left in
+    /// flight when this returns, whatever it returns.
     fn put_blocks(
         &self,
         target: &PutTarget,
@@ -182,41 +226,23 @@ impl UcxTransport {
         if self.link.is_closed() {
             return Err(transport_err("the link to the receiver closed"));
         }
-        let mut pending = Vec::new();
         let mut notices = Vec::with_capacity(chunks.len());
+        let mut written = Ok(());
         for chunk in chunks {
-            let (Some(rank), Some(runs)) = (
-                target.ranks.get(chunk.rank as usize),
-                place.get(&chunk.rank),
-            ) else {
-                return Err(transport_err(format!(
-                    "rank {} has no pool to put into",
-                    chunk.rank
-                )));
+            let Some(runs) = place.get(&chunk.rank) else {
+                written = Err(transport_err(format!("no plan for rank {}", chunk.rank)));
+                break;
             };
             let mut ids = Vec::with_capacity(chunk.blocks.len());
-            for (block, bytes) in chunk.blocks {
-                let start = block.0 as u64 * rank.block_bytes;
-                let fits = start + rank.block_bytes <= rank.bytes
-                    && runs.iter().map(|r| r.2).sum::<usize>() == bytes.len()
-                    && runs
-                        .iter()
-                        .all(|&(_, d, l)| (d + l) as u64 <= rank.block_bytes);
-                if !fits {
-                    return Err(transport_err(format!(
-                        "block {} ({} bytes) does not fit rank {}'s pool",
-                        block.0,
-                        bytes.len(),
-                        chunk.rank
-                    )));
+            for (block, bytes) in &chunk.blocks {
+                written = target.write(chunk.rank, *block, bytes, runs);
+                if written.is_err() {
+                    break;
                 }
-                let parts = runs
-                    .iter()
-                    .map(|&(s, d, l)| (s..s + l, rank.base + start + d as u64))
-                    .collect();
-                let data = Arc::new(bytes.into_vec());
-                pending.push(self.worker.put_many(self.ep, data, parts, rank.rkey));
-                ids.push(block);
+                ids.push(*block);
+            }
+            if written.is_err() {
+                break;
             }
             notices.push(Message::KvLanded {
                 id: chunk.id,
@@ -227,16 +253,8 @@ impl UcxTransport {
                 put: true,
             });
         }
-        let sent = pending
-            .into_iter()
-            .try_for_each(|p| self.wait(p))
-            .and_then(|()| self.wait(self.worker.flush(self.ep)));
-        if let Err(e) = sent {
-            // Puts may still be queued: stop them before anyone is told
-            // this stage is done with the blocks.
-            self.abandon();
-            return Err(e);
-        }
+        crate::stream_copy::fence();
+        written?;
         for n in notices {
             self.link.blocking_send(n).map_err(transport_err)?;
         }

@@ -83,7 +83,7 @@ pub struct Stage {
     early: HashMap<Key, Vec<Work>>,
     beat: Arc<Mutex<Beat>>,
     /// KV over UCX: the worker, and an endpoint per decode group that sent
-    /// its address, with its pools when this stage can put into them.
+    /// its address, with its pools when they are mapped into this stage.
     /// Groups without one get KV on the QUIC link.
     ucx: Option<Arc<Worker>>,
     ucx_peers: HashMap<String, (EpId, Option<Arc<PutTarget>>)>,
@@ -206,9 +206,10 @@ impl Stage {
             Message::PrefillAbort { id, lease, decode } => {
                 self.waiting.retain(|r| !(r.id == id && r.lease == lease));
                 self.drop_req((id, lease), false);
-                // Chunks run on this thread and wait for their puts (or
-                // cancel them), so none of this attempt's writes is still
-                // under way: tell decode its blocks are free of this stage.
+                // Chunks run on this thread, which writes a mapped pool
+                // itself and waits for (or cancels) whatever UCX sends, so
+                // none of this attempt's writes is still under way: tell
+                // decode its blocks are free of this stage.
                 if let Some(l) = self.links.get(&decode) {
                     let _ = l.blocking_send(Message::KvStopped {
                         id,
@@ -251,7 +252,7 @@ impl Stage {
                             }
                         };
                         let how = if puts.is_some() {
-                            "puts into its pools (shared memory)"
+                            "writes into its pools, mapped here (shared memory)"
                         } else {
                             "active messages"
                         };

@@ -35,8 +35,10 @@ pub struct BenchKvArgs {
     /// Prompt lengths in tokens: each transfer moves that prompt's KV blocks.
     #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
     tokens: Vec<usize>,
-    /// Transfers per point (after one warm-up).
-    #[arg(long, default_value_t = 10)]
+    /// Transfers per point (after one warm-up); 0: as many as
+    /// `ucx_perftest` makes of that size (about 1 GiB, 10 to 400), so a
+    /// method and its reference run equally long, equally warm loops.
+    #[arg(long, default_value_t = 0)]
     iters: usize,
     /// UCX rows: rounds per size. Each round runs `ucx_perftest` and then
     /// every method, so a method and its reference are measured minutes
@@ -222,6 +224,20 @@ fn pattern(n: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The messages `ucx_perftest` sends per run for messages of `size` bytes.
+fn perftest_iters(size: usize) -> usize {
+    ((1usize << 30) / size.max(1)).clamp(10, 400)
+}
+
+/// Transfers per point for `bytes`: `--iters`, or as `ucx_perftest`.
+fn iters_for(a: &BenchKvArgs, bytes: usize) -> usize {
+    if a.iters == 0 {
+        perftest_iters(bytes)
+    } else {
+        a.iters
+    }
 }
 
 /// GB/s over `iters` transfers of `bytes`, each timed by `once`.

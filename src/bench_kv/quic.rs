@@ -190,7 +190,7 @@ pub(super) fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Re
         };
         let point = |method: String, once: &dyn Fn() -> Result<Duration>| -> Result<f64> {
             once()?;
-            let gbps = timed(a.iters, bytes, once)?;
+            let gbps = timed(iters_for(a, bytes), bytes, once)?;
             println!("quic {method} {tokens} tokens: {gbps:.2} GB/s");
             Ok(gbps)
         };

@@ -3,7 +3,10 @@
 //! and `ucx_perftest` as the reference.
 
 use super::*;
+use tandem_kvtransfer::over_ucx::PutTarget;
 use tandem_kvtransfer::ucx::{EpId, Placement, RkeyId, Ucx, Worker, WorkerOptions};
+use tandem_model::BlockId;
+use tandem_wire::messages::UcxPool;
 
 /// Registers a buffer, prints how to reach it, then answers `hash OFF LEN
 /// [WANT]` (the bytes' hash) and `zero OFF LEN [WANT]` (clears them), each
@@ -124,7 +127,7 @@ pub(super) fn ucx_rows(
     let mut peer = Peer::spawn(kind, capacity, &env)?;
     let info = peer.line()?;
     let f: Vec<&str> = info.split_whitespace().collect();
-    let [addr, base, _len, rkey] = f[..] else {
+    let [addr, base, len, rkey] = f[..] else {
         bail!("the receiver said {info:?}");
     };
     let base: u64 = base.parse()?;
@@ -133,9 +136,18 @@ pub(super) fn ucx_rows(
         tls: tls_env.map(str::to_string),
         ..Default::default()
     };
-    let worker = Worker::start(ucx.clone(), &opts, "ucx-bench")?;
+    let worker = Arc::new(Worker::start(ucx.clone(), &opts, "ucx-bench")?);
     let ep = worker.connect(&unhex(addr)?)?;
     let rk = worker.unpack(ep, &unhex(rkey)?)?;
+    // What a stage does when the receiver's memory is mapped into it
+    // (shared memory, memory UCX allocated): write the blocks itself.
+    let pool = UcxPool {
+        base,
+        bytes: len.parse()?,
+        block_bytes: block as u64,
+        rkey: unhex(rkey)?.into(),
+    };
+    let direct = PutTarget::reach(&worker, ep, &[pool])?;
     // Over TCP a second worker connects with UCX's peer-failure handling,
     // which Tandem's nodes leave off: UCX then streams rendezvous payloads
     // as fragments the receiver copies again instead of writing them
@@ -161,18 +173,25 @@ pub(super) fn ucx_rows(
         label,
         per_message,
         peer_failure,
+        direct: false,
     };
     let chunks = format!("am, {}-token chunks", a.chunk);
-    let mut methods = vec![
-        // What a stage does when the pool is mapped into it (shared
-        // memory): each block put from its own buffer, then a flush.
+    let mut methods = Vec::new();
+    if direct.is_some() {
+        methods.push(Method {
+            direct: true,
+            ..method("write into the mapped pool, 1 block each".into(), 0, false)
+        });
+    }
+    methods.extend([
+        // Each block put by UCX from its own buffer, then a flush.
         method("put, 1 block each".into(), 0, false),
         // What a stage sends: one message per block, all in flight.
         method("am, 1 block/message".into(), 1, false),
         // A chunk's blocks as one message, from one buffer holding them all
         // (a stage would have to copy them there first).
         method(chunks.clone(), chunk_blocks, false),
-    ];
+    ]);
     if guarded.is_some() {
         methods.push(method("am, 1 block/msg, peer-failure".into(), 1, true));
         methods.push(method(
@@ -213,6 +232,7 @@ pub(super) fn ucx_rows(
             for (m, got) in methods.iter().zip(samples.iter_mut()) {
                 let to = Target {
                     worker: &worker,
+                    direct: direct.as_ref(),
                     ep,
                     guarded: &guarded,
                     peer: &mut peer,
@@ -251,6 +271,8 @@ pub(super) fn ucx_rows(
 /// with peer-failure handling (TCP only), and the receiver.
 struct Target<'a> {
     worker: &'a Worker,
+    /// The receiver's memory as mapped into this process, if it is.
+    direct: Option<&'a PutTarget>,
     ep: EpId,
     guarded: &'a Option<(Worker, EpId)>,
     peer: &'a mut Peer,
@@ -278,7 +300,15 @@ fn measure(
     let bytes = data.len();
     let once = || -> Result<Duration> {
         let t0 = Instant::now();
-        if m.per_message == 0 {
+        if m.direct {
+            let target = t
+                .direct
+                .context("the receiver's memory is not mapped here")?;
+            for (i, b) in blocks.iter().enumerate() {
+                target.write(0, BlockId(i as u32), b, &[(0, 0, block)])?;
+            }
+            tandem_kvtransfer::stream_copy::fence();
+        } else if m.per_message == 0 {
             let pending: Vec<_> = blocks
                 .iter()
                 .enumerate()
@@ -317,9 +347,10 @@ fn measure(
             m.label
         );
     }
-    let gbps = timed(a.iters, bytes, &once)?;
+    let iters = iters_for(a, bytes);
+    let gbps = timed(iters, bytes, &once)?;
     // Once the active messages sent so far have all landed.
-    let sent = want * (1 + a.iters);
+    let sent = want * (1 + iters);
     t.peer.ask(&format!("zero 0 {bytes} {sent}"))?;
     Ok(gbps)
 }
@@ -335,6 +366,8 @@ struct Method {
     per_message: usize,
     /// Sent by the worker connected with peer-failure handling (TCP only).
     peer_failure: bool,
+    /// Written by this thread into the receiver's memory mapped here.
+    direct: bool,
 }
 
 /// The best of `ucx_perftest`'s put, active-message and tagged bandwidth
@@ -367,7 +400,7 @@ fn best_perftest(
 /// server and client pair on loopback.
 fn perftest(tls: Option<&str>, test: &str, size: usize) -> (String, Option<f64>) {
     let label = format!("ucx_perftest {test}");
-    let iters = ((1usize << 30) / size.max(1)).clamp(10, 400);
+    let iters = perftest_iters(size);
     let port = 13000 + (std::process::id() % 2000) as u16;
     let args = |server: bool| {
         let mut c = Command::new("ucx_perftest");

@@ -161,13 +161,63 @@ pub enum Placement {
 /// the worker thread, inside progress: it must not block.
 pub type AmHandler = Box<dyn FnMut(&[u8], usize) -> Placement + Send>;
 
+/// Where one operation's result lands: a thread blocks on it (a condition
+/// variable, woken the moment the worker thread completes the operation)
+/// or a task awaits it (its waker).
+struct Slot {
+    state: std::sync::Mutex<(Option<Result<()>>, Option<std::task::Waker>)>,
+    cv: std::sync::Condvar,
+}
+
+/// The worker thread's end of a [`Pending`]: sends the result once;
+/// dropped unsent (the worker stopped), it sends [`UcxError::WorkerGone`].
+pub(crate) struct Completer(Option<Arc<Slot>>);
+
+impl Completer {
+    pub(crate) fn send(mut self, r: Result<()>) -> std::result::Result<(), ()> {
+        self.fire(r);
+        Ok(())
+    }
+
+    fn fire(&mut self, r: Result<()>) {
+        let Some(slot) = self.0.take() else { return };
+        let mut g = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = Some(r);
+        let waker = g.1.take();
+        drop(g);
+        slot.cv.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        self.fire(Err(UcxError::WorkerGone));
+    }
+}
+
+/// A completion and the [`Pending`] that waits for it.
+pub(crate) fn completion() -> (Completer, Pending) {
+    let slot = Arc::new(Slot {
+        state: std::sync::Mutex::new((None, None)),
+        cv: std::sync::Condvar::new(),
+    });
+    (Completer(Some(slot.clone())), Pending(slot))
+}
+
 /// Completion of one operation.
-pub struct Pending(tokio::sync::oneshot::Receiver<Result<()>>);
+pub struct Pending(Arc<Slot>);
 
 impl Pending {
     /// Blocks this (non-tokio) thread until the operation completes.
-    pub fn wait(self) -> Result<()> {
-        self.0.blocking_recv().unwrap_or(Err(UcxError::WorkerGone))
+    pub fn wait(mut self) -> Result<()> {
+        loop {
+            if let Some(r) = self.poll_for(Duration::from_secs(3600)) {
+                return r;
+            }
+        }
     }
 
     /// [`Pending::wait`], giving up after `timeout` (a peer that died
@@ -184,30 +234,43 @@ impl Pending {
     /// completed by then (it stays pending, to be waited for again).
     pub fn poll_for(&mut self, timeout: Duration) -> Option<Result<()>> {
         let deadline = Instant::now() + timeout;
+        let mut g = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            match self.0.try_recv() {
-                Ok(r) => return Some(r),
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                    return Some(Err(UcxError::WorkerGone))
-                }
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            if let Some(r) = g.0.take() {
+                return Some(r);
             }
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_micros(50));
+            g = self
+                .0
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
     /// Awaits the operation.
     pub async fn done(self) -> Result<()> {
-        self.0.await.unwrap_or(Err(UcxError::WorkerGone))
+        std::future::poll_fn(|cx| {
+            let mut g = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+            match g.0.take() {
+                Some(r) => std::task::Poll::Ready(r),
+                None => {
+                    g.1 = Some(cx.waker().clone());
+                    std::task::Poll::Pending
+                }
+            }
+        })
+        .await
     }
 
     fn ready(r: Result<()>) -> Pending {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = completion();
         let _ = tx.send(r);
-        Pending(rx)
+        rx
     }
 }
 
@@ -226,7 +289,7 @@ enum Cmd {
         data: Bytes,
         parts: Vec<(usize, usize, u64)>,
         rkey: RkeyId,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
+        done: Completer,
     },
     /// One message whose payload is the parts, in order: (buffer, start, end).
     AmSend {
@@ -235,12 +298,12 @@ enum Cmd {
         header: Vec<u8>,
         parts: Vec<(Bytes, usize, usize)>,
         rndv: bool,
-        done: tokio::sync::oneshot::Sender<Result<()>>,
+        done: Completer,
     },
-    Flush(EpId, tokio::sync::oneshot::Sender<Result<()>>),
+    Flush(EpId, Completer),
     Handler(u16, AmHandler, Reply<()>),
     EpFailed(EpId, Reply<bool>),
-    Mapped(RkeyId, u64, Reply<bool>),
+    Mapped(RkeyId, u64, Reply<usize>),
 }
 
 /// A UCX worker and the thread that progresses it. Dropping it stops the
@@ -349,13 +412,16 @@ impl Worker {
         let _ = self.tx.send(Cmd::Unmap(region.id));
     }
 
-    /// Whether the peer's memory at `remote` under `rkey` is mapped into
-    /// this process (`ucp_rkey_ptr`): it is when both sides share a host and
-    /// UCX allocated that memory in a shared segment. A put there is then
-    /// one copy by this process; elsewhere UCX may emulate puts (over TCP
+    /// Where the peer's memory at `remote` under `rkey` is mapped into this
+    /// process (`ucp_rkey_ptr`), if it is: when both sides share a host and
+    /// UCX allocated that memory in a shared segment. This process can then
+    /// write it with plain stores; elsewhere UCX may emulate puts (over TCP
     /// about 4x slower than active messages, by `tandem bench kv`).
-    pub fn mapped(&self, rkey: RkeyId, remote: u64) -> bool {
-        self.call(|r| Cmd::Mapped(rkey, remote, r)).unwrap_or(false)
+    pub fn local_address(&self, rkey: RkeyId, remote: u64) -> Option<usize> {
+        match self.call(|r| Cmd::Mapped(rkey, remote, r)) {
+            Ok(0) | Err(_) => None,
+            Ok(a) => Some(a),
+        }
     }
 
     /// Unpacks a peer's remote key for use on `ep`.
@@ -394,7 +460,7 @@ impl Worker {
                 "put range outside the buffer".into(),
             )));
         }
-        let (done, rx) = tokio::sync::oneshot::channel();
+        let (done, rx) = completion();
         let cmd = Cmd::Put {
             ep,
             data,
@@ -445,7 +511,7 @@ impl Worker {
                 "send range outside the buffer".into(),
             )));
         }
-        let (done, rx) = tokio::sync::oneshot::channel();
+        let (done, rx) = completion();
         let cmd = Cmd::AmSend {
             ep,
             id,
@@ -463,7 +529,7 @@ impl Worker {
     /// Completes when every operation issued on `ep` so far has completed
     /// remotely.
     pub fn flush(&self, ep: EpId) -> Pending {
-        let (done, rx) = tokio::sync::oneshot::channel();
+        let (done, rx) = completion();
         self.send(Cmd::Flush(ep, done), rx)
     }
 
@@ -472,11 +538,11 @@ impl Worker {
         self.call(|r| Cmd::Handler(id, handler, r))
     }
 
-    fn send(&self, cmd: Cmd, rx: tokio::sync::oneshot::Receiver<Result<()>>) -> Pending {
-        match self.tx.send(cmd) {
-            Ok(()) => Pending(rx),
-            Err(_) => Pending::ready(Err(UcxError::WorkerGone)),
-        }
+    fn send(&self, cmd: Cmd, rx: Pending) -> Pending {
+        // If the worker is gone the command drops here, and its completer
+        // with it, which completes `rx` with WorkerGone.
+        let _ = self.tx.send(cmd);
+        rx
     }
 }
 

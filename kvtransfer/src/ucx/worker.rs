@@ -17,7 +17,7 @@ struct Op {
 }
 
 enum Done {
-    Tx(tokio::sync::oneshot::Sender<Result<()>>),
+    Tx(super::Completer),
     Call(Box<dyn FnOnce(Result<()>) + Send>),
 }
 
@@ -594,7 +594,11 @@ impl State {
                         // SAFETY: `k` is a live remote key of this worker;
                         // UCX only looks the address up and writes `local`.
                         let s = unsafe { self.ucx.lib.ucp_rkey_ptr(k, remote, &mut local) };
-                        Ok(s == sys::ucs_status_t_UCS_OK && !local.is_null())
+                        Ok(if s == sys::ucs_status_t_UCS_OK {
+                            local as usize
+                        } else {
+                            0
+                        })
                     }
                     None => Err(UcxError::Invalid("no such remote key".into())),
                 };
