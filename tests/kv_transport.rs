@@ -44,6 +44,7 @@ fn two_processes_move_kv_blocks_over_tcp_and_shared_memory_and_the_bytes_match()
         "tcp am, 64-token chunks 300",
         "tcp am, 1 block/msg, peer-failure 300",
         "tcp am, 64-token chunks, peer-failure 64",
+        "sm write into the mapped pool, 1 block each 300",
         "sm put, 1 block each 300",
         "sm am, 64-token chunks 300",
         "sm am, 1 block/message 64",
