@@ -37,6 +37,7 @@ pub use tandem_wire::node::NodeError as DecodeError;
 
 pub type Result<T> = std::result::Result<T, DecodeError>;
 
+mod fence;
 mod prefill;
 mod publish;
 mod ucx;
@@ -195,72 +196,6 @@ impl Group<'_> {
         }
     }
 
-    fn abort_prefill(&mut self, id: RequestId, lease: Lease, pipeline: &str) {
-        if let Some(n) = self.inflight.get_mut(pipeline) {
-            *n = n.saturating_sub(1);
-        }
-        // Every stage hears it from decode (stage 0 also passes it on), so a
-        // stage whose predecessor is gone still stops and confirms.
-        let stages: Vec<String> = self
-            .pipelines
-            .iter()
-            .find(|p| p.name == pipeline)
-            .map(|p| p.stages.iter().map(|s| s.0.clone()).collect())
-            .unwrap_or_default();
-        for s in &stages {
-            if let Some(l) = self.links.get(s) {
-                let _ = l.try_send(Message::PrefillAbort {
-                    id,
-                    lease,
-                    decode: self.name.clone(),
-                });
-            }
-        }
-        if !self.admission.quarantined(id, lease) {
-            return;
-        }
-        // The attempt's blocks wait for every stage still linked to confirm
-        // it stopped writing them; a stage that is gone writes nothing.
-        let waiting: HashSet<u32> = self
-            .pipelines
-            .iter()
-            .find(|p| p.name == pipeline)
-            .map(|p| {
-                p.stages
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| self.links.contains(&s.0))
-                    .map(|(i, _)| i as u32)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if waiting.is_empty() {
-            let now = self.now();
-            let actions = self.admission.writers_stopped(id, lease, now);
-            self.carry_out(actions);
-        } else {
-            self.stopping
-                .insert((id, lease), (pipeline.to_string(), waiting));
-        }
-    }
-
-    /// Stage `stage` of the attempt's pipeline no longer writes its blocks.
-    fn writer_stopped(&mut self, id: RequestId, lease: Lease, stage: u32) {
-        let done = match self.stopping.get_mut(&(id, lease)) {
-            Some((_, left)) => {
-                left.remove(&stage);
-                left.is_empty()
-            }
-            None => false,
-        };
-        if done {
-            self.stopping.remove(&(id, lease));
-            let now = self.now();
-            let actions = self.admission.writers_stopped(id, lease, now);
-            self.carry_out(actions);
-        }
-    }
-
     fn on_event(&mut self, ev: NetEvent) {
         match self.links.apply(&self.name, ev) {
             Change::Up { peer, replaced } => {
@@ -306,19 +241,7 @@ impl Group<'_> {
         for (id, lease) in lost {
             self.kv_lost(id, lease);
         }
-        // A lost stage writes nothing more into quarantined blocks.
-        let gone: Vec<(RequestId, Lease, u32)> = self
-            .stopping
-            .iter()
-            .filter_map(|(k, (pipeline, _))| {
-                let p = self.pipelines.iter().find(|p| &p.name == pipeline)?;
-                let i = p.stages.iter().position(|s| s.0 == peer)?;
-                Some((k.0, k.1, i as u32))
-            })
-            .collect();
-        for (id, lease, stage) in gone {
-            self.writer_stopped(id, lease, stage);
-        }
+        self.stage_gone(peer);
     }
 
     fn kv_lost(&mut self, id: RequestId, lease: Lease) {
