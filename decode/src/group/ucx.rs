@@ -47,6 +47,7 @@ fn move_pool(worker: &Arc<Worker>, group: &RankGroup, r: usize, len: usize) -> O
         );
         return None;
     }
+    let block_bytes = group.with_pool(r, |p| p.layout.block_bytes()).ok()?;
     let region = match worker.alloc(len) {
         Ok(r) => r,
         Err(e) => {
@@ -54,10 +55,7 @@ fn move_pool(worker: &Arc<Worker>, group: &RankGroup, r: usize, len: usize) -> O
             return None;
         }
     };
-    let (base, block_bytes) = (
-        region.base,
-        group.with_pool(r, |p| p.layout.block_bytes()).ok()?,
-    );
+    let base = region.base;
     let pool = UcxPool {
         base,
         bytes: region.len as u64,
@@ -75,12 +73,9 @@ fn move_pool(worker: &Arc<Worker>, group: &RankGroup, r: usize, len: usize) -> O
         // does not read until the transfer is verified.
         unsafe { p.adopt(base as *mut u8, len, Box::new(keep)) }.map_err(|e| e.to_string())
     });
-    match moved {
-        Ok(Ok(())) => Some(pool),
-        Ok(Err(e)) => {
-            tracing::warn!("rank {r}'s KV pool stays in ordinary memory: {e}");
-            None
-        }
+    // A pool that could not move frees the region with `keep`.
+    match moved.map_err(|e| e.to_string()).and_then(|r| r) {
+        Ok(()) => Some(pool),
         Err(e) => {
             tracing::warn!("rank {r}'s KV pool stays in ordinary memory: {e}");
             None
