@@ -44,7 +44,7 @@ use tandem_model::BlockId;
 use tandem_wire::link::Link;
 use tandem_wire::messages::{KvChunk, KvDone, Lease, Message, RequestId, UcxPool};
 
-use crate::ucx::{EpId, Placement, Worker};
+use crate::ucx::{EpId, Placement, RkeyId, Worker};
 use crate::{CopyRun, KvTransferError, Result, Transport};
 
 /// The active-message id KV blocks travel under.
@@ -84,9 +84,20 @@ fn coalesce(runs: impl Iterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
 /// rank, where the pool is mapped into this process and its geometry.
 pub struct PutTarget {
     ranks: Vec<PutRank>,
-    /// Keeps the mappings: they live as long as the unpacked remote keys,
-    /// which live as long as the worker.
-    _worker: Arc<Worker>,
+    /// The unpacked remote keys, which keep the mappings: released (and the
+    /// pools unmapped from this process) when the target is dropped, so a
+    /// stage that reconnects to a group maps its pools once, not once more
+    /// per link-up.
+    rkeys: Vec<RkeyId>,
+    worker: Arc<Worker>,
+}
+
+impl Drop for PutTarget {
+    fn drop(&mut self) {
+        for k in self.rkeys.drain(..) {
+            self.worker.release(k);
+        }
+    }
 }
 
 struct PutRank {
@@ -109,9 +120,16 @@ impl PutTarget {
         if pools.is_empty() {
             return Ok(None);
         }
-        let mut ranks = Vec::with_capacity(pools.len());
+        // Built as it goes, so on every early return its drop releases the
+        // keys unpacked so far.
+        let mut target = PutTarget {
+            ranks: Vec::with_capacity(pools.len()),
+            rkeys: Vec::with_capacity(pools.len()),
+            worker: worker.clone(),
+        };
         for p in pools {
             let rkey = worker.unpack(ep, &p.rkey)?;
+            target.rkeys.push(rkey);
             let (Some(local), Some(last)) = (
                 worker.local_address(rkey, p.base),
                 worker.local_address(rkey, p.base + p.bytes.saturating_sub(1)),
@@ -121,16 +139,13 @@ impl PutTarget {
             if p.block_bytes == 0 || p.bytes == 0 || last != local + p.bytes as usize - 1 {
                 return Ok(None);
             }
-            ranks.push(PutRank {
+            target.ranks.push(PutRank {
                 local,
                 bytes: p.bytes,
                 block_bytes: p.block_bytes,
             });
         }
-        Ok(Some(PutTarget {
-            ranks,
-            _worker: worker.clone(),
-        }))
+        Ok(Some(target))
     }
 
     /// Writes one gathered block of `rank` into its place: `runs` as
@@ -525,6 +540,49 @@ mod tests {
     fn touching_runs_merge_and_gaps_stay() {
         let runs = coalesce([(0, 10), (10, 5), (20, 5), (25, 1), (100, 2)].into_iter());
         assert_eq!(runs, vec![(0, 15), (20, 6), (100, 2)]);
+    }
+
+    /// A stage on the decode group's host maps its pools once per target:
+    /// each block written lands in place, and dropping the target (a new
+    /// link-up replaces it) releases the mapping instead of keeping one
+    /// more per reconnect.
+    #[test]
+    fn a_put_target_writes_in_place_and_releases_its_mapping() {
+        let ucx = crate::ucx::Ucx::load(None).expect("UCX must be installed");
+        let opts = crate::ucx::WorkerOptions {
+            tls: Some("sm,self".into()),
+            ..Default::default()
+        };
+        let stage = Arc::new(Worker::start(ucx.clone(), &opts, "stage").expect("worker"));
+        let decode = Worker::start(ucx, &opts, "decode").expect("worker");
+        let block = 64 << 10;
+        let region = decode.alloc(4 * block).expect("alloc");
+        let pool = UcxPool {
+            base: region.base,
+            bytes: (4 * block) as u64,
+            block_bytes: block as u64,
+            rkey: region.rkey.clone().into(),
+        };
+        let ep = stage.connect(decode.address()).expect("connect");
+        for round in 0..3u8 {
+            let target = PutTarget::reach(&stage, ep, std::slice::from_ref(&pool))
+                .expect("reach")
+                .expect("the pool is mapped here over shared memory");
+            assert_eq!(stage.rkeys(), 1, "one key while the target lives");
+            let bytes: Vec<u8> = (0..block).map(|i| (i as u8) ^ round).collect();
+            target
+                .write(0, BlockId(2), &bytes, &[(0, 0, block)])
+                .expect("write");
+            crate::stream_copy::fence();
+            // SAFETY: the region is `4 * block` bytes UCX allocated in this
+            // process for `decode`, alive until it is unmapped below.
+            let pool = unsafe { std::slice::from_raw_parts(region.base as *const u8, 4 * block) };
+            assert_eq!(&pool[2 * block..3 * block], &bytes[..]);
+            assert!(pool[..2 * block].iter().all(|&x| x == 0));
+            drop(target);
+            assert_eq!(stage.rkeys(), 0, "the key is released with the target");
+        }
+        decode.unmap(&region);
     }
 
     /// The handler as decode installs it: batched blocks land where the

@@ -283,6 +283,11 @@ enum Cmd {
     Map(usize, usize, Reply<Region>),
     Unmap(u64),
     Unpack(EpId, Vec<u8>, Reply<RkeyId>),
+    /// Destroy an unpacked remote key (and release what it maps).
+    Release(RkeyId),
+    /// How many unpacked remote keys the worker holds.
+    #[cfg(test)]
+    Rkeys(Reply<usize>),
     /// Writes of parts of one buffer: (start, end, remote address).
     Put {
         ep: EpId,
@@ -427,6 +432,18 @@ impl Worker {
     /// Unpacks a peer's remote key for use on `ep`.
     pub fn unpack(&self, ep: EpId, rkey: &[u8]) -> Result<RkeyId> {
         self.call(|r| Cmd::Unpack(ep, rkey.to_vec(), r))
+    }
+
+    /// Destroys an unpacked remote key: operations and addresses
+    /// ([`Worker::local_address`]) under it are no longer valid. Keys still
+    /// held are destroyed when the worker stops.
+    pub fn release(&self, rkey: RkeyId) {
+        let _ = self.tx.send(Cmd::Release(rkey));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn rkeys(&self) -> usize {
+        self.call(Cmd::Rkeys).unwrap_or(usize::MAX)
     }
 
     /// Writes `data[range]` to `remote` in the peer's memory under `rkey`.

@@ -458,6 +458,18 @@ impl State {
                 });
                 let _ = reply.send(r);
             }
+            #[cfg(test)]
+            Cmd::Rkeys(reply) => {
+                let _ = reply.send(Ok(self.rkeys.len()));
+            }
+            Cmd::Release(rkey) => {
+                if let Some(k) = self.rkeys.remove(&rkey.0) {
+                    // SAFETY: unpacked on this worker, removed from the table
+                    // so destroyed once; operations under it were waited for
+                    // by whoever held it.
+                    unsafe { self.ucx.lib.ucp_rkey_destroy(k) };
+                }
+            }
             Cmd::Put {
                 ep,
                 data,
