@@ -253,6 +253,7 @@ impl State {
 
     pub(super) fn run(mut self: Box<Self>, rx: mpsc::Receiver<Cmd>, stop: &AtomicBool) {
         let mut idle_since = now();
+        let mut reaped = now();
         while !stop.load(Ordering::Acquire) {
             let mut busy = false;
             loop {
@@ -269,7 +270,14 @@ impl State {
             while unsafe { self.ucx.lib.ucp_worker_progress(self.worker) } != 0 {
                 busy = true;
             }
-            busy |= self.reap();
+            // Operations complete during progress (or a command), so a quiet
+            // pass skips checking each one, except every 20 µs in case UCX
+            // completed one without counting an event: with hundreds of
+            // blocks in flight the checks were ~4% of a transfer's CPU.
+            if busy || reaped.elapsed() >= Duration::from_micros(20) {
+                busy |= self.reap();
+                reaped = now();
+            }
             if busy {
                 idle_since = now();
                 continue;
