@@ -59,8 +59,19 @@ fn the_cluster_over_ucx_answers_exactly_as_over_quic() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let want = generate(LONG, 30);
     // Two stages and three ranks: each block lands as several runs per rank.
-    for t in ["ucx", "quic"] {
+    // Over UCX on one host the stages write decode's pools themselves
+    // (shared memory); with `UCX_TLS=tcp` they send active messages.
+    for (t, tls, path) in [
+        ("ucx", None, "ucx-direct"),
+        ("ucx", Some("tcp"), "ucx-am"),
+        ("quic", None, "quic"),
+    ] {
+        match tls {
+            Some(v) => std::env::set_var("UCX_TLS", v),
+            None => std::env::remove_var("UCX_TLS"),
+        }
         let c = Cluster::start(&["--kv-transport", t, "--pp", "2", "--tp", "3"]);
+        std::env::remove_var("UCX_TLS");
         for _ in 0..2 {
             let (status, v) = c.chat(&greedy(LONG, 30));
             assert_eq!(status, 200, "{v}");
@@ -80,6 +91,17 @@ fn the_cluster_over_ucx_answers_exactly_as_over_quic() {
             Some(0.0),
             "over {t}"
         );
+        // Every block took the path this link should.
+        for p in ["quic", "ucx-direct", "ucx-am"] {
+            let n = c
+                .metric("tandem_kv_blocks_landed", &format!("node=\"d0\",path=\"{p}\""))
+                .unwrap_or(-1.0);
+            if p == path {
+                assert!(n > 0.0, "over {t} {tls:?}: {n} blocks by {p}");
+            } else {
+                assert_eq!(n, 0.0, "over {t} {tls:?}: blocks by {p}");
+            }
+        }
     }
 }
 
@@ -123,6 +145,17 @@ fn corrupted_kv_is_caught_by_the_checksum_and_prefilled_again() {
             std::thread::sleep(std::time::Duration::from_millis(100));
         };
         assert_eq!(used, 0.0, "over {t}: blocks still held after the answer");
+        // Freed by the stage's confirmation, not by running out of time.
+        assert_eq!(
+            c.metric("tandem_kv_blocks_quarantined", "d0"),
+            Some(0.0),
+            "over {t}"
+        );
+        assert_eq!(
+            c.metric("tandem_kv_quarantines_expired", "d0"),
+            Some(0.0),
+            "over {t}"
+        );
     }
 }
 

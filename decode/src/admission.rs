@@ -113,6 +113,12 @@ pub struct Counters {
     /// Abandoned attempts whose blocks were freed after [`QUARANTINE_MAX`]
     /// without their writers confirming they stopped.
     pub quarantine_expired: u64,
+    /// KV blocks that arrived, by path: `Kv` messages on the QUIC link,
+    /// written by the stage into the mapped pool (UCX, same host), and
+    /// active messages (UCX elsewhere).
+    pub blocks_quic: u64,
+    pub blocks_ucx_direct: u64,
+    pub blocks_ucx_messages: u64,
 }
 
 pub struct Admission {

@@ -35,6 +35,9 @@ pub struct Metrics {
     kv_total: IntGaugeVec,
     kv_checksum_failures: IntGaugeVec,
     kv_retries: IntGaugeVec,
+    kv_quarantined: IntGaugeVec,
+    kv_quarantines_expired: IntGaugeVec,
+    kv_landed: IntGaugeVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -182,6 +185,21 @@ impl Metrics {
                 "Prefill attempts a decode group retried (lost stage, timeout, bad KV), since it started",
                 &["node"],
             )?,
+            kv_quarantined: gauge_vec(
+                "tandem_kv_blocks_quarantined",
+                "KV blocks of abandoned attempts held until every stage writing them directly confirms it stopped",
+                &["node"],
+            )?,
+            kv_quarantines_expired: gauge_vec(
+                "tandem_kv_quarantines_expired",
+                "Quarantines freed unconfirmed after their time limit, since the decode group started",
+                &["node"],
+            )?,
+            kv_landed: gauge_vec(
+                "tandem_kv_blocks_landed",
+                "KV blocks a decode group received since it started, by path: quic, ucx-direct (written into its pools by a stage on its host), ucx-am (active messages)",
+                &["node", "path"],
+            )?,
             registry,
         })
     }
@@ -204,6 +222,11 @@ impl Metrics {
         self.node_queued.reset();
         self.kv_used.reset();
         self.kv_total.reset();
+        self.kv_checksum_failures.reset();
+        self.kv_retries.reset();
+        self.kv_quarantined.reset();
+        self.kv_quarantines_expired.reset();
+        self.kv_landed.reset();
         for (name, role, load) in nodes {
             let role = match role {
                 Role::Gateway => "gateway",
@@ -231,6 +254,21 @@ impl Metrics {
                 self.kv_retries
                     .with_label_values(&[name])
                     .set(l.kv_retries as i64);
+                self.kv_quarantined
+                    .with_label_values(&[name])
+                    .set(l.kv_quarantined_blocks.into());
+                self.kv_quarantines_expired
+                    .with_label_values(&[name])
+                    .set(l.kv_quarantines_expired as i64);
+                for (path, n) in [
+                    ("quic", l.kv_blocks_quic),
+                    ("ucx-direct", l.kv_blocks_ucx_direct),
+                    ("ucx-am", l.kv_blocks_ucx_messages),
+                ] {
+                    self.kv_landed
+                        .with_label_values(&[name, path])
+                        .set(n as i64);
+                }
             }
         }
     }

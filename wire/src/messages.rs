@@ -225,6 +225,17 @@ pub struct Load {
     /// prefill attempts retried (for any reason).
     pub kv_checksum_failures: u64,
     pub kv_retries: u64,
+    /// Decode: blocks held back from an abandoned attempt until every stage
+    /// that may still write them directly confirms it stopped; and, since
+    /// start, such waits that ran out (the blocks freed unconfirmed).
+    pub kv_quarantined_blocks: u32,
+    pub kv_quarantines_expired: u64,
+    /// Decode, since start: KV blocks that arrived over the QUIC link,
+    /// written directly into its pools by stages on its host (UCX), and as
+    /// UCX active messages.
+    pub kv_blocks_quic: u64,
+    pub kv_blocks_ucx_direct: u64,
+    pub kv_blocks_ucx_messages: u64,
 }
 
 /// Every message after the handshake.
@@ -434,6 +445,11 @@ mod tests {
                     pipelines_up: 1,
                     kv_checksum_failures: 5,
                     kv_retries: 6,
+                    kv_quarantined_blocks: 7,
+                    kv_quarantines_expired: 8,
+                    kv_blocks_quic: 9,
+                    kv_blocks_ucx_direct: 10,
+                    kv_blocks_ucx_messages: 11,
                 },
             },
             Message::UcxHello {

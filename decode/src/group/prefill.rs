@@ -256,6 +256,7 @@ impl Group<'_> {
             return self.kv_lost(c.id, c.lease);
         };
         let blocks = c.blocks;
+        let n = blocks.len() as u64;
         let r = self.group.with_pool(c.rank as usize, move |pool| {
             for (b, bytes) in &blocks {
                 scatter(pool, *b, &runs, bytes)?;
@@ -267,8 +268,9 @@ impl Group<'_> {
             .and_then(|r| r.map_err(|e| e.to_string()))
         {
             tracing::warn!("{}: KV for request {} did not fit: {e}", self.name, c.id.0);
-            self.kv_lost(c.id, c.lease);
+            return self.kv_lost(c.id, c.lease);
         }
+        self.admission.counters.blocks_quic += n;
     }
 
     pub(super) fn on_kv_done(&mut self, d: KvDone) {

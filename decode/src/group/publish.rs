@@ -32,6 +32,11 @@ impl Group<'_> {
             pipelines_up: self.pipelines_up().len() as u32,
             kv_checksum_failures: self.admission.counters.checksum_failures,
             kv_retries: self.admission.counters.retries,
+            kv_quarantined_blocks: self.admission.quarantined_blocks() as u32,
+            kv_quarantines_expired: self.admission.counters.quarantine_expired,
+            kv_blocks_quic: self.admission.counters.blocks_quic,
+            kv_blocks_ucx_direct: self.admission.counters.blocks_ucx_direct,
+            kv_blocks_ucx_messages: self.admission.counters.blocks_ucx_messages,
         };
         b.gateway = self.links.get(&self.gateway).cloned();
     }

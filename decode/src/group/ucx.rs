@@ -265,6 +265,7 @@ impl Group<'_> {
         let Some(runs) = self.plan(&pipeline, stage, rank) else {
             return self.kv_lost(id, lease);
         };
+        let n = blocks.len() as u64;
         // Read back what landed, in the order it was sent, for the checksum.
         let back: Vec<CopyRun> = runs
             .iter()
@@ -298,7 +299,13 @@ impl Group<'_> {
         a.over_ucx = true;
         if let Err(e) = a.incoming.accept(&chunk) {
             tracing::warn!("{}: refusing KV for request {}: {e}", self.name, id.0);
-            self.kv_lost(id, lease);
+            return self.kv_lost(id, lease);
+        }
+        let c = &mut self.admission.counters;
+        if put {
+            c.blocks_ucx_direct += n;
+        } else {
+            c.blocks_ucx_messages += n;
         }
     }
 }
