@@ -40,10 +40,11 @@ pub struct BenchKvArgs {
     /// method and its reference run equally long, equally warm loops.
     #[arg(long, default_value_t = 0)]
     iters: usize,
-    /// UCX rows: rounds per size. Each round runs `ucx_perftest` and then
-    /// every method, so a method and its reference are measured minutes
-    /// apart at most; rows report medians over the rounds, and the ratio is
-    /// the median of each round's own ratio.
+    /// UCX rows: rounds per size. In a round each method runs right after
+    /// each `ucx_perftest` test still in the running, in turns, so both
+    /// sides have as many samples taken seconds apart, and the round
+    /// compares each side's best; rows report medians over the rounds, and
+    /// the ratio is the median of each round's own ratio.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// UCX rows: only methods whose label contains one of these (e.g.
