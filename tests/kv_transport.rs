@@ -94,7 +94,10 @@ fn the_cluster_over_ucx_answers_exactly_as_over_quic() {
         // Every block took the path this link should.
         for p in ["quic", "ucx-direct", "ucx-am"] {
             let n = c
-                .metric("tandem_kv_blocks_landed", &format!("node=\"d0\",path=\"{p}\""))
+                .metric(
+                    "tandem_kv_blocks_landed",
+                    &format!("node=\"d0\",path=\"{p}\""),
+                )
                 .unwrap_or(-1.0);
             if p == path {
                 assert!(n > 0.0, "over {t} {tls:?}: {n} blocks by {p}");
