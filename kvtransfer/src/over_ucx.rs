@@ -356,8 +356,9 @@ pub struct RankMemory {
 /// An attempt whose blocks may be written.
 struct Fenced {
     lease: Lease,
-    /// Per rank, the request's blocks.
-    allowed: Vec<Vec<BlockId>>,
+    /// Per rank, the request's blocks (a set: each message's blocks are
+    /// checked against it, on the worker thread).
+    allowed: Vec<std::collections::HashSet<BlockId>>,
     /// Per (stage, rank), the destination runs of a block.
     plans: HashMap<(u32, u32), Vec<CopyRun>>,
     /// Messages being received into its blocks right now.
@@ -463,7 +464,10 @@ impl Landing {
             id,
             Fenced {
                 lease,
-                allowed,
+                allowed: allowed
+                    .into_iter()
+                    .map(|r| r.into_iter().collect())
+                    .collect(),
                 plans,
                 inflight: 0,
                 landed: Default::default(),
