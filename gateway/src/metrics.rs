@@ -217,16 +217,20 @@ impl Metrics {
 
     /// Node gauges from the latest heartbeats; nodes gone since are dropped.
     pub fn set_nodes<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a Role, Option<Load>)>) {
-        self.node_up.reset();
-        self.node_running.reset();
-        self.node_queued.reset();
-        self.kv_used.reset();
-        self.kv_total.reset();
-        self.kv_checksum_failures.reset();
-        self.kv_retries.reset();
-        self.kv_quarantined.reset();
-        self.kv_quarantines_expired.reset();
-        self.kv_landed.reset();
+        for g in [
+            &self.node_up,
+            &self.node_running,
+            &self.node_queued,
+            &self.kv_used,
+            &self.kv_total,
+            &self.kv_checksum_failures,
+            &self.kv_retries,
+            &self.kv_quarantined,
+            &self.kv_quarantines_expired,
+            &self.kv_landed,
+        ] {
+            g.reset();
+        }
         for (name, role, load) in nodes {
             let role = match role {
                 Role::Gateway => "gateway",
@@ -236,30 +240,24 @@ impl Metrics {
             };
             self.node_up.with_label_values(&[name, role]).set(1);
             if let Some(l) = load {
-                self.node_running
-                    .with_label_values(&[name])
-                    .set(l.running.into());
-                self.node_queued
-                    .with_label_values(&[name])
-                    .set(l.queued.into());
-                self.kv_used
-                    .with_label_values(&[name])
-                    .set(i64::from(l.total_blocks) - i64::from(l.free_blocks));
-                self.kv_total
-                    .with_label_values(&[name])
-                    .set(l.total_blocks.into());
-                self.kv_checksum_failures
-                    .with_label_values(&[name])
-                    .set(l.kv_checksum_failures as i64);
-                self.kv_retries
-                    .with_label_values(&[name])
-                    .set(l.kv_retries as i64);
-                self.kv_quarantined
-                    .with_label_values(&[name])
-                    .set(l.kv_quarantined_blocks.into());
-                self.kv_quarantines_expired
-                    .with_label_values(&[name])
-                    .set(l.kv_quarantines_expired as i64);
+                for (gauge, v) in [
+                    (&self.node_running, l.running.into()),
+                    (&self.node_queued, l.queued.into()),
+                    (
+                        &self.kv_used,
+                        i64::from(l.total_blocks) - i64::from(l.free_blocks),
+                    ),
+                    (&self.kv_total, l.total_blocks.into()),
+                    (&self.kv_checksum_failures, l.kv_checksum_failures as i64),
+                    (&self.kv_retries, l.kv_retries as i64),
+                    (&self.kv_quarantined, l.kv_quarantined_blocks.into()),
+                    (
+                        &self.kv_quarantines_expired,
+                        l.kv_quarantines_expired as i64,
+                    ),
+                ] {
+                    gauge.with_label_values(&[name]).set(v);
+                }
                 for (path, n) in [
                     ("quic", l.kv_blocks_quic),
                     ("ucx-direct", l.kv_blocks_ucx_direct),

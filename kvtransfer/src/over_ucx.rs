@@ -540,6 +540,18 @@ mod tests {
         v.iter().copied().map(BlockId).collect()
     }
 
+    /// A stage's worker and a decode group's, over `tls`.
+    fn stage_and_decode(tls: &str) -> (Arc<Worker>, Worker) {
+        let ucx = crate::ucx::Ucx::load(None).expect("UCX must be installed");
+        let opts = crate::ucx::WorkerOptions {
+            tls: Some(tls.into()),
+            ..Default::default()
+        };
+        let stage = Worker::start(ucx.clone(), &opts, "stage").expect("worker");
+        let decode = Worker::start(ucx, &opts, "decode").expect("worker");
+        (Arc::new(stage), decode)
+    }
+
     #[test]
     fn touching_runs_merge_and_gaps_stay() {
         let runs = coalesce([(0, 10), (10, 5), (20, 5), (25, 1), (100, 2)].into_iter());
@@ -552,13 +564,7 @@ mod tests {
     /// more per reconnect.
     #[test]
     fn a_put_target_writes_in_place_and_releases_its_mapping() {
-        let ucx = crate::ucx::Ucx::load(None).expect("UCX must be installed");
-        let opts = crate::ucx::WorkerOptions {
-            tls: Some("sm,self".into()),
-            ..Default::default()
-        };
-        let stage = Arc::new(Worker::start(ucx.clone(), &opts, "stage").expect("worker"));
-        let decode = Worker::start(ucx, &opts, "decode").expect("worker");
+        let (stage, decode) = stage_and_decode("sm,self");
         let block = 64 << 10;
         let region = decode.alloc(4 * block).expect("alloc");
         let pool = UcxPool {
@@ -594,13 +600,7 @@ mod tests {
     /// the request does not own is refused without touching memory.
     #[test]
     fn batched_blocks_land_in_the_pool_and_stale_or_foreign_ones_do_not() {
-        let ucx = crate::ucx::Ucx::load(None).expect("UCX must be installed");
-        let opts = crate::ucx::WorkerOptions {
-            tls: Some("tcp".into()),
-            ..Default::default()
-        };
-        let stage = Worker::start(ucx.clone(), &opts, "stage").expect("worker");
-        let decode = Worker::start(ucx, &opts, "decode").expect("worker");
+        let (stage, decode) = stage_and_decode("tcp");
         let (block_elems, elem) = (4096usize, 4usize);
         let block_bytes = block_elems * elem;
         let n_blocks = 8;
