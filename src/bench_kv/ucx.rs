@@ -219,7 +219,12 @@ pub(super) fn ucx_rows(
         // Per method, per round: (GB/s, the round's reference GB/s).
         let mut samples: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); methods.len()];
         let mut references: Vec<String> = Vec::new();
-        let mut tests = vec!["ucp_put_bw", "ucp_am_bw", "tag_bw"];
+        // Without `ucx_perftest` each method runs once a round.
+        let mut tests = if a.no_perftest || !perftest_installed() {
+            Vec::new()
+        } else {
+            vec!["ucp_put_bw", "ucp_am_bw", "tag_bw"]
+        };
         for round in 0..a.rounds.max(1) {
             // This round's reference samples, over every method: a test
             // under half the round's best is dropped for later rounds (over
@@ -235,7 +240,7 @@ pub(super) fn ucx_rows(
                 // samples on either side, taken in turns.
                 let mut best: Option<f64> = None;
                 let mut best_ref: Option<(String, f64)> = None;
-                let turns: Vec<Option<&'static str>> = if a.no_perftest {
+                let turns: Vec<Option<&'static str>> = if tests.is_empty() {
                     vec![None]
                 } else {
                     tests.iter().copied().map(Some).collect()
@@ -407,6 +412,16 @@ struct Method {
     peer_failure: bool,
     /// Written by this thread into the receiver's memory mapped here.
     direct: bool,
+}
+
+/// Whether `ucx_perftest` runs here at all.
+fn perftest_installed() -> bool {
+    Command::new("ucx_perftest")
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
 }
 
 /// `ucx_perftest`'s bandwidth for one test and message size, run as a
