@@ -239,34 +239,41 @@ impl Metrics {
                 Role::Client => "client",
             };
             self.node_up.with_label_values(&[name, role]).set(1);
-            if let Some(l) = load {
-                for (gauge, v) in [
-                    (&self.node_running, l.running.into()),
-                    (&self.node_queued, l.queued.into()),
-                    (
-                        &self.kv_used,
-                        i64::from(l.total_blocks) - i64::from(l.free_blocks),
-                    ),
-                    (&self.kv_total, l.total_blocks.into()),
-                    (&self.kv_checksum_failures, l.kv_checksum_failures as i64),
-                    (&self.kv_retries, l.kv_retries as i64),
-                    (&self.kv_quarantined, l.kv_quarantined_blocks.into()),
-                    (
-                        &self.kv_quarantines_expired,
-                        l.kv_quarantines_expired as i64,
-                    ),
-                ] {
-                    gauge.with_label_values(&[name]).set(v);
-                }
-                for (path, n) in [
-                    ("quic", l.kv_blocks_quic),
-                    ("ucx-direct", l.kv_blocks_ucx_direct),
-                    ("ucx-am", l.kv_blocks_ucx_messages),
-                ] {
-                    self.kv_landed
-                        .with_label_values(&[name, path])
-                        .set(n as i64);
-                }
+            let Some(l) = load else { continue };
+            for (gauge, v) in [
+                (&self.node_running, l.running.into()),
+                (&self.node_queued, l.queued.into()),
+                (
+                    &self.kv_used,
+                    i64::from(l.total_blocks) - i64::from(l.free_blocks),
+                ),
+                (&self.kv_total, l.total_blocks.into()),
+            ] {
+                gauge.with_label_values(&[name]).set(v);
+            }
+            // What KV reached a decode group, and how: prefill nodes have none.
+            if role != "decode" {
+                continue;
+            }
+            for (gauge, v) in [
+                (&self.kv_checksum_failures, l.kv_checksum_failures as i64),
+                (&self.kv_retries, l.kv_retries as i64),
+                (&self.kv_quarantined, l.kv_quarantined_blocks.into()),
+                (
+                    &self.kv_quarantines_expired,
+                    l.kv_quarantines_expired as i64,
+                ),
+            ] {
+                gauge.with_label_values(&[name]).set(v);
+            }
+            for (path, n) in [
+                ("quic", l.kv_blocks_quic),
+                ("ucx-direct", l.kv_blocks_ucx_direct),
+                ("ucx-am", l.kv_blocks_ucx_messages),
+            ] {
+                self.kv_landed
+                    .with_label_values(&[name, path])
+                    .set(n as i64);
             }
         }
     }
