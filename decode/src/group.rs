@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use tandem_kvtransfer::{reshard_plan, scatter, CopyRun, Incoming, PoolDesc, Verdict};
 use tandem_model::{
-    BlockId, FinishReason, Formats, Input, ModelFile, Phase, RankGroup, RankGroupOptions, Sampler,
-    SliceOutput, Span, StopState, Tokenizer,
+    BlockId, FinishReason, Formats, Input, ModelFile, Phase, RankGroup, RankGroupOptions, Sampler, Draw, Sampled,
+    Span, StopState, Tokenizer,
 };
 use tandem_wire::config::Pipeline;
 use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
@@ -587,19 +587,33 @@ impl Group<'_> {
         if spans.is_empty() {
             return;
         }
+        // Each sequence's next token is chosen where its logits are (on the
+        // GPU for a GPU group), from the next number of its seeded stream.
+        let mut draws: Vec<Draw> = batch
+            .iter()
+            .map(|id| {
+                let run = self.reqs.get_mut(id).and_then(|r| r.running.as_mut());
+                run.map_or(Draw::GREEDY, |run| run.sampler.draw())
+            })
+            .collect();
+        if let Some(n) = chunk {
+            draws.push(self.local_chunk_draw(n));
+        }
         let phase = if chunk.is_some() && self.dense_prefill {
             Phase::Prefill
         } else {
             Phase::Decode
         };
         let t0 = Instant::now();
-        let out = self.group.forward(Input::Tokens(tokens), spans, phase);
-        let logits = match out {
-            Ok(SliceOutput::Logits(l)) => l,
+        let out = self
+            .group
+            .forward_sampled(Input::Tokens(tokens), spans, phase, draws, None);
+        let chosen = match out {
+            Ok(s) if s.len() == batch.len() + usize::from(chunk.is_some()) => s,
             other => {
                 let why = match other {
                     Err(e) => e.to_string(),
-                    _ => "the decode ranks returned no logits".into(),
+                    Ok(_) => "the decode ranks returned the wrong number of tokens".into(),
                 };
                 for id in batch {
                     self.fail(id, ErrorClass::Internal, why.clone());
@@ -613,10 +627,8 @@ impl Group<'_> {
             }
         };
         let step_us = t0.elapsed().as_micros() as u64;
-        let vocab = logits.len() / (batch.len() + usize::from(chunk.is_some()));
         if let Some(n) = chunk {
-            let row = logits[batch.len() * vocab..(batch.len() + 1) * vocab].to_vec();
-            self.local_chunk_done(n, step_us, &row);
+            self.local_chunk_done(n, step_us, chosen[batch.len()]);
         }
         for (i, id) in batch.into_iter().enumerate() {
             let r = self.reqs.get_mut(&id).expect("batched");
@@ -625,8 +637,7 @@ impl Group<'_> {
             }
             let run = r.running.as_mut().expect("batched");
             run.computed += 1;
-            let s = run.sampler.sample(&logits[i * vocab..(i + 1) * vocab]);
-            self.emit(id, s.token, s.logprob);
+            self.emit(id, chosen[i].token, chosen[i].logprob);
         }
     }
 }
@@ -672,6 +683,8 @@ pub fn run(
                 Formats::DECODE
             },
             threads,
+            device: d.device.clone(),
+            gpu_dtype: cluster.gpu_dtype,
         },
     )?;
     let ucx = ucx::start(&setup.name, &group, d.tp, &cluster.pipelines)?;

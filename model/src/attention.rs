@@ -54,6 +54,8 @@ pub fn paged_attention(
         KvStorage::F32(d) => attention_impl(d, &pool.layout, layer, seqs, q, n_q, group, out),
         KvStorage::F16(d) => attention_impl(d, &pool.layout, layer, seqs, q, n_q, group, out),
         KvStorage::Bf16(d) => attention_impl(d, &pool.layout, layer, seqs, q, n_q, group, out),
+        // The CPU slice refuses device pools before it gets here.
+        KvStorage::Device(_) => {}
     }
 }
 

@@ -8,7 +8,7 @@ use crate::file::ModelFile;
 use crate::kv::{BlockAllocator, BlockId, KvDtype, KvLayout};
 use crate::linear::Formats;
 use crate::ranks::{Input, RankGroup, RankGroupOptions, Span};
-use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::sampling::{Draw, Sampled, Sampler, SamplingParams};
 use crate::slice::{Phase, SliceOutput, SliceSpec};
 use crate::stream::{FinishReason, StopState};
 use crate::ModelConfig;
@@ -27,6 +27,10 @@ pub struct EngineOptions {
     /// Compute threads for the whole engine, shared out among the ranks of a
     /// stage; 0 means rayon's global thread count.
     pub threads: usize,
+    /// Where every stage's ranks compute.
+    pub device: crate::Device,
+    /// Weight precision on a GPU.
+    pub gpu_dtype: crate::cuda::GpuDtype,
 }
 
 impl Default for EngineOptions {
@@ -40,6 +44,8 @@ impl Default for EngineOptions {
             kv_blocks: 1024,
             formats: Formats::BOTH,
             threads: 0,
+            device: crate::Device::Cpu,
+            gpu_dtype: crate::cuda::GpuDtype::Bf16,
         }
     }
 }
@@ -87,6 +93,8 @@ impl Engine {
                     kv_blocks: opts.kv_blocks,
                     formats: opts.formats,
                     threads,
+                    device: opts.device.clone(),
+                    gpu_dtype: opts.gpu_dtype,
                 },
             )?);
         }
@@ -105,6 +113,22 @@ impl Engine {
     /// Runs new tokens of several sequences through every stage; returns the
     /// logits of each sequence's last new token.
     fn run(&mut self, seqs: &[(&Sequence, usize)], phase: Phase) -> Result<Vec<f32>> {
+        match self.pass(seqs, phase, None)? {
+            SliceOutput::Logits(l) => Ok(l),
+            _ => Err(ModelError::Worker("the last stage returned no logits".into())),
+        }
+    }
+
+    /// As [`run`](Self::run), choosing each sequence's next token on the
+    /// last stage's device.
+    fn run_sampled(&mut self, seqs: &[(&Sequence, usize)], phase: Phase, draws: Vec<Draw>) -> Result<Vec<Sampled>> {
+        match self.pass(seqs, phase, Some(draws))? {
+            SliceOutput::Sampled(s) => Ok(s),
+            _ => Err(ModelError::Worker("the last stage returned no tokens".into())),
+        }
+    }
+
+    fn pass(&mut self, seqs: &[(&Sequence, usize)], phase: Phase, draws: Option<Vec<Draw>>) -> Result<SliceOutput> {
         let tokens: Vec<u32> = seqs
             .iter()
             .flat_map(|(s, n)| s.tokens[s.computed..s.computed + n].iter().copied())
@@ -120,9 +144,16 @@ impl Engine {
         let mut input = Input::Tokens(tokens);
         let n_stages = self.stages.len();
         for (si, group) in self.stages.iter().enumerate() {
-            match group.forward(input, spans.clone(), phase)? {
-                SliceOutput::Hidden(h) if si + 1 < n_stages => input = Input::Hidden(h),
-                SliceOutput::Logits(l) if si + 1 == n_stages => return Ok(l),
+            let last = si + 1 == n_stages;
+            let out = match (&draws, last) {
+                (Some(d), true) => group
+                    .forward_sampled(input, spans.clone(), phase, d.clone(), None)
+                    .map(SliceOutput::Sampled)?,
+                _ => group.forward(input, spans.clone(), phase)?,
+            };
+            match out {
+                SliceOutput::Hidden(h) if !last => input = Input::Hidden(h),
+                o @ (SliceOutput::Logits(_) | SliceOutput::Sampled(_)) if last => return Ok(o),
                 _ => {
                     return Err(ModelError::Worker(
                         "a stage returned the wrong kind of output".into(),
@@ -165,9 +196,39 @@ impl Engine {
         Ok(logits)
     }
 
-    /// One decode step for every sequence: each must have exactly one token
-    /// not yet computed. Returns `[seqs, vocab]` logits.
-    pub fn decode(&mut self, seqs: &mut [&mut Sequence]) -> Result<Vec<f32>> {
+    /// [`prefill`](Self::prefill), choosing the next token with `draw` on
+    /// the device (only the token comes back).
+    pub fn prefill_sampled(&mut self, seq: &mut Sequence, chunk: usize, draw: Draw) -> Result<Sampled> {
+        let total = seq.tokens.len();
+        if seq.computed >= total {
+            return Err(ModelError::Invalid("nothing to prefill".into()));
+        }
+        self.ensure_blocks(seq, total)?;
+        loop {
+            let n = chunk.max(1).min(total - seq.computed);
+            if seq.computed + n == total {
+                let s = self.run_sampled(&[(seq, n)], Phase::Prefill, vec![draw])?;
+                seq.computed += n;
+                return s.into_iter().next().ok_or_else(|| ModelError::Worker("no token".into()));
+            }
+            self.run(&[(seq, n)], Phase::Prefill)?;
+            seq.computed += n;
+        }
+    }
+
+    /// [`decode`](Self::decode), choosing each sequence's next token with
+    /// its draw on the device.
+    pub fn decode_sampled(&mut self, seqs: &mut [&mut Sequence], draws: Vec<Draw>) -> Result<Vec<Sampled>> {
+        self.prepare_decode(seqs)?;
+        let refs: Vec<(&Sequence, usize)> = seqs.iter().map(|s| (&**s, 1)).collect();
+        let out = self.run_sampled(&refs, Phase::Decode, draws)?;
+        for s in seqs.iter_mut() {
+            s.computed += 1;
+        }
+        Ok(out)
+    }
+
+    fn prepare_decode(&mut self, seqs: &mut [&mut Sequence]) -> Result<()> {
         for s in seqs.iter_mut() {
             if s.tokens.len() != s.computed + 1 {
                 return Err(ModelError::Invalid(
@@ -177,6 +238,13 @@ impl Engine {
             let len = s.tokens.len();
             self.ensure_blocks(s, len)?;
         }
+        Ok(())
+    }
+
+    /// One decode step for every sequence: each must have exactly one token
+    /// not yet computed. Returns `[seqs, vocab]` logits.
+    pub fn decode(&mut self, seqs: &mut [&mut Sequence]) -> Result<Vec<f32>> {
+        self.prepare_decode(seqs)?;
         let refs: Vec<(&Sequence, usize)> = seqs.iter().map(|s| (&**s, 1)).collect();
         let logits = self.run(&refs, Phase::Decode)?;
         for s in seqs.iter_mut() {
@@ -261,9 +329,8 @@ pub fn generate(
     };
     let t0 = std::time::Instant::now();
     let result = (|| -> Result<()> {
-        let logits = engine.prefill(&mut seq, chunk)?;
+        let mut next: Sampled = engine.prefill_sampled(&mut seq, chunk, sampler.draw())?;
         out.prefill_secs = t0.elapsed().as_secs_f64();
-        let mut next: Sampled = sampler.sample(&logits);
         let t1 = std::time::Instant::now();
         loop {
             out.tokens.push(next.token);
@@ -279,8 +346,11 @@ pub fn generate(
                 break;
             }
             seq.tokens.push(next.token);
-            let logits = engine.decode(&mut [&mut seq])?;
-            next = sampler.sample(&logits);
+            next = engine
+                .decode_sampled(&mut [&mut seq], vec![sampler.draw()])?
+                .into_iter()
+                .next()
+                .ok_or_else(|| ModelError::Worker("no token".into()))?;
         }
         out.decode_secs = t1.elapsed().as_secs_f64();
         Ok(())

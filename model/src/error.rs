@@ -25,6 +25,9 @@ pub enum ModelError {
     Invalid(String),
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),
+    /// The GPU, its driver or a CUDA library is missing or failed.
+    #[error("GPU: {0}")]
+    Device(String),
     #[error("a model worker thread stopped: {0}")]
     Worker(String),
     /// A preemptible pass stopped between layers because its stop flag was

@@ -135,6 +135,8 @@ pub enum KvStorage {
     F32(PoolBuf<f32>),
     F16(PoolBuf<f16>),
     Bf16(PoolBuf<bf16>),
+    /// In GPU memory: reads and writes are copies on the rank's stream.
+    Device(crate::cuda::DevicePool),
 }
 
 /// A pool's elements: a vector of its own, or memory a transport allocated
@@ -246,12 +248,32 @@ impl KvPool {
     /// The pool's memory as bytes: where a transport may write blocks
     /// directly. The storage is allocated once and never resized, so the
     /// address holds for the pool's life.
-    pub fn raw_bytes(&mut self) -> (*mut u8, usize) {
+    /// `None` for a pool in GPU memory.
+    pub fn raw_bytes(&mut self) -> Option<(*mut u8, usize)> {
         match &mut self.storage {
-            KvStorage::F32(v) => (v.as_mut_ptr() as *mut u8, v.len() * 4),
-            KvStorage::F16(v) => (v.as_mut_ptr() as *mut u8, v.len() * 2),
-            KvStorage::Bf16(v) => (v.as_mut_ptr() as *mut u8, v.len() * 2),
+            KvStorage::F32(v) => Some((v.as_mut_ptr() as *mut u8, v.len() * 4)),
+            KvStorage::F16(v) => Some((v.as_mut_ptr() as *mut u8, v.len() * 2)),
+            KvStorage::Bf16(v) => Some((v.as_mut_ptr() as *mut u8, v.len() * 2)),
+            KvStorage::Device(_) => None,
         }
+    }
+
+    /// Whether the pool lives in GPU memory.
+    pub fn on_device(&self) -> bool {
+        matches!(self.storage, KvStorage::Device(_))
+    }
+
+    /// A pool of `n_blocks` zeroed blocks in the memory of `stream`'s GPU.
+    pub fn new_on_device(
+        layout: KvLayout,
+        n_blocks: usize,
+        stream: std::sync::Arc<crate::cuda::Stream>,
+    ) -> Result<KvPool> {
+        Ok(KvPool {
+            layout,
+            n_blocks,
+            storage: KvStorage::Device(crate::cuda::DevicePool::new(layout, n_blocks, stream)?),
+        })
     }
 
     /// Moves the pool into `bytes` bytes at `ptr`, which back it from then
@@ -274,6 +296,9 @@ impl KvPool {
                 KvStorage::F32(v) => v.adopt(ptr, bytes, keep),
                 KvStorage::F16(v) => v.adopt(ptr, bytes, keep),
                 KvStorage::Bf16(v) => v.adopt(ptr, bytes, keep),
+                KvStorage::Device(_) => Err(ModelError::Kv(
+                    "a pool in GPU memory cannot move into host memory".into(),
+                )),
             }
         }
     }
@@ -313,6 +338,9 @@ impl KvPool {
         slot: usize,
         v: &[f32],
     ) -> Result<()> {
+        if let KvStorage::Device(d) = &self.storage {
+            return d.write(block, layer, kv, head, slot, v);
+        }
         let base = self.check(block)? + self.layout.offset(layer, kv, head, slot);
         let hd = self.layout.head_dim;
         fn put<T: KvElem>(dst: &mut [T], v: &[f32]) {
@@ -324,12 +352,16 @@ impl KvPool {
             KvStorage::F32(s) => put(&mut s[base..base + hd], v),
             KvStorage::F16(s) => put(&mut s[base..base + hd], v),
             KvStorage::Bf16(s) => put(&mut s[base..base + hd], v),
+            KvStorage::Device(_) => unreachable!("handled above"),
         }
         Ok(())
     }
 
     /// Bytes `[off, off + len)` elements of a block, little-endian, as stored.
     pub fn read_region(&self, block: BlockId, off: usize, len: usize) -> Result<Vec<u8>> {
+        if let KvStorage::Device(d) = &self.storage {
+            return d.read_region(block, off, len);
+        }
         let base = self.check(block)? + off;
         if off + len > self.layout.block_elems() {
             return Err(ModelError::Kv(format!(
@@ -350,11 +382,15 @@ impl KvPool {
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
+            KvStorage::Device(_) => unreachable!("handled above"),
         })
     }
 
     /// Writes little-endian `bytes` (as stored) at element `off` of a block.
     pub fn write_region(&mut self, block: BlockId, off: usize, bytes: &[u8]) -> Result<()> {
+        if let KvStorage::Device(d) = &self.storage {
+            return d.write_region(block, off, bytes);
+        }
         let eb = self.layout.dtype.bytes();
         let len = bytes.len() / eb;
         if bytes.len() % eb != 0 || off + len > self.layout.block_elems() {
@@ -382,18 +418,23 @@ impl KvPool {
                     *d = bf16::from_le_bytes([c[0], c[1]]);
                 }
             }
+            KvStorage::Device(_) => unreachable!("handled above"),
         }
         Ok(())
     }
 
     /// A whole block as f32 values (for tests, checksums and transfers).
     pub fn block_f32(&self, block: BlockId) -> Result<Vec<f32>> {
+        if let KvStorage::Device(d) = &self.storage {
+            return d.block_f32(block);
+        }
         let base = self.check(block)?;
         let n = self.layout.block_elems();
         Ok(match &self.storage {
             KvStorage::F32(s) => s[base..base + n].to_vec(),
             KvStorage::F16(s) => s[base..base + n].iter().map(|v| v.to_f32()).collect(),
             KvStorage::Bf16(s) => s[base..base + n].iter().map(|v| v.to_f32()).collect(),
+            KvStorage::Device(_) => unreachable!("handled above"),
         })
     }
 
@@ -509,7 +550,7 @@ mod tests {
         let mut p = KvPool::new(l, 2);
         p.write(BlockId(1), 0, 1, 0, 1, &[1.0, 2.0, 3.0, 4.0])
             .unwrap();
-        let bytes = p.raw_bytes().1;
+        let bytes = p.raw_bytes().expect("host pool").1;
         struct Keep {
             _mem: Vec<f32>,
             freed: Arc<AtomicBool>,
@@ -542,7 +583,7 @@ mod tests {
         }
         .unwrap();
         assert_eq!(
-            p.raw_bytes().0,
+            p.raw_bytes().expect("host pool").0,
             ptr,
             "the pool now lives in the given memory"
         );

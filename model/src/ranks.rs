@@ -14,10 +14,13 @@ use std::thread::JoinHandle;
 
 use crate::attention::SeqSpan;
 use crate::comm::{AllReduce, ThreadGroup};
+use crate::cuda::{CommSpec, CudaSlice, CudaWeights, Gpu, GpuDtype};
+use crate::device::Device;
 use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
 use crate::kv::{BlockId, KvDtype, KvLayout, KvPool};
 use crate::linear::Formats;
+use crate::sampling::{select, Draw, Sampled};
 use crate::slice::{ModelSlice, Phase, SliceInput, SliceOutput, SliceSpec};
 
 #[derive(Debug, Clone)]
@@ -29,8 +32,28 @@ pub struct RankGroupOptions {
     /// Blocks in each rank's pool.
     pub kv_blocks: usize,
     pub formats: Formats,
-    /// Compute threads shared out among the ranks (at least one each).
+    /// Compute threads shared out among the ranks (at least one each); CPU only.
     pub threads: usize,
+    /// Where the ranks compute.
+    pub device: Device,
+    /// Weight precision on a GPU.
+    pub gpu_dtype: GpuDtype,
+}
+
+impl Default for RankGroupOptions {
+    fn default() -> Self {
+        RankGroupOptions {
+            layers: 0..1,
+            tp: 1,
+            block_size: KvLayout::DEFAULT_BLOCK_SIZE,
+            kv_dtype: KvDtype::F32,
+            kv_blocks: 64,
+            formats: Formats::BOTH,
+            threads: 0,
+            device: Device::Cpu,
+            gpu_dtype: GpuDtype::Bf16,
+        }
+    }
 }
 
 /// One sequence's part of a forward pass: `n` new tokens at position `pos`,
@@ -57,6 +80,8 @@ enum Job {
         spans: Arc<Vec<Span>>,
         phase: Phase,
         stop: Option<Arc<AtomicBool>>,
+        /// Choose each sequence's token on the rank (last stage).
+        draws: Option<Arc<Vec<Draw>>>,
     },
     Pool(PoolJob),
 }
@@ -70,13 +95,24 @@ struct Rank {
 pub struct RankGroup {
     pub layers: Range<usize>,
     pub tp: usize,
+    pub device: Device,
     layouts: Vec<KvLayout>,
     heads: Vec<Range<usize>>,
     ranks: Vec<Rank>,
+    /// What each rank computes on, e.g. "GPU 0 (NVIDIA H200, sm_90)".
+    pub placement: Vec<String>,
 }
 
 impl RankGroup {
     pub fn new(file: &ModelFile, opts: &RankGroupOptions) -> Result<RankGroup> {
+        if opts.device.is_cpu() {
+            Self::on_cpu(file, opts)
+        } else {
+            Self::on_gpu(file, opts)
+        }
+    }
+
+    fn on_cpu(file: &ModelFile, opts: &RankGroupOptions) -> Result<RankGroup> {
         let per_rank = (opts.threads / opts.tp.max(1)).max(1);
         let groups = ThreadGroup::new(opts.tp);
         let mut ranks = Vec::new();
@@ -91,7 +127,7 @@ impl RankGroup {
             };
             let slice = ModelSlice::load(file, &spec, opts.formats)?;
             let layout = slice.kv_layout(opts.block_size, opts.kv_dtype);
-            layouts.push(layout.clone());
+            layouts.push(layout);
             heads.push(spec.kv_heads(&file.config));
             let kv = KvPool::new(layout, opts.kv_blocks);
             // Each rank computes on a pool of its own: its thread takes part
@@ -117,10 +153,89 @@ impl RankGroup {
         Ok(RankGroup {
             layers,
             tp: opts.tp,
+            device: Device::Cpu,
             layouts,
             heads,
             ranks,
+            placement: vec!["cpu".into(); opts.tp],
         })
+    }
+
+    /// Ranks on GPUs: the weights are read and converted here, then each
+    /// rank thread uploads its own, joins the group's all-reduce and makes
+    /// its pool; this returns once every rank is ready or one failed.
+    fn on_gpu(file: &ModelFile, opts: &RankGroupOptions) -> Result<RankGroup> {
+        let gpus: Vec<Gpu> = crate::cuda::probe(&opts.device, opts.tp)?;
+        let ordinals: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
+        let specs = CommSpec::for_ranks(&ordinals)?;
+        let layers = opts.layers.clone();
+        let mut ranks = Vec::new();
+        let mut layouts = Vec::new();
+        let mut heads = Vec::new();
+        let mut ready = Vec::new();
+        for (r, (gpu, comm)) in gpus.iter().cloned().zip(specs).enumerate() {
+            let spec = SliceSpec {
+                layers: layers.clone(),
+                tp_rank: r,
+                tp: opts.tp,
+            };
+            let weights = CudaWeights::read(file, &spec, opts.gpu_dtype)?;
+            let layout = weights.kv_layout(opts.block_size, opts.kv_dtype);
+            layouts.push(layout);
+            heads.push(spec.kv_heads(&file.config));
+            let n_blocks = opts.kv_blocks;
+            let (tx, job_rx) = mpsc::sync_channel::<Job>(1);
+            let (out_tx, rx) = mpsc::sync_channel(1);
+            let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+            let thread = std::thread::Builder::new()
+                .name(format!("gpu-slice-{}-{}-r{r}", layers.start, layers.end))
+                .spawn(move || {
+                    let init = (|| -> Result<(CudaSlice, KvPool)> {
+                        let stream = Arc::new(gpu.stream()?);
+                        let comm = comm.join(&stream)?;
+                        let kv = KvPool::new_on_device(layout, n_blocks, stream.clone())?;
+                        let slice = CudaSlice::upload(weights, stream, comm)?;
+                        Ok((slice, kv))
+                    })();
+                    match init {
+                        Ok((slice, kv)) => {
+                            let _ = ready_tx.send(Ok(()));
+                            gpu_rank_loop(slice, kv, job_rx, out_tx);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|e| ModelError::Worker(format!("cannot start a rank thread: {e}")))?;
+            ready.push(ready_rx);
+            ranks.push(Rank {
+                tx: Some(tx),
+                rx,
+                thread: Some(thread),
+            });
+        }
+        let group = RankGroup {
+            layers,
+            tp: opts.tp,
+            device: opts.device.clone(),
+            layouts,
+            heads,
+            ranks,
+            placement: gpus.iter().map(Gpu::describe).collect(),
+        };
+        for (r, rx) in ready.into_iter().enumerate() {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(ModelError::Worker(format!(
+                        "GPU rank {r} stopped while loading"
+                    )))
+                }
+            }
+        }
+        Ok(group)
     }
 
     /// The block layout of `rank`'s pool.
@@ -159,6 +274,43 @@ impl RankGroup {
         phase: Phase,
         stop: Option<Arc<AtomicBool>>,
     ) -> Result<SliceOutput> {
+        self.pass(input, spans, phase, stop, None)
+    }
+
+    /// A pass of the last layers that chooses each span's next token with
+    /// its draw, on the device that computed the logits: only the tokens
+    /// and their log-probabilities come back.
+    pub fn forward_sampled(
+        &self,
+        input: Input,
+        spans: Vec<Span>,
+        phase: Phase,
+        draws: Vec<Draw>,
+        stop: Option<Arc<AtomicBool>>,
+    ) -> Result<Vec<Sampled>> {
+        if draws.len() != spans.len() {
+            return Err(ModelError::Invalid(format!(
+                "{} draws for {} sequences",
+                draws.len(),
+                spans.len()
+            )));
+        }
+        match self.pass(input, spans, phase, stop, Some(Arc::new(draws)))? {
+            SliceOutput::Sampled(s) => Ok(s),
+            _ => Err(ModelError::Worker(
+                "a sampled pass over layers without the LM head".into(),
+            )),
+        }
+    }
+
+    fn pass(
+        &self,
+        input: Input,
+        spans: Vec<Span>,
+        phase: Phase,
+        stop: Option<Arc<AtomicBool>>,
+        draws: Option<Arc<Vec<Draw>>>,
+    ) -> Result<SliceOutput> {
         let stop = stop.filter(|_| self.ranks.len() == 1);
         let input = Arc::new(input);
         let spans = Arc::new(spans);
@@ -170,6 +322,7 @@ impl RankGroup {
                     spans: spans.clone(),
                     phase,
                     stop: stop.clone(),
+                    draws: draws.clone(),
                 },
             )?;
         }
@@ -242,19 +395,10 @@ fn rank_loop(
                 spans,
                 phase,
                 stop,
+                draws,
             } => {
-                let spans: Vec<SeqSpan> = spans
-                    .iter()
-                    .map(|s| SeqSpan {
-                        pos: s.pos,
-                        n: s.n,
-                        blocks: &s.blocks,
-                    })
-                    .collect();
-                let input = match &*input {
-                    Input::Tokens(t) => SliceInput::Tokens(t),
-                    Input::Hidden(h) => SliceInput::Hidden(h),
-                };
+                let spans = seq_spans(&spans);
+                let input = slice_input(&input);
                 let r = pool.install(|| {
                     slice.forward(
                         input,
@@ -265,6 +409,66 @@ fn rank_loop(
                         stop.as_deref(),
                     )
                 });
+                // The CPU chooses from the logits exactly as the GPU's kernel does.
+                let r = match (r, draws) {
+                    (Ok(SliceOutput::Logits(l)), Some(d)) => {
+                        let vocab = slice.config.vocab_size;
+                        Ok(SliceOutput::Sampled(
+                            l.chunks(vocab).zip(d.iter()).map(|(row, d)| select(row, d)).collect(),
+                        ))
+                    }
+                    (r, _) => r,
+                };
+                if out.send(r).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn seq_spans(spans: &[Span]) -> Vec<SeqSpan<'_>> {
+    spans
+        .iter()
+        .map(|s| SeqSpan {
+            pos: s.pos,
+            n: s.n,
+            blocks: &s.blocks,
+        })
+        .collect()
+}
+
+fn slice_input(input: &Input) -> SliceInput<'_> {
+    match input {
+        Input::Tokens(t) => SliceInput::Tokens(t),
+        Input::Hidden(h) => SliceInput::Hidden(h),
+    }
+}
+
+fn gpu_rank_loop(
+    mut slice: CudaSlice,
+    mut kv: KvPool,
+    jobs: mpsc::Receiver<Job>,
+    out: mpsc::SyncSender<Result<SliceOutput>>,
+) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Pool(f) => f(&mut kv),
+            Job::Forward {
+                input,
+                spans,
+                stop,
+                draws,
+                ..
+            } => {
+                let spans = seq_spans(&spans);
+                let r = slice.forward(
+                    slice_input(&input),
+                    &spans,
+                    &mut kv,
+                    stop.as_deref(),
+                    draws.as_deref().map(|d| d.as_slice()),
+                );
                 if out.send(r).is_err() {
                     break;
                 }

@@ -108,56 +108,103 @@ impl Sampler {
         }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let token = if self.params.temperature == 0.0 {
-            argmax(logits)
+    /// The parameters and the uniform number for one choice: consumes one
+    /// number of the seeded stream when sampling (none when greedy), so a
+    /// choice made on a GPU from this draw follows the same stream.
+    pub fn draw(&mut self) -> Draw {
+        let u = if self.params.temperature == 0.0 {
+            0.0
         } else {
-            self.sample_random(logits)
+            self.rng.random::<f32>()
         };
-        Sampled {
-            token,
-            logprob: logprob(logits, token as usize),
+        Draw {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            u,
         }
     }
 
-    fn sample_random(&mut self, logits: &[f32]) -> u32 {
-        let t = self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i as u32, l / t))
-            .collect();
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if self.params.top_k > 0 && self.params.top_k < cand.len() {
-            cand.select_nth_unstable_by(self.params.top_k - 1, by_logit);
-            cand.truncate(self.params.top_k);
-        }
-        cand.sort_unstable_by(by_logit);
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        if self.params.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                acc += p / total;
-                if acc >= self.params.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            if r < *p {
-                return cand[i].0;
-            }
-            r -= p;
-        }
-        cand[probs.len() - 1].0
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let d = self.draw();
+        select(logits, &d)
     }
+}
+
+/// One token's choice: the request's sampling parameters and the uniform
+/// number in `[0, 1)` its seeded stream gave for this token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Draw {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub u: f32,
+}
+
+impl Draw {
+    pub const GREEDY: Draw = Draw {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        u: 0.0,
+    };
+}
+
+/// Chooses a token from `logits` as `d` says: the largest logit at
+/// temperature 0, else the candidates in descending order of
+/// `logit / temperature` (ties by index), cut to the top k and then to the
+/// shortest prefix whose probability reaches top_p, and the token where
+/// their cumulative probability passes `u` times their total. The GPU's
+/// sampling kernel computes the same choice.
+pub fn select(logits: &[f32], d: &Draw) -> Sampled {
+    let token = if d.temperature == 0.0 {
+        argmax(logits)
+    } else {
+        select_random(logits, d)
+    };
+    Sampled {
+        token,
+        logprob: logprob(logits, token as usize),
+    }
+}
+
+fn select_random(logits: &[f32], d: &Draw) -> u32 {
+    let t = d.temperature;
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, l / t))
+        .collect();
+    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if d.top_k > 0 && d.top_k < cand.len() {
+        cand.select_nth_unstable_by(d.top_k - 1, by_logit);
+        cand.truncate(d.top_k);
+    }
+    cand.sort_unstable_by(by_logit);
+    let max = cand[0].1;
+    let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    if d.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            acc += p / total;
+            if acc >= d.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+    }
+    let total: f32 = probs.iter().sum();
+    let mut r = d.u * total;
+    for (i, p) in probs.iter().enumerate() {
+        if r < *p {
+            return cand[i].0;
+        }
+        r -= p;
+    }
+    cand[probs.len() - 1].0
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {

@@ -18,7 +18,7 @@ use crate::attention::{paged_attention, SeqSpan};
 use crate::comm::AllReduce;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::file::{ModelFile, T};
+use crate::file::ModelFile;
 use crate::kv::{KvDtype, KvLayout, KvPool};
 use crate::linear::{Format, Formats, Linear};
 use crate::quant::QMat;
@@ -138,6 +138,8 @@ pub enum SliceOutput {
     Logits(Vec<f32>),
     /// Last-stage ranks other than 0: their part is already in rank 0's logits.
     Nothing,
+    /// The last stage's choice for each sequence, when asked to sample.
+    Sampled(Vec<crate::sampling::Sampled>),
 }
 
 enum Table {
@@ -185,70 +187,20 @@ impl std::fmt::Debug for ModelSlice {
 impl ModelSlice {
     /// Loads the weights `spec` covers, in the formats asked for.
     pub fn load(file: &ModelFile, spec: &SliceSpec, formats: Formats) -> Result<ModelSlice> {
-        let cfg = &file.config;
-        spec.validate(cfg)?;
-        let src = &file.source;
-        let (h, hd) = (cfg.hidden, cfg.head_dim);
-        let kvh = spec.kv_heads(cfg);
-        let qh = kvh.start * cfg.group_size()..kvh.end * cfg.group_size();
-        let inter = spec.intermediate(cfg);
-        let name = |t: T, l: usize| file.tensor_name(t, l);
-        let vec1 = |t: T, l: usize, n: usize| -> Result<Vec<f32>> {
-            Ok(src.load_shaped(&name(t, l), &[n], false)?.f32_data())
-        };
-        let keep_quant = formats.quant;
-
-        let mut layers = Vec::with_capacity(spec.layers.len());
-        for l in spec.layers.clone() {
-            let q = src.load_shaped(&name(T::Q, l), &[cfg.n_heads * hd, h], keep_quant)?;
-            let k = src.load_shaped(&name(T::K, l), &[cfg.n_kv_heads * hd, h], keep_quant)?;
-            let v = src.load_shaped(&name(T::V, l), &[cfg.n_kv_heads * hd, h], keep_quant)?;
-            let qkv = RawTensor::concat_rows(vec![
-                q.slice_rows(qh.start * hd, qh.end * hd),
-                k.slice_rows(kvh.start * hd, kvh.end * hd),
-                v.slice_rows(kvh.start * hd, kvh.end * hd),
-            ]);
-            let bias = if cfg.qkv_bias {
-                let mut b =
-                    vec1(T::QBias, l, cfg.n_heads * hd)?[qh.start * hd..qh.end * hd].to_vec();
-                b.extend_from_slice(
-                    &vec1(T::KBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd],
-                );
-                b.extend_from_slice(
-                    &vec1(T::VBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd],
-                );
-                Some(b)
-            } else {
-                None
-            };
-            let o = src.load_shaped(&name(T::O, l), &[h, cfg.n_heads * hd], keep_quant)?;
-            let gate = src.load_shaped(&name(T::Gate, l), &[cfg.intermediate, h], keep_quant)?;
-            let up = src.load_shaped(&name(T::Up, l), &[cfg.intermediate, h], keep_quant)?;
-            let down = src.load_shaped(&name(T::Down, l), &[h, cfg.intermediate], keep_quant)?;
-            let (q_norm, k_norm) = if cfg.qk_norm {
-                (Some(vec1(T::QNorm, l, hd)?), Some(vec1(T::KNorm, l, hd)?))
-            } else {
-                (None, None)
-            };
+        let t = crate::weights::read(file, spec, formats.quant)?;
+        let mut layers = Vec::with_capacity(t.layers.len());
+        for l in t.layers {
             layers.push(Layer {
-                attn_norm: vec1(T::AttnNorm, l, h)?,
-                qkv: Linear::new(qkv, bias, formats)?,
-                q_norm,
-                k_norm,
-                o: Linear::new(o.slice_cols(qh.start * hd, qh.end * hd), None, formats)?,
-                ffn_norm: vec1(T::FfnNorm, l, h)?,
-                gate_up: Linear::new(
-                    RawTensor::concat_rows(vec![
-                        gate.slice_rows(inter.start, inter.end),
-                        up.slice_rows(inter.start, inter.end),
-                    ]),
-                    None,
-                    formats,
-                )?,
-                down: Linear::new(down.slice_cols(inter.start, inter.end), None, formats)?,
+                attn_norm: l.attn_norm,
+                qkv: Linear::new(l.qkv, l.qkv_bias, formats)?,
+                q_norm: l.q_norm,
+                k_norm: l.k_norm,
+                o: Linear::new(l.o, None, formats)?,
+                ffn_norm: l.ffn_norm,
+                gate_up: Linear::new(l.gate_up, None, formats)?,
+                down: Linear::new(l.down, None, formats)?,
             });
         }
-
         let table = |raw: RawTensor| match raw {
             RawTensor::Quant(q) => Table::Quant(q),
             RawTensor::F32 { shape, data } => Table::Dense {
@@ -256,52 +208,25 @@ impl ModelSlice {
                 data,
             },
         };
-        let embed = if spec.first() {
-            Some(table(src.load_shaped(
-                &name(T::Embed, 0),
-                &[cfg.vocab_size, h],
-                true,
-            )?))
-        } else {
-            None
-        };
         // The LM head runs once per sequence per step, so it keeps its
         // quantized form in every phase (dense only when the file has no other).
-        let head = if spec.last(cfg) && spec.tp_rank == 0 {
-            let out_name = if src.has(&name(T::Output, 0)) {
-                T::Output
-            } else {
-                T::Embed
-            };
-            let lm = src.load_shaped(&name(out_name, 0), &[cfg.vocab_size, h], true)?;
-            Some(Head {
-                norm: vec1(T::OutNorm, 0, h)?,
-                lm: Linear::new(lm, None, Formats::DECODE)?,
-            })
-        } else {
-            None
+        let head = match t.head {
+            Some(hd) => Some(Head {
+                norm: hd.norm,
+                lm: Linear::new(hd.lm, None, Formats::DECODE)?,
+            }),
+            None => None,
         };
-        let mut inv_freq: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / hd as f32))
-            .collect();
-        if src.has(&name(T::RopeFreqs, 0)) {
-            let f = src
-                .load_shaped(&name(T::RopeFreqs, 0), &[hd / 2], false)?
-                .f32_data();
-            for (v, f) in inv_freq.iter_mut().zip(f) {
-                *v /= f;
-            }
-        }
         Ok(ModelSlice {
-            config: cfg.clone(),
+            config: file.config.clone(),
             spec: spec.clone(),
-            embed,
+            embed: t.embed.map(table),
             layers,
             head,
-            inv_freq,
-            n_q: qh.len(),
-            n_kv: kvh.len(),
-            inter: inter.len(),
+            inv_freq: t.inv_freq,
+            n_q: t.n_q,
+            n_kv: t.n_kv,
+            inter: t.inter,
         })
     }
 
@@ -386,6 +311,11 @@ impl ModelSlice {
                 x.to_vec()
             }
         };
+        if pool.on_device() {
+            return Err(ModelError::Kv(
+                "a CPU slice cannot compute on a pool in GPU memory".into(),
+            ));
+        }
         let layout = pool.layout;
         if layout.layers != self.layers.len() || layout.kv_heads != self.n_kv {
             return Err(ModelError::Kv(

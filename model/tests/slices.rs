@@ -251,6 +251,7 @@ fn a_preempted_pass_stops_and_runs_again_to_the_same_logits() {
                 kv_blocks: 16,
                 formats: Formats::PREFILL,
                 threads: 2,
+                ..Default::default()
             },
         )
         .expect("rank group")

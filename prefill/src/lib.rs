@@ -497,6 +497,7 @@ impl Stage {
     }
 
     fn run_chunk(&mut self, w: Work) -> std::result::Result<(), String> {
+        let is_last = self.last();
         let Some(r) = self.reqs.get_mut(&w.key) else {
             return Ok(());
         };
@@ -523,10 +524,20 @@ impl Stage {
             input: w.input.clone(),
         });
         let stop = warm.then(|| self.preempt.clone());
-        let out = match self
-            .group
-            .forward_until(w.input, vec![span], Phase::Prefill, stop)
-        {
+        // The last stage chooses the first token on its device, with the
+        // first number of the request's seeded stream.
+        let draw = (is_last && w.pos + w.n == total && !r.req.targets.is_empty())
+            .then(|| Sampler::new(&r.req.params).draw());
+        let pass = match draw {
+            Some(d) => self
+                .group
+                .forward_sampled(w.input, vec![span], Phase::Prefill, vec![d], stop)
+                .map(SliceOutput::Sampled),
+            None => self
+                .group
+                .forward_until(w.input, vec![span], Phase::Prefill, stop),
+        };
+        let out = match pass {
             Err(ModelError::Preempted) => {
                 tracing::debug!(
                     "{}: cache warming of request {} yields to real work",
@@ -544,7 +555,7 @@ impl Stage {
         let end = w.pos + w.n;
         let last_chunk = end == total;
         // Hidden states go on before this stage spends time on KV.
-        let mut logits = None;
+        let mut first = None;
         match out {
             SliceOutput::Hidden(hidden) => {
                 let next = self
@@ -563,11 +574,12 @@ impl Stage {
                 }))
                 .map_err(|e| e.to_string())?;
             }
-            SliceOutput::Logits(l) => logits = Some(l),
+            SliceOutput::Sampled(s) => first = s.first().copied(),
+            // An earlier chunk's logits on the last stage: nothing to choose yet.
+            SliceOutput::Logits(_) => {}
             SliceOutput::Nothing => return Err("the stage produced nothing".into()),
         }
         // KV of the blocks this chunk completed.
-        let is_last = self.last();
         let r = self.reqs.get_mut(&w.key).expect("checked above");
         let complete = if last_chunk {
             total.div_ceil(self.block_size)
@@ -637,8 +649,7 @@ impl Stage {
         for d in r.out.as_ref().expect("outgoing").finish() {
             transport.done(d).map_err(|e| e.to_string())?;
         }
-        if let Some(l) = logits.filter(|_| is_last && !r.req.targets.is_empty()) {
-            let s = Sampler::new(&r.req.params).sample(&l);
+        if let Some(s) = first {
             decode
                 .blocking_send(Message::FirstToken {
                     id: w.key.0,

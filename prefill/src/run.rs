@@ -39,6 +39,8 @@ pub fn run(
             kv_blocks: pipeline.kv_blocks,
             formats: Formats::PREFILL,
             threads,
+            device: cluster.device_of(&setup.name),
+            gpu_dtype: cluster.gpu_dtype,
         },
     )?;
     let desc = PoolDesc::new(

@@ -31,7 +31,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tandem_model::{KvDtype, ModelConfig, SliceSpec};
+use tandem_model::cuda::GpuDtype;
+use tandem_model::{Device, KvDtype, ModelConfig, SliceSpec};
 
 use crate::addr::NodeAddr;
 use crate::error::{Result, WireError};
@@ -76,6 +77,13 @@ pub struct ClusterSection {
     /// warning), `ucx` or `quic`.
     #[serde(default)]
     pub kv_transport: KvTransport,
+    /// Weight precision of nodes on GPUs: `bf16` (default) or `f32`.
+    #[serde(default = "default_gpu_dtype")]
+    pub gpu_dtype: String,
+}
+
+fn default_gpu_dtype() -> String {
+    "bf16".into()
 }
 
 /// How a pipeline's stages send KV to decode groups.
@@ -153,6 +161,9 @@ pub struct StageSection {
     /// (then the layers are split evenly).
     #[serde(default)]
     pub layers: Option<[usize; 2]>,
+    /// Where the stage computes: `cpu` (default), `cuda`, `cuda:N`.
+    #[serde(default)]
+    pub device: Device,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +191,10 @@ pub struct DecodeSection {
     /// prefill mixed into decode), so running streams keep going.
     #[serde(default = "default_local_chunk")]
     pub local_prefill_chunk: usize,
+    /// Where the group's ranks compute: `cpu` (default), `cuda` (rank r on
+    /// GPU r), `cuda:N` (every rank on GPU N), `cuda:0,1,2` (one per rank).
+    #[serde(default)]
+    pub device: Device,
 }
 
 fn default_local_chunk() -> usize {
@@ -293,7 +308,39 @@ pub struct Pipeline {
 pub struct Cluster {
     pub file: ClusterFile,
     pub kv_dtype: KvDtype,
+    pub gpu_dtype: GpuDtype,
     pub pipelines: Vec<Pipeline>,
+}
+
+impl Cluster {
+    /// Where node `name` computes (the gateway computes nothing: CPU).
+    pub fn device_of(&self, name: &str) -> Device {
+        let f = &self.file;
+        f.decode
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.device.clone())
+            .or_else(|| {
+                f.prefill
+                    .iter()
+                    .flat_map(|p| &p.stages)
+                    .find(|s| s.name == name)
+                    .map(|s| s.device.clone())
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl ClusterFile {
+    /// Sets the device of node `name` (a role's `--device` over the file's).
+    pub fn set_device(&mut self, name: &str, device: Device) {
+        for d in self.decode.iter_mut().filter(|d| d.name == name) {
+            d.device = device.clone();
+        }
+        for s in self.prefill.iter_mut().flat_map(|p| p.stages.iter_mut()).filter(|s| s.name == name) {
+            s.device = device.clone();
+        }
+    }
 }
 
 impl ClusterFile {
@@ -344,6 +391,12 @@ impl ClusterFile {
             bad(format!(
                 "[cluster] kv_dtype '{}' is not one of f32, f16, bf16",
                 c.cluster.kv_dtype
+            ))
+        })?;
+        let gpu_dtype = GpuDtype::parse(&c.cluster.gpu_dtype).ok_or_else(|| {
+            bad(format!(
+                "[cluster] gpu_dtype '{}' is not one of bf16, f32",
+                c.cluster.gpu_dtype
             ))
         })?;
         // No [[prefill]] at all is a colocated cluster: every decode group
@@ -436,6 +489,7 @@ impl ClusterFile {
         Ok(Cluster {
             file: self,
             kv_dtype,
+            gpu_dtype,
             pipelines,
         })
     }

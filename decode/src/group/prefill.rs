@@ -174,10 +174,23 @@ impl Group<'_> {
         None
     }
 
+    /// The draw for the head local prefill's chunk of `n` tokens: the
+    /// request's first when the chunk is its last (its token is the first
+    /// of the answer), else none (greedy, nothing of the stream used).
+    pub(super) fn local_chunk_draw(&self, n: usize) -> Draw {
+        let Some(l) = self.local.front() else {
+            return Draw::GREEDY;
+        };
+        match self.reqs.get(&l.id) {
+            Some(r) if l.done + n >= l.tokens.len() => Sampler::new(&r.gen.params).draw(),
+            _ => Draw::GREEDY,
+        }
+    }
+
     /// Records that the head local prefill's chunk of `n` tokens was
-    /// computed in `us`; when it was the last, samples the first token from
-    /// `logits` and starts the request.
-    pub(super) fn local_chunk_done(&mut self, n: usize, us: u64, logits: &[f32]) {
+    /// computed in `us`; when it was the last, `chosen` (from its draw) is
+    /// the first token and the request starts.
+    pub(super) fn local_chunk_done(&mut self, n: usize, us: u64, chosen: Sampled) {
         let Some(l) = self.local.front_mut() else {
             return;
         };
@@ -190,7 +203,7 @@ impl Group<'_> {
         let Some(r) = self.reqs.get_mut(&l.id) else {
             return;
         };
-        let s = Sampler::new(&r.gen.params).sample(logits);
+        let s = chosen;
         let started = l.started.unwrap_or_else(Instant::now);
         r.acct.cached_tokens = l.cached as u32;
         r.acct.prefilled_tokens = (l.tokens.len() - l.cached) as u32;

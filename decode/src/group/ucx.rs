@@ -99,6 +99,11 @@ pub(super) fn start(
     if wanted.is_empty() {
         return Ok(None);
     }
+    if group.with_pool(0, |p| p.on_device())? {
+        // UCX here moves host memory; a GPU group's KV comes over QUIC.
+        tracing::info!("{name}: KV pools are in GPU memory; KV comes over QUIC");
+        return Ok(None);
+    }
     let ucx = match Ucx::load(None) {
         Ok(u) => u,
         Err(e) if wanted.contains(&KvTransport::Ucx) => {
@@ -117,11 +122,13 @@ pub(super) fn start(
     let mut ranks = Vec::new();
     let mut pools = Vec::new();
     for r in 0..tp {
-        let len = group.with_pool(r, |pool| pool.raw_bytes().1)?;
+        let len = group
+            .with_pool(r, |pool| pool.raw_bytes().map(|b| b.1))?
+            .ok_or_else(|| setup_err("a KV pool is not in host memory"))?;
         let moved = move_pool(&worker, group, r, len);
         let (ptr, len, layout, n_blocks) = group.with_pool(r, |pool| {
-            let (p, l) = pool.raw_bytes();
-            (p as usize, l, pool.layout.clone(), pool.n_blocks)
+            let (p, l) = pool.raw_bytes().unwrap_or((std::ptr::null_mut(), 0));
+            (p as usize, l, pool.layout, pool.n_blocks)
         })?;
         if let Some(p) = moved {
             pools.push(p);

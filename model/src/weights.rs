@@ -1,0 +1,146 @@
+//! The tensors a slice holds, read once for every backend: which rows and
+//! columns of each weight belong to a layer range times a KV-head shard.
+//! The CPU slice ([`crate::ModelSlice`]) and the GPU slice
+//! ([`crate::cuda::CudaSlice`]) turn them into their own formats.
+//!
+//! A tensor-parallel shard holds the Q/K/V rows of its KV heads and their
+//! query groups, the matching input columns of the attention output, and
+//! `1/tp` of the MLP's intermediate dimension.
+
+use crate::error::Result;
+use crate::file::{ModelFile, T};
+use crate::slice::SliceSpec;
+use crate::source::RawTensor;
+
+pub(crate) struct LayerTensors {
+    pub attn_norm: Vec<f32>,
+    /// Q, K and V rows stacked, `[(n_q + 2 n_kv) * hd, hidden]`.
+    pub qkv: RawTensor,
+    pub qkv_bias: Option<Vec<f32>>,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    /// `[hidden, n_q * hd]`.
+    pub o: RawTensor,
+    pub ffn_norm: Vec<f32>,
+    /// Gate and up rows stacked, `[2 * inter, hidden]`.
+    pub gate_up: RawTensor,
+    /// `[hidden, inter]`.
+    pub down: RawTensor,
+}
+
+pub(crate) struct Head {
+    pub norm: Vec<f32>,
+    /// `[vocab, hidden]`.
+    pub lm: RawTensor,
+    /// The LM head is the embedding table (the file has no output tensor).
+    pub tied: bool,
+}
+
+pub(crate) struct SliceTensors {
+    pub layers: Vec<LayerTensors>,
+    /// `[vocab, hidden]`, on the first stage.
+    pub embed: Option<RawTensor>,
+    /// On the last stage's rank 0.
+    pub head: Option<Head>,
+    /// RoPE inverse frequencies, `[head_dim / 2]`.
+    pub inv_freq: Vec<f32>,
+    pub n_q: usize,
+    pub n_kv: usize,
+    pub inter: usize,
+}
+
+/// Reads what `spec` covers. Quantized tensors stay quantized when
+/// `keep_quant`; the embedding and LM head always do (callers convert them).
+pub(crate) fn read(file: &ModelFile, spec: &SliceSpec, keep_quant: bool) -> Result<SliceTensors> {
+    let cfg = &file.config;
+    spec.validate(cfg)?;
+    let src = &file.source;
+    let (h, hd) = (cfg.hidden, cfg.head_dim);
+    let kvh = spec.kv_heads(cfg);
+    let qh = kvh.start * cfg.group_size()..kvh.end * cfg.group_size();
+    let inter = spec.intermediate(cfg);
+    let name = |t: T, l: usize| file.tensor_name(t, l);
+    let vec1 = |t: T, l: usize, n: usize| -> Result<Vec<f32>> {
+        Ok(src.load_shaped(&name(t, l), &[n], false)?.f32_data())
+    };
+
+    let mut layers = Vec::with_capacity(spec.layers.len());
+    for l in spec.layers.clone() {
+        let q = src.load_shaped(&name(T::Q, l), &[cfg.n_heads * hd, h], keep_quant)?;
+        let k = src.load_shaped(&name(T::K, l), &[cfg.n_kv_heads * hd, h], keep_quant)?;
+        let v = src.load_shaped(&name(T::V, l), &[cfg.n_kv_heads * hd, h], keep_quant)?;
+        let qkv = RawTensor::concat_rows(vec![
+            q.slice_rows(qh.start * hd, qh.end * hd),
+            k.slice_rows(kvh.start * hd, kvh.end * hd),
+            v.slice_rows(kvh.start * hd, kvh.end * hd),
+        ]);
+        let qkv_bias = if cfg.qkv_bias {
+            let mut b = vec1(T::QBias, l, cfg.n_heads * hd)?[qh.start * hd..qh.end * hd].to_vec();
+            b.extend_from_slice(&vec1(T::KBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd]);
+            b.extend_from_slice(&vec1(T::VBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd]);
+            Some(b)
+        } else {
+            None
+        };
+        let o = src.load_shaped(&name(T::O, l), &[h, cfg.n_heads * hd], keep_quant)?;
+        let gate = src.load_shaped(&name(T::Gate, l), &[cfg.intermediate, h], keep_quant)?;
+        let up = src.load_shaped(&name(T::Up, l), &[cfg.intermediate, h], keep_quant)?;
+        let down = src.load_shaped(&name(T::Down, l), &[h, cfg.intermediate], keep_quant)?;
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (Some(vec1(T::QNorm, l, hd)?), Some(vec1(T::KNorm, l, hd)?))
+        } else {
+            (None, None)
+        };
+        layers.push(LayerTensors {
+            attn_norm: vec1(T::AttnNorm, l, h)?,
+            qkv,
+            qkv_bias,
+            q_norm,
+            k_norm,
+            o: o.slice_cols(qh.start * hd, qh.end * hd),
+            ffn_norm: vec1(T::FfnNorm, l, h)?,
+            gate_up: RawTensor::concat_rows(vec![
+                gate.slice_rows(inter.start, inter.end),
+                up.slice_rows(inter.start, inter.end),
+            ]),
+            down: down.slice_cols(inter.start, inter.end),
+        });
+    }
+
+    let embed = if spec.first() {
+        Some(src.load_shaped(&name(T::Embed, 0), &[cfg.vocab_size, h], true)?)
+    } else {
+        None
+    };
+    let head = if spec.last(cfg) && spec.tp_rank == 0 {
+        let tied = !src.has(&name(T::Output, 0));
+        let out_name = if tied { T::Embed } else { T::Output };
+        Some(Head {
+            norm: vec1(T::OutNorm, 0, h)?,
+            lm: src.load_shaped(&name(out_name, 0), &[cfg.vocab_size, h], true)?,
+            tied,
+        })
+    } else {
+        None
+    };
+    let mut inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    if src.has(&name(T::RopeFreqs, 0)) {
+        let f = src
+            .load_shaped(&name(T::RopeFreqs, 0), &[hd / 2], false)?
+            .f32_data();
+        for (v, f) in inv_freq.iter_mut().zip(f) {
+            *v /= f;
+        }
+    }
+    Ok(SliceTensors {
+        layers,
+        embed,
+        head,
+        inv_freq,
+        n_q: qh.len(),
+        n_kv: kvh.len(),
+        inter: inter.len(),
+    })
+}
