@@ -12,8 +12,9 @@ pub struct BenchEngineArgs {
     /// GGUF file or Hugging Face directory (default: the embedded default model).
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(long, default_value_t = 512)]
-    prompt_tokens: usize,
+    /// Prompt lengths whose prefill is timed (the first is compared with llama.cpp).
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    prompt_tokens: Vec<usize>,
     #[arg(long, default_value_t = 128)]
     decode_steps: usize,
     /// Batch sizes for aggregate decode throughput.
@@ -21,6 +22,11 @@ pub struct BenchEngineArgs {
     batches: Vec<usize>,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// KV storage: f32, f16 or bf16 (default: f32 on the CPU, bf16 on a GPU).
+    #[arg(long)]
+    kv_dtype: Option<String>,
+    #[command(flatten)]
+    device: crate::DeviceArgs,
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -33,26 +39,63 @@ pub struct BenchEngineArgs {
 pub fn engine(common: &Common, threads: usize, a: BenchEngineArgs) -> Result<()> {
     let path = common.model_path(&a.model)?;
     let file = tandem_model::ModelFile::open(&path)?;
+    let on_gpu = !a.device.device.is_cpu();
+    let kv_dtype = match &a.kv_dtype {
+        Some(k) => tandem_model::KvDtype::parse(k)
+            .ok_or_else(|| anyhow::anyhow!("--kv-dtype must be f32, f16 or bf16"))?,
+        None if on_gpu => tandem_model::KvDtype::Bf16,
+        None => tandem_model::KvDtype::F32,
+    };
     let opts = tandem_bench::engine::EngineBenchOptions {
-        prompt_tokens: a.prompt_tokens,
+        prompt_tokens: a.prompt_tokens.clone(),
         decode_prompt_tokens: 128,
         decode_steps: a.decode_steps,
         batches: a.batches,
         repeats: a.repeats,
+        device: a.device.device.clone(),
+        gpu_dtype: a.device.gpu_dtype,
+        kv_dtype,
     };
     let r = tandem_bench::engine::run(&file, threads, &opts)?;
     println!("model            {}", file.config.name);
-    println!("threads          {}", r.threads);
+    if on_gpu {
+        for g in tandem_model::cuda::probe(&a.device.device, 1)? {
+            println!("device           {} ({:?} weights, {kv_dtype:?} KV)", g.describe(), a.device.gpu_dtype);
+        }
+    } else {
+        println!("threads          {}", r.threads);
+    }
+    for (n, secs, tps) in &r.prefill {
+        println!(
+            "prefill {n:<5}    {tps:8.1} tok/s  ({:.2} ms, best of {})",
+            secs * 1e3,
+            opts.repeats
+        );
+    }
     println!(
-        "prefill          {:8.1} tok/s  ({} tokens, best of {})",
-        r.prefill_tokens_per_s, r.prompt_tokens, opts.repeats
-    );
-    println!(
-        "decode batch 1   {:8.1} tok/s  ({} steps after a 128-token prompt)",
-        r.decode_tokens_per_s_batch1, r.decode_steps
+        "decode batch 1   {:8.1} tok/s  ({} steps after a 128-token prompt; ITL p50 {:.3} ms)",
+        r.decode_tokens_per_s_batch1, r.decode_steps, r.itl_ms_batch1
     );
     for (b, tps) in &r.decode_batched {
         println!("decode batch {b:<3} {tps:8.1} tok/s  (aggregate)");
+    }
+    let mut limit = None;
+    if on_gpu {
+        let bw = tandem_bench::engine::device_bandwidth(&a.device.device)?;
+        let bytes = tandem_bench::engine::weight_params(&file)
+            * match a.device.gpu_dtype {
+                tandem_model::cuda::GpuDtype::Bf16 => 2,
+                tandem_model::cuda::GpuDtype::F32 => 4,
+            };
+        let floor = bytes as f64 / bw;
+        println!(
+            "physical limit   {:8.1} tok/s  at batch 1: {:.1} MB of weights per step / {:.0} GB/s measured device-to-device = {:.1} us",
+            1.0 / floor,
+            bytes as f64 / 1e6,
+            bw / 1e9,
+            floor * 1e6
+        );
+        limit = Some(serde_json::json!({"weight_bytes": bytes, "bandwidth_bytes_per_s": bw, "floor_s": floor}));
     }
     let reference = match &a.llama_bench {
         Some(bin) => {
@@ -60,7 +103,7 @@ pub fn engine(common: &Common, threads: usize, a: BenchEngineArgs) -> Result<()>
                 bin,
                 &path,
                 threads,
-                a.prompt_tokens,
+                r.prompt_tokens,
                 a.decode_steps,
                 a.repeats,
             )
@@ -82,7 +125,7 @@ pub fn engine(common: &Common, threads: usize, a: BenchEngineArgs) -> Result<()>
         None => None,
     };
     if let Some(p) = a.json {
-        let doc = serde_json::json!({ "tandem": r, "llama_cpp": reference });
+        let doc = serde_json::json!({ "tandem": r, "llama_cpp": reference, "physical_limit": limit });
         std::fs::write(&p, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }

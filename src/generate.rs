@@ -61,6 +61,8 @@ pub struct GenerateArgs {
     /// Print token ids and timings to stderr.
     #[arg(long)]
     verbose: bool,
+    #[command(flatten)]
+    device: crate::DeviceArgs,
 }
 
 pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
@@ -124,6 +126,8 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
         block_size: a.block_size,
         kv_dtype,
         kv_blocks: need_blocks,
+        device: a.device.device.clone(),
+        gpu_dtype: a.device.gpu_dtype,
         ..Default::default()
     };
     let mut engine = Engine::new(&file, &opts)?;

@@ -6,6 +6,7 @@ mod bench_kv;
 mod bench_serve;
 mod cluster;
 mod generate;
+mod gpu_check;
 mod node;
 mod plan;
 mod serve;
@@ -41,6 +42,23 @@ pub struct Common {
     python: String,
 }
 
+/// Where a process computes.
+#[derive(Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// cpu, cuda (tensor-parallel rank r on GPU r), cuda:N (every rank on
+    /// GPU N) or cuda:N,M,... (one GPU per rank). CUDA libraries are found
+    /// through LD_LIBRARY_PATH (see the README).
+    #[arg(long, default_value = "cpu")]
+    pub device: tandem_model::Device,
+    /// Weight precision on a GPU: bf16 or f32.
+    #[arg(long, default_value = "bf16", value_parser = parse_gpu_dtype)]
+    pub gpu_dtype: tandem_model::cuda::GpuDtype,
+}
+
+pub fn parse_gpu_dtype(s: &str) -> std::result::Result<tandem_model::cuda::GpuDtype, String> {
+    tandem_model::cuda::GpuDtype::parse(s).ok_or_else(|| format!("{s:?} is not bf16 or f32"))
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate text in one process (the reference path every layout is compared with).
@@ -67,6 +85,22 @@ enum Cmd {
     Prefill(node::RoleArgs),
     /// Run one decode group of a cluster file.
     Decode(node::RoleArgs),
+    /// Check the GPU engine against the CPU engine and print a pass/fail
+    /// line per check (see bench/gpu-check.sh).
+    GpuCheck(gpu_check::GpuCheckArgs),
+    /// Write a model as a Hugging Face directory (config.json, bf16
+    /// safetensors, tokenizer), e.g. for a PyTorch reference run.
+    ExportHf(ExportHfArgs),
+}
+
+#[derive(Args)]
+struct ExportHfArgs {
+    /// GGUF file or Hugging Face directory (default: the embedded default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Directory to write (created if missing).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -80,31 +114,9 @@ struct ExportTokenizerArgs {
 }
 
 fn export_tokenizer(common: &Common, a: ExportTokenizerArgs) -> Result<()> {
-    use anyhow::Context;
     let path = common.model_path(&a.model)?;
     let file = tandem_model::ModelFile::open(&path)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let tok = &file.tokenizer;
-    let name = |id: Option<u32>| id.map(|i| tok.token_text(i));
-    let mut config = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": file.config.context_length,
-        "bos_token": name(tok.bos),
-        "eos_token": name(tok.eos),
-        "add_bos_token": tok.add_bos,
-    });
-    if let Some(t) = &file.chat_template {
-        config["chat_template"] = t.source().into();
-    }
-    let write = |f: &str, body: String| {
-        let p = a.out.join(f);
-        std::fs::write(&p, body).with_context(|| format!("writing {}", p.display()))
-    };
-    write("tokenizer.json", tok.to_hf_json()?)?;
-    write(
-        "tokenizer_config.json",
-        serde_json::to_string_pretty(&config)?,
-    )?;
+    tandem_model::export::write_tokenizer(&file, &a.out)?;
     println!("{}", a.out.display());
     Ok(())
 }
@@ -208,5 +220,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Gateway(a) => node::gateway(&cli.common, a),
         Cmd::Prefill(a) => node::prefill(&cli.common, threads, a),
         Cmd::Decode(a) => node::decode(&cli.common, threads, a),
+        Cmd::GpuCheck(a) => gpu_check::run(&cli.common, a),
+        Cmd::ExportHf(a) => {
+            let path = cli.common.model_path(&a.model)?;
+            let file = tandem_model::ModelFile::open(&path)?;
+            tandem_model::export::write_hf(&file, &a.out)?;
+            println!("{}", a.out.display());
+            Ok(())
+        }
     }
 }

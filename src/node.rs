@@ -22,6 +22,10 @@ pub struct RoleArgs {
     /// This node's name in the cluster file.
     #[arg(long)]
     pub node: String,
+    /// Where this node computes (overrides its `device` in the cluster
+    /// file): cpu, cuda, cuda:N or cuda:N,M,...
+    #[arg(long)]
+    pub device: Option<tandem_model::Device>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -50,7 +54,10 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 }
 
 fn load(common: &Common, a: &RoleArgs) -> Result<(ModelFile, NodeSetup)> {
-    let file = ClusterFile::load(&a.config)?;
+    let mut file = ClusterFile::load(&a.config)?;
+    if let Some(d) = &a.device {
+        file.set_device(&a.node, d.clone());
+    }
     let model_path = common.model_path(&file.cluster.model)?;
     let model = ModelFile::open(&model_path)?;
     let cluster = file.validate(&model.config, &a.config)?;

@@ -84,6 +84,9 @@ pub struct ServeArgs {
     /// Where the cluster file and certificates go (default: a fresh directory under the cache).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Where prefill stages and decode groups compute.
+    #[command(flatten)]
+    pub device: crate::DeviceArgs,
 }
 
 /// A free local UDP port for a node's QUIC endpoint.
@@ -99,11 +102,16 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
     let http = SocketAddr::new(a.host, a.port);
     let mut t = String::new();
     t += &format!(
-        "[cluster]\nname = \"local\"\nmodel = {:?}\ncerts = \"certs\"\nkv_dtype = {:?}\nkv_transport = {:?}\n\n",
+        "[cluster]\nname = \"local\"\nmodel = {:?}\ncerts = \"certs\"\nkv_dtype = {:?}\nkv_transport = {:?}\ngpu_dtype = {:?}\n\n",
         model.display().to_string(),
         a.kv_dtype,
-        a.kv_transport
+        a.kv_transport,
+        match a.device.gpu_dtype {
+            tandem_model::cuda::GpuDtype::Bf16 => "bf16",
+            tandem_model::cuda::GpuDtype::F32 => "f32",
+        }
     );
+    let device = a.device.device.to_string();
     t += &format!(
         "[gateway]\nhttp = \"{http}\"\nquic = \"127.0.0.1:{}\"\nmax_queue = {}\nrouting = {:?}\n{}\n",
         free_udp()?,
@@ -128,7 +136,7 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
         );
         for i in 0..a.pp {
             t += &format!(
-                "  {{ name = \"p{p}-s{i}\", addr = \"127.0.0.1:{}\" }},\n",
+                "  {{ name = \"p{p}-s{i}\", addr = \"127.0.0.1:{}\", device = {device:?} }},\n",
                 free_udp()?
             );
         }
@@ -136,7 +144,7 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
     }
     for d in 0..a.decode_groups {
         t += &format!(
-            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\nlocal_prefill_chunk = {}\n\n",
+            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\ndevice = {device:?}\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\nlocal_prefill_chunk = {}\n\n",
             free_udp()?,
             a.tp,
             a.kv_blocks,

@@ -150,3 +150,30 @@ fn half_precision_kv_and_small_blocks_work() {
     assert!(ok, "{err}");
     assert!(text.contains("Paris"), "{text:?}");
 }
+
+/// `--device cuda` where there is no driver or GPU (CI never has one) ends
+/// with a message naming what is missing, not a panic; and the emulated
+/// GPU path prints what the CPU prints.
+#[test]
+fn a_gpu_device_without_a_gpu_is_a_clear_error_and_the_emulated_gpu_answers_like_the_cpu() {
+    let has_driver = std::path::Path::new("/proc/driver/nvidia").exists();
+    if !has_driver {
+        let (ok, _, err) = tandem(&["generate", "--chat", Q, "--max-tokens", "4", "--device", "cuda"]);
+        assert!(!ok, "generating on a missing GPU succeeded");
+        assert!(err.contains("error: GPU:"), "{err}");
+        assert!(
+            err.contains("driver") || err.contains("no GPU") || err.contains("libcuda"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, _, err) = tandem(&["generate", "--chat", Q, "--device", "tpu"]);
+    assert!(!ok && err.contains("unknown device"), "{err}");
+    let (ok, cpu, err) = tandem(&["generate", "--chat", Q, "--max-tokens", "6", "--gpu-dtype", "f32"]);
+    assert!(ok, "{err}");
+    let (ok, emu, err) = tandem(&[
+        "generate", "--chat", Q, "--max-tokens", "6", "--device", "emu", "--gpu-dtype", "f32",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(emu, cpu);
+}

@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod fetch;
 pub mod file;
 pub mod gemm;

@@ -1,11 +1,14 @@
 //! The GPU engine's code path, run by the CUDA emulator on the CPU,
-//! against the CPU engine on the default model: the same slices, pool
-//! layout and sampling, computed by the project's CUDA kernels.
+//! against the CPU engine on the default model: the checks `tandem
+//! gpu-check` runs on a GPU (kernels against references, logits and greedy
+//! continuations against the CPU, chunked prefill, PP/TP layouts, decode
+//! graphs), here with fewer prompts and tokens.
 
 mod common;
 
+use tandem_model::cuda::check::{run_all, CheckPlan};
 use tandem_model::cuda::GpuDtype;
-use tandem_model::{ChatMessage, Device, Engine, EngineOptions, ModelFile, Sequence};
+use tandem_model::{ChatMessage, Device, KvDtype, ModelFile};
 
 fn prompt_ids(file: &ModelFile, p: &str) -> Vec<u32> {
     let t = file.chat_template.as_ref().expect("chat template");
@@ -14,45 +17,38 @@ fn prompt_ids(file: &ModelFile, p: &str) -> Vec<u32> {
         .expect("encodes")
 }
 
-fn opts(device: Device, pp: usize, tp: usize, gpu_dtype: GpuDtype) -> EngineOptions {
-    EngineOptions {
-        pp,
-        tp,
-        kv_blocks: 32,
-        device,
-        gpu_dtype,
-        ..Default::default()
+fn plan(file: &ModelFile, dtype: GpuDtype, kv_dtype: KvDtype) -> CheckPlan {
+    let long = "Tell me about lighthouses, the keepers who lived in them, and the ships they guided home.";
+    CheckPlan {
+        device: Device::Emu,
+        dtype,
+        prompts: vec![
+            prompt_ids(file, "What is the capital of France?"),
+            prompt_ids(file, "List the first five prime numbers."),
+        ],
+        greedy_tokens: 12,
+        long_prompt: prompt_ids(file, long),
+        chunks: vec![1, 7, 16],
+        layouts: vec![(2, 1), (3, 1), (1, 3)],
+        kv_dtype,
     }
 }
 
-/// Prefill logits (in chunks of `chunk`), then one decode step's.
-fn logits(engine: &mut Engine, ids: &[u32], chunk: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut seq = Sequence {
-        tokens: ids.to_vec(),
-        ..Default::default()
-    };
-    let pre = engine.prefill(&mut seq, chunk).expect("prefill");
-    seq.tokens.push(tandem_model::sampling::argmax(&pre));
-    let dec = engine.decode(&mut [&mut seq]).expect("decode");
-    engine.release(&mut seq);
-    (pre, dec)
+fn assert_all_pass(file: &ModelFile, plan: &CheckPlan) {
+    let t0 = std::time::Instant::now();
+    let checks = run_all(file, plan, |c| eprintln!("{c} [{:.1?}]", t0.elapsed()));
+    let failed: Vec<String> = checks.iter().filter(|c| !c.pass).map(|c| c.to_string()).collect();
+    assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
 }
 
 #[test]
-fn emulated_gpu_logits_equal_the_cpu() {
+fn emulated_gpu_with_f32_weights_equals_the_cpu() {
     let file = common::open();
-    let ids = prompt_ids(&file, "What is the capital of France?");
-    let t0 = std::time::Instant::now();
-    let mut cpu = Engine::new(&file, &opts(Device::Cpu, 1, 1, GpuDtype::F32)).expect("cpu");
-    let (pre, dec) = logits(&mut cpu, &ids, 512);
-    drop(cpu);
-    let mut gpu = Engine::new(&file, &opts(Device::Emu, 1, 1, GpuDtype::F32)).expect("emu");
-    eprintln!("cpu + load {:?}", t0.elapsed());
-    let t1 = std::time::Instant::now();
-    let (gpre, gdec) = logits(&mut gpu, &ids, 512);
-    eprintln!("emu pass {:?}", t1.elapsed());
-    let (dp, dd) = (common::rel_diff(&pre, &gpre), common::rel_diff(&dec, &gdec));
-    eprintln!("prefill {dp} decode {dd}");
-    assert!(dp <= 1e-3, "prefill logits differ by {dp}");
-    assert!(dd <= 1e-3, "decode logits differ by {dd}");
+    assert_all_pass(&file, &plan(&file, GpuDtype::F32, KvDtype::F32));
+}
+
+#[test]
+fn emulated_gpu_with_bf16_weights_stays_within_its_tolerance() {
+    let file = common::open();
+    assert_all_pass(&file, &plan(&file, GpuDtype::Bf16, KvDtype::Bf16));
 }

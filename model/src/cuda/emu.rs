@@ -360,52 +360,43 @@ fn run(lib: &Lib, op: &Op) -> Result<()> {
     }
 }
 
-/// Reads an `r × c` column-major operand (leading dimension `ld`) as a
-/// row-major f32 matrix, transposed first when `trans`.
-fn operand(ptr: u64, ty: DType, ld: usize, rows: usize, cols: usize, trans: bool) -> Result<Vec<f32>> {
-    // Stored matrix: `sr × sc` column-major.
+/// A GEMM operand as f32 with the strides that make element `(i, l)` of
+/// `op(X)` (`rows × cols`) `data[i * row + l * col]`: f32 memory is used
+/// in place, bf16 is widened first.
+fn operand(ptr: u64, ty: DType, ld: usize, rows: usize, cols: usize, trans: bool) -> Result<(std::borrow::Cow<'static, [f32]>, Strides)> {
+    // The stored matrix is `sr × sc` column-major with leading dimension ld.
     let (sr, sc) = if trans { (cols, rows) } else { (rows, cols) };
     if ld < sr {
         return Err(err(format!("emulator: leading dimension {ld} < {sr} rows")));
     }
     let span = (sc - 1) * ld + sr;
     check(ptr, span * ty.bytes(), "GEMM operand")?;
-    let at = |i: usize| -> f32 {
-        // SAFETY: i < span, inside the allocation (checked above).
-        unsafe {
-            match ty {
-                DType::F32 => *(ptr as *const f32).add(i),
-                DType::Bf16 => half::bf16::from_bits(*(ptr as *const u16).add(i)).to_f32(),
-            }
+    let strides = if trans {
+        Strides { row: ld, col: 1 }
+    } else {
+        Strides { row: 1, col: ld }
+    };
+    let data = match ty {
+        // SAFETY: `span` f32 lie inside a live allocation (checked), which
+        // nothing frees or writes while this stream's GEMM runs.
+        DType::F32 => std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(ptr as *const f32, span)
+        }),
+        DType::Bf16 => {
+            // SAFETY: as above, `span` bf16 values.
+            let raw = unsafe { std::slice::from_raw_parts(ptr as *const u16, span) };
+            std::borrow::Cow::Owned(raw.iter().map(|b| half::bf16::from_bits(*b).to_f32()).collect())
         }
     };
-    let mut m = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            // op(X)[r][c] = trans ? X[c][r] : X[r][c], X column-major.
-            let i = if trans { r * ld + c } else { c * ld + r };
-            m[r * cols + c] = at(i);
-        }
-    }
-    Ok(m)
+    Ok((data, strides))
 }
 
 /// cublasGemmEx's arithmetic: f32 products and sums, result stored as `c_type`.
 fn gemm(g: &Gemm) -> Result<()> {
-    let a = operand(g.a, g.a_type, g.lda, g.m, g.k, g.trans_a)?;
-    let b = operand(g.b, g.b_type, g.ldb, g.k, g.n, g.trans_b)?;
+    let (a, sa) = operand(g.a, g.a_type, g.lda, g.m, g.k, g.trans_a)?;
+    let (b, sb) = operand(g.b, g.b_type, g.ldb, g.k, g.n, g.trans_b)?;
     let mut c = vec![0f32; g.m * g.n];
-    sgemm(
-        g.m,
-        g.n,
-        g.k,
-        &a,
-        Strides::row_major(g.k),
-        &b,
-        Strides::row_major(g.n),
-        &mut c,
-        true,
-    );
+    sgemm(g.m, g.n, g.k, &a, sa, &b, sb, &mut c, true);
     if g.ldc < g.m {
         return Err(err("emulator: ldc < m"));
     }

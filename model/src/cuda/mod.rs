@@ -17,6 +17,7 @@
 //! or one of the libraries fails at start with a message naming what is
 //! missing ([`probe`]).
 
+pub mod check;
 pub mod comm;
 pub mod emu;
 pub mod gpu;
