@@ -547,3 +547,31 @@ fn api_keys_guard_the_api_but_not_the_probes() {
     }
     let _ = std::fs::remove_file(&keys);
 }
+
+/// The cluster on the GPU code path, run by the CUDA emulator: prefill
+/// stages and decode ranks compute with the project's CUDA kernels, their
+/// KV pools in (emulated) device memory, and greedy answers equal
+/// `generate` on the same device for (PP, TP) ∈ {(1, 1), (2, 1), (2, 3)}.
+#[test]
+fn the_cluster_on_the_emulated_gpu_answers_exactly_like_generate() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = ["--device", "emu", "--gpu-dtype", "f32"];
+    let mut args = vec!["--chat", SHORT];
+    args.extend(dev);
+    let want = generate_with(&args, 6);
+    assert_eq!(want, generate(SHORT, 6), "the emulated GPU writes what the CPU writes");
+    for (pp, tp) in [(1, 1), (2, 1), (2, 3)] {
+        let (pp_s, tp_s) = (pp.to_string(), tp.to_string());
+        let mut flags = vec!["--pp", pp_s.as_str(), "--tp", tp_s.as_str(), "--local-prefill-max", "0"];
+        flags.extend(dev);
+        let c = Cluster::start(&flags);
+        let (status, v) = c.chat(&greedy(SHORT, 6));
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["message"]["content"].as_str(),
+            Some(want.as_str()),
+            "PP {pp}, TP {tp}"
+        );
+        assert!(v["tandem"]["kv_bytes"].as_u64().unwrap_or(0) > 0, "{}", v["tandem"]);
+    }
+}

@@ -78,6 +78,12 @@ pub fn parse_signatures(src: &str) -> Result<Vec<Signature>> {
     let mut rest = src;
     while let Some(i) = rest.find(marker) {
         rest = &rest[i + marker.len()..];
+        if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
+            let close = after
+                .find(')')
+                .ok_or_else(|| err("unterminated __launch_bounds__"))?;
+            rest = after[close + 1..].trim_start();
+        }
         let open = rest
             .find('(')
             .ok_or_else(|| err("a kernel without a parameter list"))?;

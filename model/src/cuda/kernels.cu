@@ -510,9 +510,11 @@ __device__ void attn_prefill_impl(void* __restrict__ out, int out_bf16, const fl
     float m[ROWS];
     float l[ROWS];
     float acc[ROWS][HPL];
+#pragma unroll
     for (int r = 0; r < ROWS; r++) {
         m[r] = TANDEM_NEG_INF;
         l[r] = 0.0f;
+#pragma unroll
         for (int c = 0; c < HPL; c++) {
             acc[r][c] = 0.0f;
         }
@@ -539,53 +541,57 @@ __device__ void attn_prefill_impl(void* __restrict__ out, int out_bf16, const fl
             vs[j * stride + d] = kv_v;
         }
         __syncthreads();
+        // Fully unrolled, so each row's state stays in registers.
+#pragma unroll
         for (int r = 0; r < ROWS; r++) {
             int row = warp * ROWS + r;
-            if (row >= rows_here) {
-                break;
-            }
             int qp = pos + q0 + row;
-            if (k0 > qp) {
-                continue;
-            }
-            int kp = k0 + lane;
-            float sc = TANDEM_NEG_INF;
-            if (kp <= qp) {
-                float a = 0.0f;
-                const float* qr = qs + row * hd;
-                const float* kr = ks + lane * stride;
-                for (int d = 0; d < hd; d++) {
-                    a += qr[d] * kr[d];
+            // Warp-uniform: every lane of the warp takes the same branch.
+            if (row < rows_here && k0 <= qp) {
+                int kp = k0 + lane;
+                float sc = TANDEM_NEG_INF;
+                if (kp <= qp) {
+                    float a = 0.0f;
+                    const float* qr = qs + row * hd;
+                    const float* kr = ks + lane * stride;
+                    for (int d = 0; d < hd; d++) {
+                        a += qr[d] * kr[d];
+                    }
+                    sc = a;
                 }
-                sc = a;
-            }
-            float mt = warp_max(sc);
-            float m_new = fmaxf(m[r], mt);
-            float p = kp <= qp ? expf(sc - m_new) : 0.0f;
-            float corr = expf(m[r] - m_new);
-            l[r] = l[r] * corr + warp_sum(p);
-            m[r] = m_new;
-            for (int c = 0; c < HPL; c++) {
-                acc[r][c] *= corr;
-            }
-            int last = min(PREFILL_BK, qp - k0 + 1);
-            for (int j = 0; j < last; j++) {
-                float pj = __shfl_sync(0xffffffffu, p, j);
+                float mt = warp_max(sc);
+                float m_new = fmaxf(m[r], mt);
+                float p = kp <= qp ? expf(sc - m_new) : 0.0f;
+                float corr = expf(m[r] - m_new);
+                l[r] = l[r] * corr + warp_sum(p);
+                m[r] = m_new;
+#pragma unroll
                 for (int c = 0; c < HPL; c++) {
-                    int d = lane + 32 * c;
-                    if (d < hd) {
-                        acc[r][c] += pj * vs[j * stride + d];
+                    acc[r][c] *= corr;
+                }
+                int last = min(PREFILL_BK, qp - k0 + 1);
+                for (int j = 0; j < last; j++) {
+                    float pj = __shfl_sync(0xffffffffu, p, j);
+                    const float* vr = vs + j * stride;
+#pragma unroll
+                    for (int c = 0; c < HPL; c++) {
+                        int d = lane + 32 * c;
+                        if (d < hd) {
+                            acc[r][c] += pj * vr[d];
+                        }
                     }
                 }
             }
         }
     }
+#pragma unroll
     for (int r = 0; r < ROWS; r++) {
         int row = warp * ROWS + r;
         if (row >= rows_here) {
-            break;
+            continue;
         }
         i64 o = ((i64)(tok0 + q0 + row) * n_q + h) * hd;
+#pragma unroll
         for (int c = 0; c < HPL; c++) {
             int d = lane + 32 * c;
             if (d < hd) {
@@ -810,7 +816,7 @@ __device__ int nth_with_key(const float* __restrict__ lr, int vocab, float t, u3
 // sampler does (greedy at temperature 0) with the uniform draw `u[row]`
 // made by the host's seeded generator, and its log-probability under the
 // untempered distribution. Writes `token[row]` and `logprob[row]`.
-extern "C" __global__ void sample_rows(int* __restrict__ token, float* __restrict__ logprob,
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(int* __restrict__ token, float* __restrict__ logprob,
                                        const float* __restrict__ logits, int vocab,
                                        const float* __restrict__ temperature,
                                        const int* __restrict__ top_k,

@@ -14,6 +14,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static thread_local
 #define DYNAMIC_SMEM(T, name) T* name = (T*)tandem_emu::dyn_smem()
