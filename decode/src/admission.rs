@@ -80,18 +80,13 @@ struct Held {
     fenced: bool,
 }
 
-/// Blocks of an abandoned attempt whose writers may still be putting into
-/// them, and since when.
+/// Blocks of an abandoned attempt that something may still write. They
+/// come back only through [`Admission::writers_stopped`]: never because
+/// time passed.
 #[derive(Debug)]
 struct Quarantined {
     blocks: Vec<BlockId>,
-    since: u64,
 }
-
-/// How long an abandoned attempt's blocks wait at most for its writers to
-/// confirm they stopped (a confirmation that was lost, a writer that
-/// neither answers nor drops its link), in the caller's time unit (ms).
-pub const QUARANTINE_MAX: u64 = 30_000;
 
 #[derive(Debug, PartialEq)]
 enum HeldState {
@@ -110,9 +105,6 @@ pub struct Counters {
     pub checksum_failures: u64,
     pub stale_completions: u64,
     pub rejected_overload: u64,
-    /// Abandoned attempts whose blocks were freed after [`QUARANTINE_MAX`]
-    /// without their writers confirming they stopped.
-    pub quarantine_expired: u64,
     /// KV blocks that arrived, by path: `Kv` messages on the QUIC link,
     /// written by the stage into the mapped pool (UCX, same host), and
     /// active messages (UCX elsewhere).
@@ -332,14 +324,13 @@ impl Admission {
 
     /// Frees a held request's blocks, or quarantines them when its attempt
     /// is still awaiting KV from writers that put into them directly.
-    fn free(&mut self, id: RequestId, h: &Held, now: u64) {
+    fn free(&mut self, id: RequestId, h: &Held) {
         match h.state {
             HeldState::AwaitingKv { lease, .. } if h.fenced => {
                 self.quarantine.insert(
                     (id, lease),
                     Quarantined {
                         blocks: h.blocks.clone(),
-                        since: now,
                     },
                 );
             }
@@ -351,7 +342,7 @@ impl Admission {
     /// or fails it when it has had its attempts.
     fn retry(&mut self, id: RequestId, now: u64) -> Vec<Action> {
         let h = self.held.remove(&id).expect("callers hold the request");
-        self.free(id, &h, now);
+        self.free(id, &h);
         let HeldState::AwaitingKv {
             attempts, lease, ..
         } = h.state
@@ -389,18 +380,6 @@ impl Admission {
         for id in late {
             out.extend(self.retry(id, now));
         }
-        let expired: Vec<(RequestId, Lease)> = self
-            .quarantine
-            .iter()
-            .filter(|(_, q)| now >= q.since + QUARANTINE_MAX)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in expired {
-            if let Some(q) = self.quarantine.remove(&k) {
-                self.counters.quarantine_expired += 1;
-                self.cache.release(&q.blocks);
-            }
-        }
         out.extend(self.pump(now));
         out
     }
@@ -431,7 +410,7 @@ impl Admission {
     /// The request was cancelled or its client left: free whatever it holds.
     pub fn release(&mut self, id: RequestId, now: u64) -> Vec<Action> {
         if let Some(h) = self.held.remove(&id) {
-            self.free(id, &h, now);
+            self.free(id, &h);
         } else {
             self.queue.retain(|q| q.id != id);
         }

@@ -6,8 +6,15 @@
 //!   asked for, leases that fence off late writes from failed attempts,
 //!   retries on a lost or corrupted transfer, deadlines, and freeing on
 //!   finish or cancel.
-//! - [`group`]: the process around it: rank threads, the batch loop, KV
-//!   arriving from prefill stages, tokens streaming to the gateway.
+//! - [`core`]: the request logic around admission, as a state machine
+//!   driven by events with the time passed in: attempts at a request's KV
+//!   from a pipeline or prefilled here, the checks on what arrives, fences
+//!   that keep abandoned attempts' blocks out of use while anything may
+//!   write them, and the composition of each decode step.
+//! - [`group`]: the process around it: links, rank threads, UCX, the
+//!   loop that feeds the core and carries out its actions, the text of
+//!   each stream.
 
 pub mod admission;
+pub mod core;
 pub mod group;

@@ -24,6 +24,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("The request body is too large: {0}")]
     TooLarge(String),
+    #[error("The request ran out of time: {0}")]
+    Timeout(String),
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -45,6 +47,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => 429,
             ApiError::Internal(_) => 500,
             ApiError::Unavailable(_) => 503,
+            ApiError::Timeout(_) => 504,
         }
     }
 
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::Unavailable(_) => ("service_unavailable_error", json!("no_live_node"), None),
             ApiError::Unauthorized => ("authentication_error", json!("invalid_api_key"), None),
             ApiError::TooLarge(_) => ("invalid_request_error", json!("request_too_large"), None),
+            ApiError::Timeout(_) => ("server_error", json!("timeout"), None),
             ApiError::Internal(_) => ("server_error", Value::Null, None),
         };
         json!({ "error": { "message": self.to_string(), "type": kind, "param": param, "code": code } })

@@ -36,7 +36,7 @@ pub struct Metrics {
     kv_checksum_failures: IntGaugeVec,
     kv_retries: IntGaugeVec,
     kv_quarantined: IntGaugeVec,
-    kv_quarantines_expired: IntGaugeVec,
+    kv_quarantined_attempts: IntGaugeVec,
     kv_landed: IntGaugeVec,
 }
 
@@ -187,12 +187,12 @@ impl Metrics {
             )?,
             kv_quarantined: gauge_vec(
                 "tandem_kv_blocks_quarantined",
-                "KV blocks of abandoned attempts held until every stage writing them directly confirms it stopped",
+                "KV blocks of abandoned attempts held until nothing may write them: every stage that may write them directly confirmed it stopped or is known dead, and every receive into them completed",
                 &["node"],
             )?,
-            kv_quarantines_expired: gauge_vec(
-                "tandem_kv_quarantines_expired",
-                "Quarantines freed unconfirmed after their time limit, since the decode group started",
+            kv_quarantined_attempts: gauge_vec(
+                "tandem_kv_quarantined_attempts",
+                "Abandoned attempts whose blocks wait until nothing may write them (time passing frees none)",
                 &["node"],
             )?,
             kv_landed: gauge_vec(
@@ -226,7 +226,7 @@ impl Metrics {
             &self.kv_checksum_failures,
             &self.kv_retries,
             &self.kv_quarantined,
-            &self.kv_quarantines_expired,
+            &self.kv_quarantined_attempts,
             &self.kv_landed,
         ] {
             g.reset();
@@ -260,8 +260,8 @@ impl Metrics {
                 (&self.kv_retries, l.kv_retries as i64),
                 (&self.kv_quarantined, l.kv_quarantined_blocks.into()),
                 (
-                    &self.kv_quarantines_expired,
-                    l.kv_quarantines_expired as i64,
+                    &self.kv_quarantined_attempts,
+                    l.kv_quarantined_attempts as i64,
                 ),
             ] {
                 gauge.with_label_values(&[name]).set(v);

@@ -189,9 +189,8 @@ fn api_error(class: ErrorClass, message: String) -> ApiError {
         },
         ErrorClass::Overloaded => ApiError::Overloaded { retry_after_s: 1 },
         ErrorClass::NodeLost => ApiError::Unavailable(message),
-        ErrorClass::DeadlineExceeded | ErrorClass::Cancelled | ErrorClass::Internal => {
-            ApiError::Internal(message)
-        }
+        ErrorClass::DeadlineExceeded => ApiError::Timeout(message),
+        ErrorClass::Cancelled | ErrorClass::Internal => ApiError::Internal(message),
     }
 }
 

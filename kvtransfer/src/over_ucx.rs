@@ -39,6 +39,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+
 use serde::{Deserialize, Serialize};
 use tandem_model::BlockId;
 use tandem_wire::link::Link;
@@ -368,31 +369,78 @@ struct Fenced {
     failed: Option<String>,
 }
 
-/// The decode group's side: which attempts may write where.
+#[derive(Default)]
+struct Table {
+    open: HashMap<RequestId, Fenced>,
+    /// Closed attempts with receives still in flight into their blocks:
+    /// the blocks stay the attempt's until the count reaches zero.
+    closed: HashMap<(RequestId, Lease), usize>,
+}
+
+/// What the decode loop hears from the landing table, from the worker
+/// thread: a receive for an open attempt completed (a waiting notice may
+/// now be satisfied), or a closed attempt's last receive completed (its
+/// blocks are no longer written by anyone on this side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LandingEvent {
+    Progress { id: RequestId, lease: Lease },
+    Drained { id: RequestId, lease: Lease },
+}
+
+/// Where blocks a stage reported stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LandedStatus {
+    Landed,
+    /// Some are still being received (a [`LandingEvent::Progress`] follows).
+    Pending,
+    Failed(String),
+    /// The attempt is not open (abandoned or finished).
+    Closed,
+}
+
+type Wake = Arc<dyn Fn(LandingEvent) + Send + Sync>;
+
+/// The decode group's side: which attempts may write where. Nothing here
+/// waits: a notice whose blocks are still arriving is answered
+/// [`LandedStatus::Pending`] and the caller hears a [`LandingEvent`] when
+/// that changes.
 #[derive(Clone)]
 pub struct Landing {
-    table: Arc<Mutex<HashMap<RequestId, Fenced>>>,
+    table: Arc<Mutex<Table>>,
     ranks: Arc<Vec<RankMemory>>,
+    wake: Wake,
 }
 
 impl Landing {
-    /// Installs the handler on `worker` for pools laid out as `ranks`.
-    pub fn install(worker: &Worker, ranks: Vec<RankMemory>) -> crate::ucx::Result<Landing> {
+    /// Installs the handler on `worker` for pools laid out as `ranks`;
+    /// `wake` is called (on the worker's thread) as receives complete.
+    pub fn install(
+        worker: &Worker,
+        ranks: Vec<RankMemory>,
+        wake: impl Fn(LandingEvent) + Send + Sync + 'static,
+    ) -> crate::ucx::Result<Landing> {
         let landing = Landing {
-            table: Arc::new(Mutex::new(HashMap::new())),
+            table: Arc::new(Mutex::new(Table::default())),
             ranks: Arc::new(ranks),
+            wake: Arc::new(wake),
         };
         let l = landing.clone();
         worker.on_am(KV_AM, Box::new(move |h, len| l.place(h, len)))?;
         Ok(landing)
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data callback: checks the header against the open attempts
+    /// before anything is written.
     fn place(&self, header: &[u8], len: usize) -> Placement {
         let Ok(h) = tandem_wire::codec::decode::<KvHeader>(header) else {
             return Placement::Drop;
         };
-        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(f) = t.get_mut(&h.id).filter(|f| f.lease == h.lease) else {
+        let mut t = self.lock();
+        let Some(f) = t.open.get_mut(&h.id).filter(|f| f.lease == h.lease) else {
             // An abandoned attempt: its blocks may be someone else's now.
             return Placement::Drop;
         };
@@ -417,7 +465,7 @@ impl Landing {
             && blocks
                 .iter()
                 .all(|b| allowed.contains(b) && (b.0 as usize) < mem.n_blocks);
-        if blocks.is_empty() || !fits || per_block * blocks.len() != len {
+        if blocks.is_empty() || !fits || per_block.checked_mul(blocks.len()) != Some(len) {
             f.failed = Some(format!(
                 "blocks {:?} ({len} bytes) are not ones the request expects on rank {}",
                 blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
@@ -431,26 +479,56 @@ impl Landing {
                 .map(move |r| (start + r.dst * mem.elem_bytes, r.len * mem.elem_bytes))
         }));
         f.inflight += 1;
-        let table = self.table.clone();
+        let me = self.clone();
+        let (id, lease) = (h.id, h.lease);
         Placement::Into {
             runs,
-            done: Box::new(move |r| {
-                let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(f) = t.get_mut(&h.id) {
-                    f.inflight = f.inflight.saturating_sub(1);
-                    match r {
-                        Ok(()) => f
-                            .landed
-                            .extend(blocks.iter().map(|b| (h.stage, h.rank, *b))),
-                        Err(e) => f.failed = Some(e.to_string()),
-                    }
-                }
-            }),
+            done: Box::new(move |r| me.completed(id, lease, h.stage, h.rank, &blocks, r)),
         }
     }
 
-    /// Lets the attempt under `lease` write `allowed[rank]` with `plans`;
-    /// replaces (and fences off) any earlier attempt of the request.
+    /// The completion of a receive: counts only for the attempt it was
+    /// accepted under, open or closed.
+    fn completed(
+        &self,
+        id: RequestId,
+        lease: Lease,
+        stage: u32,
+        rank: u32,
+        blocks: &[BlockId],
+        r: crate::ucx::Result<()>,
+    ) {
+        let event = {
+            let mut t = self.lock();
+            match t.open.get_mut(&id).filter(|f| f.lease == lease) {
+                Some(f) => {
+                    f.inflight = f.inflight.saturating_sub(1);
+                    match r {
+                        Ok(()) => f.landed.extend(blocks.iter().map(|b| (stage, rank, *b))),
+                        Err(e) => f.failed = Some(e.to_string()),
+                    }
+                    Some(LandingEvent::Progress { id, lease })
+                }
+                None => match t.closed.get_mut(&(id, lease)) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        None
+                    }
+                    Some(_) => {
+                        t.closed.remove(&(id, lease));
+                        Some(LandingEvent::Drained { id, lease })
+                    }
+                    None => None,
+                },
+            }
+        };
+        if let Some(e) = event {
+            (self.wake)(e);
+        }
+    }
+
+    /// Lets the attempt under `lease` write `allowed[rank]` with `plans`.
+    /// Any earlier attempt of the request must have been closed.
     pub fn open(
         &self,
         id: RequestId,
@@ -458,9 +536,13 @@ impl Landing {
         allowed: Vec<Vec<BlockId>>,
         plans: HashMap<(u32, u32), Vec<CopyRun>>,
     ) {
-        self.close(id);
-        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        t.insert(
+        let mut t = self.lock();
+        if let Some(old) = t.open.remove(&id) {
+            if old.inflight > 0 {
+                t.closed.insert((id, old.lease), old.inflight);
+            }
+        }
+        t.open.insert(
             id,
             Fenced {
                 lease,
@@ -476,59 +558,52 @@ impl Landing {
         );
     }
 
-    /// Fences the request off: no new message lands in its blocks, and this
-    /// returns once those already landing are in (within a second).
-    pub fn close(&self, id: RequestId) {
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-            match t.get_mut(&id) {
-                None => return,
-                Some(f) if f.inflight == 0 || Instant::now() > deadline => {
-                    t.remove(&id);
-                    return;
+    /// Fences the attempt off: no new message lands in its blocks. Returns
+    /// whether nothing is being received into them any more; else a
+    /// [`LandingEvent::Drained`] follows once the last receive completes.
+    pub fn close(&self, id: RequestId, lease: Lease) -> bool {
+        let mut t = self.lock();
+        match t.open.get(&id) {
+            Some(f) if f.lease == lease => {
+                let f = t.open.remove(&id).expect("present");
+                if f.inflight > 0 {
+                    t.closed.insert((id, lease), f.inflight);
+                    return false;
                 }
-                Some(f) => f.lease = Lease(u64::MAX),
+                true
             }
-            drop(t);
-            std::thread::sleep(Duration::from_micros(100));
+            _ => !t.closed.contains_key(&(id, lease)),
         }
     }
 
-    /// Waits until this side's worker has completed receiving every one of
-    /// `blocks` from (stage, rank). The stage's notice follows its own
-    /// completions, which can run ahead of the receiver's by a few
-    /// microseconds. Errors with why the transfer failed, or on `timeout`.
-    pub fn landed(
+    /// Whether every one of `blocks` from (stage, rank) is in this side's
+    /// pool. The stage's notice follows its own completions, which can run
+    /// ahead of the receiver's by a few microseconds: then `Pending`.
+    pub fn status(
         &self,
         id: RequestId,
         lease: Lease,
         stage: u32,
         rank: u32,
         blocks: &[BlockId],
-        timeout: Duration,
-    ) -> std::result::Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            {
-                let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(f) = t.get(&id).filter(|f| f.lease == lease) else {
-                    return Err("the attempt is no longer open".into());
-                };
-                if let Some(why) = &f.failed {
-                    return Err(why.clone());
-                }
-                if blocks.iter().all(|b| f.landed.contains(&(stage, rank, *b))) {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "blocks from stage {stage} for rank {rank} did not land within {timeout:?}"
-                ));
-            }
-            std::thread::sleep(Duration::from_micros(50));
+    ) -> LandedStatus {
+        let t = self.lock();
+        let Some(f) = t.open.get(&id).filter(|f| f.lease == lease) else {
+            return LandedStatus::Closed;
+        };
+        if let Some(why) = &f.failed {
+            return LandedStatus::Failed(why.clone());
         }
+        if blocks.iter().all(|b| f.landed.contains(&(stage, rank, *b))) {
+            LandedStatus::Landed
+        } else {
+            LandedStatus::Pending
+        }
+    }
+
+    /// Blocks of closed attempts still being received into (for `/metrics`).
+    pub fn draining(&self) -> usize {
+        self.lock().closed.len()
     }
 }
 
@@ -595,6 +670,40 @@ mod tests {
         decode.unmap(&region);
     }
 
+    /// A receive accepted under an old attempt that completes after a new
+    /// attempt opened changes nothing of the new one; the old attempt's
+    /// blocks count as written until that completion, which reports them
+    /// drained.
+    #[test]
+    fn a_late_completion_of_an_old_attempt_changes_nothing_and_drains_it() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let landing = Landing {
+            table: Arc::new(Mutex::new(Table::default())),
+            ranks: Arc::new(Vec::new()),
+            wake: Arc::new(move |e| seen.lock().unwrap().push(e)),
+        };
+        let (id, old, new) = (RequestId(1), Lease(10), Lease(11));
+        landing.open(id, old, vec![ids(&[1, 2])], HashMap::new());
+        // A receive into the old attempt's blocks is in flight...
+        landing.lock().open.get_mut(&id).unwrap().inflight = 1;
+        assert!(!landing.close(id, old), "closing waits for the receive");
+        landing.open(id, new, vec![ids(&[1, 2])], HashMap::new());
+        // ...and completes late.
+        landing.completed(id, old, 0, 0, &ids(&[1, 2]), Ok(()));
+        assert_eq!(
+            landing.status(id, new, 0, 0, &ids(&[1, 2])),
+            LandedStatus::Pending,
+            "the old attempt's bytes do not count for the new one"
+        );
+        assert_eq!(landing.lock().open[&id].inflight, 0);
+        assert_eq!(*events.lock().unwrap(), vec![LandingEvent::Drained { id, lease: old }]);
+        assert_eq!(landing.draining(), 0);
+        // A completion for an attempt nobody knows changes nothing at all.
+        landing.completed(id, Lease(99), 0, 0, &ids(&[1]), Ok(()));
+        assert_eq!(events.lock().unwrap().len(), 1);
+    }
+
     /// The handler as decode installs it: batched blocks land where the
     /// plan says, each block counted as landed; a stale lease or a block
     /// the request does not own is refused without touching memory.
@@ -605,6 +714,8 @@ mod tests {
         let block_bytes = block_elems * elem;
         let n_blocks = 8;
         let mut pool = vec![0u8; block_bytes * n_blocks];
+        let (id, lease) = (RequestId(7), Lease(3));
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
         let landing = Landing::install(
             &decode,
             vec![RankMemory {
@@ -613,9 +724,22 @@ mod tests {
                 block_bytes,
                 elem_bytes: elem,
             }],
+            move |e| {
+                let _ = wake_tx.send(e);
+            },
         )
         .expect("install");
-        let (id, lease) = (RequestId(7), Lease(3));
+        // Waits (by the events, not by polling) until the blocks' status settles.
+        let settle = |lease: Lease, blocks: &[BlockId]| loop {
+            match landing.status(id, lease, 0, 0, blocks) {
+                LandedStatus::Pending => {
+                    wake_rx
+                        .recv_timeout(Duration::from_secs(10))
+                        .expect("a receive completes");
+                }
+                other => break other,
+            }
+        };
         // Each block of this rank is two runs: the plan swaps its halves.
         let half = block_elems / 2;
         let plan = vec![
@@ -670,9 +794,7 @@ mod tests {
         assert!((0..n_blocks).all(|b| at(b).iter().all(|&x| x == 0)));
         send(lease, &[2, 3, 4]);
         send(lease, &[6]);
-        landing
-            .landed(id, lease, 0, 0, &allowed, Duration::from_secs(10))
-            .expect("landed");
+        assert_eq!(settle(lease, &allowed), LandedStatus::Landed);
         for b in [2u32, 3, 4, 6] {
             let got = at(b as usize);
             let (first, second) = got.split_at(block_bytes / 2);
@@ -690,12 +812,13 @@ mod tests {
         }
         // A block the request does not own fails the transfer, unwritten.
         send(lease, &[6, 7]);
-        let e = landing
-            .landed(id, lease, 0, 0, &ids(&[7]), Duration::from_secs(10))
-            .unwrap_err();
+        let LandedStatus::Failed(e) = settle(lease, &ids(&[7])) else {
+            panic!("a foreign block is refused");
+        };
         assert!(e.contains("not ones the request expects"), "{e}");
         assert!(at(7).iter().all(|&x| x == 0));
         // So does a message naming one block twice.
+        assert!(landing.close(id, lease), "nothing in flight");
         let lease = Lease(4);
         landing.open(
             id,
@@ -704,11 +827,12 @@ mod tests {
             HashMap::from([((0, 0), plan)]),
         );
         send(lease, &[3, 3]);
-        let e = landing
-            .landed(id, lease, 0, 0, &ids(&[3]), Duration::from_secs(10))
-            .unwrap_err();
+        let LandedStatus::Failed(e) = settle(lease, &ids(&[3])) else {
+            panic!("a block named twice is refused");
+        };
         assert!(e.contains("not ones the request expects"), "{e}");
-        landing.close(id);
+        assert!(landing.close(id, lease));
+        assert_eq!(landing.status(id, lease, 0, 0, &ids(&[3])), LandedStatus::Closed);
         drop(stage);
         drop(decode);
         drop(pool);

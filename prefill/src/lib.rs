@@ -33,7 +33,7 @@ use tandem_wire::config::KvTransport;
 use tandem_wire::config::Pipeline;
 use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
 use tandem_wire::messages::{
-    Activations, ErrorClass, Lease, Load, Message, PrefillRequest, RequestId, Role, WARM_LEASE,
+    Activations, ErrorClass, Lease, Load, Message, PrefillRequest, RequestId, Role,
 };
 use tandem_wire::node::{now_ms, Beat, NodeSetup};
 
@@ -62,6 +62,8 @@ struct Work {
     pos: usize,
     n: usize,
     input: Input,
+    /// Of a cache-warming pass: runs after everything else.
+    warm: bool,
 }
 
 pub struct Stage {
@@ -88,10 +90,69 @@ pub struct Stage {
     ucx: Option<Arc<Worker>>,
     ucx_peers: HashMap<String, (EpId, Option<Arc<PutTarget>>)>,
     faults: Faults,
+    /// Attempts decode aborted before their request came from the stage
+    /// before; a request arriving for one later is refused.
+    tombstones: Tombstones,
     /// Set when real work (a prompt or a real request's activations) arrives:
     /// a cache-warming pass in progress stops at its next layer and goes back
     /// in the queue, behind the work someone waits for.
     preempt: Arc<AtomicBool>,
+}
+
+/// Why a chunk failed, with the class decode acts on: a deadline is not
+/// retried, anything else is (elsewhere).
+#[derive(Debug)]
+struct ChunkError {
+    class: ErrorClass,
+    message: String,
+}
+
+impl From<String> for ChunkError {
+    fn from(message: String) -> ChunkError {
+        ChunkError {
+            class: ErrorClass::Internal,
+            message,
+        }
+    }
+}
+
+impl From<&str> for ChunkError {
+    fn from(message: &str) -> ChunkError {
+        message.to_string().into()
+    }
+}
+
+/// A bounded set of aborted attempts (the oldest forgotten first).
+#[derive(Debug, Default)]
+struct Tombstones {
+    set: std::collections::HashSet<Key>,
+    order: VecDeque<Key>,
+}
+
+impl Tombstones {
+    /// More than any stage sees aborted before their request arrives.
+    const MAX: usize = 1 << 20;
+
+    fn insert(&mut self, k: Key) {
+        if self.set.insert(k) {
+            self.order.push_back(k);
+            if self.order.len() > Self::MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &Key) {
+        if self.set.remove(k) {
+            self.order.retain(|x| x != k);
+        }
+    }
+
+    fn contains(&self, k: &Key) -> bool {
+        self.set.contains(k)
+    }
 }
 
 /// Fault injection for tests and benchmarks, off unless set in the stage's
@@ -158,7 +219,7 @@ impl Stage {
 
     fn on_event(&mut self, ev: NetEvent) {
         match self.links.apply(&self.name, ev) {
-            Change::Up { peer, replaced } => {
+            Change::Up { peer, replaced, .. } => {
                 if replaced {
                     self.peer_lost(&peer);
                 }
@@ -202,10 +263,32 @@ impl Stage {
 
     fn on_message(&mut self, peer: &str, msg: Message) {
         match msg {
-            Message::Prefill(req) => self.admit(req),
+            Message::Prefill(req) => {
+                // Aborted before it got here (decode's abort overtook the
+                // stage before's request): confirmed stopped, so refused.
+                if self.tombstones.contains(&(req.id, req.lease)) {
+                    tracing::debug!("{}: request {} was aborted before it arrived", self.name, req.id.0);
+                    return;
+                }
+                self.admit(req)
+            }
             Message::PrefillAbort { id, lease, decode } => {
+                let key = (id, lease);
+                let known = self.reqs.contains_key(&key)
+                    || self.waiting.iter().any(|r| (r.id, r.lease) == key);
                 self.waiting.retain(|r| !(r.id == id && r.lease == lease));
-                self.drop_req((id, lease), false);
+                self.drop_req(key, false);
+                if self.index > 0 {
+                    if peer == decode && !known {
+                        // Its request may still come from the stage before:
+                        // once confirmed stopped, it must be refused then.
+                        self.tombstones.insert(key);
+                    } else if peer != decode {
+                        // The stage before passes the abort on after the
+                        // request, on the same link: nothing more can come.
+                        self.tombstones.remove(&key);
+                    }
+                }
                 // Chunks run on this thread, which writes a mapped pool
                 // itself and waits for (or cancels) whatever UCX sends, so
                 // none of this attempt's writes is still under way: tell
@@ -230,6 +313,7 @@ impl Stage {
                     pos: a.pos as usize,
                     n: a.n as usize,
                     input: Input::Hidden(a.hidden),
+                    warm: a.warm,
                 };
                 if self.reqs.contains_key(&key) {
                     self.work.push_back(w);
@@ -432,6 +516,7 @@ impl Stage {
                         pos,
                         n,
                         input: Input::Tokens(req.tokens[pos..pos + n].to_vec()),
+                        warm: req.warm,
                     });
                     pos += n;
                 }
@@ -490,19 +575,22 @@ impl Stage {
                         self.ucx_peers.remove(&req.decode);
                     }
                 }
-                self.fail(&req, ErrorClass::Internal, e);
+                self.fail(&req, e.class, e.message);
             }
             self.drop_req(key, false);
         }
     }
 
-    fn run_chunk(&mut self, w: Work) -> std::result::Result<(), String> {
+    fn run_chunk(&mut self, w: Work) -> std::result::Result<(), ChunkError> {
         let is_last = self.last();
         let Some(r) = self.reqs.get_mut(&w.key) else {
             return Ok(());
         };
         if now_ms() > r.req.deadline_ms {
-            return Err("the request's deadline passed during prefill".into());
+            return Err(ChunkError {
+                class: ErrorClass::DeadlineExceeded,
+                message: "the request's deadline passed during prefill".into(),
+            });
         }
         if !self.faults.stall.is_zero() {
             std::thread::sleep(self.faults.stall);
@@ -516,12 +604,13 @@ impl Stage {
         };
         // Cache warming yields to real work between layers; its chunk runs
         // again from the start (rewriting the same KV) once that is done.
-        let warm = w.key.1 == WARM_LEASE;
+        let warm = w.warm;
         let again = warm.then(|| Work {
             key: w.key,
             pos: w.pos,
             n: w.n,
             input: w.input.clone(),
+            warm: true,
         });
         let stop = warm.then(|| self.preempt.clone());
         // The last stage chooses the first token on its device, with the
@@ -571,6 +660,7 @@ impl Stage {
                     pos: w.pos as u32,
                     n: w.n as u32,
                     hidden,
+                    warm,
                 }))
                 .map_err(|e| e.to_string())?;
             }

@@ -114,6 +114,7 @@ pub fn run(
         ucx: start_ucx(&setup.name, st_transport)?,
         ucx_peers: HashMap::new(),
         faults: Faults::from_env(),
+        tombstones: Default::default(),
         preempt,
     };
     let gateway = cluster.file.gateway.name.clone();
@@ -142,7 +143,7 @@ pub fn run(
         let next = st
             .work
             .iter()
-            .position(|w| w.key.1 != WARM_LEASE)
+            .position(|w| !w.warm)
             .or((!st.work.is_empty()).then_some(0));
         if let Some(w) = next.and_then(|i| st.work.remove(i)) {
             st.step(w);
@@ -177,11 +178,11 @@ fn relay(to: mpsc::Sender<NetEvent>, preempt: Arc<AtomicBool>) -> Result<mpsc::S
                     NetEvent::Message {
                         msg: Message::Prefill(r),
                         ..
-                    } => r.lease != WARM_LEASE,
+                    } => !r.warm,
                     NetEvent::Message {
                         msg: Message::Activations(a),
                         ..
-                    } => a.lease != WARM_LEASE,
+                    } => !a.warm,
                     _ => false,
                 };
                 if to.send(ev).is_err() {
@@ -223,13 +224,13 @@ fn start_ucx(name: &str, t: KvTransport) -> Result<Option<Arc<Worker>>> {
 mod tests {
     use super::*;
 
-    fn prefill(lease: Lease) -> NetEvent {
+    fn prefill(warm: bool) -> NetEvent {
         NetEvent::Message {
             peer: "d0".into(),
             link: 1,
             msg: Message::Prefill(PrefillRequest {
                 id: RequestId(1),
-                lease,
+                lease: Lease(5),
                 decode: "d0".into(),
                 tokens: vec![1, 2, 3],
                 cached: 0,
@@ -238,20 +239,22 @@ mod tests {
                 targets: Vec::new(),
                 params: tandem_model::SamplingParams::greedy(1),
                 deadline_ms: now_ms() + 60_000,
+                warm,
             }),
         }
     }
 
-    fn activations(lease: Lease) -> NetEvent {
+    fn activations(warm: bool) -> NetEvent {
         NetEvent::Message {
             peer: "p0-s0".into(),
             link: 2,
             msg: Message::Activations(Activations {
                 id: RequestId(1),
-                lease,
+                lease: Lease(5),
                 pos: 0,
                 n: 1,
                 hidden: vec![0.0; 4],
+                warm,
             }),
         }
     }
@@ -267,12 +270,12 @@ mod tests {
             from.recv_timeout(Duration::from_secs(5))
                 .expect("passed on")
         };
-        for ev in [prefill(WARM_LEASE), activations(WARM_LEASE)] {
+        for ev in [prefill(true), activations(true)] {
             tx.send(ev).unwrap();
             recv();
             assert!(!flag.load(Ordering::Acquire), "warming does not preempt");
         }
-        for ev in [prefill(Lease(5)), activations(Lease(5))] {
+        for ev in [prefill(false), activations(false)] {
             flag.store(false, Ordering::Release);
             tx.send(ev).unwrap();
             match recv() {

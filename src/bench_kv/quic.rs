@@ -19,6 +19,7 @@ fn hello(node: &str) -> Hello {
         cluster: "bench-kv".into(),
         node: node.into(),
         role: Role::Client,
+        process: tandem_wire::node::this_process(),
     }
 }
 
@@ -38,7 +39,7 @@ pub(super) fn quic_receiver() -> Result<()> {
             if peer.node == "link" {
                 tokio::spawn(async move {
                     let (tx, rx) = mpsc::channel();
-                    let link = Link::start(h, "link".into(), Role::Client, tx);
+                    let link = Link::start(h, "link".into(), Role::Client, peer.process.clone(), tx);
                     let _ = tokio::task::spawn_blocking(move || {
                         let mut sum = 0u64;
                         while let Ok(ev) = rx.recv() {
@@ -131,11 +132,11 @@ pub(super) fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Re
     // The cluster's path: a link carrying `Kv` messages.
     let (tx, events) = mpsc::channel();
     let link = rt.block_on(async {
-        let (h, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &hello("link")).await?;
-        Ok::<_, anyhow::Error>(Link::start(h, "decode".into(), Role::Client, tx))
+        let (h, _, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &hello("link")).await?;
+        Ok::<_, anyhow::Error>(Link::start(h, "decode".into(), Role::Client, Default::default(), tx))
     })?;
     let raw = rt.block_on(async {
-        let (h, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &hello("raw")).await?;
+        let (h, _, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &hello("raw")).await?;
         Ok::<_, anyhow::Error>(h.conn)
     })?;
     let mut rows = Vec::new();

@@ -86,6 +86,7 @@ mod tests {
             cluster: "c".into(),
             node: "d0".into(),
             role: Role::Decode { group: "d0".into() },
+            process: Default::default(),
         };
         let mut buf = Vec::new();
         write_frame(&mut buf, &hello).await.expect("write");

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::addr::NodeAddr;
 use crate::codec::{read_frame, write_frame, MAX_FRAME};
 use crate::error::{Result, WireError};
-use crate::messages::{Hello, Message, Role};
+use crate::messages::{Hello, Message, ProcessId, Role};
 use crate::quic::{accept_stream, connect_stream, Handshaken};
 
 /// What a node's links report.
@@ -25,6 +25,8 @@ pub enum NetEvent {
     Up {
         link: Link,
         role: Role,
+        /// The peer's process, from its handshake.
+        process: ProcessId,
     },
     Message {
         peer: String,
@@ -58,7 +60,7 @@ const QUEUE: usize = 64;
 impl Link {
     /// Starts the writer and reader tasks of a handshaken connection and
     /// reports it [`NetEvent::Up`]. Must be called inside a tokio runtime.
-    pub fn start(h: Handshaken, peer: String, role: Role, events: Events) -> Link {
+    pub fn start(h: Handshaken, peer: String, role: Role, process: ProcessId, events: Events) -> Link {
         let id = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
         let Handshaken {
@@ -75,6 +77,7 @@ impl Link {
         let _ = events.send(NetEvent::Up {
             link: link.clone(),
             role,
+            process,
         });
         let wconn = conn.clone();
         tokio::spawn(async move {
@@ -142,6 +145,17 @@ impl Link {
             .map_err(|e| WireError::Connection(format!("link to {}: {e}", self.peer)))
     }
 
+    /// Queues a message without waiting; gives it back when the queue is
+    /// full. A closed link drops it (its loss is reported as the link
+    /// going down).
+    pub fn try_send_back(&self, m: Message) -> std::result::Result<(), Message> {
+        match self.tx.try_send(m) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(m)) => Err(m),
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
     }
@@ -168,7 +182,7 @@ pub fn spawn_acceptor(ep: quinn::Endpoint, me: Hello, events: Events) {
                     .await
                 {
                     Ok(Ok((h, hello))) => {
-                        Link::start(h, hello.node, hello.role, events);
+                        Link::start(h, hello.node, hello.role, hello.process, events);
                     }
                     Ok(Err(e)) => tracing::warn!("refused a connection: {e}"),
                     Err(_) => tracing::warn!("a peer did not finish its handshake in 10 s"),
@@ -192,10 +206,10 @@ pub fn spawn_dialer(ep: quinn::Endpoint, addr: NodeAddr, peer: String, me: Hello
                 ))),
             };
             match found {
-                Ok((h, role)) => {
+                Ok((h, role, process)) => {
                     backoff = Duration::from_millis(50);
                     warned = false;
-                    let link = Link::start(h, peer.clone(), role, events.clone());
+                    let link = Link::start(h, peer.clone(), role, process, events.clone());
                     link.closed().await;
                     tracing::info!("link to {peer} at {addr} lost; reconnecting");
                 }
@@ -220,6 +234,7 @@ pub enum Change {
     Up {
         peer: String,
         replaced: bool,
+        process: ProcessId,
     },
     /// The current link to this peer went down (a stale link's report is
     /// [`Change::Nothing`]).
@@ -239,7 +254,7 @@ impl Links {
     /// Applies an event from the node's channel; `node` names this node in logs.
     pub fn apply(&mut self, node: &str, ev: NetEvent) -> Change {
         match ev {
-            NetEvent::Up { link, .. } => {
+            NetEvent::Up { link, process, .. } => {
                 tracing::info!("{node}: linked to {}", link.peer);
                 let peer = link.peer.clone();
                 let old = self.0.insert(peer.clone(), link);
@@ -250,6 +265,7 @@ impl Links {
                 Change::Up {
                     peer,
                     replaced: old.is_some(),
+                    process,
                 }
             }
             NetEvent::Down { peer, link, reason } => {

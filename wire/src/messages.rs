@@ -18,7 +18,7 @@ use tandem_model::{BlockId, FinishReason, SamplingParams};
 
 /// Bumped whenever any message changes shape. Peers with different versions
 /// refuse each other at the handshake instead of misreading frames.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN identifier of Tandem's node-to-node protocol.
 pub const ALPN: &[u8] = b"tandem";
@@ -46,6 +46,20 @@ pub struct Hello {
     pub cluster: String,
     pub node: String,
     pub role: Role,
+    pub process: ProcessId,
+}
+
+/// Which process a node is: its host's boot, its pid and the pid's start
+/// time, so a peer on the same host can tell whether that very process is
+/// still alive (a restarted node is a new process, and a reused pid has
+/// another start time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct ProcessId {
+    /// The host's boot id (`/proc/sys/kernel/random/boot_id`).
+    pub boot: String,
+    pub pid: u32,
+    /// Start time of the process in clock ticks after boot.
+    pub start: u64,
 }
 
 /// The answer to [`Hello`].
@@ -55,6 +69,7 @@ pub enum HelloReply {
         protocol: u32,
         node: String,
         role: Role,
+        process: ProcessId,
     },
     Refused {
         protocol: u32,
@@ -70,12 +85,6 @@ pub struct RequestId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Lease(pub u64);
 
-/// The lease of a cache-warming prefill: after a turn ends, decode asks the
-/// pipeline to compute and cache the prompt and answer (no targets), so the
-/// conversation's next turn computes only what is new. Nothing comes back
-/// for it, and pipelines run any other work first, stopping a warming pass
-/// between layers when such work arrives. Real leases start at 1.
-pub const WARM_LEASE: Lease = Lease(0);
 
 /// How a failure is classed where it is reported; the gateway maps classes to HTTP statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +179,12 @@ pub struct PrefillRequest {
     /// How the last stage samples the first token.
     pub params: SamplingParams,
     pub deadline_ms: u64,
+    /// Cache warming: after a turn ends, decode asks the pipeline to
+    /// compute and cache the prompt and answer (no targets), so the
+    /// conversation's next turn computes only what is new. Nothing comes
+    /// back for it, and a pipeline runs any other work first, stopping a
+    /// warming pass between layers when such work arrives.
+    pub warm: bool,
 }
 
 /// Stage → next stage: one chunk's hidden states.
@@ -180,6 +195,8 @@ pub struct Activations {
     pub pos: u32,
     pub n: u32,
     pub hidden: Vec<f32>,
+    /// Of a cache-warming pass (see [`PrefillRequest::warm`]).
+    pub warm: bool,
 }
 
 /// Stage → decode rank: KV runs for some of the rank's blocks (QUIC transport).
@@ -225,11 +242,12 @@ pub struct Load {
     /// prefill attempts retried (for any reason).
     pub kv_checksum_failures: u64,
     pub kv_retries: u64,
-    /// Decode: blocks held back from an abandoned attempt until every stage
-    /// that may still write them directly confirms it stopped; and, since
-    /// start, such waits that ran out (the blocks freed unconfirmed).
+    /// Decode: blocks held back from abandoned attempts, and the attempts,
+    /// until nothing may write them: every stage that may write them
+    /// directly confirmed it stopped or is known dead, and every receive
+    /// into them completed.
     pub kv_quarantined_blocks: u32,
-    pub kv_quarantines_expired: u64,
+    pub kv_quarantined_attempts: u32,
     /// Decode, since start: KV blocks that arrived over the QUIC link,
     /// written directly into its pools by stages on its host (UCX), and as
     /// UCX active messages.
@@ -379,6 +397,7 @@ mod tests {
                 cached: 16,
                 reuse_from: 32,
                 reuse: true,
+                warm: false,
                 targets: vec![RankTarget {
                     rank: 0,
                     heads: (0, 1),
@@ -403,6 +422,7 @@ mod tests {
                 pos: 16,
                 n: 2,
                 hidden: vec![0.5, -1.0, 2.0, 3.5],
+                warm: false,
             }),
             Message::Kv(KvChunk {
                 id,
@@ -446,7 +466,7 @@ mod tests {
                     kv_checksum_failures: 5,
                     kv_retries: 6,
                     kv_quarantined_blocks: 7,
-                    kv_quarantines_expired: 8,
+                    kv_quarantined_attempts: 8,
                     kv_blocks_quic: 9,
                     kv_blocks_ucx_direct: 10,
                     kv_blocks_ucx_messages: 11,

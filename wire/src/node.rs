@@ -60,6 +60,7 @@ impl NodeSetup {
             cluster: self.cluster.file.cluster.name.clone(),
             node: self.name.clone(),
             role,
+            process: this_process(),
         }
     }
 
@@ -190,5 +191,73 @@ pub fn health_addr() -> Result<Option<std::net::SocketAddr>> {
             ))
         }),
         _ => Ok(None),
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A process's start time (clock ticks after boot), from `/proc/PID/stat`.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// This process, as its [`crate::messages::Hello`] names it.
+pub fn this_process() -> crate::messages::ProcessId {
+    static ME: std::sync::OnceLock<crate::messages::ProcessId> = std::sync::OnceLock::new();
+    ME.get_or_init(|| {
+        let pid = std::process::id();
+        crate::messages::ProcessId {
+            boot: boot_id(),
+            pid,
+            start: start_time(pid).unwrap_or(0),
+        }
+    })
+    .clone()
+}
+
+/// Whether `p` is known to be gone: a process of this host's current boot
+/// whose pid no longer runs, or runs a process started at another time.
+/// `false` when that cannot be known (another host, no `/proc`).
+pub fn process_gone(p: &crate::messages::ProcessId) -> bool {
+    let me = this_process();
+    if p.boot.is_empty() || p.boot != me.boot || p.start == 0 {
+        return false;
+    }
+    start_time(p.pid) != Some(p.start)
+}
+
+#[cfg(test)]
+mod process_tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_finished_child_is_gone() {
+        let me = this_process();
+        assert!(me.pid > 0 && me.start > 0 && !me.boot.is_empty());
+        assert!(!process_gone(&me));
+        let mut child = std::process::Command::new("true").spawn().expect("spawns");
+        let pid = child.id();
+        let start = start_time(pid);
+        child.wait().expect("waits");
+        if let Some(start) = start {
+            let p = crate::messages::ProcessId {
+                boot: me.boot.clone(),
+                pid,
+                start,
+            };
+            assert!(process_gone(&p), "a reaped child is gone");
+        }
+        let elsewhere = crate::messages::ProcessId {
+            boot: "another host".into(),
+            ..me
+        };
+        assert!(!process_gone(&elsewhere), "a process elsewhere is never known gone");
     }
 }

@@ -11,7 +11,7 @@ use rustls::RootCertStore;
 
 use crate::codec::{read_frame, write_frame};
 use crate::error::{Result, WireError};
-use crate::messages::{Hello, HelloReply, Role, ALPN, PROTOCOL_VERSION};
+use crate::messages::{Hello, HelloReply, ProcessId, Role, ALPN, PROTOCOL_VERSION};
 use crate::tls::NodeIdentity;
 
 /// Liveness settings of a connection.
@@ -135,7 +135,7 @@ pub async fn connect(
     peer_name: &str,
     hello: &Hello,
 ) -> Result<(quinn::Connection, Role)> {
-    let (mut h, role) = connect_stream(ep, addr, peer_name, hello).await?;
+    let (mut h, role, _) = connect_stream(ep, addr, peer_name, hello).await?;
     let _ = h.send.finish();
     Ok((h.conn, role))
 }
@@ -146,7 +146,7 @@ pub async fn connect_stream(
     addr: SocketAddr,
     peer_name: &str,
     hello: &Hello,
-) -> Result<(Handshaken, Role)> {
+) -> Result<(Handshaken, Role, ProcessId)> {
     let conn = ep
         .connect(addr, peer_name)
         .map_err(|e| {
@@ -163,9 +163,12 @@ pub async fn connect_stream(
         .await?
         .ok_or_else(|| WireError::Refused("the peer closed the handshake stream".into()))?;
     match reply {
-        HelloReply::Accepted { protocol, role, .. } if protocol == PROTOCOL_VERSION => {
-            Ok((Handshaken { conn, send, recv }, role))
-        }
+        HelloReply::Accepted {
+            protocol,
+            role,
+            process,
+            ..
+        } if protocol == PROTOCOL_VERSION => Ok((Handshaken { conn, send, recv }, role, process)),
         HelloReply::Accepted { protocol, .. } => Err(WireError::Version {
             ours: PROTOCOL_VERSION,
             theirs: protocol,
@@ -237,6 +240,7 @@ pub async fn accept_stream(incoming: quinn::Incoming, me: &Hello) -> Result<(Han
                     protocol: PROTOCOL_VERSION,
                     node: me.node.clone(),
                     role: me.role.clone(),
+                    process: me.process.clone(),
                 },
             )
             .await?;

@@ -18,6 +18,7 @@ fn hello(node: &str, role: Role) -> Hello {
         cluster: "test".into(),
         node: node.into(),
         role,
+        process: tandem_wire::node::this_process(),
     }
 }
 
@@ -119,7 +120,7 @@ async fn a_node_without_a_cluster_certificate_is_refused() {
 async fn other_versions_and_clusters_are_refused_at_the_handshake() {
     let ca = ClusterCa::generate("test").expect("ca");
     for (mut h, want) in [
-        (hello("gateway", Role::Gateway), "is not 1"),
+        (hello("gateway", Role::Gateway), "is not 2"),
         (
             Hello {
                 cluster: "other".into(),
@@ -128,7 +129,7 @@ async fn other_versions_and_clusters_are_refused_at_the_handshake() {
             "cluster 'other'",
         ),
     ] {
-        if want == "is not 1" {
+        if want == "is not 2" {
             h.protocol = PROTOCOL_VERSION + 1;
         }
         let (server_id, client_id) = pair(&ca);

@@ -4,7 +4,10 @@
 //! attempt's stages write its blocks.
 
 use super::*;
-use tandem_kvtransfer::over_ucx::{Landing, RankMemory};
+use tandem_kvtransfer::over_ucx::{Landing, LandedStatus, LandingEvent, RankMemory};
+use tandem_model::BlockId;
+use tandem_wire::config::Pipeline;
+use tandem_wire::messages::{KvChunk, Lease};
 use tandem_kvtransfer::ucx::{Region, Ucx, Worker, WorkerOptions};
 use tandem_wire::config::KvTransport;
 use tandem_wire::messages::UcxPool;
@@ -90,6 +93,7 @@ pub(super) fn start(
     group: &RankGroup,
     tp: usize,
     pipelines: &[Pipeline],
+    events: mpsc::Sender<LoopEvent>,
 ) -> Result<Option<DecodeUcx>> {
     let wanted: Vec<KvTransport> = pipelines
         .iter()
@@ -151,7 +155,11 @@ pub(super) fn start(
     if pools.len() != tp {
         pools.clear();
     }
-    let landing = Landing::install(&worker, ranks).map_err(setup_err)?;
+    // The landing table's events wake the decode loop: nothing there waits.
+    let landing = Landing::install(&worker, ranks, move |e| {
+        let _ = events.send(LoopEvent::Landing(e));
+    })
+    .map_err(setup_err)?;
     tracing::info!(
         "{name}: KV over UCX {} ({}); pools {}",
         ucx.version(),
@@ -169,150 +177,111 @@ pub(super) fn start(
     }))
 }
 
+/// A stage's notice that blocks were written over UCX.
+pub(super) struct Notice {
+    pub from: String,
+    pub id: RequestId,
+    pub lease: Lease,
+    pub stage: u32,
+    pub rank: u32,
+    pub blocks: Vec<BlockId>,
+    pub put: bool,
+}
+
 impl Group<'_> {
     /// A stage of a UCX pipeline came up: tell it where to send KV.
-    pub(super) fn ucx_hello(&self, peer: &str) {
+    pub(super) fn ucx_hello(&mut self, peer: &str) {
         let Some(u) = &self.ucx else { return };
         let wants = self
-            .pipelines
+            .core
+            .pipelines()
             .iter()
-            .any(|p| p.kv_transport != KvTransport::Quic && p.stages.iter().any(|s| s.0 == peer));
-        if let (true, Some(l)) = (wants, self.links.get(peer)) {
-            let _ = l.try_send(Message::UcxHello {
+            .any(|p| p.ucx && p.stages.iter().any(|s| s.0 == peer));
+        if wants {
+            let msg = Message::UcxHello {
                 address: u.worker.address().to_vec().into(),
                 pools: u.pools.clone(),
-            });
+            };
+            self.send(peer, msg);
         }
     }
 
-    /// Lets the attempt's stages write its blocks (before they are asked to).
-    pub(super) fn fence_open(
-        &mut self,
-        id: RequestId,
-        lease: Lease,
-        pipeline: &str,
-        blocks: &[BlockId],
-    ) {
-        if self.ucx.is_none() {
-            return;
-        }
-        let stages = self
-            .pipelines
-            .iter()
-            .find(|p| p.name == pipeline)
-            .map_or(0, |p| p.stages.len());
-        let mut plans = HashMap::new();
-        for s in 0..stages as u32 {
-            for r in 0..self.group.tp as u32 {
-                if let Some(p) = self.plan(pipeline, s, r) {
-                    plans.insert((s, r), p);
+    /// A stage says blocks were written over UCX: once this side has them
+    /// all (active messages: the handler saw them land; puts: the stage
+    /// flushed them before its notice), read them back for the checksum.
+    /// Blocks still arriving wait for the landing table's event.
+    pub(super) fn on_landed(&mut self, n: Notice) -> Vec<Action> {
+        let now = now_ms();
+        let Some(runs) = self.core.landed_plan(&n.from, n.id, n.lease, n.stage, n.rank) else {
+            return Vec::new();
+        };
+        if !n.put {
+            let Some(u) = &self.ucx else {
+                return self.core.kv_failed(n.id, n.lease, "no UCX here", now);
+            };
+            match u.landing.status(n.id, n.lease, n.stage, n.rank, &n.blocks) {
+                LandedStatus::Landed => {}
+                LandedStatus::Pending => {
+                    let key = (n.id, n.lease);
+                    let msg = Message::KvLanded {
+                        id: n.id,
+                        lease: n.lease,
+                        stage: n.stage,
+                        rank: n.rank,
+                        blocks: n.blocks,
+                        put: n.put,
+                    };
+                    self.held.entry(key).or_default().push_front((n.from, msg));
+                    return Vec::new();
                 }
+                LandedStatus::Failed(why) => return self.core.kv_failed(n.id, n.lease, &why, now),
+                LandedStatus::Closed => return Vec::new(),
             }
         }
-        let allowed = vec![blocks.to_vec(); self.group.tp];
-        if let Some(u) = &self.ucx {
-            u.landing.open(id, lease, allowed, plans);
-            // Stages on this host may put into the pools: an abandoned
-            // attempt's blocks wait until they confirm they stopped.
-            let puts = !u.pools.is_empty()
-                && self
-                    .pipelines
-                    .iter()
-                    .any(|p| p.name == pipeline && p.kv_transport != KvTransport::Quic);
-            if puts {
-                self.admission.fence(id, lease);
-            }
-        }
-    }
-
-    /// No more writes into the request's blocks from any attempt.
-    pub(super) fn fence_close(&self, id: RequestId) {
-        if let Some(u) = &self.ucx {
-            u.landing.close(id);
-        }
-    }
-
-    /// Blocks a stage wrote over UCX: checksum them from the pool.
-    pub(super) fn on_kv_landed(
-        &mut self,
-        id: RequestId,
-        lease: Lease,
-        stage: u32,
-        rank: u32,
-        blocks: Vec<BlockId>,
-        put: bool,
-    ) {
-        let Some(a) = self
-            .reqs
-            .get(&id)
-            .and_then(|r| r.attempt.as_ref())
-            .filter(|a| a.lease == lease)
-        else {
-            return;
-        };
-        // Active messages: the handler saw them land. Puts: the stage
-        // flushed them before its notice, and only pools open to puts take
-        // them.
-        let landed = self.ucx.as_ref().map(|u| match put {
-            false => u
-                .landing
-                .landed(id, lease, stage, rank, &blocks, Duration::from_secs(2)),
-            true if u.pools.is_empty() => Err("puts into pools not open to them".to_string()),
-            true => Ok(()),
-        });
-        if let Some(Err(why)) = landed {
-            tracing::warn!(
-                "{}: KV for request {} over UCX failed: {why}",
-                self.name,
-                id.0
-            );
-            return self.kv_lost(id, lease);
-        }
-        let pipeline = a.pipeline.clone();
-        let Some(runs) = self.plan(&pipeline, stage, rank) else {
-            return self.kv_lost(id, lease);
-        };
-        let n = blocks.len() as u64;
-        // Read back what landed, in the order it was sent, for the checksum.
-        let back: Vec<CopyRun> = runs
-            .iter()
-            .map(|r| CopyRun {
-                src: r.dst,
-                dst: r.dst,
-                len: r.len,
-            })
-            .collect();
-        let read = self.group.with_pool(rank as usize, move |pool| {
+        let blocks = n.blocks.clone();
+        let read = self.group.with_pool(n.rank as usize, move |pool| {
             blocks
                 .iter()
-                .map(|b| tandem_kvtransfer::gather(pool, *b, &back).map(|v| (*b, v.into())))
+                .map(|b| tandem_kvtransfer::gather(pool, *b, &runs).map(|v| (*b, v.into())))
                 .collect::<std::result::Result<Vec<_>, _>>()
         });
-        let chunk = match read {
-            Ok(Ok(blocks)) => KvChunk {
-                id,
-                lease,
-                stage,
-                rank,
-                blocks,
-            },
-            _ => return self.kv_lost(id, lease),
-        };
-        let a = self
-            .reqs
-            .get_mut(&id)
-            .and_then(|r| r.attempt.as_mut())
-            .expect("checked above");
-        a.over_ucx = true;
-        if let Err(e) = a.incoming.accept(&chunk) {
-            tracing::warn!("{}: refusing KV for request {}: {e}", self.name, id.0);
-            return self.kv_lost(id, lease);
+        match read {
+            Ok(Ok(blocks)) => {
+                let chunk = KvChunk {
+                    id: n.id,
+                    lease: n.lease,
+                    stage: n.stage,
+                    rank: n.rank,
+                    blocks,
+                };
+                self.core.kv_landed(&n.from, chunk, n.put, now)
+            }
+            _ => self.core.kv_failed(n.id, n.lease, "cannot read the blocks back", now),
         }
-        let c = &mut self.admission.counters;
-        if put {
-            c.blocks_ucx_direct += n;
-        } else {
-            c.blocks_ucx_messages += n;
+    }
+
+    /// The landing table moved: notices waiting on the attempt are looked
+    /// at again; a closed attempt's last receive completed.
+    pub(super) fn on_landing(&mut self, e: LandingEvent, now: u64) -> Vec<Action> {
+        match e {
+            LandingEvent::Progress { id, lease } => {
+                // Take the held messages again, in order; the first notice
+                // still waiting holds the rest back once more.
+                let Some(q) = self.held.remove(&(id, lease)) else {
+                    return Vec::new();
+                };
+                let mut out = Vec::new();
+                let mut q = q;
+                while let Some((from, msg)) = q.pop_front() {
+                    out.extend(self.on_message(&from, msg, now));
+                    if let Some(h) = self.held.get_mut(&(id, lease)) {
+                        h.extend(q);
+                        break;
+                    }
+                }
+                out
+            }
+            LandingEvent::Drained { id, lease } => self.core.landing_drained(id, lease, now),
         }
     }
 }

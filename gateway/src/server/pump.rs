@@ -26,7 +26,7 @@ pub(super) fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
     while let Ok(ev) = rx.recv() {
         let mut st = gw.state.lock().expect("gateway state");
         match ev {
-            NetEvent::Up { link, role } => {
+            NetEvent::Up { link, role, .. } => {
                 tracing::info!("gateway: {} ({role:?}) linked", link.peer);
                 if let Some(old) = st.nodes.get(&link.peer) {
                     // The node restarted and dialed again before its old
