@@ -383,3 +383,153 @@ fn a_non_streaming_client_that_hangs_up_is_cancelled_everywhere() {
         left.elapsed()
     );
 }
+
+/// A stage that lags its aborts — told to stop an attempt whose blocks it
+/// writes straight into decode's pools (UCX shared memory), it goes on
+/// writing garbage into them for 1.5 s before it says it stopped — cannot
+/// change another request's answer: decode keeps those blocks from every
+/// other request until the stage confirms. The other requests are short,
+/// so decode prefills them itself, at once, into blocks from the same pool
+/// (which hands out the most recently freed first): any early reuse of the
+/// aborted attempt's blocks would be overwritten under them.
+#[test]
+fn a_stage_writing_on_after_an_abort_cannot_change_another_requests_answer() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let prompt = LONG.repeat(10);
+    let others = [
+        SHORT,
+        "Name three primary colors.",
+        "Write a haiku about the sea.",
+        "What is 12 times 12?",
+    ];
+    let want: Vec<String> = others.iter().map(|q| generate(q, 16)).collect();
+    std::env::set_var("TANDEM_FAULT_WRITE_AFTER_ABORT_MS", "1500");
+    let c = Cluster::start(&[
+        "--kv-transport",
+        "ucx",
+        "--kv-blocks",
+        "64",
+        "--local-prefill-max",
+        "64",
+    ]);
+    std::env::remove_var("TANDEM_FAULT_WRITE_AFTER_ABORT_MS");
+    for round in 0..2 {
+        // A long prompt's KV streams into decode's pools; its client hangs
+        // up mid-prefill, so decode aborts the attempt.
+        let raw = greedy(&prompt, 4).to_string();
+        let mut s = TcpStream::connect(("127.0.0.1", c.port)).expect("connect");
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Session-Id: victim-{round}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{raw}",
+            raw.len()
+        )
+        .expect("write");
+        std::thread::sleep(Duration::from_millis(400));
+        s.shutdown(std::net::Shutdown::Both).expect("hang up");
+        drop(s);
+        std::thread::sleep(Duration::from_millis(150));
+        // Right away, requests that need blocks, while the stage still writes.
+        let port = c.port;
+        let handles: Vec<_> = others
+            .iter()
+            .map(|q| {
+                let body = greedy(q, 16);
+                std::thread::spawn(move || chat_with_headers(port, &body, "other"))
+            })
+            .collect();
+        for (h, want) in handles.into_iter().zip(&want) {
+            let (status, _, v) = h.join().expect("request thread");
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(
+                v["choices"][0]["message"]["content"].as_str(),
+                Some(want.as_str()),
+                "round {round}: an answer changed while an aborted attempt's blocks were written"
+            );
+        }
+    }
+    let direct = c
+        .metric("tandem_kv_blocks_landed", "node=\"d0\",path=\"ucx-direct\"")
+        .unwrap_or(0.0);
+    assert!(direct > 0.0, "the stages wrote decode's pools directly");
+    // Once the stage confirmed, nothing stays quarantined.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let q = c.metric("tandem_kv_blocks_quarantined", "d0").unwrap_or(-1.0);
+        if q == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{q} blocks still quarantined");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A stage frozen (SIGSTOP) past its links' idle timeout while it prefills
+/// under load: decode sees the link drop and retries the attempts on the
+/// other pipeline, but a dropped link proves nothing about a process that
+/// maps decode's pools — resumed, the stage finishes its chunk and writes.
+/// Those blocks stay out of use until it links back and confirms, and
+/// every answer stays exact.
+#[test]
+fn a_stage_paused_past_its_link_timeout_under_load_leaves_every_answer_exact() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("Question {i}. {}", LONG.repeat(3)))
+        .collect();
+    let want: Vec<String> = prompts.iter().map(|p| generate(p, 12)).collect();
+    let c = Cluster::start(&[
+        "--pipelines",
+        "2",
+        "--kv-transport",
+        "ucx",
+        "--local-prefill-max",
+        "0",
+        "--kv-blocks",
+        "128",
+    ]);
+    let port = c.port;
+    let send = |i: usize, p: &String| {
+        let body = greedy(p, 12);
+        let session = format!("load-{i}");
+        std::thread::spawn(move || chat_with_headers(port, &body, &session))
+    };
+    let handles: Vec<_> = prompts.iter().enumerate().map(|(i, p)| send(i, p)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let pattern = format!("prefill --config {} --node p0-s0", config_of(&c));
+    let out = Command::new("pgrep").args(["-f", &pattern]).output().expect("pgrep");
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("the stage's process")
+        .to_string();
+    let signal = |s: &str| {
+        assert!(Command::new("kill").args([s, &pid]).status().expect("kill").success());
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_millis(2500));
+    signal("-CONT");
+    for (i, (h, want)) in handles.into_iter().zip(&want).enumerate() {
+        let (status, _, v) = h.join().expect("request thread");
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["message"]["content"].as_str(),
+            Some(want.as_str()),
+            "request {i} under the pause"
+        );
+    }
+    // And after: the stage is back and serves.
+    let handles: Vec<_> = prompts.iter().enumerate().map(|(i, p)| send(i + 10, p)).collect();
+    for (h, want) in handles.into_iter().zip(&want) {
+        let (status, _, v) = h.join().expect("request thread");
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(want.as_str()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let q = c.metric("tandem_kv_blocks_quarantined", "d0").unwrap_or(-1.0);
+        if q == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{q} blocks still quarantined");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -248,21 +248,16 @@ impl Group<'_> {
             q.push_back((peer.to_string(), msg));
             return Vec::new();
         }
-        let c = &mut self.core;
-        match msg {
-            Message::Generate(g) => c.submit(peer, g, now),
-            Message::Cancel { id } => c.cancel(peer, id, now),
-            Message::KvStopped { id, lease, stage } => c.kv_stopped(peer, id, lease, stage, now),
-            Message::Kv(k) => c.kv_chunk(peer, k, now),
-            Message::KvDone(d) => c.kv_done(peer, d, now),
-            Message::KvLanded {
+        match self.core.message(peer, msg, now) {
+            Ok(actions) => actions,
+            Err(Message::KvLanded {
                 id,
                 lease,
                 stage,
                 rank,
                 blocks,
                 put,
-            } => self.on_landed(ucx::Notice {
+            }) => self.on_landed(ucx::Notice {
                 from: peer.to_string(),
                 id,
                 lease,
@@ -271,38 +266,7 @@ impl Group<'_> {
                 blocks,
                 put,
             }),
-            Message::FirstToken {
-                id,
-                lease,
-                token,
-                logprob,
-                queue_us,
-                compute_us,
-                prefilled,
-            } => c.first_token(
-                peer,
-                id,
-                lease,
-                token,
-                logprob,
-                (queue_us, compute_us, prefilled),
-                now,
-            ),
-            Message::PrefillFailed {
-                id,
-                lease,
-                class,
-                message,
-            } => c.prefill_failed(peer, id, lease, class, message, now),
-            Message::Heartbeat { .. } => Vec::new(),
-            other => {
-                tracing::warn!(
-                    "{}: ignoring an unexpected message from {peer}: {:?}",
-                    c.name(),
-                    std::mem::discriminant(&other)
-                );
-                Vec::new()
-            }
+            Err(_) => Vec::new(),
         }
     }
 

@@ -376,7 +376,11 @@ impl Gateway {
             } else {
                 match tokio::time::timeout(self.request_timeout, rx.recv()).await {
                     Ok(ev) => ev,
-                    Err(_) => return Err(ApiError::Internal("the request timed out".into())),
+                    Err(_) => {
+                        return Err(ApiError::Timeout(
+                            "no first token before the request timeout".into(),
+                        ))
+                    }
                 }
             };
             match first {

@@ -16,7 +16,7 @@
 //! the stage's [`RankGroup`] and every request's state, fed by the node's
 //! event channel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -24,65 +24,36 @@ use std::time::{Duration, Instant};
 
 use tandem_kvtransfer::over_ucx::{PutTarget, UcxTransport};
 use tandem_kvtransfer::ucx::{EpId, Ucx, Worker, WorkerOptions};
-use tandem_kvtransfer::{Outgoing, PoolDesc, QuicTransport, Transport};
+use tandem_kvtransfer::{PoolDesc, QuicTransport, Transport};
 use tandem_model::{
-    block_hashes, BlockId, Formats, Input, ModelError, ModelFile, Phase, PrefixCache, RankGroup,
-    RankGroupOptions, Sampler, SliceOutput, Span,
+    Formats, ModelError, ModelFile, Phase, RankGroup, RankGroupOptions, Sampler, SliceOutput, Span,
 };
 use tandem_wire::config::KvTransport;
 use tandem_wire::config::Pipeline;
 use tandem_wire::link::{spawn_acceptor, spawn_dialer, Change, Links, NetEvent};
-use tandem_wire::messages::{
-    Activations, ErrorClass, Lease, Load, Message, PrefillRequest, RequestId, Role,
-};
+use tandem_wire::messages::{Activations, ErrorClass, Load, Message, Role};
 use tandem_wire::node::{now_ms, Beat, NodeSetup};
 
 mod run;
+mod sequencer;
+
+use sequencer::{Key, SeqConfig, Send, Sequencer, Work};
 
 pub use run::run;
 pub use tandem_wire::node::NodeError as PrefillError;
 
 pub type Result<T> = std::result::Result<T, PrefillError>;
 
-type Key = (RequestId, Lease);
-
-struct Req {
-    req: PrefillRequest,
-    local: Vec<BlockId>,
-    out: Option<Outgoing>,
-    /// Blocks of the request already sent (indices into its block list).
-    sent: usize,
-    arrived: Instant,
-    started: Instant,
-    compute: Duration,
-}
-
-struct Work {
-    key: Key,
-    pos: usize,
-    n: usize,
-    input: Input,
-    /// Of a cache-warming pass: runs after everything else.
-    warm: bool,
-}
-
+/// The stage process around its [`Sequencer`]: links, the model's layers,
+/// UCX, fault switches.
 pub struct Stage {
     name: String,
-    index: usize,
     pipeline: Pipeline,
-    n_layers: usize,
-    n_kv_heads: usize,
     desc: PoolDesc,
     group: RankGroup,
-    /// The stage's pool, with a prefix cache keyed like decode's.
-    cache: PrefixCache,
+    seq: Sequencer,
     block_size: usize,
     links: Links,
-    reqs: HashMap<Key, Req>,
-    waiting: VecDeque<PrefillRequest>,
-    work: VecDeque<Work>,
-    /// Chunks that arrived for prompts still waiting to start.
-    early: HashMap<Key, Vec<Work>>,
     beat: Arc<Mutex<Beat>>,
     /// KV over UCX: the worker, and an endpoint per decode group that sent
     /// its address, with its pools when they are mapped into this stage.
@@ -90,9 +61,6 @@ pub struct Stage {
     ucx: Option<Arc<Worker>>,
     ucx_peers: HashMap<String, (EpId, Option<Arc<PutTarget>>)>,
     faults: Faults,
-    /// Attempts decode aborted before their request came from the stage
-    /// before; a request arriving for one later is refused.
-    tombstones: Tombstones,
     /// Set when real work (a prompt or a real request's activations) arrives:
     /// a cache-warming pass in progress stops at its next layer and goes back
     /// in the queue, behind the work someone waits for.
@@ -122,39 +90,6 @@ impl From<&str> for ChunkError {
     }
 }
 
-/// A bounded set of aborted attempts (the oldest forgotten first).
-#[derive(Debug, Default)]
-struct Tombstones {
-    set: std::collections::HashSet<Key>,
-    order: VecDeque<Key>,
-}
-
-impl Tombstones {
-    /// More than any stage sees aborted before their request arrives.
-    const MAX: usize = 1 << 20;
-
-    fn insert(&mut self, k: Key) {
-        if self.set.insert(k) {
-            self.order.push_back(k);
-            if self.order.len() > Self::MAX {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
-            }
-        }
-    }
-
-    fn remove(&mut self, k: &Key) {
-        if self.set.remove(k) {
-            self.order.retain(|x| x != k);
-        }
-    }
-
-    fn contains(&self, k: &Key) -> bool {
-        self.set.contains(k)
-    }
-}
-
 /// Fault injection for tests and benchmarks, off unless set in the stage's
 /// environment:
 /// - `TANDEM_FAULT_CORRUPT_KV=N`: corrupt one byte of the first KV message of
@@ -162,7 +97,11 @@ impl Tombstones {
 /// - `TANDEM_FAULT_DELAY_KV_MS=M`: hold every KV message M ms before sending;
 /// - `TANDEM_FAULT_STALL_MS=M`: stall M ms before computing each chunk;
 /// - `TANDEM_FAULT_EXIT_AFTER=N`: the process aborts when its (N+1)-th
-///   request arrives (a node dropping out mid-work).
+///   request arrives (a node dropping out mid-work);
+/// - `TANDEM_FAULT_WRITE_AFTER_ABORT_MS=M`: told to abort an attempt whose
+///   blocks it writes directly, the stage goes on writing garbage into
+///   them for M ms before it stops and says so (a stage that lags its
+///   aborts: decode must keep those blocks from every other request).
 #[derive(Debug, Default)]
 struct Faults {
     corrupt_left: u32,
@@ -170,6 +109,7 @@ struct Faults {
     stall: Duration,
     exit_after: Option<u64>,
     admitted: u64,
+    write_after_abort: Duration,
 }
 
 impl Faults {
@@ -181,11 +121,15 @@ impl Faults {
             stall: Duration::from_millis(num("TANDEM_FAULT_STALL_MS").unwrap_or(0)),
             exit_after: num("TANDEM_FAULT_EXIT_AFTER"),
             admitted: 0,
+            write_after_abort: Duration::from_millis(
+                num("TANDEM_FAULT_WRITE_AFTER_ABORT_MS").unwrap_or(0),
+            ),
         };
         if f.corrupt_left > 0
             || !f.delay_kv.is_zero()
             || !f.stall.is_zero()
             || f.exit_after.is_some()
+            || !f.write_after_abort.is_zero()
         {
             tracing::warn!("fault injection is on: {f:?}");
         }
@@ -195,372 +139,161 @@ impl Faults {
 
 impl Stage {
     fn last(&self) -> bool {
-        self.index + 1 == self.pipeline.stages.len()
+        self.seq.index() + 1 == self.pipeline.stages.len()
     }
 
-    fn next_name(&self) -> Option<String> {
-        self.pipeline
-            .stages
-            .get(self.index + 1)
-            .map(|s| s.0.clone())
-    }
-
-    fn fail(&self, req: &PrefillRequest, class: ErrorClass, message: String) {
-        tracing::warn!("prefill of request {} failed: {message}", req.id.0);
-        if let Some(link) = self.links.get(&req.decode) {
-            let _ = link.try_send(Message::PrefillFailed {
-                id: req.id,
-                lease: req.lease,
-                class,
-                message,
-            });
+    /// Sends what the sequencer asked for. A request the next stage cannot
+    /// take fails (to its decode group).
+    fn send(&mut self, sends: Vec<Send>) {
+        let mut queue: std::collections::VecDeque<Send> = sends.into();
+        while let Some(Send { to, msg }) = queue.pop_front() {
+            let key = match &msg {
+                Message::Prefill(r) => Some((r.id, r.lease)),
+                _ => None,
+            };
+            let sent = self.links.get(&to).is_some_and(|l| l.blocking_send(msg).is_ok());
+            if let (false, Some(key)) = (sent, key) {
+                let why = "the next stage went away".to_string();
+                let more = self.seq.chunk_failed(key, ErrorClass::NodeLost, why, Instant::now());
+                queue.extend(more);
+            } else if !sent {
+                tracing::debug!("{}: {to} is not linked; a message to it is dropped", self.name);
+            }
         }
     }
 
     fn on_event(&mut self, ev: NetEvent) {
-        match self.links.apply(&self.name, ev) {
+        let now = Instant::now();
+        let sends = match self.links.apply(&self.name, ev) {
             Change::Up { peer, replaced, .. } => {
+                let mut out = Vec::new();
                 if replaced {
-                    self.peer_lost(&peer);
+                    out.extend(self.peer_lost(&peer, now));
                 }
-                self.start_waiting();
+                out.extend(self.seq.link_up(&peer, now));
+                out
             }
-            Change::Down(peer) => self.peer_lost(&peer),
-            Change::Message { peer, msg } => self.on_message(&peer, msg),
-            Change::Nothing => {}
-        }
+            Change::Down(peer) => self.peer_lost(&peer, now),
+            Change::Message { peer, msg } => self.on_message(&peer, msg, now),
+            Change::Nothing => Vec::new(),
+        };
+        self.send(sends);
     }
 
     /// Work that depended on `peer` cannot finish.
-    fn peer_lost(&mut self, peer: &str) {
+    fn peer_lost(&mut self, peer: &str, now: Instant) -> Vec<Send> {
         if let (Some((ep, _)), Some(w)) = (self.ucx_peers.remove(peer), &self.ucx) {
             w.close(ep);
         }
-        let next = self.next_name();
-        let keys: Vec<Key> = self
-            .reqs
-            .iter()
-            .filter(|(_, r)| r.req.decode == peer || next.as_deref() == Some(peer))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in keys {
-            if let Some(r) = self.reqs.get(&k) {
-                let req = r.req.clone();
-                if req.decode != peer {
-                    self.fail(
-                        &req,
-                        ErrorClass::NodeLost,
-                        format!("prefill stage {peer} was lost"),
-                    );
-                }
-            }
-            self.drop_req(k, false);
-        }
-        self.waiting.retain(|r| r.decode != peer);
-        let waiting: Vec<Key> = self.waiting.iter().map(|r| (r.id, r.lease)).collect();
-        self.early.retain(|k, _| waiting.contains(k));
+        self.seq.link_down(peer, now)
     }
 
-    fn on_message(&mut self, peer: &str, msg: Message) {
+    fn on_message(&mut self, peer: &str, msg: Message, now: Instant) -> Vec<Send> {
         match msg {
             Message::Prefill(req) => {
-                // Aborted before it got here (decode's abort overtook the
-                // stage before's request): confirmed stopped, so refused.
-                if self.tombstones.contains(&(req.id, req.lease)) {
-                    tracing::debug!("{}: request {} was aborted before it arrived", self.name, req.id.0);
-                    return;
+                self.faults.admitted += 1;
+                if self.faults.exit_after.is_some_and(|n| self.faults.admitted > n) {
+                    tracing::error!("{}: fault injection: dropping out", self.name);
+                    std::process::abort();
                 }
-                self.admit(req)
+                self.seq.prefill(req, now)
             }
             Message::PrefillAbort { id, lease, decode } => {
-                let key = (id, lease);
-                let known = self.reqs.contains_key(&key)
-                    || self.waiting.iter().any(|r| (r.id, r.lease) == key);
-                self.waiting.retain(|r| !(r.id == id && r.lease == lease));
-                self.drop_req(key, false);
-                if self.index > 0 {
-                    if peer == decode && !known {
-                        // Its request may still come from the stage before:
-                        // once confirmed stopped, it must be refused then.
-                        self.tombstones.insert(key);
-                    } else if peer != decode {
-                        // The stage before passes the abort on after the
-                        // request, on the same link: nothing more can come.
-                        self.tombstones.remove(&key);
-                    }
+                if !self.faults.write_after_abort.is_zero() {
+                    self.write_after_abort((id, lease));
                 }
-                // Chunks run on this thread, which writes a mapped pool
-                // itself and waits for (or cancels) whatever UCX sends, so
-                // none of this attempt's writes is still under way: tell
-                // decode its blocks are free of this stage.
-                if let Some(l) = self.links.get(&decode) {
-                    let _ = l.blocking_send(Message::KvStopped {
-                        id,
-                        lease,
-                        stage: self.index as u32,
-                    });
-                }
-                if peer == decode {
-                    if let Some(next) = self.next_name().and_then(|n| self.links.get(&n)) {
-                        let _ = next.try_send(Message::PrefillAbort { id, lease, decode });
-                    }
-                }
+                self.seq.abort(peer, id, lease, decode, now)
             }
             Message::Activations(a) => {
-                let key = (a.id, a.lease);
-                let w = Work {
-                    key,
-                    pos: a.pos as usize,
-                    n: a.n as usize,
-                    input: Input::Hidden(a.hidden),
-                    warm: a.warm,
-                };
-                if self.reqs.contains_key(&key) {
-                    self.work.push_back(w);
-                } else if self.waiting.iter().any(|r| (r.id, r.lease) == key) {
-                    // Its prompt waits here (blocks, or the next stage):
-                    // keep the chunk until it starts.
-                    self.early.entry(key).or_default().push(w);
-                }
+                self.seq.activations(a);
+                Vec::new()
             }
-            Message::Heartbeat { .. } => {}
+            Message::Heartbeat { .. } => Vec::new(),
             Message::UcxHello { address, pools } => {
-                let Some(w) = &self.ucx else { return };
-                match w.connect(&address) {
-                    Ok(ep) => {
-                        let puts = match PutTarget::reach(w, ep, &pools) {
-                            Ok(t) => t.map(Arc::new),
-                            Err(e) => {
-                                tracing::warn!("{}: {peer}'s KV pools: {e}", self.name);
-                                None
-                            }
-                        };
-                        let how = if puts.is_some() {
-                            "writes into its pools, mapped here (shared memory)"
-                        } else {
-                            "active messages"
-                        };
-                        if let Some((old, _)) = self.ucx_peers.insert(peer.to_string(), (ep, puts))
-                        {
-                            w.close(old);
-                        }
-                        tracing::info!("{}: KV to {peer} over UCX, {how}", self.name);
-                    }
-                    Err(e) => tracing::warn!(
-                        "{}: UCX to {peer} failed ({e}); KV goes over QUIC",
-                        self.name
-                    ),
-                }
+                self.ucx_hello(peer, &address, &pools);
+                Vec::new()
             }
-            other => tracing::warn!(
-                "{}: ignoring an unexpected message from {peer}: {:?}",
-                self.name,
-                std::mem::discriminant(&other)
-            ),
-        }
-    }
-
-    fn check(&self, req: &PrefillRequest) -> std::result::Result<(), String> {
-        if req.tokens.is_empty() {
-            return Err("the prompt is empty".into());
-        }
-        let need = req.tokens.len().div_ceil(self.block_size);
-        for t in &req.targets {
-            if t.blocks.len() < need {
-                return Err(format!(
-                    "rank {} offers {} blocks for {} tokens ({need} needed)",
-                    t.rank,
-                    t.blocks.len(),
-                    req.tokens.len()
-                ));
-            }
-            if t.heads.0 >= t.heads.1 || t.heads.1 as usize > self.n_kv_heads {
-                return Err(format!("rank {} has heads {:?}", t.rank, t.heads));
-            }
-        }
-        if req.cached as usize % self.block_size != 0 || req.cached as usize >= req.tokens.len() {
-            return Err(format!(
-                "{} cached tokens is not a whole number of blocks below the prompt",
-                req.cached
-            ));
-        }
-        // Stage 0 sets reuse_from for the stages after it; a value that does
-        // not leave the last token to compute would underflow the accounting.
-        if req.reuse_from as usize % self.block_size != 0
-            || req.reuse_from as usize >= req.tokens.len()
-        {
-            return Err(format!(
-                "reusing {} tokens is not a whole number of blocks below the prompt",
-                req.reuse_from
-            ));
-        }
-        if need > self.cache.total() {
-            return Err(format!(
-                "{} tokens need {need} blocks; the stage has {}",
-                req.tokens.len(),
-                self.cache.total()
-            ));
-        }
-        Ok(())
-    }
-
-    fn admit(&mut self, req: PrefillRequest) {
-        self.faults.admitted += 1;
-        if self
-            .faults
-            .exit_after
-            .is_some_and(|n| self.faults.admitted > n)
-        {
-            tracing::error!("{}: fault injection: dropping out", self.name);
-            std::process::abort();
-        }
-        if let Err(why) = self.check(&req) {
-            self.fail(&req, ErrorClass::BadRequest, why);
-            return;
-        }
-        self.waiting.push_back(req);
-        self.start_waiting();
-    }
-
-    /// Starts waiting prompts, in order, while the pool has their blocks.
-    fn start_waiting(&mut self) {
-        while let Some(req) = self.waiting.front() {
-            // Until the next stage is linked (at start, or while it
-            // reconnects) prompts wait; decode's deadline bounds the wait.
-            if let Some(next) = self.next_name() {
-                if !self.links.contains(&next) {
-                    break;
-                }
-            }
-            let bs = self.block_size;
-            let need = req.tokens.len().div_ceil(bs);
-            // Reuse this stage's cached prefix: stage 0 decides how much (the
-            // blocks before the last token, whose logits are needed); later
-            // stages must hold at least that much themselves.
-            let reusable = (req.tokens.len() - 1) / bs;
-            let hashes = block_hashes(&req.tokens[..reusable * bs], bs);
-            let hit = match (req.reuse, self.index) {
-                (false, _) => Vec::new(),
-                (true, 0) => self.cache.lookup(&hashes),
-                (true, _) => self
-                    .cache
-                    .lookup(&hashes[..(req.reuse_from as usize / bs).min(reusable)]),
-            };
-            if self.index > 0 && hit.len() * bs < req.reuse_from as usize {
-                self.cache.release(&hit);
-                // Stage 0 may have cached a prompt whose part here is still
-                // computing: wait for what is in flight before giving up.
-                if !self.reqs.is_empty() {
-                    break;
-                }
-                let req = self.waiting.pop_front().expect("front exists");
-                self.fail(
-                    &req,
-                    ErrorClass::Internal,
-                    format!(
-                        "stage {} does not cache the prompt's first {} tokens",
-                        self.index, req.reuse_from
-                    ),
+            other => {
+                tracing::warn!(
+                    "{}: ignoring an unexpected message from {peer}: {:?}",
+                    self.name,
+                    std::mem::discriminant(&other)
                 );
-                continue;
+                Vec::new()
             }
-            let Some(fresh) = self.cache.alloc(need - hit.len()) else {
-                self.cache.release(&hit);
-                if self.index > 0 && self.reqs.is_empty() {
-                    // Cannot happen with equal pools; refuse rather than wait forever.
-                    let req = self.waiting.pop_front().expect("front exists");
-                    self.fail(&req, ErrorClass::Overloaded, "no KV blocks".into());
-                    continue;
-                }
-                break;
-            };
-            let from = hit.len() * bs;
-            let mut local = hit;
-            local.extend(fresh);
-            let mut req = self.waiting.pop_front().expect("front exists");
-            req.reuse_from = from as u32;
-            let out = match Outgoing::new(
-                req.id,
-                req.lease,
-                self.index as u32,
-                &self.desc,
-                self.n_layers,
-                &req.targets,
-            ) {
-                Ok(o) => o,
-                Err(e) => {
-                    self.cache.release(&local);
-                    self.fail(&req, ErrorClass::BadRequest, e.to_string());
-                    continue;
-                }
-            };
-            let key = (req.id, req.lease);
-            if let Some(l) = self.next_name().and_then(|n| self.links.get(&n)) {
-                if l.blocking_send(Message::Prefill(req.clone())).is_err() {
-                    self.cache.release(&local);
-                    self.fail(
-                        &req,
-                        ErrorClass::NodeLost,
-                        "the next stage went away".into(),
-                    );
-                    continue;
-                }
-            }
-            if self.index == 0 {
-                let chunk = self.pipeline.chunk;
-                let mut pos = from;
-                while pos < req.tokens.len() {
-                    let n = chunk.min(req.tokens.len() - pos);
-                    self.work.push_back(Work {
-                        key,
-                        pos,
-                        n,
-                        input: Input::Tokens(req.tokens[pos..pos + n].to_vec()),
-                        warm: req.warm,
-                    });
-                    pos += n;
-                }
-            }
-            self.work
-                .extend(self.early.remove(&key).unwrap_or_default());
-            let sent = req.cached as usize / self.block_size;
-            self.reqs.insert(
-                key,
-                Req {
-                    req,
-                    local,
-                    out: Some(out),
-                    sent,
-                    arrived: Instant::now(),
-                    started: Instant::now(),
-                    compute: Duration::ZERO,
-                },
-            );
         }
     }
 
-    /// Forgets a request; `done` when its KV is complete, so its full
-    /// blocks stay cached for prompts that share them.
-    fn drop_req(&mut self, key: Key, done: bool) {
-        if let Some(r) = self.reqs.remove(&key) {
-            if done {
-                let t = &r.req.tokens;
-                let full = t.len() / self.block_size * self.block_size;
-                self.cache
-                    .insert(&r.local, &block_hashes(&t[..full], self.block_size));
+    /// A decode group's UCX address (and pools): KV to it goes over UCX.
+    fn ucx_hello(&mut self, peer: &str, address: &[u8], pools: &[tandem_wire::messages::UcxPool]) {
+        let Some(w) = &self.ucx else { return };
+        match w.connect(address) {
+            Ok(ep) => {
+                let puts = match PutTarget::reach(w, ep, pools) {
+                    Ok(t) => t.map(Arc::new),
+                    Err(e) => {
+                        tracing::warn!("{}: {peer}'s KV pools: {e}", self.name);
+                        None
+                    }
+                };
+                let how = if puts.is_some() {
+                    "writes into its pools, mapped here (shared memory)"
+                } else {
+                    "active messages"
+                };
+                if let Some((old, _)) = self.ucx_peers.insert(peer.to_string(), (ep, puts)) {
+                    w.close(old);
+                }
+                tracing::info!("{}: KV to {peer} over UCX, {how}", self.name);
             }
-            self.cache.release(&r.local);
+            Err(e) => tracing::warn!("{}: UCX to {peer} failed ({e}); KV goes over QUIC", self.name),
         }
-        self.work.retain(|w| w.key != key);
-        self.early.remove(&key);
-        self.start_waiting();
+    }
+
+    /// Fault injection: writes garbage into the attempt's blocks in
+    /// decode's pools for a while, as a stage lagging its aborts would.
+    fn write_after_abort(&self, key: Key) {
+        let Some(r) = self.seq.reqs.get(&key) else {
+            return;
+        };
+        let Some((_, Some(put))) = self.ucx_peers.get(&r.req.decode) else {
+            return;
+        };
+        let Some(out) = r.out.as_ref() else {
+            return;
+        };
+        let place = out.placements(self.desc.layout.dtype.bytes());
+        tracing::warn!(
+            "{}: fault injection: writing request {}'s blocks after its abort",
+            self.name,
+            key.0 .0
+        );
+        let until = Instant::now() + self.faults.write_after_abort;
+        let mut round = 0u8;
+        while Instant::now() < until {
+            round = round.wrapping_add(1);
+            for t in &r.req.targets {
+                let Some(runs) = place.get(&t.rank) else {
+                    continue;
+                };
+                let len: usize = runs.iter().map(|x| x.2).sum();
+                let junk = vec![0x5a ^ round; len];
+                // The blocks it sends: decode already holds the cached prefix.
+                let from = (r.req.cached as usize / self.block_size).min(t.blocks.len());
+                for b in &t.blocks[from..] {
+                    let _ = put.write(t.rank, *b, &junk, runs);
+                }
+            }
+            tandem_kvtransfer::stream_copy::fence();
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Runs one chunk; errors fail its request.
     fn step(&mut self, w: Work) {
         let key = w.key;
         if let Err(e) = self.run_chunk(w) {
-            if let Some(r) = self.reqs.get(&key) {
+            if let Some(r) = self.seq.reqs.get(&key) {
                 let req = r.req.clone();
                 // A UCX endpoint given up on (a transfer that did not
                 // complete) carries nothing more: KV to that group goes over
@@ -575,15 +308,15 @@ impl Stage {
                         self.ucx_peers.remove(&req.decode);
                     }
                 }
-                self.fail(&req, e.class, e.message);
             }
-            self.drop_req(key, false);
+            let sends = self.seq.chunk_failed(key, e.class, e.message, Instant::now());
+            self.send(sends);
         }
     }
 
     fn run_chunk(&mut self, w: Work) -> std::result::Result<(), ChunkError> {
         let is_last = self.last();
-        let Some(r) = self.reqs.get_mut(&w.key) else {
+        let Some(r) = self.seq.reqs.get_mut(&w.key) else {
             return Ok(());
         };
         if now_ms() > r.req.deadline_ms {
@@ -635,7 +368,7 @@ impl Stage {
                 );
                 // At the front: its request's later chunks must follow it.
                 if let Some(w) = again {
-                    self.work.push_front(w);
+                    self.seq.requeue_front(w);
                 }
                 return Ok(());
             }
@@ -648,8 +381,10 @@ impl Stage {
         match out {
             SliceOutput::Hidden(hidden) => {
                 let next = self
-                    .next_name()
-                    .ok_or("a middle stage without a next stage")?;
+                    .seq
+                    .next()
+                    .ok_or("a middle stage without a next stage")?
+                    .to_string();
                 let link = self
                     .links
                     .get(&next)
@@ -670,7 +405,7 @@ impl Stage {
             SliceOutput::Nothing => return Err("the stage produced nothing".into()),
         }
         // KV of the blocks this chunk completed.
-        let r = self.reqs.get_mut(&w.key).expect("checked above");
+        let r = self.seq.reqs.get_mut(&w.key).expect("checked above");
         let complete = if last_chunk {
             total.div_ceil(self.block_size)
         } else {
@@ -758,7 +493,8 @@ impl Stage {
             w.key.0 .0,
             r.out.as_ref().map_or(0, |o| o.bytes)
         );
-        self.drop_req(w.key, true);
+        let sends = self.seq.finished(w.key, Instant::now());
+        self.send(sends);
         Ok(())
     }
 }

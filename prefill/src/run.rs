@@ -93,38 +93,42 @@ pub fn run(
         }
         setup.spawn_services(&beat)?;
     }
-    let pipeline_blocks = pipeline.kv_blocks;
+    let seq = Sequencer::new(
+        SeqConfig {
+            index,
+            next: pipeline.stages.get(index + 1).map(|s| s.0.clone()),
+            chunk: pipeline.chunk,
+            block_size,
+            n_kv_heads: cfg.n_kv_heads,
+            n_layers: cfg.n_layers,
+            desc: desc.clone(),
+        },
+        pipeline.kv_blocks,
+    );
     let st_transport = pipeline.kv_transport;
     let mut st = Stage {
         name: setup.name.clone(),
-        index,
         pipeline,
-        n_layers: cfg.n_layers,
-        n_kv_heads: cfg.n_kv_heads,
         desc,
         group,
-        cache: PrefixCache::new(pipeline_blocks),
+        seq,
         block_size,
         links: Links::default(),
-        reqs: HashMap::new(),
-        waiting: VecDeque::new(),
-        work: VecDeque::new(),
-        early: HashMap::new(),
         beat,
         ucx: start_ucx(&setup.name, st_transport)?,
         ucx_peers: HashMap::new(),
         faults: Faults::from_env(),
-        tombstones: Default::default(),
         preempt,
     };
     let gateway = cluster.file.gateway.name.clone();
     tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);
+    let _ = st.block_size;
     while !stop.load(Ordering::Relaxed) {
         // Cleared before the events are read: work that arrives from here on
         // sets it again and stops a warming pass.
         st.preempt.store(false, Ordering::Release);
         // Events first, so aborts and new requests are seen between chunks.
-        let ev = if st.work.is_empty() {
+        let ev = if !st.seq.has_work() {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(ev) => Some(ev),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -140,21 +144,16 @@ pub fn run(
             }
         }
         // Requests someone waits for go before cache warming.
-        let next = st
-            .work
-            .iter()
-            .position(|w| !w.warm)
-            .or((!st.work.is_empty()).then_some(0));
-        if let Some(w) = next.and_then(|i| st.work.remove(i)) {
+        if let Some(w) = st.seq.next_work() {
             st.step(w);
         }
         {
             let mut b = st.beat.lock().expect("heartbeat state");
             b.load = Load {
-                running: st.reqs.len() as u32,
-                queued: st.waiting.len() as u32,
-                free_blocks: st.cache.available() as u32,
-                total_blocks: st.cache.total() as u32,
+                running: st.seq.reqs.len() as u32,
+                queued: st.seq.waiting.len() as u32,
+                free_blocks: st.seq.cache.available() as u32,
+                total_blocks: st.seq.cache.total() as u32,
                 ..Load::default()
             };
             b.gateway = st.links.get(&gateway).cloned();
@@ -223,6 +222,7 @@ fn start_ucx(name: &str, t: KvTransport) -> Result<Option<Arc<Worker>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_wire::messages::{Lease, PrefillRequest, RequestId};
 
     fn prefill(warm: bool) -> NetEvent {
         NetEvent::Message {

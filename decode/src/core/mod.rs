@@ -454,6 +454,45 @@ impl Core {
         out
     }
 
+    /// A message from `from`, for every kind the core takes; a
+    /// [`Message::KvLanded`] comes back: its blocks must be checked in the
+    /// landing table and read back from the pool first ([`Core::landed_plan`],
+    /// [`Core::kv_landed`]).
+    pub fn message(&mut self, from: &str, msg: Message, now: u64) -> Result<Vec<Action>, Message> {
+        Ok(match msg {
+            Message::Generate(g) => self.submit(from, g, now),
+            Message::Cancel { id } => self.cancel(from, id, now),
+            Message::KvStopped { id, lease, stage } => self.kv_stopped(from, id, lease, stage, now),
+            Message::Kv(k) => self.kv_chunk(from, k, now),
+            Message::KvDone(d) => self.kv_done(from, d, now),
+            Message::FirstToken {
+                id,
+                lease,
+                token,
+                logprob,
+                queue_us,
+                compute_us,
+                prefilled,
+            } => self.first_token(from, id, lease, token, logprob, (queue_us, compute_us, prefilled), now),
+            Message::PrefillFailed {
+                id,
+                lease,
+                class,
+                message,
+            } => self.prefill_failed(from, id, lease, class, message, now),
+            m @ Message::KvLanded { .. } => return Err(m),
+            Message::Heartbeat { .. } => Vec::new(),
+            other => {
+                tracing::warn!(
+                    "{}: ignoring an unexpected message from {from}: {:?}",
+                    self.cfg.name,
+                    std::mem::discriminant(&other)
+                );
+                Vec::new()
+            }
+        })
+    }
+
     /// A peer linked (again).
     pub fn link_up(&mut self, peer: &str, process: ProcessId, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
