@@ -49,15 +49,16 @@ pub fn certs(_common: &Common, a: CertsArgs) -> Result<()> {
     };
     let mut nodes = vec![(
         file.gateway.name.clone(),
+        "gateway",
         with_extra(file.gateway.quic.ip()),
     )];
     for p in &file.prefill {
         for s in &p.stages {
-            nodes.push((s.name.clone(), with_extra(s.addr.ip())));
+            nodes.push((s.name.clone(), "prefill", with_extra(s.addr.ip())));
         }
     }
     for d in &file.decode {
-        nodes.push((d.name.clone(), with_extra(d.addr.ip())));
+        nodes.push((d.name.clone(), "decode", with_extra(d.addr.ip())));
     }
     let written = tandem_wire::tls::write_cluster_certs(&out, &file.cluster.name, &nodes)
         .with_context(|| format!("writing certificates to {}", out.display()))?;

@@ -425,6 +425,7 @@ pub fn run(
     let core = Core::new(
         Config {
             name: setup.name.clone(),
+            gateway: cluster.file.gateway.name.clone(),
             tp: d.tp,
             context: cfg.context_length,
             vocab: file.tokenizer.vocab_size(),
@@ -468,7 +469,7 @@ pub fn run(
         .map_err(|e| DecodeError::Setup(format!("cannot start a thread: {e}")))?;
     drop(in_tx);
     let beat = Arc::new(Mutex::new(Beat::default()));
-    let hello = setup.hello(Role::Decode {
+    let hello = setup.me(Role::Decode {
         group: d.name.clone(),
     });
     {

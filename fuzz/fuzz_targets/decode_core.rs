@@ -20,6 +20,7 @@ fn config(ucx: UcxLanding) -> Config {
     let desc = |h: std::ops::Range<usize>| PoolDesc::new(0..2, h, 4, 8, KvDtype::F32);
     Config {
         name: "d0".into(),
+        gateway: "gw".into(),
         tp: 2,
         context: 128,
         vocab: 100,

@@ -699,7 +699,7 @@ pub async fn run(
     let (tx, rx) = std_mpsc::channel();
     let ep = tandem_wire::quic::endpoint(g.quic.bind(), &setup.identity, setup.liveness())
         .map_err(|e| e.to_string())?;
-    spawn_acceptor(ep.clone(), setup.hello(Role::Gateway), tx);
+    spawn_acceptor(ep.clone(), setup.me(Role::Gateway), tx);
     let pg = gw.clone();
     std::thread::Builder::new()
         .name("gateway-events".into())

@@ -196,7 +196,7 @@ impl Stage {
                     tracing::error!("{}: fault injection: dropping out", self.name);
                     std::process::abort();
                 }
-                self.seq.prefill(req, now)
+                self.seq.prefill(peer, req, now)
             }
             Message::PrefillAbort { id, lease, decode } => {
                 if !self.faults.write_after_abort.is_zero() {
@@ -205,7 +205,7 @@ impl Stage {
                 self.seq.abort(peer, id, lease, decode, now)
             }
             Message::Activations(a) => {
-                self.seq.activations(a);
+                self.seq.activations(peer, a);
                 Vec::new()
             }
             Message::Heartbeat { .. } => Vec::new(),

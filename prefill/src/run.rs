@@ -59,7 +59,7 @@ pub fn run(
         pipeline: pipeline.name.clone(),
         stage: index as u32,
     };
-    let hello = setup.hello(role);
+    let hello = setup.me(role);
     let live = setup.liveness();
     {
         let _g = rt.enter();
@@ -96,7 +96,9 @@ pub fn run(
     let seq = Sequencer::new(
         SeqConfig {
             index,
+            prev: index.checked_sub(1).map(|i| pipeline.stages[i].0.clone()),
             next: pipeline.stages.get(index + 1).map(|s| s.0.clone()),
+            decode_groups: cluster.file.decode.iter().map(|d| d.name.clone()).collect(),
             chunk: pipeline.chunk,
             block_size,
             n_kv_heads: cfg.n_kv_heads,

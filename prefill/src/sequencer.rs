@@ -86,9 +86,14 @@ impl Tombstones {
 }
 
 pub(crate) struct SeqConfig {
-    /// This stage's index in its pipeline, and the next stage's name.
+    /// This stage's index in its pipeline, and the names of the stages
+    /// before and after it.
     pub index: usize,
+    pub prev: Option<String>,
     pub next: Option<String>,
+    /// The cluster's decode groups: the only peers that send stage 0
+    /// requests and abort them.
+    pub decode_groups: Vec<String>,
     /// Prompt tokens per chunk.
     pub chunk: usize,
     pub block_size: usize,
@@ -147,9 +152,31 @@ impl Sequencer {
         self.cfg.next.as_deref()
     }
 
+    /// Whether `from` may send this stage a request for decode group
+    /// `decode`, or abort one: at stage 0 only that decode group itself,
+    /// later only the stage before (for a real decode group); a decode
+    /// group may also abort at any stage.
+    fn may_speak_for(&self, from: &str, decode: &str, abort: bool) -> bool {
+        let is_group = self.cfg.decode_groups.iter().any(|g| g == decode);
+        let from_prev = self.cfg.prev.as_deref() == Some(from);
+        is_group
+            && if self.cfg.index == 0 {
+                from == decode
+            } else {
+                from_prev || (abort && from == decode)
+            }
+    }
+
     /// A prefill request, from decode (stage 0) or the stage before.
-    pub fn prefill(&mut self, req: PrefillRequest, now: Instant) -> Vec<Send> {
+    pub fn prefill(&mut self, from: &str, req: PrefillRequest, now: Instant) -> Vec<Send> {
         let mut out = Vec::new();
+        if !self.may_speak_for(from, &req.decode, false) {
+            tracing::warn!(
+                "{from} may not send this stage a request for {:?}; ignored",
+                req.decode
+            );
+            return out;
+        }
         // Aborted before it got here: confirmed stopped, so refused.
         if self.tombstones.contains(&(req.id, req.lease)) {
             tracing::debug!("request {} was aborted before it arrived", req.id.0);
@@ -170,6 +197,20 @@ impl Sequencer {
     /// this is read) and, at stage 0, passes it on.
     pub fn abort(&mut self, from: &str, id: RequestId, lease: Lease, decode: String, now: Instant) -> Vec<Send> {
         let mut out = Vec::new();
+        if !self.may_speak_for(from, &decode, true) {
+            tracing::warn!("{from} may not abort {decode:?}'s requests here; ignored");
+            return out;
+        }
+        // The attempt is decode's: another group cannot abort it.
+        let owner = self
+            .reqs
+            .get(&(id, lease))
+            .map(|r| r.req.decode.as_str())
+            .or_else(|| self.waiting.iter().find(|r| (r.id, r.lease) == (id, lease)).map(|r| r.decode.as_str()));
+        if owner.is_some_and(|o| o != decode) {
+            tracing::warn!("{from} named {decode:?} aborting another group's attempt; ignored");
+            return out;
+        }
         let key = (id, lease);
         let known = self.reqs.contains_key(&key) || self.waiting.iter().any(|r| (r.id, r.lease) == key);
         self.waiting.retain(|r| !(r.id == id && r.lease == lease));
@@ -202,7 +243,11 @@ impl Sequencer {
     }
 
     /// A chunk's hidden states from the stage before.
-    pub fn activations(&mut self, a: Activations) {
+    pub fn activations(&mut self, from: &str, a: Activations) {
+        if self.cfg.prev.as_deref() != Some(from) {
+            tracing::warn!("activations from {from}, not the stage before; ignored");
+            return;
+        }
         let key = (a.id, a.lease);
         let w = Work {
             key,

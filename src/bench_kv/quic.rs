@@ -5,6 +5,7 @@ use super::*;
 use tandem_model::BlockId;
 use tandem_wire::link::{Link, NetEvent};
 use tandem_wire::messages::{ByteBuf, Hello, KvChunk, KvDone, Lease, Message, RequestId, Role};
+use tandem_wire::quic::Me;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -34,9 +35,12 @@ pub(super) fn quic_receiver() -> Result<()> {
         let ep = tandem_wire::quic::endpoint("127.0.0.1:0".parse()?, &id, Default::default())?;
         println!("{}", ep.local_addr()?.port());
         std::io::stdout().flush()?;
+        // The sender opens the link first, then the raw connection.
+        let mut accepted = 0;
         while let Some(inc) = ep.accept().await {
-            let (h, peer) = tandem_wire::quic::accept_stream(inc, &hello("decode")).await?;
-            if peer.node == "link" {
+            let (h, peer) = tandem_wire::quic::accept_stream(inc, &Me::anyone(hello("decode"))).await?;
+            accepted += 1;
+            if accepted == 1 {
                 tokio::spawn(async move {
                     let (tx, rx) = mpsc::channel();
                     let link = Link::start(h, "link".into(), Role::Client, peer.process.clone(), tx);
@@ -114,8 +118,8 @@ pub(super) fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Re
         &dir,
         "bench-kv",
         &[
-            ("decode".to_string(), ips.clone()),
-            ("prefill".to_string(), ips),
+            ("decode".to_string(), "client", ips.clone()),
+            ("prefill".to_string(), "client", ips),
         ],
     )?;
     let mut peer = Peer::spawn(
@@ -132,11 +136,11 @@ pub(super) fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Re
     // The cluster's path: a link carrying `Kv` messages.
     let (tx, events) = mpsc::channel();
     let link = rt.block_on(async {
-        let (h, _, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &hello("link")).await?;
+        let (h, _, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &Me::anyone(hello("prefill"))).await?;
         Ok::<_, anyhow::Error>(Link::start(h, "decode".into(), Role::Client, Default::default(), tx))
     })?;
     let raw = rt.block_on(async {
-        let (h, _, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &hello("raw")).await?;
+        let (h, _, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &Me::anyone(hello("prefill"))).await?;
         Ok::<_, anyhow::Error>(h.conn)
     })?;
     let mut rows = Vec::new();

@@ -413,6 +413,11 @@ impl ClusterFile {
             if name.trim().is_empty() {
                 return Err(bad(format!("{what} has an empty name")));
             }
+            if !crate::tls::valid_name(name) {
+                return Err(bad(format!(
+                    "{what}: a node name is at most 64 letters, digits, '.', '_' and '-' (it goes into the node's certificate)"
+                )));
+            }
             if let Some(prev) = names.insert(name.to_string(), what.clone()) {
                 return Err(bad(format!("the name '{name}' is used twice ({prev} and {what}); node names must be unique")));
             }

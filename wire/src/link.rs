@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use crate::addr::NodeAddr;
 use crate::codec::{read_frame, write_frame, MAX_FRAME};
 use crate::error::{Result, WireError};
-use crate::messages::{Hello, Message, ProcessId, Role};
-use crate::quic::{accept_stream, connect_stream, Handshaken};
+use crate::messages::{Message, ProcessId, Role};
+use crate::quic::{accept_stream, connect_stream, Handshaken, Me};
 
 /// What a node's links report.
 #[derive(Debug)]
@@ -49,12 +49,24 @@ static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 pub struct Link {
     pub id: u64,
     pub peer: String,
-    tx: mpsc::Sender<Message>,
+    /// One FIFO for everything, so no message overtakes another.
+    tx: mpsc::UnboundedSender<Queued>,
+    /// Data messages take a credit before they queue and the writer
+    /// returns it once written: at most [`QUEUE`] wait, and senders of
+    /// data wait (or fail with `try_send`) behind a slow peer. Control
+    /// messages take none, so they are never refused for a full queue.
+    credits: mpsc::Sender<()>,
     conn: quinn::Connection,
 }
 
-/// Messages queued per link before senders wait: enough to keep a transfer
-/// streaming, few enough that a slow peer pushes back on its senders.
+enum Queued {
+    Data(Message),
+    Control(Message),
+}
+
+/// Data messages queued per link before senders wait: enough to keep a
+/// transfer streaming, few enough that a slow peer pushes back on its
+/// senders.
 const QUEUE: usize = 64;
 
 impl Link {
@@ -62,7 +74,8 @@ impl Link {
     /// reports it [`NetEvent::Up`]. Must be called inside a tokio runtime.
     pub fn start(h: Handshaken, peer: String, role: Role, process: ProcessId, events: Events) -> Link {
         let id = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
+        let (credits, mut spent) = mpsc::channel::<()>(QUEUE);
         let Handshaken {
             conn,
             mut send,
@@ -72,6 +85,7 @@ impl Link {
             id,
             peer: peer.clone(),
             tx,
+            credits,
             conn: conn.clone(),
         };
         let _ = events.send(NetEvent::Up {
@@ -81,11 +95,19 @@ impl Link {
         });
         let wconn = conn.clone();
         tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
+            while let Some(q) = rx.recv().await {
+                let (m, data) = match q {
+                    Queued::Data(m) => (m, true),
+                    Queued::Control(m) => (m, false),
+                };
                 if let Err(e) = write_frame(&mut send, &m).await {
                     tracing::debug!("link {id}: write failed: {e}");
                     wconn.close(2u32.into(), b"write failed");
                     return;
+                }
+                if data {
+                    // Its credit was queued before it was: give it back.
+                    let _ = spent.try_recv();
                 }
             }
             let _ = send.finish();
@@ -123,36 +145,59 @@ impl Link {
         link
     }
 
-    /// Queues a message, waiting while the link's queue is full.
+    fn closed_err(&self) -> WireError {
+        WireError::Connection(format!("link to {} is closed", self.peer))
+    }
+
+    fn queue(&self, q: Queued) -> Result<()> {
+        self.tx.send(q).map_err(|_| self.closed_err())
+    }
+
+    /// Queues a message. Data waits while the link's data queue is full;
+    /// a control message ([`Message::is_control`]) never waits.
     pub async fn send(&self, m: Message) -> Result<()> {
-        self.tx
-            .send(m)
-            .await
-            .map_err(|_| WireError::Connection(format!("link to {} is closed", self.peer)))
+        if m.is_control() {
+            return self.queue(Queued::Control(m));
+        }
+        self.credits.send(()).await.map_err(|_| self.closed_err())?;
+        self.queue(Queued::Data(m))
     }
 
     /// [`Link::send`] from a thread outside the runtime (compute threads).
     pub fn blocking_send(&self, m: Message) -> Result<()> {
-        self.tx
-            .blocking_send(m)
-            .map_err(|_| WireError::Connection(format!("link to {} is closed", self.peer)))
+        if m.is_control() {
+            return self.queue(Queued::Control(m));
+        }
+        self.credits.blocking_send(()).map_err(|_| self.closed_err())?;
+        self.queue(Queued::Data(m))
     }
 
-    /// Queues a message without waiting; fails when the queue is full or closed.
+    /// Queues a message without waiting; data fails when the queue is
+    /// full. A control message is never refused while the link is up.
     pub fn try_send(&self, m: Message) -> Result<()> {
-        self.tx
-            .try_send(m)
-            .map_err(|e| WireError::Connection(format!("link to {}: {e}", self.peer)))
+        self.try_send_back(m)
+            .map_err(|_| WireError::Connection(format!("link to {}: queue full", self.peer)))?;
+        if self.tx.is_closed() {
+            return Err(self.closed_err());
+        }
+        Ok(())
     }
 
-    /// Queues a message without waiting; gives it back when the queue is
-    /// full. A closed link drops it (its loss is reported as the link
-    /// going down).
+    /// Queues a message without waiting; gives data back when the queue
+    /// is full (control is always queued). A closed link drops it (its
+    /// loss is reported as the link going down).
     pub fn try_send_back(&self, m: Message) -> std::result::Result<(), Message> {
-        match self.tx.try_send(m) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(m)) => Err(m),
-            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        if m.is_control() {
+            let _ = self.queue(Queued::Control(m));
+            return Ok(());
+        }
+        match self.credits.try_send(()) {
+            Ok(()) => {
+                let _ = self.queue(Queued::Data(m));
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err(m),
+            Err(mpsc::error::TrySendError::Closed(())) => Ok(()),
         }
     }
 
@@ -172,7 +217,7 @@ impl Link {
 
 /// Accepts peers on `ep` for as long as it is open; each handshaken peer
 /// becomes a link reported on `events`.
-pub fn spawn_acceptor(ep: quinn::Endpoint, me: Hello, events: Events) {
+pub fn spawn_acceptor(ep: quinn::Endpoint, me: Me, events: Events) {
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
             let me = me.clone();
@@ -194,7 +239,7 @@ pub fn spawn_acceptor(ep: quinn::Endpoint, me: Hello, events: Events) {
 
 /// Keeps a link to `peer` at `addr` up: connects, and after every loss
 /// connects again, backing off from 50 ms to 1 s while it cannot.
-pub fn spawn_dialer(ep: quinn::Endpoint, addr: NodeAddr, peer: String, me: Hello, events: Events) {
+pub fn spawn_dialer(ep: quinn::Endpoint, addr: NodeAddr, peer: String, me: Me, events: Events) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         let mut warned = false;

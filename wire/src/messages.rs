@@ -338,6 +338,29 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// Whether losing or delaying this message would lose a request's
+    /// state or a block's fate: cancels, aborts, stops, landings, a
+    /// pipeline's answer, cache changes. Links never refuse these for a
+    /// full queue (they are small, and bounded by the requests in flight);
+    /// data (requests, KV, activations, token events, heartbeats) waits
+    /// behind a slow peer instead.
+    pub fn is_control(&self) -> bool {
+        matches!(
+            self,
+            Message::Cancel { .. }
+                | Message::PrefillAbort { .. }
+                | Message::KvStopped { .. }
+                | Message::KvLanded { .. }
+                | Message::UcxHello { .. }
+                | Message::FirstToken { .. }
+                | Message::PrefillFailed { .. }
+                | Message::CacheStored { .. }
+                | Message::CacheEvicted { .. }
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

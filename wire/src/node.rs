@@ -54,6 +54,37 @@ impl NodeSetup {
         })
     }
 
+    /// This node's side of handshakes: its hello, admitting only the
+    /// cluster file's nodes in their roles.
+    pub fn me(&self, role: Role) -> crate::quic::Me {
+        crate::quic::Me {
+            hello: self.hello(role),
+            roster: Some(std::sync::Arc::new(self.roster())),
+        }
+    }
+
+    /// Every node of the cluster file, with its role.
+    pub fn roster(&self) -> crate::quic::Roster {
+        let f = &self.cluster.file;
+        let mut r = crate::quic::Roster::new();
+        r.insert(f.gateway.name.clone(), Role::Gateway);
+        for d in &f.decode {
+            r.insert(d.name.clone(), Role::Decode { group: d.name.clone() });
+        }
+        for p in &f.prefill {
+            for (i, s) in p.stages.iter().enumerate() {
+                r.insert(
+                    s.name.clone(),
+                    Role::Prefill {
+                        pipeline: p.name.clone(),
+                        stage: i as u32,
+                    },
+                );
+            }
+        }
+        r
+    }
+
     pub fn hello(&self, role: Role) -> Hello {
         Hello {
             protocol: PROTOCOL_VERSION,

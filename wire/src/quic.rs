@@ -9,10 +9,65 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
 
+use std::collections::HashMap;
+
 use crate::codec::{read_frame, write_frame};
 use crate::error::{Result, WireError};
 use crate::messages::{Hello, HelloReply, ProcessId, Role, ALPN, PROTOCOL_VERSION};
-use crate::tls::NodeIdentity;
+use crate::tls::{claim_of, role_kind, NodeIdentity};
+
+/// Who may link: every node of the cluster file, with its role.
+pub type Roster = HashMap<String, Role>;
+
+/// A node's side of handshakes: what it says, and whom it admits. Every
+/// peer must present a certificate naming the node and role its hello
+/// claims; with a roster, that node must also be in the cluster file in
+/// exactly that role.
+#[derive(Debug, Clone)]
+pub struct Me {
+    pub hello: Hello,
+    pub roster: Option<Arc<Roster>>,
+}
+
+impl From<Hello> for Me {
+    fn from(hello: Hello) -> Me {
+        Me::anyone(hello)
+    }
+}
+
+impl Me {
+    /// Admits any node whose certificate matches its hello (tools, tests).
+    pub fn anyone(hello: Hello) -> Me {
+        Me { hello, roster: None }
+    }
+}
+
+/// Whether the peer on `conn` is who it claims: its certificate names
+/// `node` in `role`, and the roster (if any) has it so.
+fn check_peer(conn: &quinn::Connection, node: &str, role: &Role, roster: Option<&Roster>) -> std::result::Result<(), String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .ok_or("the peer presented no certificate")?;
+    let cert = certs.first().ok_or("the peer presented no certificate")?;
+    let (cert_role, cert_node) = claim_of(cert).map_err(|e| e.to_string())?;
+    if cert_node != node || cert_role != role_kind(role) {
+        return Err(format!(
+            "its certificate is for {cert_role} {cert_node:?}, but it claims to be {} {node:?}",
+            role_kind(role)
+        ));
+    }
+    if let Some(r) = roster {
+        match r.get(node) {
+            Some(want) if want == role => {}
+            Some(want) => {
+                return Err(format!("{node:?} is {want:?} in the cluster file, not {role:?}"));
+            }
+            None => return Err(format!("{node:?} is not a node of the cluster file")),
+        }
+    }
+    Ok(())
+}
 
 /// Liveness settings of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -133,9 +188,9 @@ pub async fn connect(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
     peer_name: &str,
-    hello: &Hello,
+    me: &Me,
 ) -> Result<(quinn::Connection, Role)> {
-    let (mut h, role, _) = connect_stream(ep, addr, peer_name, hello).await?;
+    let (mut h, role, _) = connect_stream(ep, addr, peer_name, me).await?;
     let _ = h.send.finish();
     Ok((h.conn, role))
 }
@@ -145,8 +200,9 @@ pub async fn connect_stream(
     ep: &quinn::Endpoint,
     addr: SocketAddr,
     peer_name: &str,
-    hello: &Hello,
+    me: &Me,
 ) -> Result<(Handshaken, Role, ProcessId)> {
+    let hello = &me.hello;
     let conn = ep
         .connect(addr, peer_name)
         .map_err(|e| {
@@ -167,8 +223,19 @@ pub async fn connect_stream(
             protocol,
             role,
             process,
-            ..
-        } if protocol == PROTOCOL_VERSION => Ok((Handshaken { conn, send, recv }, role, process)),
+            node,
+        } if protocol == PROTOCOL_VERSION => {
+            let who = if node == peer_name {
+                check_peer(&conn, &node, &role, me.roster.as_deref())
+            } else {
+                Err(format!("it answers as {node:?}"))
+            };
+            if let Err(why) = who {
+                conn.close(1u32.into(), b"not who it claims");
+                return Err(WireError::Refused(format!("{peer_name} at {addr}: {why}")));
+            }
+            Ok((Handshaken { conn, send, recv }, role, process))
+        }
         HelloReply::Accepted { protocol, .. } => Err(WireError::Version {
             ours: PROTOCOL_VERSION,
             theirs: protocol,
@@ -179,14 +246,15 @@ pub async fn connect_stream(
 
 /// Accepts the handshake on a new incoming connection: checks protocol
 /// version and cluster name, answers, and returns the peer's [`Hello`].
-pub async fn accept(incoming: quinn::Incoming, me: &Hello) -> Result<(quinn::Connection, Hello)> {
+pub async fn accept(incoming: quinn::Incoming, me: &Me) -> Result<(quinn::Connection, Hello)> {
     let (mut h, hello) = accept_stream(incoming, me).await?;
     let _ = h.send.finish();
     Ok((h.conn, hello))
 }
 
 /// [`accept`], keeping the handshake stream open.
-pub async fn accept_stream(incoming: quinn::Incoming, me: &Hello) -> Result<(Handshaken, Hello)> {
+pub async fn accept_stream(incoming: quinn::Incoming, me_: &Me) -> Result<(Handshaken, Hello)> {
+    let me = &me_.hello;
     let conn = incoming
         .await
         .map_err(|e| WireError::Connection(format!("incoming connection failed: {e}")))?;
@@ -208,7 +276,7 @@ pub async fn accept_stream(incoming: quinn::Incoming, me: &Hello) -> Result<(Han
             hello.cluster, me.cluster
         ))
     } else {
-        None
+        check_peer(&conn, &hello.node, &hello.role, me_.roster.as_deref()).err()
     };
     match refuse {
         Some(reason) => {

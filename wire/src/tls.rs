@@ -2,6 +2,12 @@
 //! (named for the node, valid for its addresses), all made with rcgen.
 //! `tandem certs` writes them to a directory; `tandem serve` makes throwaway
 //! ones in memory.
+//!
+//! A certificate says who its node is: besides the DNS names TLS checks, it
+//! carries the URI `urn:tandem:ROLE:NODE` (role: gateway, decode, prefill or
+//! client). Every link checks that the peer's handshake claims exactly that
+//! name and role ([`claim_of`]), so holding a cluster certificate lets a
+//! node be only itself.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -11,6 +17,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::pem::PemObject;
 
 use crate::error::{Result, WireError};
 
@@ -94,14 +101,22 @@ impl ClusterCa {
         self.key.serialize_pem()
     }
 
-    /// A certificate for `node`, valid for its name, `localhost` and `ips`,
-    /// usable both to serve and to connect.
-    pub fn issue(&self, node: &str, ips: &[IpAddr]) -> Result<NodeCert> {
+    /// A certificate for `node` in `role` (a [`role_kind`]), valid for its
+    /// name, `localhost` and `ips`, usable both to serve and to connect.
+    pub fn issue(&self, node: &str, role: &str, ips: &[IpAddr]) -> Result<NodeCert> {
+        if !valid_name(node) || !ROLES.contains(&role) {
+            return Err(WireError::Cert(format!(
+                "cannot issue a certificate for {node:?} as {role:?}: names are letters, digits, '.', '_' and '-'; roles {ROLES:?}"
+            )));
+        }
         let mut p = CertificateParams::new(vec![node.to_string(), "localhost".to_string()])
             .map_err(cert_err)?;
         p.distinguished_name.push(DnType::CommonName, node);
         p.subject_alt_names
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let uri = format!("{URN}{role}:{node}");
+        p.subject_alt_names
+            .push(SanType::URI(uri.as_str().try_into().map_err(cert_err)?));
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -116,9 +131,9 @@ impl ClusterCa {
         })
     }
 
-    /// An in-memory identity for `node` (throwaway clusters and tests).
-    pub fn identity(&self, node: &str, ips: &[IpAddr]) -> Result<NodeIdentity> {
-        let c = self.issue(node, ips)?;
+    /// An in-memory identity for `node` in `role` (throwaway clusters and tests).
+    pub fn identity(&self, node: &str, role: &str, ips: &[IpAddr]) -> Result<NodeIdentity> {
+        let c = self.issue(node, role, ips)?;
         identity_from_pem(node, &c.cert_pem, &c.key_pem, &self.cert_pem)
     }
 
@@ -127,7 +142,57 @@ impl ClusterCa {
     }
 }
 
-/// Builds an identity from PEM text.
+/// The URI prefix of a node's identity in its certificate.
+const URN: &str = "urn:tandem:";
+/// The roles a certificate can name.
+pub const ROLES: [&str; 4] = ["gateway", "decode", "prefill", "client"];
+
+/// Node names: what a certificate and a URI can carry unescaped.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The role a [`crate::messages::Role`] is, as certificates name it.
+pub fn role_kind(role: &crate::messages::Role) -> &'static str {
+    use crate::messages::Role;
+    match role {
+        Role::Gateway => "gateway",
+        Role::Decode { .. } => "decode",
+        Role::Prefill { .. } => "prefill",
+        Role::Client => "client",
+    }
+}
+
+/// The (role, node) a certificate (DER) says it is.
+pub fn claim_of(cert: &[u8]) -> Result<(String, String)> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| WireError::Cert(format!("cannot read the peer's certificate: {e}")))?;
+    let san = x
+        .subject_alternative_name()
+        .map_err(|e| WireError::Cert(format!("the peer's certificate: {e}")))?
+        .ok_or_else(|| WireError::Cert("the peer's certificate names no node".into()))?;
+    let mut found = None;
+    for n in &san.value.general_names {
+        if let x509_parser::extensions::GeneralName::URI(u) = n {
+            if let Some(rest) = u.strip_prefix(URN) {
+                if found.is_some() {
+                    return Err(WireError::Cert("the peer's certificate names two nodes".into()));
+                }
+                let (role, node) = rest
+                    .split_once(':')
+                    .ok_or_else(|| WireError::Cert(format!("malformed identity {u:?}")))?;
+                found = Some((role.to_string(), node.to_string()));
+            }
+        }
+    }
+    found.ok_or_else(|| WireError::Cert("the peer's certificate names no node".into()))
+}
+
+/// Builds an identity from PEM text; the certificate must name `node`.
 pub fn identity_from_pem(
     node: &str,
     cert_pem: &str,
@@ -135,19 +200,22 @@ pub fn identity_from_pem(
     ca_pem: &str,
 ) -> Result<NodeIdentity> {
     let first_cert = |pem: &str, what: &str| -> Result<CertificateDer<'static>> {
-        rustls_pemfile::certs(&mut pem.as_bytes())
-            .next()
-            .ok_or_else(|| WireError::Cert(format!("no certificate in the {what} PEM")))?
-            .map_err(|e| WireError::Cert(format!("{what}: {e}")))
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| WireError::Cert(format!("no certificate in the {what} PEM: {e}")))
     };
-    let key = rustls_pemfile::pkcs8_private_keys(&mut key_pem.as_bytes())
-        .next()
-        .ok_or_else(|| WireError::Cert(format!("no PKCS#8 private key for {node}")))?
-        .map_err(|e| WireError::Cert(format!("key of {node}: {e}")))?;
+    let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| WireError::Cert(format!("no PKCS#8 private key for {node}: {e}")))?;
+    let cert = first_cert(cert_pem, &format!("{node} certificate"))?;
+    let (_, named) = claim_of(&cert)?;
+    if named != node {
+        return Err(WireError::Cert(format!(
+            "the certificate for {node} names {named:?}: make certificates again with `tandem certs`"
+        )));
+    }
     Ok(NodeIdentity {
         node: node.to_string(),
-        cert: first_cert(cert_pem, &format!("{node} certificate"))?,
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.secret_pkcs8_der().to_vec())),
+        cert,
+        key: PrivateKeyDer::Pkcs8(key),
         ca: first_cert(ca_pem, "CA")?,
     })
 }
@@ -193,11 +261,11 @@ fn read(path: &Path) -> Result<String> {
 }
 
 /// Writes a CA (unless `dir` already has one, which is then reused) and a
-/// certificate for every `(node, addresses)`.
+/// certificate for every `(node, role, addresses)`.
 pub fn write_cluster_certs(
     dir: &Path,
     cluster: &str,
-    nodes: &[(String, Vec<IpAddr>)],
+    nodes: &[(String, &str, Vec<IpAddr>)],
 ) -> Result<Vec<std::path::PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|err| WireError::Io {
         path: dir.to_path_buf(),
@@ -212,8 +280,8 @@ pub fn write_cluster_certs(
         ca
     };
     let mut written = vec![ca_cert_file(dir)];
-    for (node, ips) in nodes {
-        let c = ca.issue(node, ips)?;
+    for (node, role, ips) in nodes {
+        let c = ca.issue(node, role, ips)?;
         let (cert, key) = node_files(dir, node);
         write(&cert, &c.cert_pem, false)?;
         write(&key, &c.key_pem, true)?;

@@ -65,6 +65,8 @@ pub enum UcxLanding {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub name: String,
+    /// The cluster's gateway: the only peer whose requests are taken.
+    pub gateway: String,
     pub tp: usize,
     pub context: usize,
     pub vocab: usize,
@@ -330,6 +332,10 @@ impl Core {
     /// A new request from the gateway `client`.
     pub fn submit(&mut self, client: &str, g: Generate, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        if client != self.cfg.gateway {
+            tracing::warn!("{}: {client} is not the gateway; its request is ignored", self.cfg.name);
+            return out;
+        }
         let id = g.id;
         let total = g.prompt.len() + g.generated.len();
         let bad = if g.prompt.is_empty() {

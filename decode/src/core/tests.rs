@@ -40,6 +40,7 @@ enum Move {
     Step { fail: bool },
     Tick(u64),
     GatewayBlip,
+    Forge { pick: usize, who: usize },
 }
 
 fn moves() -> impl Strategy<Value = Move> {
@@ -59,6 +60,7 @@ fn moves() -> impl Strategy<Value = Move> {
         4 => prop::bool::weighted(0.05).prop_map(|fail| Move::Step { fail }),
         2 => prop_oneof![Just(5u64), Just(200), Just(1_500)].prop_map(Move::Tick),
         1 => Just(Move::GatewayBlip),
+        1 => (any::<usize>(), 0usize..3).prop_map(|(pick, who)| Move::Forge { pick, who }),
     ]
 }
 
@@ -85,6 +87,7 @@ fn play(w: &mut World, m: Move) {
             }
         }
         Move::Drain(i) => w.drain_one(i),
+        Move::Forge { pick, who } => w.forge(pick, who),
         Move::Step { fail } => w.step(fail),
         Move::Tick(ms) => w.tick(ms),
         Move::GatewayBlip => {

@@ -57,18 +57,33 @@ pub(super) fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
                 // elsewhere if nothing was streamed yet).
                 fail_pending(&mut st, link, &peer, &reason);
             }
-            NetEvent::Message { peer, msg, .. } => match msg {
+            NetEvent::Message { peer, msg, link } => match msg {
+                // Only the decode group a request went to, on the link it
+                // went out on, speaks for it: another node naming its id
+                // (ids are sequential) is ignored.
                 Message::Event { id, event } => {
                     let end = matches!(
                         event,
                         GenerateEvent::Finished { .. } | GenerateEvent::Failed { .. }
                     );
-                    if let Some(p) = st.pending.get(&id) {
-                        let _ = p.tx.send(event);
+                    match st.pending.get(&id) {
+                        Some(p) if p.link == link => {
+                            let _ = p.tx.send(event);
+                            if end {
+                                st.pending.remove(&id);
+                            }
+                        }
+                        Some(_) => {
+                            tracing::warn!(
+                                "gateway: {peer} sent an event for request {} it does not serve",
+                                id.0
+                            );
+                        }
+                        None => {}
                     }
-                    if end {
-                        st.pending.remove(&id);
-                    }
+                }
+                _ if !st.nodes.get(&peer).is_some_and(|n| n.link.id == link) => {
+                    tracing::debug!("gateway: a message from {peer}'s replaced link ignored");
                 }
                 Message::CacheStored { hashes, .. } => {
                     st.blocks.entry(peer.clone()).or_default().extend(hashes);

@@ -18,6 +18,7 @@ fn config(ucx: UcxLanding, local_prefill_max: usize) -> Config {
     let desc = |heads: std::ops::Range<usize>| PoolDesc::new(0..2, heads, 4, 8, KvDtype::F32);
     Config {
         name: "d0".into(),
+        gateway: GW.into(),
         tp: 2,
         context: 256,
         vocab: 100,
@@ -531,6 +532,55 @@ impl World {
             _ => Vec::new(),
         };
         self.apply(a);
+    }
+
+    /// A linked stage sends what only others may: a cancel or a request
+    /// under the gateway's ids, and stops for another stage's writes.
+    /// None of it may change anything.
+    pub fn forge(&mut self, pick: usize, who: usize) {
+        let from = STAGES[who % STAGES.len()];
+        if !self.stages.get(from).is_some_and(|s| s.linked) {
+            return;
+        }
+        let now = self.now;
+        let live: Vec<RequestId> = self.submitted.iter().copied().filter(|id| !self.ended.contains_key(id)).collect();
+        if let Some(&id) = live.get(pick % live.len().max(1)) {
+            let a = self.core.cancel(from, id, now);
+            self.apply(a);
+            let g = Generate {
+                id,
+                prompt: vec![1, 2, 3],
+                generated: Vec::new(),
+                params: SamplingParams::greedy(8),
+                deadline_ms: now + 600_000,
+                session: None,
+                pipeline: None,
+            };
+            let a = self.core.submit(from, g, now);
+            self.apply(a);
+        }
+        let fresh = Generate {
+            id: RequestId(1_000_000 + pick as u64 % 1_000),
+            prompt: vec![1, 2, 3],
+            generated: Vec::new(),
+            params: SamplingParams::greedy(8),
+            deadline_ms: now + 600_000,
+            session: None,
+            pipeline: None,
+        };
+        let a = self.core.submit(from, fresh, now);
+        assert!(a.is_empty(), "a stage's request was taken: {a:?}");
+        let mut keys: Vec<(RequestId, Lease)> = self.attempt_blocks.keys().copied().collect();
+        keys.sort_by_key(|k| (k.0, k.1 .0));
+        if let Some(&(id, lease)) = keys.get(pick % keys.len().max(1)) {
+            // Every stage index but its own (about its own writes a stage
+            // is the authority).
+            let own = self.stages[from].index;
+            for stage in (0..2).filter(|s| *s != own) {
+                let a = self.core.kv_stopped(from, id, lease, stage, now);
+                self.apply(a);
+            }
+        }
     }
 
     pub fn drain_one(&mut self, pick: usize) {
