@@ -119,21 +119,51 @@ pub struct Admission {
     queue: VecDeque<Queued>,
     held: HashMap<RequestId, Held>,
     quarantine: HashMap<(RequestId, Lease), Quarantined>,
-    next_lease: u64,
+    keys: Keys,
     pub counters: Counters,
+}
+
+/// Where attempt keys ([`Lease`]) come from: a cryptographic generator,
+/// seeded by the operating system in a node, or by a test.
+pub struct Keys(rand::rngs::StdRng);
+
+impl Keys {
+    pub fn from_os() -> Keys {
+        use rand::SeedableRng;
+        Keys(rand::rngs::StdRng::from_os_rng())
+    }
+
+    pub fn seeded(seed: u64) -> Keys {
+        use rand::SeedableRng;
+        Keys(rand::rngs::StdRng::seed_from_u64(seed))
+    }
+
+    pub fn next(&mut self) -> Lease {
+        use rand::Rng;
+        Lease(self.0.random())
+    }
 }
 
 impl Admission {
     pub fn new(limits: Limits, blocks: usize) -> Admission {
+        Admission::with_keys(limits, blocks, Keys::from_os())
+    }
+
+    pub fn with_keys(limits: Limits, blocks: usize, keys: Keys) -> Admission {
         Admission {
             limits,
             cache: PrefixCache::new(blocks),
             queue: VecDeque::new(),
             held: HashMap::new(),
             quarantine: HashMap::new(),
-            next_lease: 1,
+            keys,
             counters: Counters::default(),
         }
+    }
+
+    /// A fresh attempt key for work that holds no blocks (cache warming).
+    pub fn new_key(&mut self) -> Lease {
+        self.keys.next()
     }
 
     pub fn used_blocks(&self) -> usize {
@@ -223,8 +253,7 @@ impl Admission {
             let cached = blocks.len() * self.limits.block_size;
             blocks.extend(fresh);
             let q = self.queue.pop_front().expect("front exists");
-            let lease = Lease(self.next_lease);
-            self.next_lease += 1;
+            let lease = self.keys.next();
             out.push(Action::Prefill {
                 id: q.id,
                 lease,

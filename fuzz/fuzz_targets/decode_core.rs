@@ -114,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
             }
             3 => core.link_down(peer, now),
             4 => core.link_up(peer, process(b(0)), now),
-            5 => core.landing_drained(RequestId(u64::from(b(0))), Lease(u64::from(b(1))), now),
+            5 => core.landing_drained(RequestId(u64::from(b(0))), Lease(u128::from(b(1))), now),
             6 => core.finish(RequestId(u64::from(b(0))), FinishReason::Stop, now),
             _ => core.process_gone(&process(b(0)), now),
         };

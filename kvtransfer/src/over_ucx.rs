@@ -129,15 +129,22 @@ impl PutTarget {
             worker: worker.clone(),
         };
         for p in pools {
+            // Every number here is the peer's: nothing may wrap.
+            let Some(end) = p.base.checked_add(p.bytes.saturating_sub(1)) else {
+                return Ok(None);
+            };
+            if p.block_bytes == 0 || p.bytes == 0 || usize::try_from(p.bytes).is_err() {
+                return Ok(None);
+            }
             let rkey = worker.unpack(ep, &p.rkey)?;
             target.rkeys.push(rkey);
             let (Some(local), Some(last)) = (
                 worker.local_address(rkey, p.base),
-                worker.local_address(rkey, p.base + p.bytes.saturating_sub(1)),
+                worker.local_address(rkey, end),
             ) else {
                 return Ok(None);
             };
-            if p.block_bytes == 0 || p.bytes == 0 || last != local + p.bytes as usize - 1 {
+            if local.checked_add(p.bytes as usize - 1) != Some(last) {
                 return Ok(None);
             }
             target.ranks.push(PutRank {
@@ -162,19 +169,24 @@ impl PutTarget {
         let Some(r) = self.ranks.get(rank as usize) else {
             return Err(transport_err(format!("rank {rank} has no pool to write")));
         };
-        let start = block.0 as u64 * r.block_bytes;
-        let fits = start + r.block_bytes <= r.bytes
-            && runs.iter().map(|x| x.2).sum::<usize>() == bytes.len()
-            && runs
-                .iter()
-                .all(|&(s, d, l)| s + l <= bytes.len() && (d + l) as u64 <= r.block_bytes);
-        if !fits {
+        // The pool's geometry came from the peer: every offset is checked,
+        // none may wrap.
+        let start = u64::from(block.0).checked_mul(r.block_bytes);
+        let fits = start
+            .and_then(|s| s.checked_add(r.block_bytes))
+            .is_some_and(|end| end <= r.bytes)
+            && runs.iter().try_fold(0usize, |a, x| a.checked_add(x.2)) == Some(bytes.len())
+            && runs.iter().all(|&(s, d, l)| {
+                s.checked_add(l).is_some_and(|e| e <= bytes.len())
+                    && d.checked_add(l).is_some_and(|e| e as u64 <= r.block_bytes)
+            });
+        let Some(start) = start.filter(|_| fits) else {
             return Err(transport_err(format!(
                 "block {} ({} bytes) does not fit rank {rank}'s pool",
                 block.0,
                 bytes.len()
             )));
-        }
+        };
         for &(s, d, l) in runs {
             let dst = r.local + start as usize + d;
             // SAFETY: `dst..dst + l` lies inside the rank's pool (checked
@@ -419,14 +431,20 @@ impl Landing {
         ranks: Vec<RankMemory>,
         wake: impl Fn(LandingEvent) + Send + Sync + 'static,
     ) -> crate::ucx::Result<Landing> {
-        let landing = Landing {
-            table: Arc::new(Mutex::new(Table::default())),
-            ranks: Arc::new(ranks),
-            wake: Arc::new(wake),
-        };
+        let landing = Landing::detached(ranks, wake);
         let l = landing.clone();
         worker.on_am(KV_AM, Box::new(move |h, len| l.place(h, len)))?;
         Ok(landing)
+    }
+
+    /// The table alone, not installed on a worker (what [`Landing::place`]
+    /// decides can then be checked without UCX: the fuzz target).
+    pub fn detached(ranks: Vec<RankMemory>, wake: impl Fn(LandingEvent) + Send + Sync + 'static) -> Landing {
+        Landing {
+            table: Arc::new(Mutex::new(Table::default())),
+            ranks: Arc::new(ranks),
+            wake: Arc::new(wake),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -434,8 +452,9 @@ impl Landing {
     }
 
     /// The data callback: checks the header against the open attempts
-    /// before anything is written.
-    fn place(&self, header: &[u8], len: usize) -> Placement {
+    /// before anything is allocated or written. Every byte of `header` and
+    /// `len` is the peer's.
+    pub fn place(&self, header: &[u8], len: usize) -> Placement {
         let Ok(h) = tandem_wire::codec::decode::<KvHeader>(header) else {
             return Placement::Drop;
         };
@@ -836,5 +855,80 @@ mod tests {
         drop(stage);
         drop(decode);
         drop(pool);
+    }
+
+    /// Resident memory of this process, from the kernel.
+    fn rss_bytes() -> usize {
+        let s = std::fs::read_to_string("/proc/self/statm").expect("statm");
+        let pages: usize = s.split_whitespace().nth(1).and_then(|x| x.parse().ok()).expect("resident");
+        pages * 4096
+    }
+
+    /// What a peer without the attempt's key, or with a length of its own
+    /// choosing, can make the decode side do: nothing. Over TCP and shared
+    /// memory, a message under a wrong key, one under the right key with a
+    /// 1 GiB payload, and one whose header is garbage are each dropped
+    /// before anything is allocated or written: the pool is untouched and
+    /// the process's resident memory does not grow by the payload.
+    #[test]
+    fn a_wrong_key_or_a_huge_length_is_dropped_with_nothing_allocated_or_written() {
+        for tls in ["tcp", "sm,self"] {
+            let (stage, decode) = stage_and_decode(tls);
+            let block_bytes = 16 << 10;
+            let n_blocks = 4;
+            let mut pool = vec![0u8; block_bytes * n_blocks];
+            let landing = Landing::install(
+                &decode,
+                vec![RankMemory {
+                    base: pool.as_mut_ptr() as usize,
+                    n_blocks,
+                    block_bytes,
+                    elem_bytes: 4,
+                }],
+                |_| {},
+            )
+            .expect("install");
+            let id = RequestId(1);
+            let lease = Lease(0x5eed_0000_0000_0000_0000_0000_0000_0001);
+            let plan = vec![CopyRun { src: 0, dst: 0, len: block_bytes / 4 }];
+            landing.open(id, lease, vec![ids(&[0, 1, 2, 3])], HashMap::from([((0, 0), plan)]));
+            let ep = stage.connect(decode.address()).expect("connect");
+            // A gigabyte the sender never touches (zero pages): only a
+            // receiver that took it would make it resident.
+            let huge = Arc::new(vec![0u8; 1 << 30]);
+            let send = |header: Vec<u8>, data: Arc<Vec<u8>>| {
+                let n = data.len();
+                stage
+                    .am_send(ep, KV_AM, header, data, 0..n, true)
+                    .wait_for(SEND_TIMEOUT)
+                    .expect("a refused rendezvous still completes for its sender");
+            };
+            let header = |lease: Lease, blocks: &[u32]| {
+                tandem_wire::codec::encode(&KvHeader { id, lease, stage: 0, rank: 0, blocks: ids(blocks) }).unwrap()
+            };
+            let before = rss_bytes();
+            // The right blocks, the right size, a wrong key (one bit off).
+            let wrong = Lease(lease.0 ^ 1 << 77);
+            send(header(wrong, &[0, 1]), Arc::new(vec![9u8; 2 * block_bytes]));
+            // The right key and a huge length.
+            send(header(lease, &[0]), huge.clone());
+            // Garbage, and a header claiming a billion blocks.
+            send(vec![0xff; 64], huge.clone());
+            let mut liar = header(lease, &[0]);
+            liar.truncate(liar.len() - 2);
+            liar.extend_from_slice(&[0xfc, 0, 0, 0, 0x40]);
+            send(liar, huge.clone());
+            let grew = rss_bytes().saturating_sub(before);
+            assert!(grew < 256 << 20, "{tls}: resident memory grew by {grew} bytes for dropped messages");
+            assert!(pool.iter().all(|&x| x == 0), "{tls}: a dropped message wrote into the pool");
+            // The attempt saw the oversized message under its key and failed
+            // it; the wrong key left no trace on it.
+            match landing.status(id, lease, 0, 0, &ids(&[0])) {
+                LandedStatus::Failed(e) => assert!(e.contains("bytes"), "{e}"),
+                other => panic!("{tls}: {other:?}"),
+            }
+            drop(stage);
+            drop(decode);
+        }
     }
 }

@@ -40,7 +40,8 @@ pub(super) fn ucx_receiver(capacity: usize, heap: bool) -> Result<()> {
             else {
                 return Placement::Drop;
             };
-            if off + len > capacity {
+            // Offset and length are the peer's: checked without wrapping.
+            if off.checked_add(len).is_none_or(|end| end > capacity) {
                 return Placement::Drop;
             }
             let landed = counter.clone();

@@ -18,7 +18,7 @@ use tandem_model::{BlockId, FinishReason, SamplingParams};
 
 /// Bumped whenever any message changes shape. Peers with different versions
 /// refuse each other at the handshake instead of misreading frames.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN identifier of Tandem's node-to-node protocol.
 pub const ALPN: &[u8] = b"tandem";
@@ -81,9 +81,12 @@ pub enum HelloReply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RequestId(pub u64);
 
-/// One attempt at filling a request's KV, assigned by decode.
+/// One attempt at filling a request's KV, assigned by decode: a random
+/// 128-bit key (from a generator seeded by the operating system), so it
+/// also authenticates what names it. A peer that was not given it cannot
+/// guess it; every KV write and notice is checked against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Lease(pub u64);
+pub struct Lease(pub u128);
 
 
 /// How a failure is classed where it is reported; the gateway maps classes to HTTP statuses.

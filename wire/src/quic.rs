@@ -50,6 +50,13 @@ fn check_peer(conn: &quinn::Connection, node: &str, role: &Role, roster: Option<
         .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .ok_or("the peer presented no certificate")?;
     let cert = certs.first().ok_or("the peer presented no certificate")?;
+    admit(cert, node, role, roster)
+}
+
+/// Whether a peer whose (CA-verified) certificate is `cert` may be `node`
+/// in `role`: the certificate must name exactly that node and role, and
+/// the cluster file (`roster`, where known) must list it so.
+pub fn admit(cert: &[u8], node: &str, role: &Role, roster: Option<&Roster>) -> std::result::Result<(), String> {
     let (cert_role, cert_node) = claim_of(cert).map_err(|e| e.to_string())?;
     if cert_node != node || cert_role != role_kind(role) {
         return Err(format!(

@@ -193,7 +193,7 @@ async fn a_node_can_only_be_who_its_certificate_says() {
 async fn other_versions_and_clusters_are_refused_at_the_handshake() {
     let ca = ClusterCa::generate("test").expect("ca");
     for (mut h, want) in [
-        (hello("gateway", Role::Gateway), "is not 2"),
+        (hello("gateway", Role::Gateway), "is not 3"),
         (
             Hello {
                 cluster: "other".into(),
@@ -202,7 +202,7 @@ async fn other_versions_and_clusters_are_refused_at_the_handshake() {
             "cluster 'other'",
         ),
     ] {
-        if want == "is not 2" {
+        if want == "is not 3" {
             h.protocol = PROTOCOL_VERSION + 1;
         }
         let (server_id, client_id) = pair(&ca);

@@ -464,13 +464,13 @@ impl Core {
         if !self.linked.contains_key(&stage0) {
             return;
         }
-        self.next_warm += 1;
+        let lease = self.admission.new_key();
         Self::send(
             out,
             &stage0,
             Message::Prefill(PrefillRequest {
                 id,
-                lease: Lease(self.next_warm),
+                lease,
                 decode: self.cfg.name.clone(),
                 tokens,
                 cached: 0,

@@ -31,7 +31,7 @@ use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, Lease, Message, ProcessId, RequestId,
 };
 
-use crate::admission::{self, Admission, Limits, Rejection};
+use crate::admission::{self, Admission, Keys, Limits, Rejection};
 
 mod fetch;
 mod fence;
@@ -203,8 +203,6 @@ pub struct Core {
     pub(crate) local: VecDeque<RequestId>,
     pub(crate) fences: HashMap<(RequestId, Lease), fence::Fence>,
     plans: HashMap<(String, u32, u32), Vec<CopyRun>>,
-    /// Leases for cache-warming passes (they hold no blocks).
-    next_warm: u64,
     pub local_prefills: u64,
 }
 
@@ -231,15 +229,20 @@ pub(crate) fn class_of(why: &Rejection) -> (ErrorClass, String) {
 
 impl Core {
     pub fn new(cfg: Config, kv_blocks: usize) -> Core {
+        Core::with_keys(cfg, kv_blocks, Keys::from_os())
+    }
+
+    /// A core whose attempt keys come from `keys` (tests: a seeded
+    /// generator, so that a failing case replays).
+    pub fn with_keys(cfg: Config, kv_blocks: usize, keys: Keys) -> Core {
         Core {
-            admission: Admission::new(cfg.limits, kv_blocks),
+            admission: Admission::with_keys(cfg.limits, kv_blocks, keys),
             cfg,
             reqs: HashMap::new(),
             linked: HashMap::new(),
             local: VecDeque::new(),
             fences: HashMap::new(),
             plans: HashMap::new(),
-            next_warm: 1 << 62,
             local_prefills: 0,
         }
     }

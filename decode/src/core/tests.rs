@@ -213,7 +213,7 @@ fn a_dead_writer_is_known_by_its_process_not_by_its_name() {
 fn blocks_wait_for_this_sides_receives_in_flight() {
     let mut w = World::new(UcxLanding::Messages, 0);
     let mut found = None;
-    for _ in 0..6 {
+    for _ in 0..60 {
         w.submit(9, false, true, false);
         let id = *w.submitted.last().expect("submitted");
         w.stage_reads("p0-s0");

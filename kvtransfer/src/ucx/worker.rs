@@ -111,37 +111,24 @@ unsafe extern "C" fn on_am(
         Some(h) => h(header, length),
         None => Placement::Drop,
     };
+    // A dropped message costs nothing here: an eager one is discarded with
+    // the callback's return, and a rendezvous one left unreceived (UCS_OK
+    // without `ucp_am_recv_data_nbx`) is acknowledged to its sender without
+    // its payload ever moving. Nothing is allocated for a length a peer
+    // chose.
     match placement {
-        Placement::Drop => {
-            if rndv {
-                // Received into a scratch buffer and discarded: releasing a
-                // rendezvous descriptor unreceived trips an assertion in UCX
-                // 1.13 when the sender completes.
-                let mut scratch = vec![0u8; length];
-                let run = vec![(scratch.as_mut_ptr() as usize, length)];
-                st.receive(data, run, Box::new(move |_| drop(scratch)));
-            }
-        }
+        Placement::Drop => {}
         Placement::Into { runs, done } => {
-            if !rndv {
+            let covered = runs.iter().try_fold(0usize, |a, r| a.checked_add(r.1));
+            if covered != Some(length) {
+                done(Err(UcxError::Invalid(format!(
+                    "{length} payload bytes for runs covering {covered:?}"
+                ))));
+            } else if !rndv {
                 // SAFETY: for an eager message UCX passes `length` readable
                 // bytes at `data`, valid until this callback returns.
                 let bytes = unsafe { std::slice::from_raw_parts(data as *const u8, length) };
                 done(copy_runs(bytes, &runs));
-            } else if runs.iter().map(|r| r.1).sum::<usize>() != length {
-                let covered = runs.iter().map(|r| r.1).sum::<usize>();
-                let mut scratch = vec![0u8; length];
-                let run = vec![(scratch.as_mut_ptr() as usize, length)];
-                st.receive(
-                    data,
-                    run,
-                    Box::new(move |_| {
-                        drop(scratch);
-                        done(Err(UcxError::Invalid(format!(
-                            "{length} payload bytes for runs covering {covered}"
-                        ))))
-                    }),
-                );
             } else {
                 st.receive(data, runs, done);
             }

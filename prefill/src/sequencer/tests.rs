@@ -25,7 +25,7 @@ fn seq(index: usize, next: Option<&str>, blocks: usize) -> Sequencer {
     )
 }
 
-fn req(id: u64, lease: u64, tokens: usize, warm: bool) -> PrefillRequest {
+fn req(id: u64, lease: u128, tokens: usize, warm: bool) -> PrefillRequest {
     let need = tokens.div_ceil(4) as u32;
     PrefillRequest {
         id: RequestId(id),

@@ -87,7 +87,8 @@ fn proc(pid: u32) -> ProcessId {
 
 /// The bytes a stage writes for a block.
 fn bytes(id: RequestId, lease: Lease, stage: u32, rank: u32, b: BlockId) -> ByteBuf {
-    let v = (id.0 * 7 + lease.0 * 3 + stage as u64 * 11 + rank as u64 * 5 + b.0 as u64) as u8;
+    let l = lease.0 as u64;
+    let v = (id.0 * 7).wrapping_add(l.wrapping_mul(3)).wrapping_add(stage as u64 * 11 + rank as u64 * 5 + b.0 as u64) as u8;
     ByteBuf::from(vec![v; 8])
 }
 
@@ -119,7 +120,7 @@ pub(super) struct World {
 impl World {
     pub fn new(ucx: UcxLanding, local_prefill_max: usize) -> World {
         let mut w = World {
-            core: Core::new(config(ucx, local_prefill_max), 24),
+            core: Core::with_keys(config(ucx, local_prefill_max), 24, crate::admission::Keys::seeded(7)),
             now: 1_000_000,
             ucx,
             stages: BTreeMap::new(),
@@ -291,7 +292,7 @@ impl World {
             Action::WriteKv { .. } | Action::FenceOpen { .. } => Vec::new(),
             Action::FenceClose { id, lease } => {
                 // Some of the time a receive is still in flight.
-                if (id.0 + lease.0) % 3 == 0 && self.ucx != UcxLanding::None {
+                if u128::from(id.0).wrapping_add(lease.0) % 3 == 0 && self.ucx != UcxLanding::None {
                     self.receiving.insert((id, lease));
                     Vec::new()
                 } else {
