@@ -81,6 +81,27 @@ pub struct ServeArgs {
     /// Pin stage i of the prefill pipeline to CPU i (taskset), for pipeline measurements.
     #[arg(long)]
     pub pin_stages: bool,
+    /// Open HTTP connections the gateway serves at once (more wait to be accepted).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// A request head must arrive whole within this many ms of its first byte.
+    #[arg(long)]
+    pub header_timeout_ms: Option<u64>,
+    /// A connection with no request coming is closed after this many ms.
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
+    /// A request body must arrive whole within this many ms.
+    #[arg(long)]
+    pub body_timeout_ms: Option<u64>,
+    /// Largest request body in bytes.
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Every request's deadline in ms.
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+    /// A decode group whose loop has not turned for this many ms is dropped as lost.
+    #[arg(long)]
+    pub loop_stall_ms: Option<u64>,
     /// Where the cluster file and certificates go (default: a fresh directory under the cache).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -129,6 +150,29 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
             None => String::new(),
         }
     );
+    let edge = [
+        ("max_connections", a.max_connections.map(|v| v as u64)),
+        ("header_timeout_ms", a.header_timeout_ms),
+        ("idle_timeout_ms", a.idle_timeout_ms),
+        ("body_timeout_ms", a.body_timeout_ms),
+    ];
+    for (k, v) in edge {
+        if let Some(v) = v {
+            t += &format!("{k} = {v}\n");
+        }
+    }
+    t += "\n[limits]\n";
+    let limits = [
+        ("max_body_bytes", a.max_body_bytes.map(|v| v as u64)),
+        ("request_timeout_ms", a.request_timeout_ms),
+        ("loop_stall_ms", a.loop_stall_ms),
+    ];
+    for (k, v) in limits {
+        if let Some(v) = v {
+            t += &format!("{k} = {v}\n");
+        }
+    }
+    t += "\n";
     for p in 0..a.pipelines {
         t += &format!(
             "[[prefill]]\nname = \"p{p}\"\nchunk = {}\nstages = [\n",

@@ -66,6 +66,8 @@ pub struct Group<'m> {
     held: HashMap<(RequestId, Lease), VecDeque<(String, Message)>>,
     beat: Arc<Mutex<Beat>>,
     gateway: String,
+    /// Decode steps run (for the wedge fault switch).
+    steps: u64,
 }
 
 impl Group<'_> {
@@ -297,6 +299,7 @@ impl Group<'_> {
         let Some(plan) = plan else {
             return;
         };
+        self.steps += 1;
         let t0 = Instant::now();
         let out = self
             .group
@@ -491,10 +494,33 @@ pub fn run(
         held: HashMap::new(),
         beat,
         gateway: cluster.file.gateway.name.clone(),
+        steps: 0,
     };
     tracing::info!("{}: decode group (tp {}) ready at {}", setup.name, d.tp, d.addr);
+    // Fault switch for tests, `TANDEM_FAULT_WEDGE=NODE:STEPS`: after that
+    // many steps this group's loop wedges (it sleeps, holding its
+    // requests) while the process, its links and its heartbeat task live on.
+    let wedge_after: Option<u64> = std::env::var("TANDEM_FAULT_WEDGE")
+        .ok()
+        .and_then(|v| {
+            let (node, steps) = v.split_once(':')?;
+            (node == setup.name).then(|| steps.parse().ok()).flatten()
+        });
+    {
+        let mut b = g.beat.lock().expect("heartbeat state");
+        b.stall = Some(Duration::from_millis(cluster.file.limits.loop_stall_ms.max(1)));
+        b.turned = Some(Instant::now());
+    }
     let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        g.beat.lock().expect("heartbeat state").turned = Some(Instant::now());
+        if wedge_after.is_some_and(|n| g.steps >= n) {
+            tracing::error!("{}: fault injection: the decode loop wedges", setup.name);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            break;
+        }
         let first = if g.core.busy() {
             in_rx.try_recv().ok()
         } else {

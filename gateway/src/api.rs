@@ -26,6 +26,8 @@ pub enum ApiError {
     TooLarge(String),
     #[error("The request ran out of time: {0}")]
     Timeout(String),
+    #[error("The client was too slow: {0}")]
+    RequestTimeout(String),
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -43,6 +45,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => 400,
             ApiError::Unauthorized => 401,
             ApiError::ModelNotFound(_) => 404,
+            ApiError::RequestTimeout(_) => 408,
             ApiError::TooLarge(_) => 413,
             ApiError::Overloaded { .. } => 429,
             ApiError::Internal(_) => 500,
@@ -67,6 +70,7 @@ impl ApiError {
             ApiError::Unauthorized => ("authentication_error", json!("invalid_api_key"), None),
             ApiError::TooLarge(_) => ("invalid_request_error", json!("request_too_large"), None),
             ApiError::Timeout(_) => ("server_error", json!("timeout"), None),
+            ApiError::RequestTimeout(_) => ("invalid_request_error", json!("request_timeout"), None),
             ApiError::Internal(_) => ("server_error", Value::Null, None),
         };
         json!({ "error": { "message": self.to_string(), "type": kind, "param": param, "code": code } })

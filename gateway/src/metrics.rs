@@ -19,6 +19,8 @@ pub struct Metrics {
     pub repinned: IntCounter,
     pub cached_tokens: IntCounter,
     pub in_flight: IntGauge,
+    pub connections: IntGauge,
+    pub http_timeouts: IntCounter,
     pub tokens_out: IntCounter,
     pub prompt_tokens: IntCounter,
     pub finished: IntCounter,
@@ -86,6 +88,10 @@ impl Metrics {
             "Requests the gateway is serving",
         )?;
         registry.register(Box::new(in_flight.clone()))?;
+        // The process itself: resident memory, CPU, open files.
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let connections = IntGauge::new("tandem_http_connections", "Open HTTP connections")?;
+        registry.register(Box::new(connections.clone()))?;
         Ok(Metrics {
             requests,
             errors,
@@ -118,6 +124,11 @@ impl Metrics {
                 "Prompt tokens whose KV decode already held",
             )?,
             in_flight,
+            connections,
+            http_timeouts: counter(
+                "tandem_http_timeouts_total",
+                "Connections closed for sending no complete request head in time (idle or slow)",
+            )?,
             tokens_out: counter(
                 "tandem_generated_tokens_total",
                 "Tokens streamed to clients",

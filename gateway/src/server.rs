@@ -18,7 +18,6 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -37,14 +36,17 @@ use tokio::sync::mpsc;
 use crate::api::{self, ApiError, PromptInput, Usage};
 use crate::metrics::Metrics;
 
+mod edge;
 mod pump;
 mod respond;
 mod routing;
 
+pub use edge::EdgeLimits;
+
 use pump::pump;
 
 use respond::{respond, Kind, Shape};
-use routing::{conversation_key, session_header, Pin};
+use routing::{conversation_key, session_header, session_key, Pin};
 
 /// Tokens generated when a request gives no `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
@@ -75,13 +77,21 @@ struct Nodes {
 }
 
 pub struct Gateway {
-    /// Accepted `Authorization: Bearer` keys; empty means no check.
-    api_keys: Vec<String>,
+    /// SHA-256 digests of the accepted `Authorization: Bearer` keys;
+    /// empty means no check.
+    api_keys: Vec<[u8; 32]>,
     pub model: String,
     file: Arc<ModelFile>,
     context: usize,
     max_queue: usize,
+    /// Requests admitted (from before their prompt is templated and
+    /// tokenized until their response ends): at `max_queue`, 429.
+    admitted: Arc<std::sync::atomic::AtomicUsize>,
     request_timeout: Duration,
+    max_body: usize,
+    body_timeout: Duration,
+    /// A node with no heartbeat for this long is dropped as lost.
+    stale_after: Duration,
     state: Mutex<Nodes>,
     next_id: AtomicU64,
     pub metrics: Metrics,
@@ -132,11 +142,15 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    // Compare every key in full, whatever matches, so timing reveals nothing.
+    // Keys are compared as digests (every one the same length, whatever
+    // the key's), each in full and in constant time, so timing reveals
+    // neither a key's length nor how much of it matched.
     let ok = given.is_some_and(|k| {
-        gw.api_keys.iter().fold(false, |hit, key| {
-            hit | same_bytes(key.as_bytes(), k.as_bytes())
+        let d = digest(k);
+        gw.api_keys.iter().fold(subtle::Choice::from(0), |hit, key| {
+            hit | subtle::ConstantTimeEq::ct_eq(&key[..], &d[..])
         })
+        .into()
     });
     if ok {
         return next.run(req).await;
@@ -150,12 +164,36 @@ async fn authorize(
     r
 }
 
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+fn digest(s: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes()).into()
+}
+
+/// An admitted request's place under `max_queue`, given back when its
+/// response ends.
+struct Permit(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Gateway {
+    /// A place for one more request, or 429: taken before any work.
+    fn admit(&self) -> Result<Permit, ApiError> {
+        let n = &self.admitted;
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| (v < self.max_queue).then_some(v + 1))
+            .map(|_| Permit(n.clone()))
+            .map_err(|_| {
+                self.metrics.rejected.inc();
+                ApiError::Overloaded { retry_after_s: 1 }
+            })
+    }
 }
 
 /// API keys from `[gateway] api_keys_file` and `TANDEM_API_KEYS`.
-fn load_api_keys(file: Option<&std::path::Path>) -> Result<Vec<String>, String> {
+fn load_api_keys(file: Option<&std::path::Path>) -> Result<Vec<[u8; 32]>, String> {
     let mut keys = Vec::new();
     if let Some(p) = file {
         let text = std::fs::read_to_string(p)
@@ -178,7 +216,7 @@ fn load_api_keys(file: Option<&std::path::Path>) -> Result<Vec<String>, String> 
                 .map(str::to_owned),
         );
     }
-    Ok(keys)
+    Ok(keys.iter().map(|k| digest(k)).collect())
 }
 
 fn api_error(class: ErrorClass, message: String) -> ApiError {
@@ -221,6 +259,10 @@ impl Drop for Guard {
 
 /// A request the decode group accepted: its first token is in.
 struct Ticket {
+    /// Its place under `max_queue`, held until the response ends.
+    permit: Option<Permit>,
+    /// When the gateway ends it whatever its decode group says.
+    deadline: tokio::time::Instant,
     guard: Guard,
     rx: mpsc::UnboundedReceiver<GenerateEvent>,
     first: GenerateEvent,
@@ -233,6 +275,10 @@ struct Ticket {
     /// What it takes to continue the request elsewhere.
     resume: Resume,
 }
+
+/// How long past the request timeout the gateway waits for a decode
+/// group to end a request before ending it itself.
+const DEADLINE_GRACE: Duration = Duration::from_secs(5);
 
 /// Losses of a decode group mid-answer a request survives.
 const MAX_RESUMES: u32 = 2;
@@ -318,10 +364,6 @@ impl Gateway {
                     self.context
                 ),
             ));
-        }
-        if self.metrics.in_flight.get() as usize >= self.max_queue {
-            self.metrics.rejected.inc();
-            return Err(ApiError::Overloaded { retry_after_s: 1 });
         }
         let prompt_tokens = prompt.len();
         let gen_session = session.clone();
@@ -431,6 +473,11 @@ impl Gateway {
             headers.push(("x-tandem-session", s.clone()));
         }
         Ok(Ticket {
+            permit: None,
+            // The decode group ends it at the request timeout; a group that
+            // cannot (wedged, partitioned but linked) is not waited for
+            // much longer.
+            deadline: tokio::time::Instant::from_std(received) + self.request_timeout + DEADLINE_GRACE,
             guard,
             rx,
             first,
@@ -485,20 +532,43 @@ impl Gateway {
     }
 }
 
-async fn chat(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    generate(gw, session_header(&headers), body, Kind::Chat).await
+async fn chat(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    generate(gw, headers, body, Kind::Chat).await
 }
 
-async fn completions(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    generate(gw, session_header(&headers), body, Kind::Completion).await
+async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    generate(gw, headers, body, Kind::Completion).await
+}
+
+/// The whole body, within the size limit and the body timeout: a
+/// `Content-Length` over the limit is refused before any of it is read.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::TooLarge(format!("the limit is {limit} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(limited)).await {
+        Err(_) => Err(ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} s",
+            timeout.as_secs_f64()
+        ))),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::BadRequest {
+            message: format!("cannot read the request body: {e}"),
+            param: None,
+        }),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
 }
 
 /// A request after validation and tokenization.
@@ -546,12 +616,7 @@ impl Gateway {
     }
 }
 
-async fn generate(
-    gw: Arc<Gateway>,
-    session: Option<String>,
-    body: Result<Bytes, BytesRejection>,
-    kind: Kind,
-) -> Response {
+async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) -> Response {
     let (endpoint, prefix) = match kind {
         Kind::Chat => ("chat", "chatcmpl"),
         Kind::Completion => ("completions", "cmpl"),
@@ -559,15 +624,18 @@ async fn generate(
     gw.metrics.requests.with_label_values(&[endpoint]).inc();
     let received = Instant::now();
     let r = async {
-        let body = body_or_error(body)?;
+        // Admitted first: a flood gets its 429 before it costs any work.
+        let permit = gw.admit()?;
+        let body = read_body(&headers, body, gw.max_body, gw.body_timeout).await?;
         // Templates and tokenization are CPU work: off the runtime.
         let g = gw.clone();
         let p = tokio::task::spawn_blocking(move || g.prepare(&body, kind))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
-        let ticket = gw
-            .submit(p.prompt, p.params, session.or(p.session), received)
-            .await?;
+        // Session keys are the client's text: kept as fixed-size digests.
+        let session = session_header(&headers).or(p.session).map(|k| session_key(&k));
+        let mut ticket = gw.submit(p.prompt, p.params, session, received).await?;
+        ticket.permit = Some(permit);
         let shape = Shape {
             kind,
             id: format!("{prefix}-{:x}", ticket.guard.id.0),
@@ -641,21 +709,6 @@ async fn not_found() -> Response {
     r
 }
 
-/// The body, or the OpenAI-shaped error for one that is too large or unreadable.
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| match e {
-        BytesRejection::FailedToBufferBody(inner)
-            if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-        {
-            ApiError::TooLarge(inner.body_text())
-        }
-        other => ApiError::BadRequest {
-            message: format!("cannot read the request body: {}", other.body_text()),
-            param: None,
-        },
-    })
-}
-
 /// Runs the gateway until `shutdown` completes.
 pub async fn run(
     file: Arc<ModelFile>,
@@ -678,7 +731,11 @@ pub async fn run(
         context: file.config.context_length,
         file,
         max_queue: g.max_queue,
+        admitted: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         request_timeout: Duration::from_millis(limits.request_timeout_ms),
+        max_body: limits.max_body_bytes,
+        body_timeout: Duration::from_millis(g.body_timeout_ms.max(1)),
+        stale_after: Duration::from_millis(2 * limits.down_after_ms.max(100)),
         state: Mutex::new(Nodes::default()),
         next_id: AtomicU64::new(1),
         metrics: Metrics::new().map_err(|e| format!("metrics: {e}"))?,
@@ -715,16 +772,26 @@ pub async fn run(
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(gw.clone(), authorize))
-        .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes))
-        .with_state(gw);
+        .with_state(gw.clone());
     let listener = tokio::net::TcpListener::bind(g.http.bind())
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", g.http))?;
     tracing::info!("gateway: OpenAI API on http://{}", g.http);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| e.to_string())?;
+    let edge = EdgeLimits {
+        header_timeout: Duration::from_millis(g.header_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(g.idle_timeout_ms.max(1)),
+        max_connections: g.max_connections,
+    };
+    edge::serve(
+        listener,
+        app,
+        edge,
+        gw.metrics.connections.clone(),
+        gw.metrics.http_timeouts.clone(),
+        shutdown,
+        gw.request_timeout + DEADLINE_GRACE,
+    )
+    .await;
     ep.close(0u32.into(), b"gateway stopping");
     Ok(())
 }

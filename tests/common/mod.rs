@@ -32,8 +32,14 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(extra: &[&str]) -> Cluster {
+        Cluster::start_env(extra, &[])
+    }
+
+    /// [`Cluster::start`] with environment variables for every node.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Cluster {
         let port = free_port();
         let mut child = Command::new(EXE)
+            .envs(env.iter().copied())
             .args(["serve", "--port", &port.to_string(), "--chunk", CHUNK])
             .arg("--dir")
             .arg(std::env::temp_dir().join(format!("tandem-cluster-test-{port}")))

@@ -120,6 +120,19 @@ pub struct GatewaySection {
     /// cluster file. `TANDEM_API_KEYS` (comma-separated) adds keys too.
     #[serde(default)]
     pub api_keys_file: Option<PathBuf>,
+    /// Open HTTP connections; more wait to be accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A request head must arrive whole within this of its first byte.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_ms: u64,
+    /// A connection with no request coming (new, or kept alive after one)
+    /// is closed after this.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    /// A request body must arrive whole within this of its head.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_ms: u64,
 }
 
 /// The gateway's routing policy.
@@ -231,6 +244,12 @@ pub struct Limits {
     /// Largest HTTP request body.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// A decode group whose scheduling loop has not turned for this long
+    /// is wedged: it stops its heartbeats, and the gateway, which hears
+    /// none for twice `down_after_ms`, drops it as lost (its requests
+    /// continue elsewhere).
+    #[serde(default = "default_loop_stall")]
+    pub loop_stall_ms: u64,
 }
 
 impl Default for Limits {
@@ -240,6 +259,7 @@ impl Default for Limits {
             heartbeat_ms: default_heartbeat(),
             down_after_ms: default_down_after(),
             max_body_bytes: default_max_body(),
+            loop_stall_ms: default_loop_stall(),
         }
     }
 }
@@ -279,6 +299,21 @@ fn default_kv_blocks() -> usize {
 }
 fn default_max_batch() -> usize {
     32
+}
+fn default_loop_stall() -> u64 {
+    10_000
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_idle_timeout() -> u64 {
+    60_000
+}
+fn default_body_timeout() -> u64 {
+    30_000
 }
 fn default_request_timeout() -> u64 {
     600_000

@@ -2,7 +2,7 @@
 //! and certificate, and the liveness settings the cluster file asks for.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Cluster;
 use crate::error::{Result, WireError};
@@ -114,19 +114,50 @@ impl NodeSetup {
 pub struct Beat {
     pub load: Load,
     pub gateway: Option<Link>,
+    /// For a node whose work runs in one loop: when the loop last turned,
+    /// and how long it may go without turning. A heartbeat then proves the
+    /// loop is alive, not only this task: while the loop is stuck, none go
+    /// out, and the gateway drops the node as lost.
+    pub turned: Option<Instant>,
+    pub stall: Option<Duration>,
 }
 
-/// Sends `Heartbeat { load }` to the gateway every `period` while linked.
+impl Beat {
+    /// The loop is stuck past its allowance: how long since it turned.
+    pub fn stalled(&self) -> Option<Duration> {
+        let (t, limit) = (self.turned?, self.stall?);
+        let since = t.elapsed();
+        (since > limit).then_some(since)
+    }
+}
+
+/// Sends `Heartbeat { load }` to the gateway every `period` while linked
+/// (and while the node's loop turns, for a node that says it has one).
 pub fn spawn_heartbeat(node: String, period: Duration, beat: Arc<Mutex<Beat>>) {
     tokio::spawn(async move {
         let mut seq = 0u64;
         let mut tick = tokio::time::interval(period);
+        let mut warned = false;
         loop {
             tick.tick().await;
-            let (load, link) = {
+            let (load, link, stalled) = {
                 let b = beat.lock().expect("heartbeat state");
-                (b.load, b.gateway.clone())
+                (b.load, b.gateway.clone(), b.stalled())
             };
+            if let Some(since) = stalled {
+                if !warned {
+                    tracing::error!(
+                        "{node}: the scheduling loop has not turned for {} ms: no more heartbeats until it does",
+                        since.as_millis()
+                    );
+                    warned = true;
+                }
+                continue;
+            }
+            if warned {
+                tracing::warn!("{node}: the scheduling loop turns again");
+                warned = false;
+            }
             if let Some(link) = link {
                 seq += 1;
                 let _ = link.try_send(Message::Heartbeat {
@@ -141,8 +172,9 @@ pub fn spawn_heartbeat(node: String, period: Duration, beat: Arc<Mutex<Beat>>) {
 
 /// Answers probes on `addr` (Kubernetes, load balancers): `GET /health` is
 /// 200 while the node is linked to the gateway and 503 before (readiness);
-/// `GET /live` is 200 while the process serves (liveness). The body names the
-/// node and its load. A node has no other HTTP surface.
+/// `GET /live` is 200 while the process serves (liveness). Both are 503
+/// while the node's scheduling loop is stuck ([`Beat::stalled`]). The body
+/// names the node and its load. A node has no other HTTP surface.
 pub fn spawn_health(addr: std::net::SocketAddr, node: String, beat: Arc<Mutex<Beat>>) {
     tokio::spawn(async move {
         let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -156,9 +188,9 @@ pub fn spawn_health(addr: std::net::SocketAddr, node: String, beat: Arc<Mutex<Be
             let Ok((mut s, _)) = listener.accept().await else {
                 continue;
             };
-            let (load, linked) = {
+            let (load, linked, stalled) = {
                 let b = beat.lock().expect("heartbeat state");
-                (b.load, b.gateway.as_ref().is_some_and(|l| !l.is_closed()))
+                (b.load, b.gateway.as_ref().is_some_and(|l| !l.is_closed()), b.stalled())
             };
             let node = node.clone();
             tokio::spawn(async move {
@@ -170,11 +202,18 @@ pub fn spawn_health(addr: std::net::SocketAddr, node: String, beat: Arc<Mutex<Be
                     .and_then(|r| r.ok())
                     .unwrap_or(0);
                 let live = buf[..n].starts_with(b"GET /live");
-                let body = format!(
-                    "{{\"node\":\"{node}\",\"linked_to_gateway\":{linked},\"running\":{},\"queued\":{},\"free_blocks\":{},\"total_blocks\":{}}}",
-                    load.running, load.queued, load.free_blocks, load.total_blocks
-                );
-                let status = if linked || live {
+                let body = serde_json::json!({
+                    "node": node,
+                    "linked_to_gateway": linked,
+                    "running": load.running,
+                    "queued": load.queued,
+                    "free_blocks": load.free_blocks,
+                    "total_blocks": load.total_blocks,
+                    "loop_stalled_ms": stalled.map(|d| d.as_millis() as u64),
+                })
+                .to_string();
+                // A stuck loop fails both probes: the orchestrator restarts it.
+                let status = if stalled.is_none() && (linked || live) {
                     "200 OK"
                 } else {
                     "503 Service Unavailable"

@@ -21,9 +21,37 @@ pub(super) fn fail_pending(st: &mut Nodes, link: u64, peer: &str, reason: &str) 
     }
 }
 
+/// A node that heartbeated and then stopped (its decode loop is wedged, or
+/// its process is stuck while its connection lives) is lost: its link is
+/// closed, which fails or moves its requests like any other loss.
+fn drop_silent(gw: &Gateway) {
+    let st = gw.state.lock().expect("gateway state");
+    for (name, n) in &st.nodes {
+        if n.load.is_some() && n.seen.elapsed() > gw.stale_after {
+            tracing::warn!(
+                "gateway: no heartbeat from {name} for {} ms; dropping it as lost",
+                n.seen.elapsed().as_millis()
+            );
+            n.link.close("no heartbeat");
+        }
+    }
+}
+
 /// The event pump: link reports into gateway state, request events to their streams.
 pub(super) fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
-    while let Ok(ev) = rx.recv() {
+    let check_every = (gw.stale_after / 4).max(Duration::from_millis(50));
+    let mut checked = Instant::now();
+    loop {
+        let ev = match rx.recv_timeout(check_every) {
+            Ok(ev) => Some(ev),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if checked.elapsed() >= check_every {
+            checked = Instant::now();
+            drop_silent(&gw);
+        }
+        let Some(ev) = ev else { continue };
         let mut st = gw.state.lock().expect("gateway state");
         match ev {
             NetEvent::Up { link, role, .. } => {

@@ -138,6 +138,8 @@ async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bo
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
     }
     let Ticket {
+        permit: _permit,
+        deadline,
         mut guard,
         mut rx,
         first,
@@ -243,12 +245,27 @@ async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bo
                 return error_response(&api_error(class, message));
             }
         }
-        ev = rx.recv().await;
+        ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(e) => e,
+            // Dropping the guard cancels it on its decode group.
+            Err(_) => return error_response(&past_deadline(&gw)),
+        };
     }
+}
+
+/// A request its decode group did not end by its deadline.
+fn past_deadline(gw: &Gateway) -> ApiError {
+    gw.metrics.errors.with_label_values(&["504"]).inc();
+    ApiError::Timeout(format!(
+        "the request was still running {} s after it arrived",
+        (gw.request_timeout + DEADLINE_GRACE).as_secs()
+    ))
 }
 
 async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc::Sender<Bytes>) {
     let Ticket {
+        permit: _permit,
+        deadline,
         mut guard,
         mut rx,
         first,
@@ -317,6 +334,10 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
                     ev = tokio::select! {
                         e = rx.recv() => e,
                         _ = tx.closed() => return,
+                        _ = tokio::time::sleep_until(deadline) => {
+                            let _ = send(api::sse(&past_deadline(&gw).body())).await;
+                            return;
+                        }
                     };
                     continue;
                 }
@@ -363,6 +384,12 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
         ev = tokio::select! {
             e = rx.recv() => e,
             _ = tx.closed() => return, // the client left: the guard cancels
+            // Its decode group did not end it in time: the stream ends
+            // with an error event, and the guard cancels it there.
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = send(api::sse(&past_deadline(&gw).body())).await;
+                return;
+            }
         };
     }
 }

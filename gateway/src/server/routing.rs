@@ -179,7 +179,21 @@ pub(super) fn session_header(h: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .map(|v| v.chars().take(256).collect())
+        .map(str::to_owned)
+}
+
+/// What a session is kept under: a digest of the client's key (an
+/// `X-Session-Id`, a `user`, or the conversation's start), so that however
+/// long the keys clients send, each pin costs the same few bytes.
+pub(super) fn session_key(raw: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(raw.as_bytes());
+    let mut s = String::with_capacity(34);
+    s.push_str("s-");
+    for b in &d[..16] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
 }
 
 /// A conversation's key when the client names none: its system prompt and
