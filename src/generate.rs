@@ -36,6 +36,19 @@ pub struct GenerateArgs {
     top_k: usize,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Drop tokens less likely than this times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Divide (multiply, when negative) the logits of tokens already in the
+    /// prompt or the answer by this (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtract this from the logits of tokens the answer holds.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// Subtract this once per time the answer holds a token.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
     #[arg(long)]
     seed: Option<u64>,
     /// Stop string (repeatable).
@@ -117,6 +130,12 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
         stop_token_ids: Vec::new(),
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        logit_bias: Vec::new(),
+        top_logprobs: 0,
     };
     params.validate()?;
     let need_blocks = (prompt.len() + a.max_tokens + 1).div_ceil(a.block_size) + 1;

@@ -102,6 +102,28 @@ pub struct ServeArgs {
     /// A decode group whose loop has not turned for this many ms is dropped as lost.
     #[arg(long)]
     pub loop_stall_ms: Option<u64>,
+    /// Default temperature for requests that give none (else the model's
+    /// own default, else 0.8).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Default top-p (else the model's, else 0.95).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Default top-k, 0 for none (else the model's, else 40).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Default min-p (else the model's, else 0.05).
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Default repetition penalty (else the model's, else 1: none).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Tokens generated when a request gives no max_tokens (default 256).
+    #[arg(long)]
+    pub default_max_tokens: Option<usize>,
+    /// Most choices (n) one request may ask for (default 8).
+    #[arg(long)]
+    pub max_choices: Option<usize>,
     /// Where the cluster file and certificates go (default: a fresh directory under the cache).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -168,6 +190,21 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
         ("loop_stall_ms", a.loop_stall_ms),
     ];
     for (k, v) in limits {
+        if let Some(v) = v {
+            t += &format!("{k} = {v}\n");
+        }
+    }
+    t += "\n[sampling]\n";
+    let sampling = [
+        ("temperature", a.temperature.map(|v| format!("{v:?}"))),
+        ("top_p", a.top_p.map(|v| format!("{v:?}"))),
+        ("top_k", a.top_k.map(|v| v.to_string())),
+        ("min_p", a.min_p.map(|v| format!("{v:?}"))),
+        ("repetition_penalty", a.repetition_penalty.map(|v| format!("{v:?}"))),
+        ("max_tokens", a.default_max_tokens.map(|v| v.to_string())),
+        ("max_choices", a.max_choices.map(|v| v.to_string())),
+    ];
+    for (k, v) in sampling {
         if let Some(v) = v {
             t += &format!("{k} = {v}\n");
         }

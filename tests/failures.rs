@@ -117,9 +117,17 @@ const STORY: &str = "Tell me a long story about a lighthouse keeper and a storm.
 fn kill_9_of_the_decode_process_mid_stream_and_the_stream_goes_on() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let n = 80;
-    let want = generate(STORY, n);
+    // With penalties, whose every choice reads the answer so far: the
+    // group that takes over must count the tokens streamed before the
+    // kill as answer, not prompt.
+    let want = generate_with(
+        &["--chat", STORY, "--repetition-penalty", "1.2", "--frequency-penalty", "0.4"],
+        n,
+    );
     let c = Cluster::start(&["--decode-groups", "2"]);
     let mut body = greedy(STORY, n);
+    body["repetition_penalty"] = json!(1.2);
+    body["frequency_penalty"] = json!(0.4);
     body["stream"] = json!(true);
     let mut s = Sse::open(c.port, &body, "story");
     let victim = s.header("x-tandem-decode").to_string();

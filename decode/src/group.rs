@@ -148,6 +148,7 @@ impl Group<'_> {
                 index,
                 token,
                 logprob,
+                top,
                 context_full,
             } => {
                 let Some(s) = self.streams.get_mut(&id) else {
@@ -161,6 +162,7 @@ impl Group<'_> {
                     index,
                     token,
                     logprob,
+                    top,
                     text: step.text,
                 };
                 self.send(&client, Message::Event { id, event });

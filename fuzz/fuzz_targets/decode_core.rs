@@ -106,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
                     let out: Vec<Sampled> = plan
                         .spans
                         .iter()
-                        .map(|_| Sampled { token: u32::from(b(0)) % 100, logprob: -1.0 })
+                        .map(|_| Sampled::new(u32::from(b(0)) % 100, -1.0))
                         .collect();
                     a.extend(core.step_done(plan, Ok(out), 10, now));
                 }

@@ -2,9 +2,15 @@
 //! bodies with their HTTP status (decided here, in one place), and the
 //! response and streaming chunk shapes.
 
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tandem_model::{ChatMessage, FinishReason, SamplingParams};
+use tandem_model::{ChatMessage, FinishReason, GenerationDefaults, SamplingParams};
+
+mod fields;
+pub use fields::field_names;
 
 /// Every way a request can fail, with the status it gets.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -106,8 +112,8 @@ pub struct StreamOptions {
 }
 
 /// The sampling and streaming fields chat and completion requests share.
-/// Unknown fields are ignored, as OpenAI's own clients send some this server
-/// has no use for.
+/// Unknown fields are accepted (OpenAI's own clients send some this server
+/// has no use for) and logged once each at debug.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Sampling {
     pub max_tokens: Option<u64>,
@@ -115,6 +121,14 @@ pub struct Sampling {
     pub top_p: Option<f64>,
     /// Extension (vLLM, llama.cpp): keep only the k most likely tokens.
     pub top_k: Option<i64>,
+    /// Extension (vLLM, llama.cpp): drop tokens less likely than `min_p`
+    /// times the most likely one.
+    pub min_p: Option<f64>,
+    /// Extension (vLLM, Hugging Face): divide (or multiply, when negative)
+    /// the logits of tokens already in the prompt or the answer.
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string) → bias added to its logit, -100 to 100.
+    pub logit_bias: Option<BTreeMap<String, f64>>,
     pub n: Option<u64>,
     #[serde(default)]
     pub stream: bool,
@@ -139,8 +153,11 @@ pub struct ChatRequest {
     pub logprobs: bool,
     pub top_logprobs: Option<u64>,
     pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<Value>,
-    #[serde(flatten)]
+    /// The shared fields, read from the same object.
+    #[serde(skip)]
     pub sampling: Sampling,
 }
 
@@ -153,6 +170,140 @@ pub struct ChatJob {
     pub include_usage: bool,
     pub logprobs: bool,
     pub user: Option<String>,
+    /// Choices to generate.
+    pub n: usize,
+    /// Whether the client named `max_tokens` (else the default, cut to
+    /// the room the context has left).
+    pub explicit_max: bool,
+}
+
+/// What a request gets for each sampling field it leaves out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Defaults {
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0: no cut.
+    pub top_k: usize,
+    pub min_p: f64,
+    pub repetition_penalty: f64,
+    pub max_tokens: usize,
+    /// Most choices (`n`) a request may ask for.
+    pub max_choices: usize,
+    /// Where each value came from: `cluster` (the cluster file or `serve`
+    /// flags), `model` (its GGUF metadata or `generation_config.json`) or
+    /// `built-in` (llama.cpp's sampler chain).
+    pub source: BTreeMap<&'static str, &'static str>,
+}
+
+/// llama.cpp's default sampler chain, for what neither the cluster nor
+/// the model sets.
+const BUILT_IN: (f32, f32, usize, f32, f32) = (0.8, 0.95, 40, 0.05, 1.0);
+/// Tokens generated when nothing else says.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+/// Choices per request when nothing else says.
+pub const DEFAULT_MAX_CHOICES: usize = 8;
+
+impl Default for Defaults {
+    fn default() -> Defaults {
+        Defaults::resolve(&tandem_wire::config::SamplingSection::default(), &GenerationDefaults::default())
+    }
+}
+
+impl Defaults {
+    /// The cluster's settings first, then the model's, then built-in ones.
+    pub fn resolve(cluster: &tandem_wire::config::SamplingSection, model: &GenerationDefaults) -> Defaults {
+        let mut source = BTreeMap::new();
+        // Kept as the decimal the setting was written as (no f32 tail).
+        let mut pick = |name: &'static str, c: Option<f32>, m: Option<f32>, b: f32| -> f64 {
+            let (v, from) = match (c, m) {
+                (Some(v), _) => (v, "cluster"),
+                (None, Some(v)) => (v, "model"),
+                (None, None) => (b, "built-in"),
+            };
+            source.insert(name, from);
+            (v as f64 * 1e6).round() / 1e6
+        };
+        let (bt, bp, bk, bm, br) = BUILT_IN;
+        let temperature = pick("temperature", cluster.temperature, model.temperature, bt);
+        let top_p = pick("top_p", cluster.top_p, model.top_p, bp);
+        let top_k = pick(
+            "top_k",
+            cluster.top_k.map(|k| k as f32),
+            model.top_k.map(|k| k as f32),
+            bk as f32,
+        ) as usize;
+        let min_p = pick("min_p", cluster.min_p, model.min_p, bm);
+        let repetition_penalty = pick(
+            "repetition_penalty",
+            cluster.repetition_penalty,
+            model.repetition_penalty,
+            br,
+        );
+        let max_tokens = pick(
+            "max_tokens",
+            cluster.max_tokens.map(|v| v as f32),
+            None,
+            DEFAULT_MAX_TOKENS as f32,
+        ) as usize;
+        let max_choices = pick(
+            "max_choices",
+            cluster.max_choices.map(|v| v as f32),
+            None,
+            DEFAULT_MAX_CHOICES as f32,
+        ) as usize;
+        Defaults {
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty,
+            max_tokens,
+            max_choices,
+            source,
+        }
+    }
+}
+
+/// Most entries a `logit_bias` may have.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// Request fields this server does not know, each logged once (the first
+/// 256 distinct names).
+fn note_unknown(endpoint: &str, obj: &serde_json::Map<String, Value>, known: &[&[&str]]) {
+    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    for k in obj.keys() {
+        if known.iter().any(|f| f.contains(&k.as_str())) {
+            continue;
+        }
+        let Ok(mut seen) = SEEN.lock() else { return };
+        let seen = seen.get_or_insert_with(HashSet::new);
+        if seen.len() < 256 && seen.insert(k.clone()) {
+            tracing::debug!("{endpoint}: ignoring the unknown request field '{k}'");
+        }
+    }
+}
+
+/// Parses a body into a request type `T` and the shared [`Sampling`]
+/// fields from the same object; any other field is accepted and noted.
+fn parse_with_sampling<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    endpoint: &str,
+) -> Result<(T, Sampling), ApiError> {
+    let malformed = |e: serde_json::Error| ApiError::BadRequest {
+        message: format!("Malformed request body: {e}"),
+        param: None,
+    };
+    let v: Value = serde_json::from_slice(body).map_err(malformed)?;
+    let Value::Object(obj) = &v else {
+        return Err(ApiError::BadRequest {
+            message: "Malformed request body: expected a JSON object".into(),
+            param: None,
+        });
+    };
+    note_unknown(endpoint, obj, &[field_names::<T>(), field_names::<Sampling>()]);
+    let t = T::deserialize(&v).map_err(malformed)?;
+    let s = Sampling::deserialize(&v).map_err(malformed)?;
+    Ok((t, s))
 }
 
 /// Most stop strings a request may give (OpenAI's limit).
@@ -162,31 +313,107 @@ pub const MAX_STOP_LEN: usize = 256;
 
 /// Parses a request body; malformed JSON and wrong types are 400s naming the problem.
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
-        message: format!("Malformed request body: {e}"),
-        param: None,
-    })
+    let (mut r, s) = parse_with_sampling::<ChatRequest>(body, "chat")?;
+    r.sampling = s;
+    Ok(r)
 }
 
 /// Checks every field and turns the request into sampling parameters.
-/// `served` is the model name this cluster answers to; `default_max_tokens`
-/// applies when the request gives none.
+/// `served` is the model name this cluster answers to; `defaults` apply to
+/// the fields the request leaves out; `limits` are the model's context
+/// and vocabulary.
 pub fn validate_chat(
     req: ChatRequest,
     served: &str,
-    default_max_tokens: usize,
+    defaults: &Defaults,
+    limits: Limits,
 ) -> Result<ChatJob, ApiError> {
     if req.model != served {
         return Err(ApiError::ModelNotFound(req.model));
     }
-    if req.messages.is_empty() {
+    let messages = chat_messages(&req.messages)?;
+    let top_logprobs = req.top_logprobs.unwrap_or(0);
+    if top_logprobs > 0 && !req.logprobs {
+        return Err(ApiError::bad(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        ));
+    }
+    if top_logprobs > u64::from(tandem_model::sampling::MAX_TOP_LOGPROBS) {
+        return Err(ApiError::bad(
+            "top_logprobs",
+            format!(
+                "top_logprobs must be at most {}, got {top_logprobs}",
+                tandem_model::sampling::MAX_TOP_LOGPROBS
+            ),
+        ));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::bad("tools", "tool calling is not supported"));
+    }
+    if req
+        .tool_choice
+        .as_ref()
+        .is_some_and(|c| !c.is_null() && c != "none")
+    {
+        return Err(ApiError::bad(
+            "tool_choice",
+            "tool_choice needs tools, and tool calling is not supported",
+        ));
+    }
+    if let Some(f) = &req.response_format {
+        if f["type"].as_str().is_some_and(|t| t != "text") {
+            return Err(ApiError::bad(
+                "response_format",
+                "only the text response format is supported",
+            ));
+        }
+    }
+    let mut s = validate_sampling(req.sampling, req.max_completion_tokens, defaults, limits)?;
+    s.params.top_logprobs = top_logprobs as u32;
+    Ok(ChatJob {
+        messages,
+        params: s.params,
+        stream: s.stream,
+        include_usage: s.include_usage,
+        logprobs: req.logprobs,
+        user: s.user,
+        n: s.n,
+        explicit_max: s.explicit_max,
+    })
+}
+
+/// `POST /tokenize`: a prompt or chat messages (vLLM's request shape).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<InMessage>>,
+    /// Add BOS where the model wants it (default true: for messages, the
+    /// ids a chat completion's prompt has).
+    pub add_special_tokens: Option<bool>,
+    /// Messages: end with the assistant's turn opening (default true).
+    pub add_generation_prompt: Option<bool>,
+    pub return_token_strs: Option<bool>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
+/// Chat messages as the template takes them; roles and content parts checked.
+pub fn chat_messages(input: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    if input.is_empty() {
         return Err(ApiError::bad(
             "messages",
             "'messages' must contain at least one message",
         ));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for (i, m) in req.messages.iter().enumerate() {
+    let mut messages = Vec::with_capacity(input.len());
+    for (i, m) in input.iter().enumerate() {
         if !matches!(
             m.role.as_str(),
             "system" | "user" | "assistant" | "developer"
@@ -225,32 +452,15 @@ pub fn validate_chat(
         };
         messages.push(ChatMessage::new(role, &content));
     }
-    if req.top_logprobs.is_some_and(|k| k > 0) {
-        return Err(ApiError::bad(
-            "top_logprobs",
-            "top_logprobs is not supported; logprobs gives the chosen token's",
-        ));
-    }
-    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(ApiError::bad("tools", "tool calling is not supported"));
-    }
-    if let Some(f) = &req.response_format {
-        if f["type"].as_str().is_some_and(|t| t != "text") {
-            return Err(ApiError::bad(
-                "response_format",
-                "only the text response format is supported",
-            ));
-        }
-    }
-    let s = validate_sampling(req.sampling, req.max_completion_tokens, default_max_tokens)?;
-    Ok(ChatJob {
-        messages,
-        params: s.params,
-        stream: s.stream,
-        include_usage: s.include_usage,
-        logprobs: req.logprobs,
-        user: s.user,
-    })
+    Ok(messages)
+}
+
+/// The model's limits a request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Tokens of prompt and completion together.
+    pub context: usize,
+    pub vocab: usize,
 }
 
 /// What [`validate_sampling`] makes of the shared fields.
@@ -259,6 +469,8 @@ pub struct SamplingJob {
     pub stream: bool,
     pub include_usage: bool,
     pub user: Option<String>,
+    pub n: usize,
+    pub explicit_max: bool,
 }
 
 /// Checks the shared fields and turns them into sampling parameters;
@@ -266,22 +478,32 @@ pub struct SamplingJob {
 pub fn validate_sampling(
     req: Sampling,
     max_override: Option<u64>,
-    default_max_tokens: usize,
+    defaults: &Defaults,
+    limits: Limits,
 ) -> Result<SamplingJob, ApiError> {
-    let max_tokens = match max_override.or(req.max_tokens) {
-        None => default_max_tokens,
+    let explicit = max_override.or(req.max_tokens);
+    let max_tokens = match explicit {
+        None => defaults.max_tokens,
         Some(0) => return Err(ApiError::bad("max_tokens", "max_tokens must be at least 1")),
-        Some(n) => usize::try_from(n)
-            .map_err(|_| ApiError::bad("max_tokens", "max_tokens is too large"))?,
+        Some(n) if n >= limits.context as u64 => {
+            return Err(ApiError::bad(
+                "max_tokens",
+                format!(
+                    "max_tokens is {n}, but this model's maximum context length is {} tokens (prompt and completion together)",
+                    limits.context
+                ),
+            ))
+        }
+        Some(n) => n as usize,
     };
-    let temperature = req.temperature.unwrap_or(1.0);
+    let temperature = req.temperature.unwrap_or(defaults.temperature);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad(
             "temperature",
             format!("temperature must be between 0 and 2, got {temperature}"),
         ));
     }
-    let top_p = req.top_p.unwrap_or(1.0);
+    let top_p = req.top_p.unwrap_or(defaults.top_p);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::bad(
             "top_p",
@@ -289,7 +511,8 @@ pub fn validate_sampling(
         ));
     }
     let top_k = match req.top_k {
-        None | Some(-1) | Some(0) => 0,
+        None => defaults.top_k,
+        Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
         Some(k) => {
             return Err(ApiError::bad(
@@ -298,18 +521,73 @@ pub fn validate_sampling(
             ))
         }
     };
-    if req.n.unwrap_or(1) != 1 {
-        return Err(ApiError::bad("n", "only n = 1 is supported"));
-    }
+    let n = match req.n {
+        None => 1,
+        Some(n) if n >= 1 && n <= defaults.max_choices as u64 => n as usize,
+        Some(n) => {
+            return Err(ApiError::bad(
+                "n",
+                format!("n must be between 1 and {}, got {n}", defaults.max_choices),
+            ))
+        }
+    };
     for (name, v) in [
         ("presence_penalty", req.presence_penalty),
         ("frequency_penalty", req.frequency_penalty),
     ] {
-        if v.is_some_and(|v| v != 0.0) {
+        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
             return Err(ApiError::bad(
                 name,
-                format!("{name} is not supported; leave it out or set it to 0"),
+                format!("{name} must be between -2 and 2, got {}", v.unwrap_or(0.0)),
             ));
+        }
+    }
+    let min_p = req.min_p.unwrap_or(defaults.min_p);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::bad(
+            "min_p",
+            format!("min_p must be between 0 and 1, got {min_p}"),
+        ));
+    }
+    let repetition_penalty = req
+        .repetition_penalty
+        .unwrap_or(defaults.repetition_penalty);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+        return Err(ApiError::bad(
+            "repetition_penalty",
+            format!("repetition_penalty must be in (0, 10], got {repetition_penalty}"),
+        ));
+    }
+    let mut logit_bias = Vec::new();
+    if let Some(b) = &req.logit_bias {
+        if b.len() > MAX_LOGIT_BIAS {
+            return Err(ApiError::bad(
+                "logit_bias",
+                format!("logit_bias may name at most {MAX_LOGIT_BIAS} tokens"),
+            ));
+        }
+        for (k, v) in b {
+            let t = k
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|t| (*t as usize) < limits.vocab)
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "logit_bias",
+                        format!(
+                            "logit_bias key '{k}' is not a token id of this model (0 to {})",
+                            limits.vocab.saturating_sub(1)
+                        ),
+                    )
+                })?;
+            if !(-100.0..=100.0).contains(v) {
+                return Err(ApiError::bad(
+                    "logit_bias",
+                    format!("logit_bias for token {t} must be between -100 and 100, got {v}"),
+                ));
+            }
+            logit_bias.push((t, *v as f32));
         }
     }
     let stop = match req.stop {
@@ -338,6 +616,12 @@ pub fn validate_sampling(
         stop_token_ids: Vec::new(),
         stop,
         ignore_eos: req.ignore_eos,
+        min_p: min_p as f32,
+        repetition_penalty: repetition_penalty as f32,
+        presence_penalty: req.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0) as f32,
+        logit_bias,
+        top_logprobs: 0,
     };
     params.validate().map_err(|e| ApiError::BadRequest {
         message: e.to_string(),
@@ -354,6 +638,8 @@ pub fn validate_sampling(
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         user: req.user,
+        n,
+        explicit_max: explicit.is_some(),
     })
 }
 
@@ -381,21 +667,38 @@ pub fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
-/// One `chat.completion.chunk` of a stream. The first carries the role, the
-/// last the finish reason; with `include_usage`, every chunk has
-/// `"usage": null` and a final chunk with no choices carries the usage.
+/// One token's entry in a chat response's `logprobs.content`: its text,
+/// log-probability and bytes, and the most likely alternatives'.
+pub fn chat_logprob(token: &str, logprob: f32, top: &[(String, f32)]) -> Value {
+    json!({
+        "token": token,
+        "logprob": logprob,
+        "bytes": token.as_bytes(),
+        "top_logprobs": top
+            .iter()
+            .map(|(t, lp)| json!({ "token": t, "logprob": lp, "bytes": t.as_bytes() }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// One `chat.completion.chunk` of a stream, for choice `index`. The first
+/// carries the role, the last the finish reason; with `include_usage`,
+/// every chunk has `"usage": null` and a final chunk with no choices
+/// carries the usage. `logprob` is a [`chat_logprob`] entry.
+#[allow(clippy::too_many_arguments)]
 pub fn chat_chunk(
     id: &str,
     created: u64,
     model: &str,
+    index: usize,
     delta: Value,
     finish: Option<FinishReason>,
-    logprob: Option<(String, f32)>,
+    logprob: Option<Value>,
     with_usage_field: bool,
 ) -> Value {
-    let mut choice = json!({ "index": 0, "delta": delta, "logprobs": Value::Null, "finish_reason": finish.map(finish_str) });
-    if let Some((token, lp)) = logprob {
-        choice["logprobs"] = json!({ "content": [{ "token": token, "logprob": lp, "bytes": token.as_bytes(), "top_logprobs": [] }] });
+    let mut choice = json!({ "index": index, "delta": delta, "logprobs": Value::Null, "finish_reason": finish.map(finish_str) });
+    if let Some(entry) = logprob {
+        choice["logprobs"] = json!({ "content": [entry] });
     }
     let mut c = json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": Value::Null, "choices": [choice] });
     if with_usage_field {
@@ -409,22 +712,20 @@ pub fn usage_chunk(id: &str, created: u64, model: &str, usage: Usage) -> Value {
     json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": Value::Null, "choices": [], "usage": usage })
 }
 
-/// A whole (non-streaming) `chat.completion`.
-pub fn chat_completion(
-    id: &str,
-    created: u64,
-    model: &str,
-    text: &str,
-    finish: FinishReason,
-    usage: Usage,
-) -> Value {
+/// One choice of a whole (non-streaming) `chat.completion`.
+pub fn chat_choice(index: usize, text: &str, finish: FinishReason) -> Value {
+    json!({ "index": index, "message": { "role": "assistant", "content": text }, "logprobs": Value::Null, "finish_reason": finish_str(finish) })
+}
+
+/// A whole (non-streaming) `chat.completion` of [`chat_choice`]s.
+pub fn chat_completion(id: &str, created: u64, model: &str, choices: Vec<Value>, usage: Usage) -> Value {
     json!({
         "id": id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "system_fingerprint": Value::Null,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": Value::Null, "finish_reason": finish_str(finish) }],
+        "choices": choices,
         "usage": usage,
     })
 }
@@ -435,12 +736,13 @@ pub struct CompletionRequest {
     pub model: String,
     /// A string, a one-element list of strings, token ids, or a one-element list of those.
     pub prompt: Value,
-    /// How many top tokens' logprobs; this server gives the chosen token's, so 0 or 1.
+    /// The chosen token's log-probability and this many alternatives'.
     pub logprobs: Option<u64>,
     #[serde(default)]
     pub echo: bool,
     pub suffix: Option<String>,
-    #[serde(flatten)]
+    /// The shared fields, read from the same object.
+    #[serde(skip)]
     pub sampling: Sampling,
 }
 
@@ -460,13 +762,14 @@ pub struct CompletionJob {
     pub include_usage: bool,
     pub logprobs: bool,
     pub user: Option<String>,
+    pub n: usize,
+    pub explicit_max: bool,
 }
 
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
-        message: format!("Malformed request body: {e}"),
-        param: None,
-    })
+    let (mut r, s) = parse_with_sampling::<CompletionRequest>(body, "completions")?;
+    r.sampling = s;
+    Ok(r)
 }
 
 fn prompt_input(v: &Value) -> Result<PromptInput, ApiError> {
@@ -497,7 +800,8 @@ fn prompt_input(v: &Value) -> Result<PromptInput, ApiError> {
 pub fn validate_completion(
     req: CompletionRequest,
     served: &str,
-    default_max_tokens: usize,
+    defaults: &Defaults,
+    limits: Limits,
 ) -> Result<CompletionJob, ApiError> {
     if req.echo {
         return Err(ApiError::bad("echo", "echo is not supported"));
@@ -505,46 +809,64 @@ pub fn validate_completion(
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad("suffix", "suffix is not supported"));
     }
-    if req.logprobs.is_some_and(|k| k > 1) {
+    let max = u64::from(tandem_model::sampling::MAX_TOP_LOGPROBS);
+    if let Some(k) = req.logprobs.filter(|k| *k > max) {
         return Err(ApiError::bad(
             "logprobs",
-            "logprobs above 1 is not supported; 1 gives the chosen token's",
+            format!("logprobs must be at most {max}, got {k}"),
         ));
     }
     if req.model != served {
         return Err(ApiError::ModelNotFound(req.model));
     }
     let prompt = prompt_input(&req.prompt)?;
-    let s = validate_sampling(req.sampling, None, default_max_tokens)?;
+    let mut s = validate_sampling(req.sampling, None, defaults, limits)?;
+    s.params.top_logprobs = req.logprobs.unwrap_or(0) as u32;
     Ok(CompletionJob {
         prompt,
         params: s.params,
         stream: s.stream,
         include_usage: s.include_usage,
-        logprobs: req.logprobs.unwrap_or(0) > 0,
+        logprobs: req.logprobs.is_some(),
         user: s.user,
+        n: s.n,
+        explicit_max: s.explicit_max,
     })
 }
 
-/// One `text_completion` chunk of a stream, or (with `usage`) the whole response.
-pub fn completion_chunk(
-    id: &str,
-    created: u64,
-    model: &str,
-    text: &str,
-    finish: Option<FinishReason>,
-    logprob: Option<(String, f32)>,
-) -> Value {
-    let logprobs = logprob.map(|(t, lp)| {
-        json!({ "tokens": [t], "token_logprobs": [lp], "top_logprobs": Value::Null, "text_offset": Value::Null })
-    });
+/// A completion choice's `logprobs` over its tokens: (text,
+/// log-probability, alternatives) each.
+pub fn completion_logprobs(tokens: &[(String, f32, Vec<(String, f32)>)]) -> Value {
+    json!({
+        "tokens": tokens.iter().map(|(t, _, _)| t.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|(_, lp, _)| *lp).collect::<Vec<_>>(),
+        "top_logprobs": tokens
+            .iter()
+            .map(|(_, _, top)| {
+                top.iter()
+                    .map(|(t, lp)| (t.clone(), json!(lp)))
+                    .collect::<serde_json::Map<String, Value>>()
+            })
+            .collect::<Vec<_>>(),
+        "text_offset": Value::Null,
+    })
+}
+
+/// One `text_completion` choice.
+pub fn completion_choice(index: usize, text: &str, finish: Option<FinishReason>, logprobs: Option<Value>) -> Value {
+    json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish.map(finish_str) })
+}
+
+/// A `text_completion` object: one chunk of a stream, or (with a `usage`
+/// added) the whole response.
+pub fn completion(id: &str, created: u64, model: &str, choices: Vec<Value>) -> Value {
     json!({
         "id": id,
         "object": "text_completion",
         "created": created,
         "model": model,
         "system_fingerprint": Value::Null,
-        "choices": [{ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.map(finish_str) }],
+        "choices": choices,
     })
 }
 

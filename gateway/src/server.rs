@@ -48,9 +48,6 @@ use pump::pump;
 use respond::{respond, Kind, Shape};
 use routing::{conversation_key, session_header, session_key, Pin};
 
-/// Tokens generated when a request gives no `max_tokens`.
-pub const DEFAULT_MAX_TOKENS: usize = 256;
-
 struct Node {
     link: Link,
     role: Role,
@@ -99,6 +96,8 @@ pub struct Gateway {
     pipelines: Vec<(String, Vec<String>)>,
     routing: Routing,
     block_size: usize,
+    /// What requests get for the sampling fields they leave out.
+    defaults: api::Defaults,
 }
 
 fn now_s() -> u64 {
@@ -133,7 +132,9 @@ async fn authorize(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if gw.api_keys.is_empty() || !req.uri().path().starts_with("/v1/") {
+    let path = req.uri().path();
+    let guarded = path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize";
+    if gw.api_keys.is_empty() || !guarded {
         return next.run(req).await;
     }
     let given = req
@@ -259,8 +260,6 @@ impl Drop for Guard {
 
 /// A request the decode group accepted: its first token is in.
 struct Ticket {
-    /// Its place under `max_queue`, held until the response ends.
-    permit: Option<Permit>,
     /// When the gateway ends it whatever its decode group says.
     deadline: tokio::time::Instant,
     guard: Guard,
@@ -274,6 +273,15 @@ struct Ticket {
     headers: Vec<(&'static str, String)>,
     /// What it takes to continue the request elsewhere.
     resume: Resume,
+    /// Where it went, for the request's other choices.
+    follow: Follow,
+}
+
+/// The decode group and pipeline an earlier choice of a request went to.
+#[derive(Debug, Clone)]
+struct Follow {
+    decode: String,
+    pipeline: Option<String>,
 }
 
 /// How long past the request timeout the gateway waits for a decode
@@ -309,14 +317,18 @@ impl Gateway {
             })
     }
 
+    /// Sends a request to a decode group, or (`follow`) to the one that
+    /// took an earlier choice of the same request, whose prefix cache then
+    /// holds the prompt; waits for its first event.
     async fn submit(
         self: &Arc<Self>,
         prompt: Vec<u32>,
         params: SamplingParams,
         session: Option<String>,
         received: Instant,
+        follow: Option<&Follow>,
     ) -> Result<Ticket, ApiError> {
-        self.dispatch(prompt, Vec::new(), params, session, received)
+        self.dispatch(prompt, Vec::new(), params, session, received, follow)
             .await
     }
 
@@ -338,6 +350,7 @@ impl Gateway {
                 r.params.clone(),
                 r.session.clone(),
                 Instant::now(),
+                None,
             )
             .await?;
         t.resume.left = r.left - 1;
@@ -351,6 +364,7 @@ impl Gateway {
         params: SamplingParams,
         session: Option<String>,
         received: Instant,
+        follow: Option<&Follow>,
     ) -> Result<Ticket, ApiError> {
         if prompt.is_empty() {
             return Err(ApiError::bad("prompt", "the prompt is empty"));
@@ -383,7 +397,10 @@ impl Gateway {
         let mut gateway_us;
         let (route, link, mut guard, rx, first) = loop {
             attempt += 1;
-            let route = self.route(session.as_deref(), &routed)?;
+            let route = match follow.filter(|_| attempt == 1).and_then(|f| self.follow(f)) {
+                Some(r) => r,
+                None => self.route(session.as_deref(), &routed)?,
+            };
             let link = route.link.clone();
             let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
             let (tx, mut rx) = mpsc::unbounded_channel();
@@ -472,8 +489,12 @@ impl Gateway {
         if let Some(s) = &gen_session {
             headers.push(("x-tandem-session", s.clone()));
         }
+        let follow = Follow {
+            decode: link.peer.clone(),
+            pipeline: route.pipeline.clone(),
+        };
         Ok(Ticket {
-            permit: None,
+            follow,
             // The decode group ends it at the request timeout; a group that
             // cannot (wedged, partitioned but linked) is not waited for
             // much longer.
@@ -488,23 +509,31 @@ impl Gateway {
         })
     }
 
-    fn tokenize_chat(&self, job: &api::ChatJob) -> Result<Vec<u32>, ApiError> {
+    fn tokenize_chat(&self, messages: &[tandem_model::ChatMessage]) -> Result<Vec<u32>, ApiError> {
+        let text = self.render_chat(messages, true)?;
+        self.file
+            .tokenizer
+            .encode_prompt(&text)
+            .map_err(|e| ApiError::bad("messages", e.to_string()))
+    }
+
+    fn render_chat(
+        &self,
+        messages: &[tandem_model::ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ApiError> {
         let t = self.file.chat_template.as_ref().ok_or_else(|| {
             ApiError::bad(
                 "messages",
                 "this model has no chat template; use /v1/completions",
             )
         })?;
-        let text = t.render(&job.messages, true).map_err(|e| {
+        t.render(messages, add_generation_prompt).map_err(|e| {
             ApiError::bad(
                 "messages",
                 format!("the chat template refused the conversation: {e}"),
             )
-        })?;
-        self.file
-            .tokenizer
-            .encode_prompt(&text)
-            .map_err(|e| ApiError::bad("messages", e.to_string()))
+        })
     }
 
     fn tokenize_prompt(&self, p: &PromptInput) -> Result<Vec<u32>, ApiError> {
@@ -580,39 +609,79 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    n: usize,
 }
 
 impl Gateway {
+    fn limits(&self) -> api::Limits {
+        api::Limits {
+            context: self.context,
+            vocab: self.file.tokenizer.vocab_size(),
+        }
+    }
+
     fn prepare(&self, body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
-        Ok(match kind {
+        let (mut p, explicit_max) = match kind {
             Kind::Chat => {
-                let job =
-                    api::validate_chat(api::parse_chat(body)?, &self.model, DEFAULT_MAX_TOKENS)?;
-                Prepared {
-                    prompt: self.tokenize_chat(&job)?,
-                    session: job.user.clone().or_else(|| conversation_key(&job.messages)),
-                    params: job.params,
-                    stream: job.stream,
-                    include_usage: job.include_usage,
-                    logprobs: job.logprobs,
-                }
+                let job = api::validate_chat(
+                    api::parse_chat(body)?,
+                    &self.model,
+                    &self.defaults,
+                    self.limits(),
+                )?;
+                (
+                    Prepared {
+                        prompt: self.tokenize_chat(&job.messages)?,
+                        session: job.user.clone().or_else(|| conversation_key(&job.messages)),
+                        params: job.params,
+                        stream: job.stream,
+                        include_usage: job.include_usage,
+                        logprobs: job.logprobs,
+                        n: job.n,
+                    },
+                    job.explicit_max,
+                )
             }
             Kind::Completion => {
                 let job = api::validate_completion(
                     api::parse_completion(body)?,
                     &self.model,
-                    DEFAULT_MAX_TOKENS,
+                    &self.defaults,
+                    self.limits(),
                 )?;
-                Prepared {
-                    prompt: self.tokenize_prompt(&job.prompt)?,
-                    session: job.user.clone(),
-                    params: job.params,
-                    stream: job.stream,
-                    include_usage: job.include_usage,
-                    logprobs: job.logprobs,
-                }
+                (
+                    Prepared {
+                        prompt: self.tokenize_prompt(&job.prompt)?,
+                        session: job.user.clone(),
+                        params: job.params,
+                        stream: job.stream,
+                        include_usage: job.include_usage,
+                        logprobs: job.logprobs,
+                        n: job.n,
+                    },
+                    job.explicit_max,
+                )
             }
-        })
+        };
+        // A completion that cannot fit is refused when the client asked
+        // for it, and cut to the room left when it is the default.
+        let room = self.context.saturating_sub(p.prompt.len());
+        if p.params.max_tokens > room {
+            if explicit_max && room > 0 {
+                return Err(ApiError::bad(
+                    "max_tokens",
+                    format!(
+                        "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the prompt, {} in the completion). Please reduce the length of the prompt or completion.",
+                        self.context,
+                        p.prompt.len() + p.params.max_tokens,
+                        p.prompt.len(),
+                        p.params.max_tokens
+                    ),
+                ));
+            }
+            p.params.max_tokens = room.max(1);
+        }
+        Ok(p)
     }
 }
 
@@ -634,17 +703,42 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
             .map_err(|e| ApiError::Internal(e.to_string()))??;
         // Session keys are the client's text: kept as fixed-size digests.
         let session = session_header(&headers).or(p.session).map(|k| session_key(&k));
-        let mut ticket = gw.submit(p.prompt, p.params, session, received).await?;
-        ticket.permit = Some(permit);
+        let choice = |i: usize| {
+            let mut params = p.params.clone();
+            // Each choice its own seeded stream, reproducible as a whole.
+            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+            params
+        };
+        // The first choice computes the prompt; the others go where it went
+        // once its first token is in, and find the prompt's blocks cached.
+        let first = gw
+            .submit(p.prompt.clone(), choice(0), session.clone(), received, None)
+            .await?;
+        let follow = first.follow.clone();
+        let rest = futures_util::future::join_all((1..p.n).map(|i| {
+            gw.submit(
+                p.prompt.clone(),
+                choice(i),
+                session.clone(),
+                received,
+                Some(&follow),
+            )
+        }))
+        .await;
+        let mut tickets = vec![first];
+        for t in rest {
+            tickets.push(t?);
+        }
         let shape = Shape {
             kind,
-            id: format!("{prefix}-{:x}", ticket.guard.id.0),
+            id: format!("{prefix}-{:032x}", rand::random::<u128>()),
             created: now_s(),
             model: gw.model.clone(),
             include_usage: p.include_usage,
             logprobs: p.logprobs,
+            n: p.n,
         };
-        Ok::<_, ApiError>(respond(gw.clone(), ticket, shape, p.stream).await)
+        Ok::<_, ApiError>(respond(gw.clone(), tickets, permit, shape, p.stream).await)
     }
     .await;
     r.unwrap_or_else(|e| {
@@ -659,9 +753,111 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
 async fn models(State(gw): State<Arc<Gateway>>) -> Response {
     axum::Json(json!({
         "object": "list",
-        "data": [{ "id": gw.model, "object": "model", "created": 0, "owned_by": "tandem" }],
+        "data": [{
+            "id": gw.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tandem",
+            "root": gw.model,
+            "parent": Value::Null,
+            "max_model_len": gw.context,
+            "sampling_defaults": gw.defaults,
+        }],
     }))
     .into_response()
+}
+
+/// `POST /tokenize` (vLLM's shape): a prompt, or chat messages rendered
+/// through the template as `/v1/chat/completions` would.
+async fn tokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let body = read_body(&headers, body, gw.max_body, gw.body_timeout).await?;
+        let req: api::TokenizeRequest = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
+            message: format!("Malformed request body: {e}"),
+            param: None,
+        })?;
+        if req.model.as_ref().is_some_and(|m| *m != gw.model) {
+            return Err(ApiError::ModelNotFound(req.model.unwrap_or_default()));
+        }
+        let g = gw.clone();
+        tokio::task::spawn_blocking(move || {
+            let tokens = match (req.prompt, req.messages) {
+                (Some(p), None) => {
+                    let t = &g.file.tokenizer;
+                    if req.add_special_tokens.unwrap_or(true) {
+                        t.encode_prompt(&p)
+                    } else {
+                        t.encode(&p)
+                    }
+                    .map_err(|e| ApiError::bad("prompt", e.to_string()))?
+                }
+                (None, Some(m)) => {
+                    let messages = api::chat_messages(&m)?;
+                    let text = g.render_chat(&messages, req.add_generation_prompt.unwrap_or(true))?;
+                    // By default exactly what a chat completion's prompt is.
+                    let t = &g.file.tokenizer;
+                    if req.add_special_tokens.unwrap_or(true) {
+                        t.encode_prompt(&text)
+                    } else {
+                        t.encode(&text)
+                    }
+                    .map_err(|e| ApiError::bad("messages", e.to_string()))?
+                }
+                _ => {
+                    return Err(ApiError::BadRequest {
+                        message: "give either 'prompt' or 'messages'".into(),
+                        param: None,
+                    })
+                }
+            };
+            let strs = req.return_token_strs.unwrap_or(false).then(|| {
+                tokens
+                    .iter()
+                    .map(|t| g.file.tokenizer.token_text(*t))
+                    .collect::<Vec<_>>()
+            });
+            Ok(json!({
+                "count": tokens.len(),
+                "max_model_len": g.context,
+                "tokens": tokens,
+                "token_strs": strs,
+            }))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+    }
+    .await;
+    match r {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `POST /detokenize` (vLLM's shape): token ids back to text.
+async fn detokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let body = read_body(&headers, body, gw.max_body, gw.body_timeout).await?;
+        let req: api::DetokenizeRequest = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
+            message: format!("Malformed request body: {e}"),
+            param: None,
+        })?;
+        if req.model.as_ref().is_some_and(|m| *m != gw.model) {
+            return Err(ApiError::ModelNotFound(req.model.unwrap_or_default()));
+        }
+        let v = gw.file.tokenizer.vocab_size();
+        if let Some(t) = req.tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(ApiError::bad(
+                "tokens",
+                format!("token id {t} is outside the vocabulary of {v}"),
+            ));
+        }
+        Ok(json!({ "prompt": gw.file.tokenizer.decode(&req.tokens) }))
+    }
+    .await;
+    match r {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => error_response(&e),
+    }
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
@@ -680,7 +876,7 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     };
     (
         status,
-        axum::Json(json!({ "status": if ready { "ok" } else { "unavailable" }, "nodes": nodes })),
+        axum::Json(json!({ "status": if ready { "ok" } else { "unavailable" }, "nodes": nodes, "max_model_len": gw.context, "sampling_defaults": gw.defaults })),
     )
         .into_response()
 }
@@ -702,7 +898,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn not_found() -> Response {
     let mut r = error_response(&ApiError::BadRequest {
-        message: "unknown route; this server answers /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics".into(),
+        message: "unknown route; this server answers /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health, /live, /metrics and /openapi.json".into(),
         param: None,
     });
     *r.status_mut() = StatusCode::NOT_FOUND;
@@ -725,6 +921,17 @@ pub async fn run(
             api_keys.len()
         );
     }
+    let defaults = api::Defaults::resolve(&setup.cluster.file.sampling, &file.generation);
+    tracing::info!(
+        "gateway: sampling defaults temperature {} top_p {} top_k {} min_p {} repetition_penalty {} max_tokens {} ({:?})",
+        defaults.temperature,
+        defaults.top_p,
+        defaults.top_k,
+        defaults.min_p,
+        defaults.repetition_penalty,
+        defaults.max_tokens,
+        defaults.source
+    );
     let gw = Arc::new(Gateway {
         api_keys,
         model: model_name,
@@ -741,6 +948,7 @@ pub async fn run(
         metrics: Metrics::new().map_err(|e| format!("metrics: {e}"))?,
         routing: g.routing,
         block_size: setup.cluster.file.cluster.block_size,
+        defaults,
         pipelines: setup
             .cluster
             .pipelines
@@ -766,6 +974,8 @@ pub async fn run(
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .route("/live", get(|| async { "ok" }))
         .route("/metrics", get(metrics))

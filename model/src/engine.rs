@@ -329,7 +329,7 @@ pub fn generate(
     };
     let t0 = std::time::Instant::now();
     let result = (|| -> Result<()> {
-        let mut next: Sampled = engine.prefill_sampled(&mut seq, chunk, sampler.draw())?;
+        let mut next: Sampled = engine.prefill_sampled(&mut seq, chunk, sampler.draw(prompt, &[]))?;
         out.prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
         loop {
@@ -347,7 +347,7 @@ pub fn generate(
             }
             seq.tokens.push(next.token);
             next = engine
-                .decode_sampled(&mut [&mut seq], vec![sampler.draw()])?
+                .decode_sampled(&mut [&mut seq], vec![sampler.draw(prompt, &out.tokens)])?
                 .into_iter()
                 .next()
                 .ok_or_else(|| ModelError::Worker("no token".into()))?;

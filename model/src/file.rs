@@ -9,6 +9,7 @@ use candle_core::quantized::gguf_file::Value;
 
 use crate::chat::ChatTemplate;
 use crate::config::{Arch, ModelConfig};
+use crate::defaults::GenerationDefaults;
 use crate::error::{ModelError, Result};
 use crate::source::TensorSource;
 use crate::tokenizer::Tokenizer;
@@ -102,6 +103,8 @@ pub struct ModelFile {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
+    /// The sampling defaults the model ships with.
+    pub generation: GenerationDefaults,
     pub(crate) source: TensorSource,
     pub(crate) naming: Naming,
 }
@@ -217,6 +220,7 @@ impl ModelFile {
             config,
             tokenizer,
             chat_template,
+            generation: GenerationDefaults::from_gguf(&md),
             source,
             naming: Naming::Gguf,
         })
@@ -288,6 +292,7 @@ impl ModelFile {
             config,
             tokenizer,
             chat_template,
+            generation: GenerationDefaults::from_hf_dir(dir)?,
             source,
             naming: Naming::Hf,
         })

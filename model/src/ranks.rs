@@ -462,13 +462,30 @@ fn gpu_rank_loop(
                 ..
             } => {
                 let spans = seq_spans(&spans);
+                // Logit processors, min-p and top log-probabilities run on
+                // the host: a pass with any of them brings its logits back.
+                let host = draws
+                    .as_deref()
+                    .filter(|d| d.iter().any(|d| d.shape.is_some()));
                 let r = slice.forward(
                     slice_input(&input),
                     &spans,
                     &mut kv,
                     stop.as_deref(),
-                    draws.as_deref().map(|d| d.as_slice()),
+                    draws
+                        .as_deref()
+                        .filter(|_| host.is_none())
+                        .map(|d| d.as_slice()),
                 );
+                let r = match (r, host) {
+                    (Ok(SliceOutput::Logits(l)), Some(d)) => {
+                        let vocab = slice.config.vocab_size;
+                        Ok(SliceOutput::Sampled(
+                            l.chunks(vocab).zip(d.iter()).map(|(row, d)| select(row, d)).collect(),
+                        ))
+                    }
+                    (r, _) => r,
+                };
                 if out.send(r).is_err() {
                     break;
                 }

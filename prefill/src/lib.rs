@@ -349,7 +349,10 @@ impl Stage {
         // The last stage chooses the first token on its device, with the
         // first number of the request's seeded stream.
         let draw = (is_last && w.pos + w.n == total && !r.req.targets.is_empty())
-            .then(|| Sampler::new(&r.req.params).draw());
+            .then(|| {
+                let (prompt, output) = r.req.tokens.split_at((r.req.output_from as usize).min(total));
+                Sampler::new(&r.req.params).draw(prompt, output)
+            });
         let pass = match draw {
             Some(d) => self
                 .group
@@ -399,7 +402,7 @@ impl Stage {
                 }))
                 .map_err(|e| e.to_string())?;
             }
-            SliceOutput::Sampled(s) => first = s.first().copied(),
+            SliceOutput::Sampled(s) => first = s.into_iter().next(),
             // An earlier chunk's logits on the last stage: nothing to choose yet.
             SliceOutput::Logits(_) => {}
             SliceOutput::Nothing => return Err("the stage produced nothing".into()),
@@ -481,6 +484,7 @@ impl Stage {
                     lease: w.key.1,
                     token: s.token,
                     logprob: s.logprob,
+                    top: s.top,
                     queue_us: (r.started - r.arrived).as_micros() as u64,
                     compute_us: r.compute.as_micros() as u64,
                     prefilled: r.req.tokens.len() as u32 - r.req.reuse_from,

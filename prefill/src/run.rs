@@ -240,6 +240,7 @@ mod tests {
                 reuse: true,
                 targets: Vec::new(),
                 params: tandem_model::SamplingParams::greedy(1),
+                output_from: 3,
                 deadline_ms: now_ms() + 60_000,
                 warm,
             }),

@@ -50,6 +50,28 @@ pub struct ClusterFile {
     pub transport: TransportSection,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub sampling: SamplingSection,
+}
+
+/// What a request that leaves a sampling field out gets. Each key left
+/// out here falls back to the model's own default (GGUF
+/// `general.sampling.*`, or `generation_config.json`), then to llama.cpp's
+/// sampler chain (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingSection {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// 0 turns the cut off.
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// Tokens generated when a request names no `max_tokens` (fewer when
+    /// the context has less room left).
+    pub max_tokens: Option<usize>,
+    /// Most choices (`n`) one request may ask for.
+    pub max_choices: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -421,6 +443,21 @@ impl ClusterFile {
         }
         if c.cluster.block_size == 0 {
             return Err(bad("[cluster] block_size must be at least 1".into()));
+        }
+        let s = &c.sampling;
+        let defaults = tandem_model::SamplingParams {
+            temperature: s.temperature.unwrap_or(0.0),
+            top_p: s.top_p.unwrap_or(1.0),
+            min_p: s.min_p.unwrap_or(0.0),
+            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+            max_tokens: s.max_tokens.unwrap_or(1),
+            ..Default::default()
+        };
+        defaults
+            .validate()
+            .map_err(|e| bad(format!("[sampling] {e}")))?;
+        if s.max_choices == Some(0) {
+            return Err(bad("[sampling] max_choices must be at least 1".into()));
         }
         let kv_dtype = KvDtype::parse(&c.cluster.kv_dtype).ok_or_else(|| {
             bad(format!(

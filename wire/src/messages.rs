@@ -18,7 +18,7 @@ use tandem_model::{BlockId, FinishReason, SamplingParams};
 
 /// Bumped whenever any message changes shape. Peers with different versions
 /// refuse each other at the handshake instead of misreading frames.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// ALPN identifier of Tandem's node-to-node protocol.
 pub const ALPN: &[u8] = b"tandem";
@@ -140,6 +140,8 @@ pub enum GenerateEvent {
         index: u32,
         token: u32,
         logprob: f32,
+        /// The most likely tokens' log-probabilities, when asked for.
+        top: Vec<(u32, f32)>,
         /// The text this token completes (empty while a character or a
         /// possible stop string is still open).
         text: String,
@@ -181,6 +183,10 @@ pub struct PrefillRequest {
     pub targets: Vec<RankTarget>,
     /// How the last stage samples the first token.
     pub params: SamplingParams,
+    /// Where the answer starts in `tokens` (after the prompt; earlier than
+    /// the end when an earlier attempt streamed some): the penalties count
+    /// what follows as output.
+    pub output_from: u32,
     pub deadline_ms: u64,
     /// Cache warming: after a turn ends, decode asks the pipeline to
     /// compute and cache the prompt and answer (no targets), so the
@@ -313,6 +319,7 @@ pub enum Message {
         lease: Lease,
         token: u32,
         logprob: f32,
+        top: Vec<(u32, f32)>,
         /// Time the pipeline spent on the request, queueing and computing.
         queue_us: u64,
         compute_us: u64,
@@ -393,6 +400,7 @@ mod tests {
                     index: 0,
                     token: 42,
                     logprob: -0.25,
+                    top: vec![(42, -0.25), (7, -2.0)],
                     text: "Paris".into(),
                 },
             },
@@ -429,7 +437,12 @@ mod tests {
                     heads: (0, 1),
                     blocks: vec![BlockId(4), BlockId(9)],
                 }],
-                params: SamplingParams::greedy(1),
+                params: SamplingParams {
+                    logit_bias: vec![(3, -100.0)],
+                    repetition_penalty: 1.1,
+                    ..SamplingParams::greedy(1)
+                },
+                output_from: 38,
                 deadline_ms: 5,
             }),
             Message::PrefillAbort {
@@ -470,6 +483,7 @@ mod tests {
                 lease,
                 token: 11,
                 logprob: -1.5,
+                top: Vec::new(),
                 queue_us: 3,
                 compute_us: 40,
                 prefilled: 24,

@@ -80,6 +80,7 @@ impl Core {
             reuse: attempt == 1,
             targets,
             params: r.gen.params.clone(),
+            output_from: r.gen.prompt.len() as u32,
             deadline_ms: r.gen.deadline_ms,
             warm: false,
         };
@@ -300,11 +301,11 @@ impl Core {
         from: &str,
         id: RequestId,
         lease: Lease,
-        token: u32,
-        logprob: f32,
+        first: Sampled,
         acct: (u64, u64, u32),
         now: u64,
     ) -> Vec<Action> {
+        let token = first.token;
         let mut out = Vec::new();
         let vocab = self.cfg.vocab;
         let last = self
@@ -329,7 +330,7 @@ impl Core {
         let r = self.reqs.get_mut(&id).expect("current");
         (r.acct.prefill_queue_us, r.acct.prefill_compute_us, r.acct.prefilled_tokens) = acct;
         if let State::Fetching(a) = &mut r.state {
-            a.first = Some((token, logprob));
+            a.first = Some(first);
         }
         self.maybe_complete(id, now, &mut out);
         out
@@ -384,7 +385,7 @@ impl Core {
         if a.closing {
             return;
         }
-        let verified = match (&a.verdict, a.first) {
+        let verified = match (&a.verdict, &a.first) {
             (Some(Verdict::Verified), Some(_)) => true,
             (Some(Verdict::Mismatch(bad)), _) => {
                 tracing::warn!(
@@ -443,10 +444,10 @@ impl Core {
                 return;
             }
         };
-        let Some((token, logprob)) = first else {
+        let Some(first) = first else {
             return;
         };
-        self.run(id, blocks, token, logprob, out);
+        self.run(id, blocks, first, out);
     }
 
     /// Asks the pipeline that filled a finished turn to compute and cache
@@ -472,6 +473,7 @@ impl Core {
                 id,
                 lease,
                 decode: self.cfg.name.clone(),
+                output_from: tokens.len() as u32,
                 tokens,
                 cached: 0,
                 reuse_from: 0,

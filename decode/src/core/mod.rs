@@ -26,7 +26,7 @@ use std::ops::Range;
 
 use tandem_wire::messages::ByteBuf;
 use tandem_kvtransfer::{reshard_plan, CopyRun, Incoming, PoolDesc, Verdict};
-use tandem_model::{BlockId, Sampler, SamplingParams};
+use tandem_model::{BlockId, Sampled, Sampler, SamplingParams};
 use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, Lease, Message, ProcessId, RequestId,
 };
@@ -122,6 +122,7 @@ pub enum Action {
         index: u32,
         token: u32,
         logprob: f32,
+        top: Vec<(u32, f32)>,
         context_full: bool,
     },
     /// The request's one terminal event (finished or failed).
@@ -138,7 +139,7 @@ pub(crate) struct Attempt {
     pub pipeline: String,
     pub incoming: Incoming,
     pub verdict: Option<Verdict>,
-    pub first: Option<(u32, f32)>,
+    pub first: Option<Sampled>,
     pub sent: u64,
     /// Some of its KV came over UCX.
     pub over_ucx: bool,
@@ -164,6 +165,8 @@ pub(crate) struct Local {
 
 pub(crate) struct Running {
     pub tokens: Vec<u32>,
+    /// Where the answer starts in `tokens` (the penalties count the rest).
+    pub prompt_len: usize,
     pub blocks: Vec<BlockId>,
     /// Tokens whose KV is in the blocks.
     pub computed: usize,
@@ -479,10 +482,18 @@ impl Core {
                 lease,
                 token,
                 logprob,
+                top,
                 queue_us,
                 compute_us,
                 prefilled,
-            } => self.first_token(from, id, lease, token, logprob, (queue_us, compute_us, prefilled), now),
+            } => self.first_token(
+                from,
+                id,
+                lease,
+                Sampled { token, logprob, top },
+                (queue_us, compute_us, prefilled),
+                now,
+            ),
             Message::PrefillFailed {
                 id,
                 lease,

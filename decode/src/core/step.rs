@@ -68,7 +68,8 @@ impl Core {
                 blocks: run.blocks.clone(),
             });
             // Chosen where the logits are, from the next number of its stream.
-            draws.push(run.sampler.draw());
+            let (prompt, output) = run.tokens.split_at(run.prompt_len.min(run.tokens.len()));
+            draws.push(run.sampler.draw(prompt, output));
         }
         let chunk = self.next_local_chunk(now);
         if let Some((id, lease, n)) = chunk {
@@ -85,7 +86,8 @@ impl Core {
             // The last chunk's logits choose the first token: the request's
             // first draw. Earlier chunks' choices are not used.
             let draw = if l.done + n >= l.tokens.len() {
-                Sampler::new(&r.gen.params).draw()
+                let (prompt, output) = l.tokens.split_at(r.gen.prompt.len().min(l.tokens.len()));
+                Sampler::new(&r.gen.params).draw(prompt, output)
             } else {
                 Draw::GREEDY
             };
@@ -147,7 +149,7 @@ impl Core {
             }
         };
         if let Some((id, lease, n)) = plan.chunk {
-            self.local_chunk_done(id, lease, n, us, chosen[plan.batch.len()], now, &mut out);
+            self.local_chunk_done(id, lease, n, us, chosen[plan.batch.len()].clone(), now, &mut out);
         }
         for (i, id) in plan.batch.iter().enumerate() {
             let Some(r) = self.reqs.get_mut(id) else {
@@ -158,7 +160,7 @@ impl Core {
             }
             if let State::Running(run) = &mut r.state {
                 run.computed += 1;
-                self.emit(*id, chosen[i], &mut out);
+                self.emit(*id, chosen[i].clone(), &mut out);
             }
         }
         out
@@ -205,7 +207,7 @@ impl Core {
                         continue;
                     };
                     r.state = State::Queued;
-                    self.run(id, blocks, chosen.token, chosen.logprob, out);
+                    self.run(id, blocks, chosen.clone(), out);
                 }
                 other => self.admitted(vec![other], now, out),
             }
@@ -213,7 +215,7 @@ impl Core {
     }
 
     /// The request runs: its first token is streamed.
-    pub(crate) fn run(&mut self, id: RequestId, blocks: Vec<BlockId>, token: u32, logprob: f32, out: &mut Vec<Action>) {
+    pub(crate) fn run(&mut self, id: RequestId, blocks: Vec<BlockId>, first: Sampled, out: &mut Vec<Action>) {
         let Some(r) = self.reqs.get_mut(&id) else {
             return;
         };
@@ -226,6 +228,7 @@ impl Core {
         tokens.extend(&r.gen.generated);
         let computed = tokens.len();
         r.state = State::Running(Running {
+            prompt_len: r.gen.prompt.len(),
             tokens,
             blocks,
             computed,
@@ -238,7 +241,7 @@ impl Core {
             params,
             generated: r.gen.generated.clone(),
         });
-        self.emit(id, Sampled { token, logprob }, out);
+        self.emit(id, first, out);
     }
 
     /// Streams one chosen token.
@@ -259,6 +262,7 @@ impl Core {
             index,
             token: s.token,
             logprob: s.logprob,
+            top: s.top,
             context_full: run.tokens.len() + 1 > context,
         });
     }

@@ -331,7 +331,38 @@ fn peers_act_only_on_what_they_were_given() {
     let a = w.core.prefill_failed("p1-s0", id, lease, ErrorClass::Internal, "no".into(), w.now);
     assert!(a.is_empty());
     assert!(w.core.is_current(id, lease));
-    let a = w.core.first_token("p0-s0", id, lease, 3, -1.0, (0, 0, 0), w.now);
+    let a = w.core.first_token("p0-s0", id, lease, tandem_model::Sampled::new(3, -1.0), (0, 0, 0), w.now);
     assert!(a.is_empty(), "only the last stage sends the first token");
+    w.settle();
+}
+
+/// A request continued from an earlier attempt's tokens: the pipeline is
+/// told where the answer starts, so penalties count those tokens as answer
+/// (and so does decode for the tokens after).
+#[test]
+fn a_continued_request_tells_the_pipeline_where_its_answer_starts() {
+    let mut w = World::new(UcxLanding::Puts, 0);
+    let g = tandem_wire::messages::Generate {
+        id: RequestId(77),
+        prompt: (0..9).collect(),
+        generated: vec![40, 41, 40],
+        params: SamplingParams {
+            frequency_penalty: 0.5,
+            ..SamplingParams::greedy(8)
+        },
+        deadline_ms: w.now + 600_000,
+        session: None,
+        pipeline: Some("p0".into()),
+    };
+    let a = w.core.submit(world::GW, g, w.now);
+    let sent = a.iter().find_map(|a| match a {
+        Action::Send { msg: Message::Prefill(p), .. } => Some(p.clone()),
+        _ => None,
+    });
+    let p = sent.unwrap_or_else(|| panic!("no prefill request in {a:?}"));
+    assert_eq!(p.tokens.len(), 12);
+    assert_eq!(p.output_from, 9);
+    assert_eq!(p.params.frequency_penalty, 0.5);
+    w.apply(a);
     w.settle();
 }

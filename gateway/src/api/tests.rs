@@ -4,8 +4,13 @@ use super::*;
 
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
+const LIMITS: Limits = Limits {
+    context: 8192,
+    vocab: 49152,
+};
+
 fn job(v: Value) -> Result<ChatJob, ApiError> {
-    validate_chat(parse_chat(v.to_string().as_bytes())?, MODEL, 256)
+    validate_chat(parse_chat(v.to_string().as_bytes())?, MODEL, &Defaults::default(), LIMITS)
 }
 
 fn ok_req() -> Value {
@@ -19,14 +24,139 @@ fn with(field: &str, v: Value) -> Value {
 }
 
 #[test]
-fn a_plain_request_gets_openai_defaults() {
+fn a_plain_request_gets_the_server_defaults() {
     let j = job(ok_req()).expect("valid");
     assert_eq!(j.messages, vec![ChatMessage::new("user", "hi")]);
+    // Nothing from the cluster or the model: llama.cpp's sampler chain.
+    let p = &j.params;
     assert_eq!(
-        (j.params.temperature, j.params.top_p, j.params.max_tokens),
-        (1.0, 1.0, 256)
+        (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.max_tokens),
+        (0.8, 0.95, 40, 0.05, 1.0, 256)
     );
-    assert!(!j.stream && !j.include_usage);
+    assert!(!j.stream && !j.include_usage && !j.explicit_max);
+    assert_eq!(j.n, 1);
+    // The cluster's settings win over the model's, the model's over the built-in ones.
+    let cluster = tandem_wire::config::SamplingSection {
+        temperature: Some(0.3),
+        max_tokens: Some(64),
+        ..Default::default()
+    };
+    let model = GenerationDefaults {
+        temperature: Some(0.6),
+        top_p: Some(0.9),
+        ..Default::default()
+    };
+    let d = Defaults::resolve(&cluster, &model);
+    assert_eq!((d.temperature, d.top_p, d.top_k, d.max_tokens), (0.3, 0.9, 40, 64));
+    assert_eq!(
+        (d.source["temperature"], d.source["top_p"], d.source["top_k"]),
+        ("cluster", "model", "built-in")
+    );
+    let j = validate_chat(parse_chat(ok_req().to_string().as_bytes()).expect("parsed"), MODEL, &d, LIMITS)
+        .expect("valid");
+    assert_eq!((j.params.temperature, j.params.top_p, j.params.max_tokens), (0.3, 0.9, 64));
+    // A request's own values win over every default.
+    let mut r = ok_req();
+    r["temperature"] = json!(1.0);
+    r["top_k"] = json!(0);
+    r["min_p"] = json!(0);
+    let j = job(r).expect("valid");
+    assert_eq!((j.params.temperature, j.params.top_k, j.params.min_p), (1.0, 0, 0.0));
+}
+
+#[test]
+fn the_sampling_extensions_reach_the_parameters() {
+    let mut r = ok_req();
+    r["logit_bias"] = json!({ "42": -100, " 7": 5.5 });
+    r["presence_penalty"] = json!(0.5);
+    r["frequency_penalty"] = json!(-0.25);
+    r["repetition_penalty"] = json!(1.2);
+    r["min_p"] = json!(0.1);
+    r["logprobs"] = json!(true);
+    r["top_logprobs"] = json!(5);
+    r["n"] = json!(3);
+    r["max_tokens"] = json!(10);
+    let j = job(r).expect("valid");
+    let p = &j.params;
+    let mut bias = p.logit_bias.clone();
+    bias.sort_by_key(|b| b.0);
+    assert_eq!(bias, vec![(7, 5.5), (42, -100.0)]);
+    assert_eq!(
+        (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p, p.top_logprobs),
+        (0.5, -0.25, 1.2, 0.1, 5)
+    );
+    assert!(j.explicit_max && j.logprobs);
+    assert_eq!(j.n, 3);
+    let c = validate_completion(
+        parse_completion(json!({ "model": MODEL, "prompt": "x", "logprobs": 3 }).to_string().as_bytes())
+            .expect("parsed"),
+        MODEL,
+        &Defaults::default(),
+        LIMITS,
+    )
+    .expect("valid");
+    assert!(c.logprobs);
+    assert_eq!(c.params.top_logprobs, 3);
+}
+
+#[test]
+fn unknown_fields_are_accepted() {
+    let mut r = ok_req();
+    r["metadata"] = json!({ "a": 1 });
+    r["store"] = json!(false);
+    r["tool_choice"] = json!("none");
+    r["parallel_tool_calls"] = json!(true);
+    assert!(job(r).is_ok());
+}
+
+#[test]
+fn field_lists_come_from_the_types() {
+    let chat = field_names::<ChatRequest>();
+    assert!(chat.contains(&"messages") && chat.contains(&"top_logprobs"));
+    assert!(!chat.contains(&"sampling"), "skipped fields are not request fields");
+    assert!(field_names::<Sampling>().contains(&"logit_bias"));
+    assert!(field_names::<CompletionRequest>().contains(&"prompt"));
+}
+
+/// The OpenAPI document lists exactly the fields the request types read.
+#[test]
+fn the_openapi_document_matches_the_request_types() {
+    let doc: Value = serde_json::from_str(include_str!("../openapi.json")).expect("valid JSON");
+    let schemas = &doc["components"]["schemas"];
+    let props = |v: &Value| -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(p) = v["properties"].as_object() {
+            out.extend(p.keys().cloned());
+        }
+        for part in v["allOf"].as_array().into_iter().flatten() {
+            if let Some(p) = part["properties"].as_object() {
+                out.extend(p.keys().cloned());
+            }
+        }
+        out.sort();
+        out
+    };
+    let names = |f: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(props(&schemas["Sampling"]), names(field_names::<Sampling>()), "Sampling");
+    assert_eq!(props(&schemas["ChatRequest"]), names(field_names::<ChatRequest>()), "ChatRequest");
+    assert_eq!(
+        props(&schemas["CompletionRequest"]),
+        names(field_names::<CompletionRequest>()),
+        "CompletionRequest"
+    );
+    assert_eq!(props(&schemas["TokenizeRequest"]), names(field_names::<TokenizeRequest>()), "TokenizeRequest");
+    assert_eq!(
+        props(&schemas["DetokenizeRequest"]),
+        names(field_names::<DetokenizeRequest>()),
+        "DetokenizeRequest"
+    );
+    for path in ["/tokenize", "/detokenize", "/v1/models"] {
+        assert!(doc["paths"][path].is_object(), "{path} is documented");
+    }
 }
 
 #[test]
@@ -62,7 +192,16 @@ fn bad_requests_are_400s_that_name_the_field() {
         (with("temperature", json!("hot")), ""),
         (with("top_p", json!(0)), "top_p"),
         (with("max_tokens", json!(0)), "max_tokens"),
-        (with("n", json!(2)), "n"),
+        (with("n", json!(9)), "n"),
+        (with("n", json!(0)), "n"),
+        (with("max_tokens", json!(1_000_000_000u64)), "max_tokens"),
+        (with("logit_bias", json!({ "abc": 1 })), "logit_bias"),
+        (with("logit_bias", json!({ "49152": 1 })), "logit_bias"),
+        (with("logit_bias", json!({ "5": 101 })), "logit_bias"),
+        (with("min_p", json!(1.5)), "min_p"),
+        (with("repetition_penalty", json!(0)), "repetition_penalty"),
+        (with("top_logprobs", json!(3)), "top_logprobs"),
+        (with("tool_choice", json!("required")), "tool_choice"),
         (with("stop", json!(["a", "b", "c", "d", "e"])), "stop"),
         (with("stop", json!([""])), "stop"),
         (with("messages", json!([])), "messages"),
@@ -77,7 +216,7 @@ fn bad_requests_are_400s_that_name_the_field() {
             ),
             "messages[0].content[0]",
         ),
-        (with("presence_penalty", json!(0.5)), "presence_penalty"),
+        (with("presence_penalty", json!(2.5)), "presence_penalty"),
         (with("tools", json!([{ "type": "function" }])), "tools"),
         (
             with("stream_options", json!({ "include_usage": true })),
@@ -121,6 +260,7 @@ fn stream_chunks_have_openai_fields() {
         "chatcmpl-1",
         7,
         MODEL,
+        0,
         json!({ "role": "assistant", "content": "" }),
         None,
         None,
@@ -134,11 +274,14 @@ fn stream_chunks_have_openai_fields() {
         "chatcmpl-1",
         7,
         MODEL,
+        2,
         json!({}),
         Some(FinishReason::Length),
-        Some(("Hi".into(), -0.5)),
+        Some(chat_logprob("Hi", -0.5, &[("Hi".into(), -0.5), ("Ho".into(), -1.5)])),
         false,
     );
+    assert_eq!(last["choices"][0]["index"], 2);
+    assert_eq!(last["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"], "Ho");
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(
         last["choices"][0]["logprobs"]["content"][0]["logprob"],
@@ -153,8 +296,7 @@ fn stream_chunks_have_openai_fields() {
         "chatcmpl-2",
         8,
         MODEL,
-        "Paris.",
-        FinishReason::Stop,
+        vec![chat_choice(0, "Paris.", FinishReason::Stop)],
         Usage::new(5, 2),
     );
     assert_eq!(full["choices"][0]["message"]["content"], "Paris.");

@@ -1,5 +1,10 @@
 //! Turning a request's events into OpenAI responses: whole bodies,
 //! server-sent event streams, and the accounting that rides along.
+//!
+//! Each choice of a request is driven by its own task ([`drive`]): it reads
+//! its decode group's events, continues on another group when that one is
+//! lost, ends at the deadline, and reports [`Item`]s in order. The response
+//! merges the choices' items: as they come (a stream) or all at once.
 
 use super::*;
 
@@ -17,19 +22,47 @@ pub(super) struct Shape {
     pub(super) model: String,
     pub(super) include_usage: bool,
     pub(super) logprobs: bool,
+    /// Choices.
+    pub(super) n: usize,
+}
+
+/// One chosen token as the client sees it.
+struct Token {
+    text: String,
+    token: u32,
+    logprob: f32,
+    top: Vec<(u32, f32)>,
+}
+
+/// What a choice's driver reports.
+enum Item {
+    Token { index: usize, token: Token },
+    Done {
+        index: usize,
+        reason: FinishReason,
+        accounting: Accounting,
+        completion: usize,
+    },
+    Failed { error: ApiError },
 }
 
 impl Shape {
-    fn chunk(
-        &self,
-        gw: &Gateway,
-        text: &str,
-        token: Option<(u32, f32)>,
-        finish: Option<FinishReason>,
-    ) -> Value {
-        let lp = token
-            .filter(|_| self.logprobs)
-            .map(|(t, lp)| (gw.token_text(t), lp));
+    /// The token's log-probabilities as the response kind writes them.
+    fn chat_logprob(&self, gw: &Gateway, t: &Token) -> Value {
+        let top: Vec<(String, f32)> = t.top.iter().map(|(id, lp)| (gw.token_text(*id), *lp)).collect();
+        api::chat_logprob(&gw.token_text(t.token), t.logprob, &top)
+    }
+
+    fn completion_logprob(gw: &Gateway, t: &Token) -> (String, f32, Vec<(String, f32)>) {
+        (
+            gw.token_text(t.token),
+            t.logprob,
+            t.top.iter().map(|(id, lp)| (gw.token_text(*id), *lp)).collect(),
+        )
+    }
+
+    fn chunk(&self, gw: &Gateway, index: usize, text: &str, token: Option<&Token>, finish: Option<FinishReason>) -> Value {
+        let token = token.filter(|_| self.logprobs);
         match self.kind {
             Kind::Chat => {
                 let delta = if finish.is_some() && text.is_empty() {
@@ -41,15 +74,21 @@ impl Shape {
                     &self.id,
                     self.created,
                     &self.model,
+                    index,
                     delta,
                     finish,
-                    lp,
+                    token.map(|t| self.chat_logprob(gw, t)),
                     self.include_usage,
                 )
             }
             Kind::Completion => {
-                let mut c =
-                    api::completion_chunk(&self.id, self.created, &self.model, text, finish, lp);
+                let lp = token.map(|t| api::completion_logprobs(&[Self::completion_logprob(gw, t)]));
+                let mut c = api::completion(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    vec![api::completion_choice(index, text, finish, lp)],
+                );
                 if self.include_usage {
                     c["usage"] = Value::Null;
                 }
@@ -83,14 +122,42 @@ fn timing(a: &Accounting) -> Value {
     })
 }
 
+/// The response to a request whose choices' first tokens are in. `permit`
+/// (its place under `max_queue`) is held until the response ends.
 pub(super) async fn respond(
     gw: Arc<Gateway>,
-    ticket: Ticket,
+    tickets: Vec<Ticket>,
+    permit: Permit,
     shape: Shape,
     stream: bool,
 ) -> Response {
-    let headers = ticket.headers.clone();
-    let mut r = respond_body(gw, ticket, shape, stream).await;
+    let headers = tickets[0].headers.clone();
+    let prompt_tokens = tickets[0].prompt_tokens;
+    // Each driver sends at most one item ahead of the reader per choice
+    // and a few more: a slow client holds back its decode groups' events
+    // in their unbounded queues, not here.
+    let (tx, rx) = mpsc::channel::<Item>(4 * tickets.len());
+    for (index, t) in tickets.into_iter().enumerate() {
+        tokio::spawn(drive(gw.clone(), t, index, tx.clone()));
+    }
+    drop(tx);
+    let mut r = if stream {
+        let (out, body_rx) = mpsc::channel::<Bytes>(64);
+        tokio::spawn(stream_items(gw, shape, prompt_tokens, rx, out, permit));
+        let body = Body::from_stream(futures_util::stream::unfold(body_rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        }));
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    } else {
+        let r = whole(&gw, &shape, prompt_tokens, rx).await;
+        drop(permit);
+        r
+    };
     for (k, v) in headers {
         if let Ok(v) = header::HeaderValue::from_str(&v) {
             r.headers_mut().insert(k, v);
@@ -123,133 +190,168 @@ fn accounting_headers(r: &mut Response, a: &Accounting) {
     }
 }
 
-async fn respond_body(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, stream: bool) -> Response {
-    if stream {
-        let (tx, rx) = mpsc::channel::<Bytes>(64);
-        tokio::spawn(stream_events(gw, ticket, shape, tx));
-        let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-        }));
-        return Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(body)
-            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+/// The request's accounting object: the first choice's, with every
+/// choice's beside it when there are several.
+fn accounting_object(per_choice: &[Option<Accounting>]) -> Value {
+    let mut v = per_choice
+        .first()
+        .and_then(|a| a.as_ref())
+        .map(timing)
+        .unwrap_or(Value::Null);
+    if per_choice.len() > 1 {
+        v["choices"] = per_choice
+            .iter()
+            .map(|a| a.as_ref().map(timing).unwrap_or(Value::Null))
+            .collect();
     }
-    let Ticket {
-        permit: _permit,
-        deadline,
-        mut guard,
-        mut rx,
-        first,
-        prompt_tokens,
-        gateway_us,
-        mut resume,
-        ..
-    } = ticket;
-    let mut text = String::new();
-    let mut completion = 0usize;
-    let mut logprobs = Vec::new();
-    let mut generated = Vec::new();
-    let mut ev = Some(first);
-    loop {
-        let e = match ev.take() {
-            None
-            | Some(GenerateEvent::Failed {
-                class: ErrorClass::NodeLost,
-                ..
-            }) => {
-                match continue_elsewhere(&gw, &mut resume, &mut guard, &mut rx, &generated).await {
-                    Ok(first) => {
-                        ev = Some(first);
-                        continue;
-                    }
-                    Err(e) => return error_response(&e),
+    v
+}
+
+/// A whole (non-streaming) response once every choice has ended; the first
+/// failure is the response instead (the other choices are cancelled).
+async fn whole(gw: &Gateway, shape: &Shape, prompt_tokens: usize, mut rx: mpsc::Receiver<Item>) -> Response {
+    let n = shape.n;
+    let mut text = vec![String::new(); n];
+    let mut tokens: Vec<Vec<Token>> = (0..n).map(|_| Vec::new()).collect();
+    let mut ends: Vec<Option<(FinishReason, usize)>> = vec![None; n];
+    let mut accounting: Vec<Option<Accounting>> = vec![None; n];
+    while ends.iter().any(Option::is_none) {
+        match rx.recv().await {
+            Some(Item::Token { index, token }) => {
+                text[index].push_str(&token.text);
+                if shape.logprobs {
+                    tokens[index].push(token);
                 }
             }
-            Some(e) => e,
-        };
-        match e {
-            GenerateEvent::Token {
+            Some(Item::Done {
                 index,
-                token,
-                logprob,
-                text: t,
-            } => {
-                if (index as usize) < generated.len() {
-                    ev = rx.recv().await;
-                    continue;
-                }
-                generated.push(token);
-                completion += 1;
-                text.push_str(&t);
-                if shape.logprobs {
-                    logprobs.push((gw.token_text(token), logprob));
-                }
-                gw.metrics.tokens_out.inc();
-            }
-            GenerateEvent::Finished {
                 reason,
-                mut accounting,
-            } => {
-                guard.done = true;
-                accounting.gateway_queue_us = gateway_us;
-                let usage = Usage::new(prompt_tokens, completion);
-                gw.metrics
-                    .finish(prompt_tokens, guard.started.elapsed(), &accounting);
-                let mut v = match shape.kind {
-                    Kind::Chat => api::chat_completion(
-                        &shape.id,
-                        shape.created,
-                        &shape.model,
-                        &text,
-                        reason,
-                        usage,
-                    ),
-                    Kind::Completion => {
-                        let mut c = api::completion_chunk(
-                            &shape.id,
-                            shape.created,
-                            &shape.model,
-                            &text,
-                            Some(reason),
-                            None,
-                        );
-                        c["usage"] = json!(usage);
-                        c
-                    }
-                };
-                if shape.logprobs {
-                    let content: Vec<Value> = logprobs
-                        .iter()
-                        .map(|(t, lp)| json!({ "token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": [] }))
-                        .collect();
-                    v["choices"][0]["logprobs"] = match shape.kind {
-                        Kind::Chat => json!({ "content": content }),
-                        Kind::Completion => json!({
-                            "tokens": logprobs.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
-                            "token_logprobs": logprobs.iter().map(|(_, l)| *l).collect::<Vec<_>>(),
-                            "top_logprobs": Value::Null,
-                            "text_offset": Value::Null,
-                        }),
-                    };
-                }
-                v["tandem"] = timing(&accounting);
-                let mut r = (StatusCode::OK, axum::Json(v)).into_response();
-                accounting_headers(&mut r, &accounting);
-                return r;
+                accounting: a,
+                completion,
+            }) => {
+                ends[index] = Some((reason, completion));
+                accounting[index] = Some(a);
             }
-            GenerateEvent::Failed { class, message } => {
-                guard.done = true;
-                return error_response(&api_error(class, message));
+            Some(Item::Failed { error }) => return error_response(&error),
+            None => return error_response(&ApiError::Internal("a choice ended without a result".into())),
+        }
+    }
+    let completion: usize = ends.iter().flatten().map(|(_, c)| c).sum();
+    let usage = Usage::new(prompt_tokens, completion);
+    let mut choices = Vec::with_capacity(n);
+    for i in 0..n {
+        let (reason, _) = ends[i].expect("every choice ended");
+        let mut c = match shape.kind {
+            Kind::Chat => api::chat_choice(i, &text[i], reason),
+            Kind::Completion => api::completion_choice(i, &text[i], Some(reason), None),
+        };
+        if shape.logprobs {
+            c["logprobs"] = match shape.kind {
+                Kind::Chat => json!({ "content": tokens[i].iter().map(|t| shape.chat_logprob(gw, t)).collect::<Vec<_>>() }),
+                Kind::Completion => api::completion_logprobs(
+                    &tokens[i].iter().map(|t| Shape::completion_logprob(gw, t)).collect::<Vec<_>>(),
+                ),
+            };
+        }
+        choices.push(c);
+    }
+    let mut v = match shape.kind {
+        Kind::Chat => api::chat_completion(&shape.id, shape.created, &shape.model, choices, usage),
+        Kind::Completion => {
+            let mut c = api::completion(&shape.id, shape.created, &shape.model, choices);
+            c["usage"] = json!(usage);
+            c
+        }
+    };
+    v["tandem"] = accounting_object(&accounting);
+    let mut r = (StatusCode::OK, axum::Json(v)).into_response();
+    if let Some(a) = &accounting[0] {
+        accounting_headers(&mut r, a);
+    }
+    r
+}
+
+/// A stream of the choices' chunks as they come; after the last choice
+/// ends, the usage (if asked) and `[DONE]`. A failed choice ends the
+/// stream with an error event.
+async fn stream_items(
+    gw: Arc<Gateway>,
+    shape: Shape,
+    prompt_tokens: usize,
+    mut rx: mpsc::Receiver<Item>,
+    out: mpsc::Sender<Bytes>,
+    _permit: Permit,
+) {
+    let send = |v: String| {
+        let out = out.clone();
+        async move { out.send(Bytes::from(v)).await.is_ok() }
+    };
+    if shape.kind == Kind::Chat {
+        for index in 0..shape.n {
+            let role = api::chat_chunk(
+                &shape.id,
+                shape.created,
+                &shape.model,
+                index,
+                json!({ "role": "assistant", "content": "" }),
+                None,
+                None,
+                shape.include_usage,
+            );
+            if !send(api::sse(&role)).await {
+                return;
             }
         }
-        ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(e) => e,
-            // Dropping the guard cancels it on its decode group.
-            Err(_) => return error_response(&past_deadline(&gw)),
+    }
+    let mut left = shape.n;
+    let mut completion = 0usize;
+    loop {
+        let item = tokio::select! {
+            i = rx.recv() => i,
+            // The client left: dropping the receiver stops every driver,
+            // whose guards cancel their requests.
+            _ = out.closed() => return,
         };
+        match item {
+            Some(Item::Token { index, token }) => {
+                if !token.text.is_empty() || shape.logprobs {
+                    let c = shape.chunk(&gw, index, &token.text, Some(&token), None);
+                    if !send(api::sse(&c)).await {
+                        return;
+                    }
+                }
+            }
+            Some(Item::Done {
+                index,
+                reason,
+                accounting,
+                completion: c,
+            }) => {
+                completion += c;
+                let mut chunk = shape.chunk(&gw, index, "", None, Some(reason));
+                chunk["tandem"] = timing(&accounting);
+                if !send(api::sse(&chunk)).await {
+                    return;
+                }
+                left -= 1;
+                if left == 0 {
+                    if shape.include_usage {
+                        let _ = send(api::sse(&shape.usage(Usage::new(prompt_tokens, completion)))).await;
+                    }
+                    let _ = send(api::SSE_DONE.to_string()).await;
+                    return;
+                }
+            }
+            Some(Item::Failed { error }) => {
+                let _ = send(api::sse(&error.body())).await;
+                return;
+            }
+            None => {
+                let e = ApiError::Internal("a choice ended without a result".into());
+                let _ = send(api::sse(&e.body())).await;
+                return;
+            }
+        }
     }
 }
 
@@ -262,9 +364,11 @@ fn past_deadline(gw: &Gateway) -> ApiError {
     ))
 }
 
-async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc::Sender<Bytes>) {
+/// Follows one choice to its end: its tokens (each once, across a move to
+/// another decode group), then `Done` or `Failed`. Returns early when the
+/// response is gone; dropping its guard then cancels the request.
+async fn drive(gw: Arc<Gateway>, ticket: Ticket, index: usize, tx: mpsc::Sender<Item>) {
     let Ticket {
-        permit: _permit,
         deadline,
         mut guard,
         mut rx,
@@ -274,32 +378,13 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
         mut resume,
         ..
     } = ticket;
-    let send = |v: String| {
-        let tx = tx.clone();
-        async move { tx.send(Bytes::from(v)).await.is_ok() }
-    };
-    if shape.kind == Kind::Chat {
-        let role = api::chat_chunk(
-            &shape.id,
-            shape.created,
-            &shape.model,
-            json!({ "role": "assistant", "content": "" }),
-            None,
-            None,
-            shape.include_usage,
-        );
-        if !send(api::sse(&role)).await {
-            return;
-        }
-    }
-    let mut completion = 0usize;
     let mut generated = Vec::new();
     let mut ev = Some(first);
     let mut last_token = guard.started;
     loop {
         let e = match ev.take() {
-            // The decode group was lost mid-answer: the stream goes on from
-            // another one, or ends with an error event (never a `stop`).
+            // The decode group was lost mid-answer: the choice goes on from
+            // another one, or ends with an error (never a `stop`).
             None
             | Some(GenerateEvent::Failed {
                 class: ErrorClass::NodeLost,
@@ -314,8 +399,8 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
                         ev = Some(first);
                         continue;
                     }
-                    Err(err) => {
-                        let _ = send(api::sse(&err.body())).await;
+                    Err(error) => {
+                        let _ = tx.send(Item::Failed { error }).await;
                         return;
                     }
                 }
@@ -324,33 +409,27 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
         };
         match e {
             GenerateEvent::Token {
-                index,
+                index: at,
                 token,
                 logprob,
+                top,
                 text,
             } => {
-                if (index as usize) < generated.len() {
-                    // Already streamed before the loss.
-                    ev = tokio::select! {
-                        e = rx.recv() => e,
-                        _ = tx.closed() => return,
-                        _ = tokio::time::sleep_until(deadline) => {
-                            let _ = send(api::sse(&past_deadline(&gw).body())).await;
-                            return;
-                        }
+                // Tokens at or past what was streamed before a loss are new.
+                if (at as usize) >= generated.len() {
+                    generated.push(token);
+                    gw.metrics.tokens_out.inc();
+                    if generated.len() > 1 {
+                        gw.metrics.itl.observe(last_token.elapsed().as_secs_f64());
+                    }
+                    last_token = Instant::now();
+                    let t = Token {
+                        text,
+                        token,
+                        logprob,
+                        top,
                     };
-                    continue;
-                }
-                generated.push(token);
-                completion += 1;
-                gw.metrics.tokens_out.inc();
-                if completion > 1 {
-                    gw.metrics.itl.observe(last_token.elapsed().as_secs_f64());
-                }
-                last_token = Instant::now();
-                if !text.is_empty() || shape.logprobs {
-                    let c = shape.chunk(&gw, &text, Some((token, logprob)), None);
-                    if !send(api::sse(&c)).await {
+                    if tx.send(Item::Token { index, token: t }).await.is_err() {
                         return;
                     }
                 }
@@ -363,31 +442,33 @@ async fn stream_events(gw: Arc<Gateway>, ticket: Ticket, shape: Shape, tx: mpsc:
                 accounting.gateway_queue_us = gateway_us;
                 gw.metrics
                     .finish(prompt_tokens, guard.started.elapsed(), &accounting);
-                let mut c = shape.chunk(&gw, "", None, Some(reason));
-                c["tandem"] = timing(&accounting);
-                let _ = send(api::sse(&c)).await;
-                if shape.include_usage {
-                    let _ = send(api::sse(
-                        &shape.usage(Usage::new(prompt_tokens, completion)),
-                    ))
+                let _ = tx
+                    .send(Item::Done {
+                        index,
+                        reason,
+                        accounting,
+                        completion: generated.len(),
+                    })
                     .await;
-                }
-                let _ = send(api::SSE_DONE.to_string()).await;
                 return;
             }
             GenerateEvent::Failed { class, message } => {
                 guard.done = true;
-                let _ = send(api::sse(&api_error(class, message).body())).await;
+                let _ = tx
+                    .send(Item::Failed {
+                        error: api_error(class, message),
+                    })
+                    .await;
                 return;
             }
         }
         ev = tokio::select! {
             e = rx.recv() => e,
-            _ = tx.closed() => return, // the client left: the guard cancels
-            // Its decode group did not end it in time: the stream ends
-            // with an error event, and the guard cancels it there.
+            _ = tx.closed() => return, // the response is gone: the guard cancels
+            // Its decode group did not end it in time: the choice ends with
+            // an error, and the guard cancels it there.
             _ = tokio::time::sleep_until(deadline) => {
-                let _ = send(api::sse(&past_deadline(&gw).body())).await;
+                let _ = tx.send(Item::Failed { error: past_deadline(&gw) }).await;
                 return;
             }
         };

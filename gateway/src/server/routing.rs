@@ -174,6 +174,22 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The decode group (and pipeline) an earlier choice of the same
+    /// request went to, while it is up and not overloaded.
+    pub(super) fn follow(&self, f: &Follow) -> Option<Route> {
+        let st = self.state.lock().expect("gateway state");
+        let n = st.nodes.get(&f.decode)?;
+        let up = matches!(n.role, Role::Decode { .. })
+            && n.load.is_some_and(|l| l.queued < REPIN_QUEUED);
+        up.then(|| Route {
+            link: n.link.clone(),
+            pipeline: f.pipeline.clone(),
+            sticky: true,
+        })
+    }
+}
+
 pub(super) fn session_header(h: &HeaderMap) -> Option<String> {
     h.get("x-session-id")
         .and_then(|v| v.to_str().ok())

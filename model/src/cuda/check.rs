@@ -424,6 +424,7 @@ fn sampling(device: &Device) -> Result<(bool, String)> {
                     top_k,
                     top_p,
                     u: (us[k % us.len()] + 1.0) / 2.0,
+                    shape: None,
                 });
                 k += 1;
             }

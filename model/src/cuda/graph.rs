@@ -175,10 +175,7 @@ fn read(slice: &CudaSlice, plan: &Plan, sc: &Scratch, out: Out, n: usize) -> Res
             let v = st.read::<u32>(sc.sampled.ptr, 2 * plan.s)?;
             Ok(SliceOutput::Sampled(
                 (0..n)
-                    .map(|i| Sampled {
-                        token: v[i],
-                        logprob: f32::from_bits(v[plan.s + i]),
-                    })
+                    .map(|i| Sampled::new(v[i], f32::from_bits(v[plan.s + i])))
                     .collect(),
             ))
         }

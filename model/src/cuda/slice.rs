@@ -351,7 +351,7 @@ pub(crate) fn build_meta(
             pi += 1;
         }
         m[o.last_row + si] = (ti + s.n - 1) as i32;
-        let d = draws.and_then(|d| d.get(si)).copied().unwrap_or(Draw::GREEDY);
+        let d = draws.and_then(|d| d.get(si)).cloned().unwrap_or(Draw::GREEDY);
         m[o.temperature + si] = d.temperature.to_bits() as i32;
         m[o.top_k + si] = d.top_k.min(vocab) as i32;
         m[o.top_p + si] = d.top_p.to_bits() as i32;
@@ -683,10 +683,7 @@ impl CudaSlice {
                 let v = self.stream.read::<u32>(sc.sampled.ptr, 2 * plan.s)?;
                 Ok(SliceOutput::Sampled(
                     (0..plan.s)
-                        .map(|i| Sampled {
-                            token: v[i],
-                            logprob: f32::from_bits(v[plan.s + i]),
-                        })
+                        .map(|i| Sampled::new(v[i], f32::from_bits(v[plan.s + i])))
                         .collect(),
                 ))
             }

@@ -41,6 +41,7 @@ fn req(id: u64, lease: u128, tokens: usize, warm: bool) -> PrefillRequest {
             blocks: (0..need).map(BlockId).collect(),
         }],
         params: SamplingParams::greedy(1),
+        output_from: tokens as u32,
         deadline_ms: u64::MAX,
         warm,
     }

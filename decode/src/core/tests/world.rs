@@ -470,6 +470,7 @@ impl World {
                 lease: j.lease,
                 token: (j.id.0 % 90) as u32,
                 logprob: -0.5,
+                top: Vec::new(),
                 queue_us: 1,
                 compute_us: 2,
                 prefilled: 3,
@@ -522,7 +523,7 @@ impl World {
             },
             Message::FirstToken {
                 id, lease, token, logprob, ..
-            } => self.core.first_token(from, id, lease, token, logprob, (1, 2, 3), now),
+            } => self.core.first_token(from, id, lease, Sampled::new(token, logprob), (1, 2, 3), now),
             Message::KvStopped { id, lease, stage } => self.core.kv_stopped(from, id, lease, stage, now),
             Message::PrefillFailed {
                 id,
@@ -614,10 +615,7 @@ impl World {
                 .spans
                 .iter()
                 .enumerate()
-                .map(|(i, _)| Sampled {
-                    token: (i as u32 * 13 + 5) % 90,
-                    logprob: -1.0,
-                })
+                .map(|(i, _)| Sampled::new((i as u32 * 13 + 5) % 90, -1.0))
                 .collect())
         };
         let a = self.core.step_done(plan, result, 100, self.now);
