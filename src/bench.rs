@@ -60,7 +60,11 @@ pub fn engine(common: &Common, threads: usize, a: BenchEngineArgs) -> Result<()>
     println!("model            {}", file.config.name);
     if on_gpu {
         for g in tandem_model::cuda::probe(&a.device.device, 1)? {
-            println!("device           {} ({:?} weights, {kv_dtype:?} KV)", g.describe(), a.device.gpu_dtype);
+            println!(
+                "device           {} ({:?} weights, {kv_dtype:?} KV)",
+                g.describe(),
+                a.device.gpu_dtype
+            );
         }
     } else {
         println!("threads          {}", r.threads);
@@ -95,7 +99,9 @@ pub fn engine(common: &Common, threads: usize, a: BenchEngineArgs) -> Result<()>
             bw / 1e9,
             floor * 1e6
         );
-        limit = Some(serde_json::json!({"weight_bytes": bytes, "bandwidth_bytes_per_s": bw, "floor_s": floor}));
+        limit = Some(
+            serde_json::json!({"weight_bytes": bytes, "bandwidth_bytes_per_s": bw, "floor_s": floor}),
+        );
     }
     let reference = match &a.llama_bench {
         Some(bin) => {
@@ -125,7 +131,8 @@ pub fn engine(common: &Common, threads: usize, a: BenchEngineArgs) -> Result<()>
         None => None,
     };
     if let Some(p) = a.json {
-        let doc = serde_json::json!({ "tandem": r, "llama_cpp": reference, "physical_limit": limit });
+        let doc =
+            serde_json::json!({ "tandem": r, "llama_cpp": reference, "physical_limit": limit });
         std::fs::write(&p, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }

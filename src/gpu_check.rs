@@ -69,7 +69,11 @@ pub fn run(common: &Common, a: GpuCheckArgs) -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("the model has no chat template"))?;
         let prompts = PROMPTS
             .iter()
-            .map(|p| Ok(file.tokenizer.encode_prompt(&t.render(&[ChatMessage::new("user", p)], true)?)?))
+            .map(|p| {
+                Ok(file
+                    .tokenizer
+                    .encode_prompt(&t.render(&[ChatMessage::new("user", p)], true)?)?)
+            })
             .collect::<Result<Vec<_>>>()?;
         let long_prompt = tandem_bench::engine::prompt_tokens(&file, a.long_prompt)?;
         for d in &a.dtypes {

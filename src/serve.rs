@@ -200,7 +200,10 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
         ("top_p", a.top_p.map(|v| format!("{v:?}"))),
         ("top_k", a.top_k.map(|v| v.to_string())),
         ("min_p", a.min_p.map(|v| format!("{v:?}"))),
-        ("repetition_penalty", a.repetition_penalty.map(|v| format!("{v:?}"))),
+        (
+            "repetition_penalty",
+            a.repetition_penalty.map(|v| format!("{v:?}")),
+        ),
         ("max_tokens", a.default_max_tokens.map(|v| v.to_string())),
         ("max_choices", a.max_choices.map(|v| v.to_string())),
     ];

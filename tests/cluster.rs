@@ -559,10 +559,21 @@ fn the_cluster_on_the_emulated_gpu_answers_exactly_like_generate() {
     let mut args = vec!["--chat", SHORT];
     args.extend(dev);
     let want = generate_with(&args, 6);
-    assert_eq!(want, generate(SHORT, 6), "the emulated GPU writes what the CPU writes");
+    assert_eq!(
+        want,
+        generate(SHORT, 6),
+        "the emulated GPU writes what the CPU writes"
+    );
     for (pp, tp) in [(1, 1), (2, 1), (2, 3)] {
         let (pp_s, tp_s) = (pp.to_string(), tp.to_string());
-        let mut flags = vec!["--pp", pp_s.as_str(), "--tp", tp_s.as_str(), "--local-prefill-max", "0"];
+        let mut flags = vec![
+            "--pp",
+            pp_s.as_str(),
+            "--tp",
+            tp_s.as_str(),
+            "--local-prefill-max",
+            "0",
+        ];
         flags.extend(dev);
         let c = Cluster::start(&flags);
         let (status, v) = c.chat(&greedy(SHORT, 6));
@@ -572,6 +583,10 @@ fn the_cluster_on_the_emulated_gpu_answers_exactly_like_generate() {
             Some(want.as_str()),
             "PP {pp}, TP {tp}"
         );
-        assert!(v["tandem"]["kv_bytes"].as_u64().unwrap_or(0) > 0, "{}", v["tandem"]);
+        assert!(
+            v["tandem"]["kv_bytes"].as_u64().unwrap_or(0) > 0,
+            "{}",
+            v["tandem"]
+        );
     }
 }

@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 /// Reads until the server closes the connection (or `within` passes):
 /// whatever it sent, and whether it closed.
 fn until_closed(s: &mut TcpStream, within: Duration) -> (String, bool) {
-    s.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -25,7 +26,11 @@ fn until_closed(s: &mut TcpStream, within: Duration) -> (String, bool) {
         match s.read(&mut buf) {
             Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), true),
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return (String::from_utf8_lossy(&got).into_owned(), true),
         }
     }
@@ -40,10 +45,14 @@ fn until_closed(s: &mut TcpStream, within: Duration) -> (String, bool) {
 fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = Cluster::start(&[
-        "--header-timeout-ms", "1000",
-        "--idle-timeout-ms", "2000",
-        "--body-timeout-ms", "1000",
-        "--max-connections", "12",
+        "--header-timeout-ms",
+        "1000",
+        "--idle-timeout-ms",
+        "2000",
+        "--body-timeout-ms",
+        "1000",
+        "--max-connections",
+        "12",
     ]);
     let connect = || TcpStream::connect(("127.0.0.1", c.port)).expect("connect");
     // Ten clients send half a head and stop.
@@ -66,7 +75,9 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
     }
     let (_, closed) = until_closed(&mut silent, Duration::from_secs(30));
     assert!(closed, "the silent client is still connected");
-    assert!(c.metric("tandem_http_timeouts_total", "").is_some_and(|n| n >= 11.0));
+    assert!(c
+        .metric("tandem_http_timeouts_total", "")
+        .is_some_and(|n| n >= 11.0));
 
     // A body that stops halfway: 408 in OpenAI's shape.
     let mut s = connect();
@@ -74,14 +85,17 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
         .expect("write");
     let (resp, _) = until_closed(&mut s, Duration::from_secs(30));
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
-    let body: Value = serde_json::from_str(resp.split_once("\r\n\r\n").expect("head").1).expect("JSON");
+    let body: Value =
+        serde_json::from_str(resp.split_once("\r\n\r\n").expect("head").1).expect("JSON");
     assert_eq!(body["error"]["code"], "request_timeout");
 
     // The cap: twelve silent connections hold every slot; a thirteenth is
     // accepted only as they time out, then answered.
     let held: Vec<TcpStream> = (0..12).map(|_| connect()).collect();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(c.metric("tandem_http_connections", "").is_some_and(|n| n <= 12.0));
+    assert!(c
+        .metric("tandem_http_connections", "")
+        .is_some_and(|n| n <= 12.0));
     let (status, _) = http(c.port, "GET", "/v1/models", None);
     assert_eq!(status, 200, "served once the idle ones were cut off");
     drop(held);
@@ -138,7 +152,10 @@ impl KeepAlive {
             .expect("a length");
         let mut body = vec![0u8; len];
         self.0.read_exact(&mut body).expect("read body");
-        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status")
+        head.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status")
     }
 }
 
@@ -154,7 +171,9 @@ fn ten_thousand_long_user_values_leave_the_gateway_memory_bounded() {
     let c = Cluster::start(&["--kv-blocks", "4"]);
     let mut conn = KeepAlive(TcpStream::connect(("127.0.0.1", c.port)).expect("connect"));
     conn.0.set_nodelay(true).expect("nodelay");
-    conn.0.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    conn.0
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
     let prompt = "Tell me about the sea. ".repeat(20);
     let body = |i: usize| {
         let user = format!("{i:08}{}", "u".repeat(20 << 10));
@@ -164,7 +183,10 @@ fn ten_thousand_long_user_values_leave_the_gateway_memory_bounded() {
     for i in 0..200 {
         assert_eq!(conn.post(&body(i)), 400, "refused by decode for its length");
     }
-    let rss = || c.metric("process_resident_memory_bytes", "").expect("the gateway's memory");
+    let rss = || {
+        c.metric("process_resident_memory_bytes", "")
+            .expect("the gateway's memory")
+    };
     let before = rss();
     for i in 200..10_000 {
         assert_eq!(conn.post(&body(i)), 400);
@@ -186,7 +208,14 @@ fn a_wedged_decode_loop_is_dropped_and_its_streams_continue_elsewhere() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let want = generate(SHORT, 24);
     let c = Cluster::start_env(
-        &["--decode-groups", "2", "--loop-stall-ms", "1500", "--routing", "round-robin"],
+        &[
+            "--decode-groups",
+            "2",
+            "--loop-stall-ms",
+            "1500",
+            "--routing",
+            "round-robin",
+        ],
         &[("TANDEM_FAULT_WEDGE", "d0:6")],
     );
     let port = c.port;
@@ -216,5 +245,7 @@ fn a_wedged_decode_loop_is_dropped_and_its_streams_continue_elsewhere() {
         assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
         assert_eq!(out, want);
     }
-    assert!(c.metric("tandem_requests_resumed_total", "").is_some_and(|n| n >= 1.0));
+    assert!(c
+        .metric("tandem_requests_resumed_total", "")
+        .is_some_and(|n| n >= 1.0));
 }

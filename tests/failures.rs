@@ -121,7 +121,14 @@ fn kill_9_of_the_decode_process_mid_stream_and_the_stream_goes_on() {
     // group that takes over must count the tokens streamed before the
     // kill as answer, not prompt.
     let want = generate_with(
-        &["--chat", STORY, "--repetition-penalty", "1.2", "--frequency-penalty", "0.4"],
+        &[
+            "--chat",
+            STORY,
+            "--repetition-penalty",
+            "1.2",
+            "--frequency-penalty",
+            "0.4",
+        ],
         n,
     );
     let c = Cluster::start(&["--decode-groups", "2"]);
@@ -462,7 +469,9 @@ fn a_stage_writing_on_after_an_abort_cannot_change_another_requests_answer() {
     // Once the stage confirmed, nothing stays quarantined.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let q = c.metric("tandem_kv_blocks_quarantined", "d0").unwrap_or(-1.0);
+        let q = c
+            .metric("tandem_kv_blocks_quarantined", "d0")
+            .unwrap_or(-1.0);
         if q == 0.0 {
             break;
         }
@@ -500,17 +509,28 @@ fn a_stage_paused_past_its_link_timeout_under_load_leaves_every_answer_exact() {
         let session = format!("load-{i}");
         std::thread::spawn(move || chat_with_headers(port, &body, &session))
     };
-    let handles: Vec<_> = prompts.iter().enumerate().map(|(i, p)| send(i, p)).collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| send(i, p))
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     let pattern = format!("prefill --config {} --node p0-s0", config_of(&c));
-    let out = Command::new("pgrep").args(["-f", &pattern]).output().expect("pgrep");
+    let out = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .expect("pgrep");
     let pid = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
         .expect("the stage's process")
         .to_string();
     let signal = |s: &str| {
-        assert!(Command::new("kill").args([s, &pid]).status().expect("kill").success());
+        assert!(Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .expect("kill")
+            .success());
     };
     signal("-STOP");
     std::thread::sleep(Duration::from_millis(2500));
@@ -525,15 +545,24 @@ fn a_stage_paused_past_its_link_timeout_under_load_leaves_every_answer_exact() {
         );
     }
     // And after: the stage is back and serves.
-    let handles: Vec<_> = prompts.iter().enumerate().map(|(i, p)| send(i + 10, p)).collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| send(i + 10, p))
+        .collect();
     for (h, want) in handles.into_iter().zip(&want) {
         let (status, _, v) = h.join().expect("request thread");
         assert_eq!(status, 200, "{v}");
-        assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(want.as_str()));
+        assert_eq!(
+            v["choices"][0]["message"]["content"].as_str(),
+            Some(want.as_str())
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let q = c.metric("tandem_kv_blocks_quarantined", "d0").unwrap_or(-1.0);
+        let q = c
+            .metric("tandem_kv_blocks_quarantined", "d0")
+            .unwrap_or(-1.0);
         if q == 0.0 {
             break;
         }

@@ -158,7 +158,15 @@ fn half_precision_kv_and_small_blocks_work() {
 fn a_gpu_device_without_a_gpu_is_a_clear_error_and_the_emulated_gpu_answers_like_the_cpu() {
     let has_driver = std::path::Path::new("/proc/driver/nvidia").exists();
     if !has_driver {
-        let (ok, _, err) = tandem(&["generate", "--chat", Q, "--max-tokens", "4", "--device", "cuda"]);
+        let (ok, _, err) = tandem(&[
+            "generate",
+            "--chat",
+            Q,
+            "--max-tokens",
+            "4",
+            "--device",
+            "cuda",
+        ]);
         assert!(!ok, "generating on a missing GPU succeeded");
         assert!(err.contains("error: GPU:"), "{err}");
         assert!(
@@ -169,10 +177,26 @@ fn a_gpu_device_without_a_gpu_is_a_clear_error_and_the_emulated_gpu_answers_like
     }
     let (ok, _, err) = tandem(&["generate", "--chat", Q, "--device", "tpu"]);
     assert!(!ok && err.contains("unknown device"), "{err}");
-    let (ok, cpu, err) = tandem(&["generate", "--chat", Q, "--max-tokens", "6", "--gpu-dtype", "f32"]);
+    let (ok, cpu, err) = tandem(&[
+        "generate",
+        "--chat",
+        Q,
+        "--max-tokens",
+        "6",
+        "--gpu-dtype",
+        "f32",
+    ]);
     assert!(ok, "{err}");
     let (ok, emu, err) = tandem(&[
-        "generate", "--chat", Q, "--max-tokens", "6", "--device", "emu", "--gpu-dtype", "f32",
+        "generate",
+        "--chat",
+        Q,
+        "--max-tokens",
+        "6",
+        "--device",
+        "emu",
+        "--gpu-dtype",
+        "f32",
     ]);
     assert!(ok, "{err}");
     assert_eq!(emu, cpu);

@@ -35,7 +35,10 @@ fn text(v: &Value, i: usize) -> String {
 
 fn post(c: &Cluster, path: &str, body: &Value) -> (u16, Value) {
     let (status, t) = http(c.port, "POST", path, Some(body));
-    (status, serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}")))
+    (
+        status,
+        serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}")),
+    )
 }
 
 const Q: &str = "Write a long story about a dragon who loves tea.";
@@ -70,17 +73,30 @@ fn logit_bias_top_logprobs_choices_and_token_endpoints() {
     b["top_logprobs"] = json!(5);
     let (status, v) = c.chat(&b);
     assert_eq!(status, 200, "{v}");
-    let content = v["choices"][0]["logprobs"]["content"].as_array().expect("content").clone();
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content")
+        .clone();
     assert_eq!(content.len(), 4);
     for e in &content {
         let top = e["top_logprobs"].as_array().expect("top_logprobs");
         assert_eq!(top.len(), 5, "{e}");
-        assert_eq!(top[0]["token"], e["token"], "greedy picks the most likely: {e}");
-        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().expect("lp")).collect();
+        assert_eq!(
+            top[0]["token"], e["token"],
+            "greedy picks the most likely: {e}"
+        );
+        let lps: Vec<f64> = top
+            .iter()
+            .map(|t| t["logprob"].as_f64().expect("lp"))
+            .collect();
         assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{lps:?}");
     }
     let first = content[0]["token"].as_str().expect("token").to_string();
-    let (_, ids) = post(&c, "/tokenize", &json!({ "prompt": first, "add_special_tokens": false }));
+    let (_, ids) = post(
+        &c,
+        "/tokenize",
+        &json!({ "prompt": first, "add_special_tokens": false }),
+    );
     let ids = ids["tokens"].as_array().expect("tokens").clone();
     assert_eq!(ids.len(), 1, "{first:?} is one token");
     let banned = ids[0].as_u64().expect("id");
@@ -92,7 +108,11 @@ fn logit_bias_top_logprobs_choices_and_token_endpoints() {
     assert_eq!(status, 200, "{v}");
     let e = &v["choices"][0]["logprobs"]["content"][0];
     assert_ne!(e["token"].as_str(), Some(first.as_str()), "{e}");
-    assert_eq!(e["top_logprobs"][0]["token"].as_str(), Some(first.as_str()), "{e}");
+    assert_eq!(
+        e["top_logprobs"][0]["token"].as_str(),
+        Some(first.as_str()),
+        "{e}"
+    );
 
     // n choices: one prefill of the prompt, reproducible with a seed.
     let mut b = json!({
@@ -109,11 +129,20 @@ fn logit_bias_top_logprobs_choices_and_token_endpoints() {
     }
     let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
     assert_eq!(v["usage"]["completion_tokens"].as_u64(), Some(48), "{v}");
-    let per = v["tandem"]["choices"].as_array().expect("per-choice accounting").clone();
+    let per = v["tandem"]["choices"]
+        .as_array()
+        .expect("per-choice accounting")
+        .clone();
     let reusable = (prompt - 1) / 16 * 16;
-    let computed: u64 = per.iter().map(|a| a["prefilled_tokens"].as_u64().expect("n")).sum();
+    let computed: u64 = per
+        .iter()
+        .map(|a| a["prefilled_tokens"].as_u64().expect("n"))
+        .sum();
     for a in &per[1..] {
-        assert!(a["cached_tokens"].as_u64() >= Some(reusable), "later choices reuse the prompt: {a}");
+        assert!(
+            a["cached_tokens"].as_u64() >= Some(reusable),
+            "later choices reuse the prompt: {a}"
+        );
     }
     assert!(
         computed < prompt + 2 * 16,
@@ -122,14 +151,20 @@ fn logit_bias_top_logprobs_choices_and_token_endpoints() {
     let (_, again) = c.chat(&b);
     let again: Vec<String> = (0..3).map(|i| text(&again, i)).collect();
     assert_eq!(again, texts, "the same seed gives the same choices");
-    assert!(texts[0] != texts[1] || texts[1] != texts[2], "choices differ: {texts:?}");
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "choices differ: {texts:?}"
+    );
 
     // Streamed choices: each index opens, ends once, then one [DONE].
     b["n"] = json!(2);
     b["stream"] = json!(true);
     let (status, body) = http(c.port, "POST", "/v1/chat/completions", Some(&b));
     assert_eq!(status, 200);
-    let events: Vec<&str> = body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
     let mut finished = [0, 0];
     let mut streamed = [String::new(), String::new()];
@@ -143,38 +178,70 @@ fn logit_bias_top_logprobs_choices_and_token_endpoints() {
         }
     }
     assert_eq!(finished, [1, 1]);
-    assert_eq!(streamed[..], texts[..2], "a stream's choices equal the whole response's");
+    assert_eq!(
+        streamed[..],
+        texts[..2],
+        "a stream's choices equal the whole response's"
+    );
 
     // Ids are random, never a counter.
     let (_, a) = c.chat(&greedy(SHORT, 1));
     let (_, b2) = c.chat(&greedy(SHORT, 1));
-    let (ia, ib) = (a["id"].as_str().expect("id"), b2["id"].as_str().expect("id"));
-    assert!(ia.starts_with("chatcmpl-") && ia.len() > 30 && ia != ib, "{ia} {ib}");
+    let (ia, ib) = (
+        a["id"].as_str().expect("id"),
+        b2["id"].as_str().expect("id"),
+    );
+    assert!(
+        ia.starts_with("chatcmpl-") && ia.len() > 30 && ia != ib,
+        "{ia} {ib}"
+    );
 
     // /tokenize: the tokenizer reference's ids; a chat's prompt as a
     // completion counts it; /detokenize goes back.
     let r: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/reference/smollm2-llamacpp.json"))
-            .expect("reference file"),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/reference/smollm2-llamacpp.json"
+        ))
+        .expect("reference file"),
     )
     .expect("reference JSON");
     for case in r["tokenize"].as_array().expect("cases") {
-        let (status, v) = post(&c, "/tokenize", &json!({ "prompt": case["text"], "add_special_tokens": false }));
+        let (status, v) = post(
+            &c,
+            "/tokenize",
+            &json!({ "prompt": case["text"], "add_special_tokens": false }),
+        );
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["tokens"], case["ids"], "{}", case["text"]);
-        assert_eq!(v["count"], case["ids"].as_array().map(Vec::len).unwrap_or(0));
+        assert_eq!(
+            v["count"],
+            case["ids"].as_array().map(Vec::len).unwrap_or(0)
+        );
         assert_eq!(v["max_model_len"], 8192);
     }
     let g = &r["greedy"][0];
     let messages = json!([{ "role": "user", "content": g["prompt"] }]);
-    let (_, v) = post(&c, "/tokenize", &json!({ "model": MODEL, "messages": messages }));
+    let (_, v) = post(
+        &c,
+        "/tokenize",
+        &json!({ "model": MODEL, "messages": messages }),
+    );
     assert_eq!(v["tokens"], g["prompt_ids"]);
     let (_, done) = c.chat(&json!({ "model": MODEL, "messages": messages, "max_tokens": 1 }));
     assert_eq!(done["usage"]["prompt_tokens"], v["count"]);
-    let (_, d) = post(&c, "/detokenize", &json!({ "tokens": r["tokenize"][1]["ids"] }));
+    let (_, d) = post(
+        &c,
+        "/detokenize",
+        &json!({ "tokens": r["tokenize"][1]["ids"] }),
+    );
     assert_eq!(d["prompt"], r["tokenize"][1]["text"]);
     let (status, e) = post(&c, "/detokenize", &json!({ "tokens": [99999999] }));
-    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("tokens")), "{e}");
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("tokens")),
+        "{e}"
+    );
 
     // /v1/models: the context and the defaults; max_tokens past it is a 400.
     let (_, m) = http(c.port, "GET", "/v1/models", None);
@@ -183,8 +250,18 @@ fn logit_bias_top_logprobs_choices_and_token_endpoints() {
     assert_eq!(m["data"][0]["sampling_defaults"]["top_k"], 40);
     let (status, e) = c.chat(&greedy(SHORT, 1_000_000_000));
     assert_eq!(status, 400, "{e}");
-    assert!(e["error"]["message"].as_str().is_some_and(|m| m.contains("8192")), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("8192")),
+        "{e}"
+    );
     let (status, e) = c.chat(&greedy(SHORT, 8180));
     assert_eq!(status, 400, "{e}");
-    assert!(e["error"]["message"].as_str().is_some_and(|m| m.contains("in the prompt")), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("in the prompt")),
+        "{e}"
+    );
 }

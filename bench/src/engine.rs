@@ -68,12 +68,17 @@ pub fn prompt_tokens(file: &ModelFile, n: usize) -> Result<Vec<u32>> {
 /// Parameters a decode step reads once (every projection and the LM head).
 pub fn weight_params(file: &ModelFile) -> usize {
     let c = &file.config;
-    let attn = c.hidden * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.hidden;
+    let attn =
+        c.hidden * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.hidden;
     let mlp = 3 * c.hidden * c.intermediate;
     c.n_layers * (attn + mlp) + c.vocab_size * c.hidden
 }
 
-pub fn run(file: &ModelFile, threads: usize, opts: &EngineBenchOptions) -> Result<EngineBenchReport> {
+pub fn run(
+    file: &ModelFile,
+    threads: usize,
+    opts: &EngineBenchOptions,
+) -> Result<EngineBenchReport> {
     let max_batch = opts.batches.iter().copied().max().unwrap_or(1).max(1);
     let per_seq = (opts.decode_prompt_tokens + opts.decode_steps + 2).div_ceil(16);
     let longest = opts.prompt_tokens.iter().copied().max().unwrap_or(1);

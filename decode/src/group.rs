@@ -449,7 +449,11 @@ pub fn run(
                 .iter()
                 .map(|p| PipelineSpec {
                     name: p.name.clone(),
-                    stages: p.stages.iter().map(|s| (s.0.clone(), s.2.clone())).collect(),
+                    stages: p
+                        .stages
+                        .iter()
+                        .map(|s| (s.0.clone(), s.2.clone()))
+                        .collect(),
                     ucx: p.kv_transport != tandem_wire::config::KvTransport::Quic,
                 })
                 .collect(),
@@ -498,19 +502,24 @@ pub fn run(
         gateway: cluster.file.gateway.name.clone(),
         steps: 0,
     };
-    tracing::info!("{}: decode group (tp {}) ready at {}", setup.name, d.tp, d.addr);
+    tracing::info!(
+        "{}: decode group (tp {}) ready at {}",
+        setup.name,
+        d.tp,
+        d.addr
+    );
     // Fault switch for tests, `TANDEM_FAULT_WEDGE=NODE:STEPS`: after that
     // many steps this group's loop wedges (it sleeps, holding its
     // requests) while the process, its links and its heartbeat task live on.
-    let wedge_after: Option<u64> = std::env::var("TANDEM_FAULT_WEDGE")
-        .ok()
-        .and_then(|v| {
-            let (node, steps) = v.split_once(':')?;
-            (node == setup.name).then(|| steps.parse().ok()).flatten()
-        });
+    let wedge_after: Option<u64> = std::env::var("TANDEM_FAULT_WEDGE").ok().and_then(|v| {
+        let (node, steps) = v.split_once(':')?;
+        (node == setup.name).then(|| steps.parse().ok()).flatten()
+    });
     {
         let mut b = g.beat.lock().expect("heartbeat state");
-        b.stall = Some(Duration::from_millis(cluster.file.limits.loop_stall_ms.max(1)));
+        b.stall = Some(Duration::from_millis(
+            cluster.file.limits.loop_stall_ms.max(1),
+        ));
         b.turned = Some(Instant::now());
     }
     let mut last_tick = Instant::now();

@@ -76,7 +76,9 @@ impl ApiError {
             ApiError::Unauthorized => ("authentication_error", json!("invalid_api_key"), None),
             ApiError::TooLarge(_) => ("invalid_request_error", json!("request_too_large"), None),
             ApiError::Timeout(_) => ("server_error", json!("timeout"), None),
-            ApiError::RequestTimeout(_) => ("invalid_request_error", json!("request_timeout"), None),
+            ApiError::RequestTimeout(_) => {
+                ("invalid_request_error", json!("request_timeout"), None)
+            }
             ApiError::Internal(_) => ("server_error", Value::Null, None),
         };
         json!({ "error": { "message": self.to_string(), "type": kind, "param": param, "code": code } })
@@ -205,13 +207,19 @@ pub const DEFAULT_MAX_CHOICES: usize = 8;
 
 impl Default for Defaults {
     fn default() -> Defaults {
-        Defaults::resolve(&tandem_wire::config::SamplingSection::default(), &GenerationDefaults::default())
+        Defaults::resolve(
+            &tandem_wire::config::SamplingSection::default(),
+            &GenerationDefaults::default(),
+        )
     }
 }
 
 impl Defaults {
     /// The cluster's settings first, then the model's, then built-in ones.
-    pub fn resolve(cluster: &tandem_wire::config::SamplingSection, model: &GenerationDefaults) -> Defaults {
+    pub fn resolve(
+        cluster: &tandem_wire::config::SamplingSection,
+        model: &GenerationDefaults,
+    ) -> Defaults {
         let mut source = BTreeMap::new();
         // Kept as the decimal the setting was written as (no f32 tail).
         let mut pick = |name: &'static str, c: Option<f32>, m: Option<f32>, b: f32| -> f64 {
@@ -300,7 +308,11 @@ fn parse_with_sampling<T: serde::de::DeserializeOwned>(
             param: None,
         });
     };
-    note_unknown(endpoint, obj, &[field_names::<T>(), field_names::<Sampling>()]);
+    note_unknown(
+        endpoint,
+        obj,
+        &[field_names::<T>(), field_names::<Sampling>()],
+    );
     let t = T::deserialize(&v).map_err(malformed)?;
     let s = Sampling::deserialize(&v).map_err(malformed)?;
     Ok((t, s))
@@ -718,7 +730,13 @@ pub fn chat_choice(index: usize, text: &str, finish: FinishReason) -> Value {
 }
 
 /// A whole (non-streaming) `chat.completion` of [`chat_choice`]s.
-pub fn chat_completion(id: &str, created: u64, model: &str, choices: Vec<Value>, usage: Usage) -> Value {
+pub fn chat_completion(
+    id: &str,
+    created: u64,
+    model: &str,
+    choices: Vec<Value>,
+    usage: Usage,
+) -> Value {
     json!({
         "id": id,
         "object": "chat.completion",
@@ -853,7 +871,12 @@ pub fn completion_logprobs(tokens: &[(String, f32, Vec<(String, f32)>)]) -> Valu
 }
 
 /// One `text_completion` choice.
-pub fn completion_choice(index: usize, text: &str, finish: Option<FinishReason>, logprobs: Option<Value>) -> Value {
+pub fn completion_choice(
+    index: usize,
+    text: &str,
+    finish: Option<FinishReason>,
+    logprobs: Option<Value>,
+) -> Value {
     json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish.map(finish_str) })
 }
 

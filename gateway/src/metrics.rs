@@ -89,7 +89,9 @@ impl Metrics {
         )?;
         registry.register(Box::new(in_flight.clone()))?;
         // The process itself: resident memory, CPU, open files.
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let connections = IntGauge::new("tandem_http_connections", "Open HTTP connections")?;
         registry.register(Box::new(connections.clone()))?;
         Ok(Metrics {

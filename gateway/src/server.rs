@@ -148,10 +148,12 @@ async fn authorize(
     // neither a key's length nor how much of it matched.
     let ok = given.is_some_and(|k| {
         let d = digest(k);
-        gw.api_keys.iter().fold(subtle::Choice::from(0), |hit, key| {
-            hit | subtle::ConstantTimeEq::ct_eq(&key[..], &d[..])
-        })
-        .into()
+        gw.api_keys
+            .iter()
+            .fold(subtle::Choice::from(0), |hit, key| {
+                hit | subtle::ConstantTimeEq::ct_eq(&key[..], &d[..])
+            })
+            .into()
     });
     if ok {
         return next.run(req).await;
@@ -184,12 +186,14 @@ impl Gateway {
     /// A place for one more request, or 429: taken before any work.
     fn admit(&self) -> Result<Permit, ApiError> {
         let n = &self.admitted;
-        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| (v < self.max_queue).then_some(v + 1))
-            .map(|_| Permit(n.clone()))
-            .map_err(|_| {
-                self.metrics.rejected.inc();
-                ApiError::Overloaded { retry_after_s: 1 }
-            })
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (v < self.max_queue).then_some(v + 1)
+        })
+        .map(|_| Permit(n.clone()))
+        .map_err(|_| {
+            self.metrics.rejected.inc();
+            ApiError::Overloaded { retry_after_s: 1 }
+        })
     }
 }
 
@@ -498,7 +502,9 @@ impl Gateway {
             // The decode group ends it at the request timeout; a group that
             // cannot (wedged, partitioned but linked) is not waited for
             // much longer.
-            deadline: tokio::time::Instant::from_std(received) + self.request_timeout + DEADLINE_GRACE,
+            deadline: tokio::time::Instant::from_std(received)
+                + self.request_timeout
+                + DEADLINE_GRACE,
             guard,
             rx,
             first,
@@ -702,7 +708,9 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
         // Session keys are the client's text: kept as fixed-size digests.
-        let session = session_header(&headers).or(p.session).map(|k| session_key(&k));
+        let session = session_header(&headers)
+            .or(p.session)
+            .map(|k| session_key(&k));
         let choice = |i: usize| {
             let mut params = p.params.clone();
             // Each choice its own seeded stream, reproducible as a whole.
@@ -772,10 +780,11 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
 async fn tokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         let body = read_body(&headers, body, gw.max_body, gw.body_timeout).await?;
-        let req: api::TokenizeRequest = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
-            message: format!("Malformed request body: {e}"),
-            param: None,
-        })?;
+        let req: api::TokenizeRequest =
+            serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
+                message: format!("Malformed request body: {e}"),
+                param: None,
+            })?;
         if req.model.as_ref().is_some_and(|m| *m != gw.model) {
             return Err(ApiError::ModelNotFound(req.model.unwrap_or_default()));
         }
@@ -793,7 +802,8 @@ async fn tokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body
                 }
                 (None, Some(m)) => {
                     let messages = api::chat_messages(&m)?;
-                    let text = g.render_chat(&messages, req.add_generation_prompt.unwrap_or(true))?;
+                    let text =
+                        g.render_chat(&messages, req.add_generation_prompt.unwrap_or(true))?;
                     // By default exactly what a chat completion's prompt is.
                     let t = &g.file.tokenizer;
                     if req.add_special_tokens.unwrap_or(true) {
@@ -837,10 +847,11 @@ async fn tokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body
 async fn detokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         let body = read_body(&headers, body, gw.max_body, gw.body_timeout).await?;
-        let req: api::DetokenizeRequest = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
-            message: format!("Malformed request body: {e}"),
-            param: None,
-        })?;
+        let req: api::DetokenizeRequest =
+            serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
+                message: format!("Malformed request body: {e}"),
+                param: None,
+            })?;
         if req.model.as_ref().is_some_and(|m| *m != gw.model) {
             return Err(ApiError::ModelNotFound(req.model.unwrap_or_default()));
         }

@@ -39,7 +39,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-
 use serde::{Deserialize, Serialize};
 use tandem_model::BlockId;
 use tandem_wire::link::Link;
@@ -439,7 +438,10 @@ impl Landing {
 
     /// The table alone, not installed on a worker (what [`Landing::place`]
     /// decides can then be checked without UCX: the fuzz target).
-    pub fn detached(ranks: Vec<RankMemory>, wake: impl Fn(LandingEvent) + Send + Sync + 'static) -> Landing {
+    pub fn detached(
+        ranks: Vec<RankMemory>,
+        wake: impl Fn(LandingEvent) + Send + Sync + 'static,
+    ) -> Landing {
         Landing {
             table: Arc::new(Mutex::new(Table::default())),
             ranks: Arc::new(ranks),
@@ -716,7 +718,10 @@ mod tests {
             "the old attempt's bytes do not count for the new one"
         );
         assert_eq!(landing.lock().open[&id].inflight, 0);
-        assert_eq!(*events.lock().unwrap(), vec![LandingEvent::Drained { id, lease: old }]);
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec![LandingEvent::Drained { id, lease: old }]
+        );
         assert_eq!(landing.draining(), 0);
         // A completion for an attempt nobody knows changes nothing at all.
         landing.completed(id, Lease(99), 0, 0, &ids(&[1]), Ok(()));
@@ -851,7 +856,10 @@ mod tests {
         };
         assert!(e.contains("not ones the request expects"), "{e}");
         assert!(landing.close(id, lease));
-        assert_eq!(landing.status(id, lease, 0, 0, &ids(&[3])), LandedStatus::Closed);
+        assert_eq!(
+            landing.status(id, lease, 0, 0, &ids(&[3])),
+            LandedStatus::Closed
+        );
         drop(stage);
         drop(decode);
         drop(pool);
@@ -860,7 +868,11 @@ mod tests {
     /// Resident memory of this process, from the kernel.
     fn rss_bytes() -> usize {
         let s = std::fs::read_to_string("/proc/self/statm").expect("statm");
-        let pages: usize = s.split_whitespace().nth(1).and_then(|x| x.parse().ok()).expect("resident");
+        let pages: usize = s
+            .split_whitespace()
+            .nth(1)
+            .and_then(|x| x.parse().ok())
+            .expect("resident");
         pages * 4096
     }
 
@@ -890,8 +902,17 @@ mod tests {
             .expect("install");
             let id = RequestId(1);
             let lease = Lease(0x5eed_0000_0000_0000_0000_0000_0000_0001);
-            let plan = vec![CopyRun { src: 0, dst: 0, len: block_bytes / 4 }];
-            landing.open(id, lease, vec![ids(&[0, 1, 2, 3])], HashMap::from([((0, 0), plan)]));
+            let plan = vec![CopyRun {
+                src: 0,
+                dst: 0,
+                len: block_bytes / 4,
+            }];
+            landing.open(
+                id,
+                lease,
+                vec![ids(&[0, 1, 2, 3])],
+                HashMap::from([((0, 0), plan)]),
+            );
             let ep = stage.connect(decode.address()).expect("connect");
             // A gigabyte the sender never touches (zero pages): only a
             // receiver that took it would make it resident.
@@ -904,7 +925,14 @@ mod tests {
                     .expect("a refused rendezvous still completes for its sender");
             };
             let header = |lease: Lease, blocks: &[u32]| {
-                tandem_wire::codec::encode(&KvHeader { id, lease, stage: 0, rank: 0, blocks: ids(blocks) }).unwrap()
+                tandem_wire::codec::encode(&KvHeader {
+                    id,
+                    lease,
+                    stage: 0,
+                    rank: 0,
+                    blocks: ids(blocks),
+                })
+                .unwrap()
             };
             let before = rss_bytes();
             // The right blocks, the right size, a wrong key (one bit off).
@@ -919,8 +947,14 @@ mod tests {
             liar.extend_from_slice(&[0xfc, 0, 0, 0, 0x40]);
             send(liar, huge.clone());
             let grew = rss_bytes().saturating_sub(before);
-            assert!(grew < 256 << 20, "{tls}: resident memory grew by {grew} bytes for dropped messages");
-            assert!(pool.iter().all(|&x| x == 0), "{tls}: a dropped message wrote into the pool");
+            assert!(
+                grew < 256 << 20,
+                "{tls}: resident memory grew by {grew} bytes for dropped messages"
+            );
+            assert!(
+                pool.iter().all(|&x| x == 0),
+                "{tls}: a dropped message wrote into the pool"
+            );
             // The attempt saw the oversized message under its key and failed
             // it; the wrong key left no trace on it.
             match landing.status(id, lease, 0, 0, &ids(&[0])) {

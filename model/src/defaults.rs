@@ -111,7 +111,9 @@ mod tests {
     fn generation_config_json_is_read_when_present() {
         let dir = std::env::temp_dir().join(format!("tandem-gencfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        assert!(GenerationDefaults::from_hf_dir(&dir).expect("absent is fine").is_empty());
+        assert!(GenerationDefaults::from_hf_dir(&dir)
+            .expect("absent is fine")
+            .is_empty());
         std::fs::write(
             dir.join("generation_config.json"),
             r#"{"do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}"#,

@@ -67,7 +67,9 @@ impl FromStr for Device {
 
     fn from_str(s: &str) -> std::result::Result<Device, String> {
         let bad = || {
-            format!("unknown device {s:?}: expected cpu, cuda, cuda:N or cuda:N,M,... (GPU ordinals)")
+            format!(
+                "unknown device {s:?}: expected cpu, cuda, cuda:N or cuda:N,M,... (GPU ordinals)"
+            )
         };
         match s.trim() {
             "cpu" => Ok(Device::Cpu),

@@ -115,20 +115,34 @@ impl Engine {
     fn run(&mut self, seqs: &[(&Sequence, usize)], phase: Phase) -> Result<Vec<f32>> {
         match self.pass(seqs, phase, None)? {
             SliceOutput::Logits(l) => Ok(l),
-            _ => Err(ModelError::Worker("the last stage returned no logits".into())),
+            _ => Err(ModelError::Worker(
+                "the last stage returned no logits".into(),
+            )),
         }
     }
 
     /// As [`run`](Self::run), choosing each sequence's next token on the
     /// last stage's device.
-    fn run_sampled(&mut self, seqs: &[(&Sequence, usize)], phase: Phase, draws: Vec<Draw>) -> Result<Vec<Sampled>> {
+    fn run_sampled(
+        &mut self,
+        seqs: &[(&Sequence, usize)],
+        phase: Phase,
+        draws: Vec<Draw>,
+    ) -> Result<Vec<Sampled>> {
         match self.pass(seqs, phase, Some(draws))? {
             SliceOutput::Sampled(s) => Ok(s),
-            _ => Err(ModelError::Worker("the last stage returned no tokens".into())),
+            _ => Err(ModelError::Worker(
+                "the last stage returned no tokens".into(),
+            )),
         }
     }
 
-    fn pass(&mut self, seqs: &[(&Sequence, usize)], phase: Phase, draws: Option<Vec<Draw>>) -> Result<SliceOutput> {
+    fn pass(
+        &mut self,
+        seqs: &[(&Sequence, usize)],
+        phase: Phase,
+        draws: Option<Vec<Draw>>,
+    ) -> Result<SliceOutput> {
         let tokens: Vec<u32> = seqs
             .iter()
             .flat_map(|(s, n)| s.tokens[s.computed..s.computed + n].iter().copied())
@@ -198,7 +212,12 @@ impl Engine {
 
     /// [`prefill`](Self::prefill), choosing the next token with `draw` on
     /// the device (only the token comes back).
-    pub fn prefill_sampled(&mut self, seq: &mut Sequence, chunk: usize, draw: Draw) -> Result<Sampled> {
+    pub fn prefill_sampled(
+        &mut self,
+        seq: &mut Sequence,
+        chunk: usize,
+        draw: Draw,
+    ) -> Result<Sampled> {
         let total = seq.tokens.len();
         if seq.computed >= total {
             return Err(ModelError::Invalid("nothing to prefill".into()));
@@ -209,7 +228,10 @@ impl Engine {
             if seq.computed + n == total {
                 let s = self.run_sampled(&[(seq, n)], Phase::Prefill, vec![draw])?;
                 seq.computed += n;
-                return s.into_iter().next().ok_or_else(|| ModelError::Worker("no token".into()));
+                return s
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| ModelError::Worker("no token".into()));
             }
             self.run(&[(seq, n)], Phase::Prefill)?;
             seq.computed += n;
@@ -218,7 +240,11 @@ impl Engine {
 
     /// [`decode`](Self::decode), choosing each sequence's next token with
     /// its draw on the device.
-    pub fn decode_sampled(&mut self, seqs: &mut [&mut Sequence], draws: Vec<Draw>) -> Result<Vec<Sampled>> {
+    pub fn decode_sampled(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        draws: Vec<Draw>,
+    ) -> Result<Vec<Sampled>> {
         self.prepare_decode(seqs)?;
         let refs: Vec<(&Sequence, usize)> = seqs.iter().map(|s| (&**s, 1)).collect();
         let out = self.run_sampled(&refs, Phase::Decode, draws)?;
@@ -329,7 +355,8 @@ pub fn generate(
     };
     let t0 = std::time::Instant::now();
     let result = (|| -> Result<()> {
-        let mut next: Sampled = engine.prefill_sampled(&mut seq, chunk, sampler.draw(prompt, &[]))?;
+        let mut next: Sampled =
+            engine.prefill_sampled(&mut seq, chunk, sampler.draw(prompt, &[]))?;
         out.prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = std::time::Instant::now();
         loop {

@@ -86,9 +86,11 @@ pub fn write_tokenizer(file: &ModelFile, dir: &Path) -> Result<()> {
     if let Some(t) = &file.chat_template {
         config["chat_template"] = t.source().into();
     }
-    std::fs::write(dir.join("tokenizer.json"), tok.to_hf_json()?).map_err(io(dir, "tokenizer.json"))?;
+    std::fs::write(dir.join("tokenizer.json"), tok.to_hf_json()?)
+        .map_err(io(dir, "tokenizer.json"))?;
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
-    std::fs::write(dir.join("tokenizer_config.json"), text).map_err(io(dir, "tokenizer_config.json"))?;
+    std::fs::write(dir.join("tokenizer_config.json"), text)
+        .map_err(io(dir, "tokenizer_config.json"))?;
     Ok(())
 }
 
@@ -99,7 +101,9 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
     let src = &file.source;
     let (h, hd) = (cfg.hidden, cfg.head_dim);
     let load = |t: T, l: usize, shape: &[usize]| -> Result<Vec<f32>> {
-        Ok(src.load_shaped(&file.tensor_name(t, l), shape, false)?.f32_data())
+        Ok(src
+            .load_shaped(&file.tensor_name(t, l), shape, false)?
+            .f32_data())
     };
     let mut tensors: BTreeMap<String, Bf16> = BTreeMap::new();
     let mut put = |t: T, l: usize, shape: Vec<usize>, v: &[f32]| {
@@ -115,17 +119,41 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
             };
             put(t, l, vec![heads * hd, h], &w);
         }
-        put(T::V, l, vec![cfg.n_kv_heads * hd, h], &load(T::V, l, &[cfg.n_kv_heads * hd, h])?);
-        put(T::O, l, vec![h, cfg.n_heads * hd], &load(T::O, l, &[h, cfg.n_heads * hd])?);
+        put(
+            T::V,
+            l,
+            vec![cfg.n_kv_heads * hd, h],
+            &load(T::V, l, &[cfg.n_kv_heads * hd, h])?,
+        );
+        put(
+            T::O,
+            l,
+            vec![h, cfg.n_heads * hd],
+            &load(T::O, l, &[h, cfg.n_heads * hd])?,
+        );
         for t in [T::Gate, T::Up] {
-            put(t, l, vec![cfg.intermediate, h], &load(t, l, &[cfg.intermediate, h])?);
+            put(
+                t,
+                l,
+                vec![cfg.intermediate, h],
+                &load(t, l, &[cfg.intermediate, h])?,
+            );
         }
-        put(T::Down, l, vec![h, cfg.intermediate], &load(T::Down, l, &[h, cfg.intermediate])?);
+        put(
+            T::Down,
+            l,
+            vec![h, cfg.intermediate],
+            &load(T::Down, l, &[h, cfg.intermediate])?,
+        );
         for t in [T::AttnNorm, T::FfnNorm] {
             put(t, l, vec![h], &load(t, l, &[h])?);
         }
         if cfg.qkv_bias {
-            for (t, n) in [(T::QBias, cfg.n_heads), (T::KBias, cfg.n_kv_heads), (T::VBias, cfg.n_kv_heads)] {
+            for (t, n) in [
+                (T::QBias, cfg.n_heads),
+                (T::KBias, cfg.n_kv_heads),
+                (T::VBias, cfg.n_kv_heads),
+            ] {
                 put(t, l, vec![n * hd], &load(t, l, &[n * hd])?);
             }
         }
@@ -135,11 +163,21 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
             }
         }
     }
-    put(T::Embed, 0, vec![cfg.vocab_size, h], &load(T::Embed, 0, &[cfg.vocab_size, h])?);
+    put(
+        T::Embed,
+        0,
+        vec![cfg.vocab_size, h],
+        &load(T::Embed, 0, &[cfg.vocab_size, h])?,
+    );
     put(T::OutNorm, 0, vec![h], &load(T::OutNorm, 0, &[h])?);
     let tied = !src.has(&file.tensor_name(T::Output, 0));
     if !tied {
-        put(T::Output, 0, vec![cfg.vocab_size, h], &load(T::Output, 0, &[cfg.vocab_size, h])?);
+        put(
+            T::Output,
+            0,
+            vec![cfg.vocab_size, h],
+            &load(T::Output, 0, &[cfg.vocab_size, h])?,
+        );
     }
     let weights = dir.join("model.safetensors");
     safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, &weights)

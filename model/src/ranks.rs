@@ -414,7 +414,10 @@ fn rank_loop(
                     (Ok(SliceOutput::Logits(l)), Some(d)) => {
                         let vocab = slice.config.vocab_size;
                         Ok(SliceOutput::Sampled(
-                            l.chunks(vocab).zip(d.iter()).map(|(row, d)| select(row, d)).collect(),
+                            l.chunks(vocab)
+                                .zip(d.iter())
+                                .map(|(row, d)| select(row, d))
+                                .collect(),
                         ))
                     }
                     (r, _) => r,
@@ -481,7 +484,10 @@ fn gpu_rank_loop(
                     (Ok(SliceOutput::Logits(l)), Some(d)) => {
                         let vocab = slice.config.vocab_size;
                         Ok(SliceOutput::Sampled(
-                            l.chunks(vocab).zip(d.iter()).map(|(row, d)| select(row, d)).collect(),
+                            l.chunks(vocab)
+                                .zip(d.iter())
+                                .map(|(row, d)| select(row, d))
+                                .collect(),
                         ))
                     }
                     (r, _) => r,

@@ -284,7 +284,11 @@ impl Shaping {
         if self.repetition != 1.0 {
             for &t in &self.seen {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / self.repetition } else { *l * self.repetition };
+                    *l = if *l > 0.0 {
+                        *l / self.repetition
+                    } else {
+                        *l * self.repetition
+                    };
                 }
             }
         }
@@ -360,7 +364,11 @@ fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
         return Vec::new();
     }
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let by = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let by = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     if n < idx.len() {
         idx.select_nth_unstable_by(n - 1, by);
         idx.truncate(n);
@@ -617,11 +625,26 @@ mod tests {
         .validate()
         .is_err());
         for bad in [
-            SamplingParams { min_p: 1.5, ..Default::default() },
-            SamplingParams { repetition_penalty: 0.0, ..Default::default() },
-            SamplingParams { presence_penalty: 3.0, ..Default::default() },
-            SamplingParams { logit_bias: vec![(1, 101.0)], ..Default::default() },
-            SamplingParams { top_logprobs: 21, ..Default::default() },
+            SamplingParams {
+                min_p: 1.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: 3.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(1, 101.0)],
+                ..Default::default()
+            },
+            SamplingParams {
+                top_logprobs: 21,
+                ..Default::default()
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }

@@ -76,8 +76,12 @@ pub(crate) fn read(file: &ModelFile, spec: &SliceSpec, keep_quant: bool) -> Resu
         ]);
         let qkv_bias = if cfg.qkv_bias {
             let mut b = vec1(T::QBias, l, cfg.n_heads * hd)?[qh.start * hd..qh.end * hd].to_vec();
-            b.extend_from_slice(&vec1(T::KBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd]);
-            b.extend_from_slice(&vec1(T::VBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd]);
+            b.extend_from_slice(
+                &vec1(T::KBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd],
+            );
+            b.extend_from_slice(
+                &vec1(T::VBias, l, cfg.n_kv_heads * hd)?[kvh.start * hd..kvh.end * hd],
+            );
             Some(b)
         } else {
             None

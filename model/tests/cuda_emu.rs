@@ -13,12 +13,16 @@ use tandem_model::{ChatMessage, Device, KvDtype, ModelFile};
 fn prompt_ids(file: &ModelFile, p: &str) -> Vec<u32> {
     let t = file.chat_template.as_ref().expect("chat template");
     file.tokenizer
-        .encode_prompt(&t.render(&[ChatMessage::new("user", p)], true).expect("renders"))
+        .encode_prompt(
+            &t.render(&[ChatMessage::new("user", p)], true)
+                .expect("renders"),
+        )
         .expect("encodes")
 }
 
 fn plan(file: &ModelFile, dtype: GpuDtype, kv_dtype: KvDtype) -> CheckPlan {
-    let long = "Tell me about lighthouses, the keepers who lived in them, and the ships they guided home.";
+    let long =
+        "Tell me about lighthouses, the keepers who lived in them, and the ships they guided home.";
     CheckPlan {
         device: Device::Emu,
         dtype,
@@ -37,7 +41,11 @@ fn plan(file: &ModelFile, dtype: GpuDtype, kv_dtype: KvDtype) -> CheckPlan {
 fn assert_all_pass(file: &ModelFile, plan: &CheckPlan) {
     let t0 = std::time::Instant::now();
     let checks = run_all(file, plan, |c| eprintln!("{c} [{:.1?}]", t0.elapsed()));
-    let failed: Vec<String> = checks.iter().filter(|c| !c.pass).map(|c| c.to_string()).collect();
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| c.to_string())
+        .collect();
     assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
 }
 

@@ -17,7 +17,10 @@ fn an_exported_model_reads_back_and_computes_the_same() {
     assert!(back.config.rope_neox && !file.config.rope_neox);
     let t = file.chat_template.as_ref().expect("template");
     let text = t
-        .render(&[ChatMessage::new("user", "What is the capital of France?")], true)
+        .render(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            true,
+        )
         .expect("renders");
     let ids = file.tokenizer.encode_prompt(&text).expect("encodes");
     assert_eq!(back.tokenizer.encode_prompt(&text).expect("encodes"), ids);
@@ -39,8 +42,16 @@ fn an_exported_model_reads_back_and_computes_the_same() {
     let d = common::rel_diff(&run(&mut a), &run(&mut b));
     assert!(d < 5e-2, "logits differ by {d}");
     let params = SamplingParams::greedy(8);
-    let ga = tandem_model::generate(&mut a, &file.tokenizer, &ids, &params, 512, |_| {}).expect("a");
-    let gb = tandem_model::generate(&mut b, &back.tokenizer, &ids, &params, 512, |_| {}).expect("b");
-    assert_eq!(ga.tokens[..4], gb.tokens[..4], "{:?} vs {:?}", ga.text, gb.text);
+    let ga =
+        tandem_model::generate(&mut a, &file.tokenizer, &ids, &params, 512, |_| {}).expect("a");
+    let gb =
+        tandem_model::generate(&mut b, &back.tokenizer, &ids, &params, 512, |_| {}).expect("b");
+    assert_eq!(
+        ga.tokens[..4],
+        gb.tokens[..4],
+        "{:?} vs {:?}",
+        ga.text,
+        gb.text
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

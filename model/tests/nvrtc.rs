@@ -25,7 +25,8 @@ fn every_kernel_compiles_with_nvrtc() {
         .collect();
     want.sort();
     for cc in [(8, 0), (9, 0)] {
-        let ptx = compile(KERNELS, cc, Output::Ptx).unwrap_or_else(|e| panic!("compute_{}{}: {e}", cc.0, cc.1));
+        let ptx = compile(KERNELS, cc, Output::Ptx)
+            .unwrap_or_else(|e| panic!("compute_{}{}: {e}", cc.0, cc.1));
         let ptx = String::from_utf8(ptx).expect("PTX is text");
         let mut got = ptx_entries(&ptx);
         got.sort();
@@ -40,7 +41,11 @@ fn a_kernel_that_does_not_compile_is_an_error_with_the_compiler_log() {
     if probe().is_err() {
         return;
     }
-    let e = compile("extern \"C\" __global__ void k(int* p) { p[0] = undefined_name; }", (9, 0), Output::Ptx)
-        .expect_err("does not compile");
+    let e = compile(
+        "extern \"C\" __global__ void k(int* p) { p[0] = undefined_name; }",
+        (9, 0),
+        Output::Ptx,
+    )
+    .expect_err("does not compile");
     assert!(e.to_string().contains("undefined_name"), "{e}");
 }

@@ -37,7 +37,7 @@ use tandem_wire::node::{now_ms, Beat, NodeSetup};
 mod run;
 mod sequencer;
 
-use sequencer::{Key, SeqConfig, Send, Sequencer, Work};
+use sequencer::{Key, Send, SeqConfig, Sequencer, Work};
 
 pub use run::run;
 pub use tandem_wire::node::NodeError as PrefillError;
@@ -151,13 +151,21 @@ impl Stage {
                 Message::Prefill(r) => Some((r.id, r.lease)),
                 _ => None,
             };
-            let sent = self.links.get(&to).is_some_and(|l| l.blocking_send(msg).is_ok());
+            let sent = self
+                .links
+                .get(&to)
+                .is_some_and(|l| l.blocking_send(msg).is_ok());
             if let (false, Some(key)) = (sent, key) {
                 let why = "the next stage went away".to_string();
-                let more = self.seq.chunk_failed(key, ErrorClass::NodeLost, why, Instant::now());
+                let more = self
+                    .seq
+                    .chunk_failed(key, ErrorClass::NodeLost, why, Instant::now());
                 queue.extend(more);
             } else if !sent {
-                tracing::debug!("{}: {to} is not linked; a message to it is dropped", self.name);
+                tracing::debug!(
+                    "{}: {to} is not linked; a message to it is dropped",
+                    self.name
+                );
             }
         }
     }
@@ -192,7 +200,11 @@ impl Stage {
         match msg {
             Message::Prefill(req) => {
                 self.faults.admitted += 1;
-                if self.faults.exit_after.is_some_and(|n| self.faults.admitted > n) {
+                if self
+                    .faults
+                    .exit_after
+                    .is_some_and(|n| self.faults.admitted > n)
+                {
                     tracing::error!("{}: fault injection: dropping out", self.name);
                     std::process::abort();
                 }
@@ -246,7 +258,10 @@ impl Stage {
                 }
                 tracing::info!("{}: KV to {peer} over UCX, {how}", self.name);
             }
-            Err(e) => tracing::warn!("{}: UCX to {peer} failed ({e}); KV goes over QUIC", self.name),
+            Err(e) => tracing::warn!(
+                "{}: UCX to {peer} failed ({e}); KV goes over QUIC",
+                self.name
+            ),
         }
     }
 
@@ -309,7 +324,9 @@ impl Stage {
                     }
                 }
             }
-            let sends = self.seq.chunk_failed(key, e.class, e.message, Instant::now());
+            let sends = self
+                .seq
+                .chunk_failed(key, e.class, e.message, Instant::now());
             self.send(sends);
         }
     }
@@ -348,11 +365,13 @@ impl Stage {
         let stop = warm.then(|| self.preempt.clone());
         // The last stage chooses the first token on its device, with the
         // first number of the request's seeded stream.
-        let draw = (is_last && w.pos + w.n == total && !r.req.targets.is_empty())
-            .then(|| {
-                let (prompt, output) = r.req.tokens.split_at((r.req.output_from as usize).min(total));
-                Sampler::new(&r.req.params).draw(prompt, output)
-            });
+        let draw = (is_last && w.pos + w.n == total && !r.req.targets.is_empty()).then(|| {
+            let (prompt, output) = r
+                .req
+                .tokens
+                .split_at((r.req.output_from as usize).min(total));
+            Sampler::new(&r.req.params).draw(prompt, output)
+        });
         let pass = match draw {
             Some(d) => self
                 .group

@@ -195,7 +195,14 @@ impl Sequencer {
     /// Says so to decode (nothing of this stage writes the attempt's blocks
     /// any more: chunks run on the stage's one thread, between whose chunks
     /// this is read) and, at stage 0, passes it on.
-    pub fn abort(&mut self, from: &str, id: RequestId, lease: Lease, decode: String, now: Instant) -> Vec<Send> {
+    pub fn abort(
+        &mut self,
+        from: &str,
+        id: RequestId,
+        lease: Lease,
+        decode: String,
+        now: Instant,
+    ) -> Vec<Send> {
         let mut out = Vec::new();
         if !self.may_speak_for(from, &decode, true) {
             tracing::warn!("{from} may not abort {decode:?}'s requests here; ignored");
@@ -206,13 +213,19 @@ impl Sequencer {
             .reqs
             .get(&(id, lease))
             .map(|r| r.req.decode.as_str())
-            .or_else(|| self.waiting.iter().find(|r| (r.id, r.lease) == (id, lease)).map(|r| r.decode.as_str()));
+            .or_else(|| {
+                self.waiting
+                    .iter()
+                    .find(|r| (r.id, r.lease) == (id, lease))
+                    .map(|r| r.decode.as_str())
+            });
         if owner.is_some_and(|o| o != decode) {
             tracing::warn!("{from} named {decode:?} aborting another group's attempt; ignored");
             return out;
         }
         let key = (id, lease);
-        let known = self.reqs.contains_key(&key) || self.waiting.iter().any(|r| (r.id, r.lease) == key);
+        let known =
+            self.reqs.contains_key(&key) || self.waiting.iter().any(|r| (r.id, r.lease) == key);
         self.waiting.retain(|r| !(r.id == id && r.lease == lease));
         self.drop_req(key, false, now, &mut out);
         if self.cfg.index > 0 {
@@ -294,7 +307,11 @@ impl Sequencer {
         for k in keys {
             if let Some(r) = self.reqs.get(&k) {
                 if r.req.decode != peer {
-                    out.push(failed(&r.req, ErrorClass::NodeLost, format!("prefill stage {peer} was lost")));
+                    out.push(failed(
+                        &r.req,
+                        ErrorClass::NodeLost,
+                        format!("prefill stage {peer} was lost"),
+                    ));
                 }
             }
             self.drop_req(k, false, now, &mut out);
@@ -327,7 +344,13 @@ impl Sequencer {
     }
 
     /// The request's chunk failed: its decode group hears why.
-    pub fn chunk_failed(&mut self, key: Key, class: ErrorClass, message: String, now: Instant) -> Vec<Send> {
+    pub fn chunk_failed(
+        &mut self,
+        key: Key,
+        class: ErrorClass,
+        message: String,
+        now: Instant,
+    ) -> Vec<Send> {
         let mut out = Vec::new();
         if let Some(r) = self.reqs.get(&key) {
             out.push(failed(&r.req, class, message));
@@ -476,7 +499,8 @@ impl Sequencer {
                     pos += n;
                 }
             }
-            self.work.extend(self.early.remove(&key).unwrap_or_default());
+            self.work
+                .extend(self.early.remove(&key).unwrap_or_default());
             let sent = req.cached as usize / bs;
             self.reqs.insert(
                 key,

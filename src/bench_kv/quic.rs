@@ -38,12 +38,14 @@ pub(super) fn quic_receiver() -> Result<()> {
         // The sender opens the link first, then the raw connection.
         let mut accepted = 0;
         while let Some(inc) = ep.accept().await {
-            let (h, peer) = tandem_wire::quic::accept_stream(inc, &Me::anyone(hello("decode"))).await?;
+            let (h, peer) =
+                tandem_wire::quic::accept_stream(inc, &Me::anyone(hello("decode"))).await?;
             accepted += 1;
             if accepted == 1 {
                 tokio::spawn(async move {
                     let (tx, rx) = mpsc::channel();
-                    let link = Link::start(h, "link".into(), Role::Client, peer.process.clone(), tx);
+                    let link =
+                        Link::start(h, "link".into(), Role::Client, peer.process.clone(), tx);
                     let _ = tokio::task::spawn_blocking(move || {
                         let mut sum = 0u64;
                         while let Ok(ev) = rx.recv() {
@@ -136,11 +138,21 @@ pub(super) fn quic_rows(a: &BenchKvArgs, block: usize, _max_blocks: usize) -> Re
     // The cluster's path: a link carrying `Kv` messages.
     let (tx, events) = mpsc::channel();
     let link = rt.block_on(async {
-        let (h, _, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &Me::anyone(hello("prefill"))).await?;
-        Ok::<_, anyhow::Error>(Link::start(h, "decode".into(), Role::Client, Default::default(), tx))
+        let (h, _, _) =
+            tandem_wire::quic::connect_stream(&ep, addr, "decode", &Me::anyone(hello("prefill")))
+                .await?;
+        Ok::<_, anyhow::Error>(Link::start(
+            h,
+            "decode".into(),
+            Role::Client,
+            Default::default(),
+            tx,
+        ))
     })?;
     let raw = rt.block_on(async {
-        let (h, _, _) = tandem_wire::quic::connect_stream(&ep, addr, "decode", &Me::anyone(hello("prefill"))).await?;
+        let (h, _, _) =
+            tandem_wire::quic::connect_stream(&ep, addr, "decode", &Me::anyone(hello("prefill")))
+                .await?;
         Ok::<_, anyhow::Error>(h.conn)
     })?;
     let mut rows = Vec::new();

@@ -394,7 +394,12 @@ impl ClusterFile {
         for d in self.decode.iter_mut().filter(|d| d.name == name) {
             d.device = device.clone();
         }
-        for s in self.prefill.iter_mut().flat_map(|p| p.stages.iter_mut()).filter(|s| s.name == name) {
+        for s in self
+            .prefill
+            .iter_mut()
+            .flat_map(|p| p.stages.iter_mut())
+            .filter(|s| s.name == name)
+        {
             s.device = device.clone();
         }
     }

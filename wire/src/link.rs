@@ -72,7 +72,13 @@ const QUEUE: usize = 64;
 impl Link {
     /// Starts the writer and reader tasks of a handshaken connection and
     /// reports it [`NetEvent::Up`]. Must be called inside a tokio runtime.
-    pub fn start(h: Handshaken, peer: String, role: Role, process: ProcessId, events: Events) -> Link {
+    pub fn start(
+        h: Handshaken,
+        peer: String,
+        role: Role,
+        process: ProcessId,
+        events: Events,
+    ) -> Link {
         let id = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
         let (credits, mut spent) = mpsc::channel::<()>(QUEUE);
@@ -168,7 +174,9 @@ impl Link {
         if m.is_control() {
             return self.queue(Queued::Control(m));
         }
-        self.credits.blocking_send(()).map_err(|_| self.closed_err())?;
+        self.credits
+            .blocking_send(())
+            .map_err(|_| self.closed_err())?;
         self.queue(Queued::Data(m))
     }
 

@@ -69,7 +69,12 @@ impl NodeSetup {
         let mut r = crate::quic::Roster::new();
         r.insert(f.gateway.name.clone(), Role::Gateway);
         for d in &f.decode {
-            r.insert(d.name.clone(), Role::Decode { group: d.name.clone() });
+            r.insert(
+                d.name.clone(),
+                Role::Decode {
+                    group: d.name.clone(),
+                },
+            );
         }
         for p in &f.prefill {
             for (i, s) in p.stages.iter().enumerate() {
@@ -190,7 +195,11 @@ pub fn spawn_health(addr: std::net::SocketAddr, node: String, beat: Arc<Mutex<Be
             };
             let (load, linked, stalled) = {
                 let b = beat.lock().expect("heartbeat state");
-                (b.load, b.gateway.as_ref().is_some_and(|l| !l.is_closed()), b.stalled())
+                (
+                    b.load,
+                    b.gateway.as_ref().is_some_and(|l| !l.is_closed()),
+                    b.stalled(),
+                )
             };
             let node = node.clone();
             tokio::spawn(async move {
@@ -328,6 +337,9 @@ mod process_tests {
             boot: "another host".into(),
             ..me
         };
-        assert!(!process_gone(&elsewhere), "a process elsewhere is never known gone");
+        assert!(
+            !process_gone(&elsewhere),
+            "a process elsewhere is never known gone"
+        );
     }
 }

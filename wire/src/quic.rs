@@ -38,16 +38,27 @@ impl From<Hello> for Me {
 impl Me {
     /// Admits any node whose certificate matches its hello (tools, tests).
     pub fn anyone(hello: Hello) -> Me {
-        Me { hello, roster: None }
+        Me {
+            hello,
+            roster: None,
+        }
     }
 }
 
 /// Whether the peer on `conn` is who it claims: its certificate names
 /// `node` in `role`, and the roster (if any) has it so.
-fn check_peer(conn: &quinn::Connection, node: &str, role: &Role, roster: Option<&Roster>) -> std::result::Result<(), String> {
+fn check_peer(
+    conn: &quinn::Connection,
+    node: &str,
+    role: &Role,
+    roster: Option<&Roster>,
+) -> std::result::Result<(), String> {
     let certs = conn
         .peer_identity()
-        .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|i| {
+            i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
         .ok_or("the peer presented no certificate")?;
     let cert = certs.first().ok_or("the peer presented no certificate")?;
     admit(cert, node, role, roster)
@@ -56,7 +67,12 @@ fn check_peer(conn: &quinn::Connection, node: &str, role: &Role, roster: Option<
 /// Whether a peer whose (CA-verified) certificate is `cert` may be `node`
 /// in `role`: the certificate must name exactly that node and role, and
 /// the cluster file (`roster`, where known) must list it so.
-pub fn admit(cert: &[u8], node: &str, role: &Role, roster: Option<&Roster>) -> std::result::Result<(), String> {
+pub fn admit(
+    cert: &[u8],
+    node: &str,
+    role: &Role,
+    roster: Option<&Roster>,
+) -> std::result::Result<(), String> {
     let (cert_role, cert_node) = claim_of(cert).map_err(|e| e.to_string())?;
     if cert_node != node || cert_role != role_kind(role) {
         return Err(format!(
@@ -68,7 +84,9 @@ pub fn admit(cert: &[u8], node: &str, role: &Role, roster: Option<&Roster>) -> s
         match r.get(node) {
             Some(want) if want == role => {}
             Some(want) => {
-                return Err(format!("{node:?} is {want:?} in the cluster file, not {role:?}"));
+                return Err(format!(
+                    "{node:?} is {want:?} in the cluster file, not {role:?}"
+                ));
             }
             None => return Err(format!("{node:?} is not a node of the cluster file")),
         }

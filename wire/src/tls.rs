@@ -180,7 +180,9 @@ pub fn claim_of(cert: &[u8]) -> Result<(String, String)> {
         if let x509_parser::extensions::GeneralName::URI(u) = n {
             if let Some(rest) = u.strip_prefix(URN) {
                 if found.is_some() {
-                    return Err(WireError::Cert("the peer's certificate names two nodes".into()));
+                    return Err(WireError::Cert(
+                        "the peer's certificate names two nodes".into(),
+                    ));
                 }
                 let (role, node) = rest
                     .split_once(':')

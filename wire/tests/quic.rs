@@ -27,7 +27,10 @@ fn any_port() -> SocketAddr {
 }
 
 /// Accepts one connection, answers the handshake, echoes one frame back.
-fn serve_one(ep: quinn::Endpoint, me: impl Into<Me>) -> tokio::task::JoinHandle<Result<Hello, WireError>> {
+fn serve_one(
+    ep: quinn::Endpoint,
+    me: impl Into<Me>,
+) -> tokio::task::JoinHandle<Result<Hello, WireError>> {
     let me: Me = me.into();
     tokio::spawn(async move {
         let incoming = ep
@@ -69,9 +72,14 @@ async fn cluster_nodes_connect_and_talk() {
         ),
     );
     let client = quic::client_endpoint(&client_id, Liveness::default()).expect("client");
-    let (conn, role) = quic::connect(&client, addr, "decode-0", &hello("gateway", Role::Gateway).into())
-        .await
-        .expect("handshake");
+    let (conn, role) = quic::connect(
+        &client,
+        addr,
+        "decode-0",
+        &hello("gateway", Role::Gateway).into(),
+    )
+    .await
+    .expect("handshake");
     assert_eq!(
         role,
         Role::Decode {
@@ -98,7 +106,9 @@ async fn a_node_without_a_cluster_certificate_is_refused() {
     let ca = ClusterCa::generate("test").expect("ca");
     let foreign = ClusterCa::generate("test").expect("another ca with the same name");
     let server_id = ca.identity("decode-0", "decode", &[LOCAL]).expect("cert");
-    let mut intruder = foreign.identity("gateway", "gateway", &[LOCAL]).expect("cert");
+    let mut intruder = foreign
+        .identity("gateway", "gateway", &[LOCAL])
+        .expect("cert");
     intruder.ca = ca.cert_der().clone();
     let server = quic::endpoint(any_port(), &server_id, Liveness::default()).expect("listen");
     let addr = server.local_addr().expect("bound");
@@ -109,7 +119,12 @@ async fn a_node_without_a_cluster_certificate_is_refused() {
     let client = quic::client_endpoint(&intruder, Liveness::default()).expect("client");
     let r = tokio::time::timeout(
         Duration::from_secs(10),
-        quic::connect(&client, addr, "decode-0", &hello("gateway", Role::Gateway).into()),
+        quic::connect(
+            &client,
+            addr,
+            "decode-0",
+            &hello("gateway", Role::Gateway).into(),
+        ),
     )
     .await
     .expect("refusal, not a hang");
@@ -135,10 +150,26 @@ async fn a_node_can_only_be_who_its_certificate_says() {
     let server_id = ca.identity("decode-0", "decode", &[LOCAL]).expect("cert");
     let mut roster = Roster::new();
     roster.insert("gateway".into(), Role::Gateway);
-    roster.insert("decode-0".into(), Role::Decode { group: "decode-0".into() });
-    roster.insert("p0-s0".into(), Role::Prefill { pipeline: "p0".into(), stage: 0 });
+    roster.insert(
+        "decode-0".into(),
+        Role::Decode {
+            group: "decode-0".into(),
+        },
+    );
+    roster.insert(
+        "p0-s0".into(),
+        Role::Prefill {
+            pipeline: "p0".into(),
+            stage: 0,
+        },
+    );
     let me = Me {
-        hello: hello("decode-0", Role::Decode { group: "decode-0".into() }),
+        hello: hello(
+            "decode-0",
+            Role::Decode {
+                group: "decode-0".into(),
+            },
+        ),
         roster: Some(std::sync::Arc::new(roster)),
     };
     let cases: Vec<(NodeIdentity, Hello, &str)> = vec![
@@ -151,7 +182,12 @@ async fn a_node_can_only_be_who_its_certificate_says() {
         // The right name in another role.
         (
             ca.identity("p0-s0", "prefill", &[LOCAL]).expect("cert"),
-            hello("p0-s0", Role::Decode { group: "p0-s0".into() }),
+            hello(
+                "p0-s0",
+                Role::Decode {
+                    group: "p0-s0".into(),
+                },
+            ),
             "claims to be decode",
         ),
         // A genuine certificate for a node the cluster file does not have.
@@ -163,7 +199,13 @@ async fn a_node_can_only_be_who_its_certificate_says() {
         // Listed, but as a stage of another pipeline.
         (
             ca.identity("p0-s0", "prefill", &[LOCAL]).expect("cert"),
-            hello("p0-s0", Role::Prefill { pipeline: "p1".into(), stage: 0 }),
+            hello(
+                "p0-s0",
+                Role::Prefill {
+                    pipeline: "p1".into(),
+                    stage: 0,
+                },
+            ),
             "in the cluster file",
         ),
     ];
@@ -183,8 +225,16 @@ async fn a_node_can_only_be_who_its_certificate_says() {
     let task = serve_one(server, me.clone());
     let id = ca.identity("p0-s0", "prefill", &[LOCAL]).expect("cert");
     let client = quic::client_endpoint(&id, Liveness::default()).expect("client");
-    let claim = hello("p0-s0", Role::Prefill { pipeline: "p0".into(), stage: 0 });
-    let (conn, _) = quic::connect(&client, addr, "decode-0", &claim.into()).await.expect("admitted");
+    let claim = hello(
+        "p0-s0",
+        Role::Prefill {
+            pipeline: "p0".into(),
+            stage: 0,
+        },
+    );
+    let (conn, _) = quic::connect(&client, addr, "decode-0", &claim.into())
+        .await
+        .expect("admitted");
     conn.close(0u32.into(), b"done");
     let _ = task.await;
 }
@@ -204,7 +254,10 @@ async fn other_versions_and_clusters_are_refused_at_the_handshake() {
     ] {
         let want = if want == "version" {
             h.protocol = PROTOCOL_VERSION + 1;
-            format!("protocol {} is not {PROTOCOL_VERSION}", PROTOCOL_VERSION + 1)
+            format!(
+                "protocol {} is not {PROTOCOL_VERSION}",
+                PROTOCOL_VERSION + 1
+            )
         } else {
             want
         };
@@ -266,9 +319,14 @@ async fn a_silent_peer_is_noticed() {
         .await
         .expect("addr");
     let client = quic::client_endpoint(&client_id, live).expect("client");
-    let (conn, _) = quic::connect(&client, addr, "decode-0", &hello("gateway", Role::Gateway).into())
-        .await
-        .expect("handshake");
+    let (conn, _) = quic::connect(
+        &client,
+        addr,
+        "decode-0",
+        &hello("gateway", Role::Gateway).into(),
+    )
+    .await
+    .expect("handshake");
     up_tx.send(()).expect("signal the peer");
     tokio::task::spawn_blocking(move || peer.join().expect("peer thread"))
         .await
@@ -292,8 +350,12 @@ fn certificates_written_to_disk_load_back() {
     tls::write_cluster_certs(&dir, "test", &nodes).expect("write");
     let a = tls::load_identity(&dir, "gateway").expect("load");
     // Issuing more later reuses the CA on disk.
-    tls::write_cluster_certs(&dir, "test", &[("prefill-0".to_string(), "prefill", vec![LOCAL])])
-        .expect("more");
+    tls::write_cluster_certs(
+        &dir,
+        "test",
+        &[("prefill-0".to_string(), "prefill", vec![LOCAL])],
+    )
+    .expect("more");
     let b = tls::load_identity(&dir, "prefill-0").expect("load");
     assert_eq!(a.ca, b.ca, "one CA for the cluster");
     assert!(tls::load_identity(&dir, "nobody").is_err());
@@ -313,16 +375,27 @@ async fn control_messages_are_never_refused_and_keep_their_order() {
     let (server_id, client_id) = pair(&ca);
     let server = quic::endpoint(any_port(), &server_id, Liveness::default()).expect("listen");
     let addr = server.local_addr().expect("bound");
-    let me: Me = hello("decode-0", Role::Decode { group: "decode-0".into() }).into();
+    let me: Me = hello(
+        "decode-0",
+        Role::Decode {
+            group: "decode-0".into(),
+        },
+    )
+    .into();
     let accepted = tokio::spawn(async move {
         let incoming = server.accept().await.expect("incoming");
         let r = quic::accept_stream(incoming, &me).await.expect("handshake");
         (server, r)
     });
     let client = quic::client_endpoint(&client_id, Liveness::default()).expect("client");
-    let (h, role, process) = quic::connect_stream(&client, addr, "decode-0", &hello("gateway", Role::Gateway).into())
-        .await
-        .expect("connect");
+    let (h, role, process) = quic::connect_stream(
+        &client,
+        addr,
+        "decode-0",
+        &hello("gateway", Role::Gateway).into(),
+    )
+    .await
+    .expect("connect");
     let (_server, (mut theirs, _)) = accepted.await.expect("task");
     let (events, _ev) = std::sync::mpsc::channel();
     let link = Link::start(h, "decode-0".into(), role, process, events);
@@ -332,7 +405,10 @@ async fn control_messages_are_never_refused_and_keep_their_order() {
             lease: Lease(1),
             stage: 0,
             rank: 0,
-            blocks: vec![(BlockId(0), serde_bytes::ByteBuf::from(vec![7u8; 256 * 1024]))],
+            blocks: vec![(
+                BlockId(0),
+                serde_bytes::ByteBuf::from(vec![7u8; 256 * 1024]),
+            )],
         })
     };
     // Fill the link: the stream's window, then the data queue.
@@ -358,6 +434,9 @@ async fn control_messages_are_never_refused_and_keep_their_order() {
             other => panic!("expected chunk {i}, got {other:?}"),
         }
     }
-    let m: Message = read_frame(&mut theirs.recv, MAX_FRAME).await.expect("read").expect("the cancel");
+    let m: Message = read_frame(&mut theirs.recv, MAX_FRAME)
+        .await
+        .expect("read")
+        .expect("the cancel");
     assert_eq!(m, Message::Cancel { id: RequestId(42) });
 }

@@ -282,7 +282,10 @@ fn an_abandoned_fenced_attempts_blocks_wait_for_its_writers() {
     a.release(id2, 10);
     assert!(a.quarantined(id2, lease2));
     a.tick(10 + 24 * 3_600_000);
-    assert!(a.quarantined(id2, lease2), "unconfirmed, the blocks stay out of use");
+    assert!(
+        a.quarantined(id2, lease2),
+        "unconfirmed, the blocks stay out of use"
+    );
     a.writers_stopped(id2, lease2, 11);
     assert!(!a.quarantined(id2, lease2));
 

@@ -30,7 +30,13 @@ pub(crate) struct Fence {
 impl Core {
     /// Tells every stage of the attempt's pipeline to stop, closes its
     /// landing, and quarantines its blocks while anything may write them.
-    pub(crate) fn end_attempt(&mut self, id: RequestId, a: Attempt, _now: u64, out: &mut Vec<Action>) {
+    pub(crate) fn end_attempt(
+        &mut self,
+        id: RequestId,
+        a: Attempt,
+        _now: u64,
+        out: &mut Vec<Action>,
+    ) {
         let lease = a.lease;
         let Some(p) = self.cfg.pipelines.iter().find(|p| p.name == a.pipeline) else {
             return;
@@ -96,7 +102,14 @@ impl Core {
 
     /// A stage says nothing of it writes the attempt's blocks any more.
     /// Only the process that may write them can say so.
-    pub fn kv_stopped(&mut self, from: &str, id: RequestId, lease: Lease, stage: u32, now: u64) -> Vec<Action> {
+    pub fn kv_stopped(
+        &mut self,
+        from: &str,
+        id: RequestId,
+        lease: Lease,
+        stage: u32,
+        now: u64,
+    ) -> Vec<Action> {
         let mut out = Vec::new();
         let Some(f) = self.fences.get_mut(&(id, lease)) else {
             return out;
@@ -108,7 +121,10 @@ impl Core {
             .find(|p| p.name == f.pipeline)
             .and_then(|p| p.stages.get(stage as usize))
             .is_some_and(|s| s.0 == from);
-        let same_process = f.writers.get(&stage).is_some_and(|p| self.linked.get(from) == Some(p));
+        let same_process = f
+            .writers
+            .get(&stage)
+            .is_some_and(|p| self.linked.get(from) == Some(p));
         if is_that_stage && same_process {
             f.writers.remove(&stage);
         }

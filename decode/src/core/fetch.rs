@@ -154,7 +154,12 @@ impl Core {
 
     /// The attempt a message names, when it is the request's current one
     /// and comes from a stage of its pipeline.
-    fn attempt_from(&mut self, from: &str, id: RequestId, lease: Lease) -> Option<(&mut Attempt, Option<u32>)> {
+    fn attempt_from(
+        &mut self,
+        from: &str,
+        id: RequestId,
+        lease: Lease,
+    ) -> Option<(&mut Attempt, Option<u32>)> {
         let stage_of = |pipelines: &[PipelineSpec], p: &str| {
             pipelines
                 .iter()
@@ -210,8 +215,18 @@ impl Core {
     }
 
     /// A [`Action::WriteKv`] did not fit the pool.
-    pub fn kv_write_failed(&mut self, id: RequestId, lease: Lease, why: &str, now: u64) -> Vec<Action> {
-        tracing::warn!("{}: KV for request {} did not fit: {why}", self.cfg.name, id.0);
+    pub fn kv_write_failed(
+        &mut self,
+        id: RequestId,
+        lease: Lease,
+        why: &str,
+        now: u64,
+    ) -> Vec<Action> {
+        tracing::warn!(
+            "{}: KV for request {} did not fit: {why}",
+            self.cfg.name,
+            id.0
+        );
         let mut out = Vec::new();
         self.kv_lost(id, lease, now, &mut out);
         out
@@ -219,7 +234,14 @@ impl Core {
 
     /// The copy plan to read back blocks a stage reported written over UCX,
     /// when the notice is for the current attempt and from its stage.
-    pub fn landed_plan(&mut self, from: &str, id: RequestId, lease: Lease, stage: u32, rank: u32) -> Option<Vec<CopyRun>> {
+    pub fn landed_plan(
+        &mut self,
+        from: &str,
+        id: RequestId,
+        lease: Lease,
+        stage: u32,
+        rank: u32,
+    ) -> Option<Vec<CopyRun>> {
         let (a, s) = self.attempt_from(from, id, lease)?;
         if s != Some(stage) {
             return None;
@@ -270,7 +292,11 @@ impl Core {
 
     /// A UCX transfer for the attempt failed on this side.
     pub fn kv_failed(&mut self, id: RequestId, lease: Lease, why: &str, now: u64) -> Vec<Action> {
-        tracing::warn!("{}: KV for request {} over UCX failed: {why}", self.cfg.name, id.0);
+        tracing::warn!(
+            "{}: KV for request {} over UCX failed: {why}",
+            self.cfg.name,
+            id.0
+        );
         let mut out = Vec::new();
         self.kv_lost(id, lease, now, &mut out);
         out
@@ -323,12 +349,20 @@ impl Core {
         // A token outside the vocabulary would index past the embedding:
         // the attempt counts as failed and is retried.
         if token as usize >= vocab {
-            tracing::warn!("{}: {from} sent token {token} for request {}", self.cfg.name, id.0);
+            tracing::warn!(
+                "{}: {from} sent token {token} for request {}",
+                self.cfg.name,
+                id.0
+            );
             self.kv_lost(id, lease, now, &mut out);
             return out;
         }
         let r = self.reqs.get_mut(&id).expect("current");
-        (r.acct.prefill_queue_us, r.acct.prefill_compute_us, r.acct.prefilled_tokens) = acct;
+        (
+            r.acct.prefill_queue_us,
+            r.acct.prefill_compute_us,
+            r.acct.prefilled_tokens,
+        ) = acct;
         if let State::Fetching(a) = &mut r.state {
             a.first = Some(first);
         }
@@ -452,7 +486,14 @@ impl Core {
 
     /// Asks the pipeline that filled a finished turn to compute and cache
     /// it (prompt and answer), so the next turn computes only what is new.
-    pub(crate) fn warm(&mut self, id: RequestId, pipeline: &str, tokens: Vec<u32>, now: u64, out: &mut Vec<Action>) {
+    pub(crate) fn warm(
+        &mut self,
+        id: RequestId,
+        pipeline: &str,
+        tokens: Vec<u32>,
+        now: u64,
+        out: &mut Vec<Action>,
+    ) {
         let Some(stage0) = self
             .cfg
             .pipelines

@@ -24,17 +24,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
-use tandem_wire::messages::ByteBuf;
 use tandem_kvtransfer::{reshard_plan, CopyRun, Incoming, PoolDesc, Verdict};
 use tandem_model::{BlockId, Sampled, Sampler, SamplingParams};
+use tandem_wire::messages::ByteBuf;
 use tandem_wire::messages::{
     Accounting, ErrorClass, Generate, GenerateEvent, Lease, Message, ProcessId, RequestId,
 };
 
 use crate::admission::{self, Admission, Keys, Limits, Rejection};
 
-mod fetch;
 mod fence;
+mod fetch;
 mod step;
 #[cfg(test)]
 mod tests;
@@ -339,7 +339,10 @@ impl Core {
     pub fn submit(&mut self, client: &str, g: Generate, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
         if client != self.cfg.gateway {
-            tracing::warn!("{}: {client} is not the gateway; its request is ignored", self.cfg.name);
+            tracing::warn!(
+                "{}: {client} is not the gateway; its request is ignored",
+                self.cfg.name
+            );
             return out;
         }
         let id = g.id;
@@ -367,13 +370,23 @@ impl Core {
         };
         if let Some(message) = bad {
             let class = ErrorClass::BadRequest;
-            Self::event(&mut out, client, id, GenerateEvent::Failed { class, message });
+            Self::event(
+                &mut out,
+                client,
+                id,
+                GenerateEvent::Failed { class, message },
+            );
             return out;
         }
         if g.deadline_ms <= now {
             let class = ErrorClass::DeadlineExceeded;
             let message = "the request's deadline passed before decode got it".into();
-            Self::event(&mut out, client, id, GenerateEvent::Failed { class, message });
+            Self::event(
+                &mut out,
+                client,
+                id,
+                GenerateEvent::Failed { class, message },
+            );
             return out;
         }
         // A colocated group (no pipelines in the cluster) prefills everything
@@ -382,7 +395,12 @@ impl Core {
         if !self.cfg.pipelines.is_empty() && self.pipelines_up().is_empty() {
             let class = ErrorClass::NodeLost;
             let message = "no prefill pipeline is linked to this decode group".into();
-            Self::event(&mut out, client, id, GenerateEvent::Failed { class, message });
+            Self::event(
+                &mut out,
+                client,
+                id,
+                GenerateEvent::Failed { class, message },
+            );
             return out;
         }
         let mut tokens = g.prompt.clone();
@@ -407,7 +425,12 @@ impl Core {
     }
 
     /// Carries out what admission decided.
-    pub(crate) fn admitted(&mut self, actions: Vec<admission::Action>, now: u64, out: &mut Vec<Action>) {
+    pub(crate) fn admitted(
+        &mut self,
+        actions: Vec<admission::Action>,
+        now: u64,
+        out: &mut Vec<Action>,
+    ) {
         for a in actions {
             match a {
                 admission::Action::Prefill {
@@ -432,7 +455,14 @@ impl Core {
 
     /// Ends a request with an error: its blocks freed (or quarantined),
     /// its attempt abandoned, its client told.
-    pub(crate) fn fail(&mut self, id: RequestId, class: ErrorClass, message: String, now: u64, out: &mut Vec<Action>) {
+    pub(crate) fn fail(
+        &mut self,
+        id: RequestId,
+        class: ErrorClass,
+        message: String,
+        now: u64,
+        out: &mut Vec<Action>,
+    ) {
         let Some(r) = self.reqs.remove(&id) else {
             return;
         };
@@ -490,7 +520,11 @@ impl Core {
                 from,
                 id,
                 lease,
-                Sampled { token, logprob, top },
+                Sampled {
+                    token,
+                    logprob,
+                    top,
+                },
                 (queue_us, compute_us, prefilled),
                 now,
             ),
@@ -555,7 +589,10 @@ impl Core {
             .filter_map(|(id, r)| match &r.state {
                 State::Fetching(a) => {
                     let p = self.cfg.pipelines.iter().find(|p| p.name == a.pipeline)?;
-                    p.stages.iter().any(|s| s.0 == peer).then_some((*id, a.lease))
+                    p.stages
+                        .iter()
+                        .any(|s| s.0 == peer)
+                        .then_some((*id, a.lease))
                 }
                 _ => None,
             })

@@ -41,7 +41,9 @@ impl Core {
             if need {
                 match self.admission.grow(id) {
                     Some(b) => {
-                        if let Some(State::Running(run)) = self.reqs.get_mut(&id).map(|r| &mut r.state) {
+                        if let Some(State::Running(run)) =
+                            self.reqs.get_mut(&id).map(|r| &mut r.state)
+                        {
                             run.blocks.push(b);
                         }
                     }
@@ -132,7 +134,13 @@ impl Core {
 
     /// The step's outcome: each span's chosen token, or why it failed; `us`
     /// the pass took.
-    pub fn step_done(&mut self, plan: StepPlan, result: Result<Vec<Sampled>, String>, us: u64, now: u64) -> Vec<Action> {
+    pub fn step_done(
+        &mut self,
+        plan: StepPlan,
+        result: Result<Vec<Sampled>, String>,
+        us: u64,
+        now: u64,
+    ) -> Vec<Action> {
         let mut out = Vec::new();
         let want = plan.batch.len() + usize::from(plan.chunk.is_some());
         let chosen = match result {
@@ -149,7 +157,15 @@ impl Core {
             }
         };
         if let Some((id, lease, n)) = plan.chunk {
-            self.local_chunk_done(id, lease, n, us, chosen[plan.batch.len()].clone(), now, &mut out);
+            self.local_chunk_done(
+                id,
+                lease,
+                n,
+                us,
+                chosen[plan.batch.len()].clone(),
+                now,
+                &mut out,
+            );
         }
         for (i, id) in plan.batch.iter().enumerate() {
             let Some(r) = self.reqs.get_mut(id) else {
@@ -215,7 +231,13 @@ impl Core {
     }
 
     /// The request runs: its first token is streamed.
-    pub(crate) fn run(&mut self, id: RequestId, blocks: Vec<BlockId>, first: Sampled, out: &mut Vec<Action>) {
+    pub(crate) fn run(
+        &mut self,
+        id: RequestId,
+        blocks: Vec<BlockId>,
+        first: Sampled,
+        out: &mut Vec<Action>,
+    ) {
         let Some(r) = self.reqs.get_mut(&id) else {
             return;
         };
@@ -270,7 +292,12 @@ impl Core {
     /// The request's last token was streamed: it ends here. Its KV stays
     /// cached for the conversation's next turn; the pipeline is asked to
     /// cache the answer too.
-    pub fn finish(&mut self, id: RequestId, reason: tandem_model::FinishReason, now: u64) -> Vec<Action> {
+    pub fn finish(
+        &mut self,
+        id: RequestId,
+        reason: tandem_model::FinishReason,
+        now: u64,
+    ) -> Vec<Action> {
         let mut out = Vec::new();
         let Some(r) = self.reqs.remove(&id) else {
             return out;

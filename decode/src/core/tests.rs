@@ -26,7 +26,12 @@ use world::{World, STAGES};
 
 #[derive(Debug, Clone)]
 enum Move {
-    Submit { len: usize, session: bool, pinned: bool, short: bool },
+    Submit {
+        len: usize,
+        session: bool,
+        pinned: bool,
+        short: bool,
+    },
     Cancel(usize),
     StageReads(usize),
     StageWorks(usize),
@@ -37,10 +42,15 @@ enum Move {
     Corrupt,
     Replay(usize),
     Drain(usize),
-    Step { fail: bool },
+    Step {
+        fail: bool,
+    },
     Tick(u64),
     GatewayBlip,
-    Forge { pick: usize, who: usize },
+    Forge {
+        pick: usize,
+        who: usize,
+    },
 }
 
 fn moves() -> impl Strategy<Value = Move> {
@@ -168,7 +178,10 @@ fn a_link_lost_mid_chunk_frees_nothing_until_the_stage_is_back_and_confirms() {
     assert!(w.core.admission.quarantined(id, lease));
     assert_eq!(w.core.admission.quarantined_blocks(), blocks.len());
     w.tick(24 * 3_600_000);
-    assert!(w.core.admission.quarantined(id, lease), "time frees nothing");
+    assert!(
+        w.core.admission.quarantined(id, lease),
+        "time frees nothing"
+    );
     // Stage 0 confirms; stage 1 is still away.
     w.stage_reads("p0-s0");
     w.deliver("p0-s0");
@@ -284,7 +297,10 @@ fn a_stage_that_never_answers_is_retried_around_and_its_blocks_never_expire() {
     assert!(w.core.admission.quarantined(id, lease));
     assert!(w.core.admission.quarantined_blocks() >= blocks.len());
     w.tick(7 * 24 * 3_600_000);
-    assert!(w.core.admission.quarantined(id, lease), "a week frees nothing");
+    assert!(
+        w.core.admission.quarantined(id, lease),
+        "a week frees nothing"
+    );
     w.settle();
 }
 
@@ -301,7 +317,16 @@ fn a_prefill_deadline_fails_the_request_with_a_deadline_and_no_retry() {
         w.now,
     );
     let failed = a.iter().any(|a| {
-        matches!(a, Action::End { event: GenerateEvent::Failed { class: ErrorClass::DeadlineExceeded, .. }, .. })
+        matches!(
+            a,
+            Action::End {
+                event: GenerateEvent::Failed {
+                    class: ErrorClass::DeadlineExceeded,
+                    ..
+                },
+                ..
+            }
+        )
     });
     assert!(failed, "{a:?}");
     w.apply(a);
@@ -312,7 +337,12 @@ fn a_prefill_deadline_fails_the_request_with_a_deadline_and_no_retry() {
     let mut saw = false;
     w.now += 1_000;
     for a in w.core.tick(w.now) {
-        if let Action::End { id, event: GenerateEvent::Failed { class, .. }, .. } = &a {
+        if let Action::End {
+            id,
+            event: GenerateEvent::Failed { class, .. },
+            ..
+        } = &a
+        {
             saw |= *id == id2 && *class == ErrorClass::DeadlineExceeded;
         }
         w.apply(vec![a]);
@@ -328,10 +358,19 @@ fn peers_act_only_on_what_they_were_given() {
     let (mut w, id, lease, _) = one_request_on_p0();
     let a = w.core.cancel("p1-s0", id, w.now);
     assert!(a.is_empty());
-    let a = w.core.prefill_failed("p1-s0", id, lease, ErrorClass::Internal, "no".into(), w.now);
+    let a = w
+        .core
+        .prefill_failed("p1-s0", id, lease, ErrorClass::Internal, "no".into(), w.now);
     assert!(a.is_empty());
     assert!(w.core.is_current(id, lease));
-    let a = w.core.first_token("p0-s0", id, lease, tandem_model::Sampled::new(3, -1.0), (0, 0, 0), w.now);
+    let a = w.core.first_token(
+        "p0-s0",
+        id,
+        lease,
+        tandem_model::Sampled::new(3, -1.0),
+        (0, 0, 0),
+        w.now,
+    );
     assert!(a.is_empty(), "only the last stage sends the first token");
     w.settle();
 }
@@ -356,7 +395,10 @@ fn a_continued_request_tells_the_pipeline_where_its_answer_starts() {
     };
     let a = w.core.submit(world::GW, g, w.now);
     let sent = a.iter().find_map(|a| match a {
-        Action::Send { msg: Message::Prefill(p), .. } => Some(p.clone()),
+        Action::Send {
+            msg: Message::Prefill(p),
+            ..
+        } => Some(p.clone()),
         _ => None,
     });
     let p = sent.unwrap_or_else(|| panic!("no prefill request in {a:?}"));

@@ -4,13 +4,13 @@
 //! attempt's stages write its blocks.
 
 use super::*;
-use tandem_kvtransfer::over_ucx::{Landing, LandedStatus, LandingEvent, RankMemory};
-use tandem_model::BlockId;
-use tandem_wire::config::Pipeline;
-use tandem_wire::messages::{KvChunk, Lease};
+use tandem_kvtransfer::over_ucx::{LandedStatus, Landing, LandingEvent, RankMemory};
 use tandem_kvtransfer::ucx::{Region, Ucx, Worker, WorkerOptions};
+use tandem_model::BlockId;
 use tandem_wire::config::KvTransport;
+use tandem_wire::config::Pipeline;
 use tandem_wire::messages::UcxPool;
+use tandem_wire::messages::{KvChunk, Lease};
 
 pub(super) struct DecodeUcx {
     pub worker: Arc<Worker>,
@@ -212,7 +212,10 @@ impl Group<'_> {
     /// Blocks still arriving wait for the landing table's event.
     pub(super) fn on_landed(&mut self, n: Notice) -> Vec<Action> {
         let now = now_ms();
-        let Some(runs) = self.core.landed_plan(&n.from, n.id, n.lease, n.stage, n.rank) else {
+        let Some(runs) = self
+            .core
+            .landed_plan(&n.from, n.id, n.lease, n.stage, n.rank)
+        else {
             return Vec::new();
         };
         if !n.put {
@@ -256,7 +259,9 @@ impl Group<'_> {
                 };
                 self.core.kv_landed(&n.from, chunk, n.put, now)
             }
-            _ => self.core.kv_failed(n.id, n.lease, "cannot read the blocks back", now),
+            _ => self
+                .core
+                .kv_failed(n.id, n.lease, "cannot read the blocks back", now),
         }
     }
 

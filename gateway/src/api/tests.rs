@@ -10,7 +10,12 @@ const LIMITS: Limits = Limits {
 };
 
 fn job(v: Value) -> Result<ChatJob, ApiError> {
-    validate_chat(parse_chat(v.to_string().as_bytes())?, MODEL, &Defaults::default(), LIMITS)
+    validate_chat(
+        parse_chat(v.to_string().as_bytes())?,
+        MODEL,
+        &Defaults::default(),
+        LIMITS,
+    )
 }
 
 fn ok_req() -> Value {
@@ -30,7 +35,14 @@ fn a_plain_request_gets_the_server_defaults() {
     // Nothing from the cluster or the model: llama.cpp's sampler chain.
     let p = &j.params;
     assert_eq!(
-        (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.max_tokens),
+        (
+            p.temperature,
+            p.top_p,
+            p.top_k,
+            p.min_p,
+            p.repetition_penalty,
+            p.max_tokens
+        ),
         (0.8, 0.95, 40, 0.05, 1.0, 256)
     );
     assert!(!j.stream && !j.include_usage && !j.explicit_max);
@@ -47,21 +59,39 @@ fn a_plain_request_gets_the_server_defaults() {
         ..Default::default()
     };
     let d = Defaults::resolve(&cluster, &model);
-    assert_eq!((d.temperature, d.top_p, d.top_k, d.max_tokens), (0.3, 0.9, 40, 64));
     assert_eq!(
-        (d.source["temperature"], d.source["top_p"], d.source["top_k"]),
+        (d.temperature, d.top_p, d.top_k, d.max_tokens),
+        (0.3, 0.9, 40, 64)
+    );
+    assert_eq!(
+        (
+            d.source["temperature"],
+            d.source["top_p"],
+            d.source["top_k"]
+        ),
         ("cluster", "model", "built-in")
     );
-    let j = validate_chat(parse_chat(ok_req().to_string().as_bytes()).expect("parsed"), MODEL, &d, LIMITS)
-        .expect("valid");
-    assert_eq!((j.params.temperature, j.params.top_p, j.params.max_tokens), (0.3, 0.9, 64));
+    let j = validate_chat(
+        parse_chat(ok_req().to_string().as_bytes()).expect("parsed"),
+        MODEL,
+        &d,
+        LIMITS,
+    )
+    .expect("valid");
+    assert_eq!(
+        (j.params.temperature, j.params.top_p, j.params.max_tokens),
+        (0.3, 0.9, 64)
+    );
     // A request's own values win over every default.
     let mut r = ok_req();
     r["temperature"] = json!(1.0);
     r["top_k"] = json!(0);
     r["min_p"] = json!(0);
     let j = job(r).expect("valid");
-    assert_eq!((j.params.temperature, j.params.top_k, j.params.min_p), (1.0, 0, 0.0));
+    assert_eq!(
+        (j.params.temperature, j.params.top_k, j.params.min_p),
+        (1.0, 0, 0.0)
+    );
 }
 
 #[test]
@@ -82,14 +112,24 @@ fn the_sampling_extensions_reach_the_parameters() {
     bias.sort_by_key(|b| b.0);
     assert_eq!(bias, vec![(7, 5.5), (42, -100.0)]);
     assert_eq!(
-        (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p, p.top_logprobs),
+        (
+            p.presence_penalty,
+            p.frequency_penalty,
+            p.repetition_penalty,
+            p.min_p,
+            p.top_logprobs
+        ),
         (0.5, -0.25, 1.2, 0.1, 5)
     );
     assert!(j.explicit_max && j.logprobs);
     assert_eq!(j.n, 3);
     let c = validate_completion(
-        parse_completion(json!({ "model": MODEL, "prompt": "x", "logprobs": 3 }).to_string().as_bytes())
-            .expect("parsed"),
+        parse_completion(
+            json!({ "model": MODEL, "prompt": "x", "logprobs": 3 })
+                .to_string()
+                .as_bytes(),
+        )
+        .expect("parsed"),
         MODEL,
         &Defaults::default(),
         LIMITS,
@@ -113,7 +153,10 @@ fn unknown_fields_are_accepted() {
 fn field_lists_come_from_the_types() {
     let chat = field_names::<ChatRequest>();
     assert!(chat.contains(&"messages") && chat.contains(&"top_logprobs"));
-    assert!(!chat.contains(&"sampling"), "skipped fields are not request fields");
+    assert!(
+        !chat.contains(&"sampling"),
+        "skipped fields are not request fields"
+    );
     assert!(field_names::<Sampling>().contains(&"logit_bias"));
     assert!(field_names::<CompletionRequest>().contains(&"prompt"));
 }
@@ -141,14 +184,26 @@ fn the_openapi_document_matches_the_request_types() {
         v.sort();
         v
     };
-    assert_eq!(props(&schemas["Sampling"]), names(field_names::<Sampling>()), "Sampling");
-    assert_eq!(props(&schemas["ChatRequest"]), names(field_names::<ChatRequest>()), "ChatRequest");
+    assert_eq!(
+        props(&schemas["Sampling"]),
+        names(field_names::<Sampling>()),
+        "Sampling"
+    );
+    assert_eq!(
+        props(&schemas["ChatRequest"]),
+        names(field_names::<ChatRequest>()),
+        "ChatRequest"
+    );
     assert_eq!(
         props(&schemas["CompletionRequest"]),
         names(field_names::<CompletionRequest>()),
         "CompletionRequest"
     );
-    assert_eq!(props(&schemas["TokenizeRequest"]), names(field_names::<TokenizeRequest>()), "TokenizeRequest");
+    assert_eq!(
+        props(&schemas["TokenizeRequest"]),
+        names(field_names::<TokenizeRequest>()),
+        "TokenizeRequest"
+    );
     assert_eq!(
         props(&schemas["DetokenizeRequest"]),
         names(field_names::<DetokenizeRequest>()),
@@ -277,11 +332,18 @@ fn stream_chunks_have_openai_fields() {
         2,
         json!({}),
         Some(FinishReason::Length),
-        Some(chat_logprob("Hi", -0.5, &[("Hi".into(), -0.5), ("Ho".into(), -1.5)])),
+        Some(chat_logprob(
+            "Hi",
+            -0.5,
+            &[("Hi".into(), -0.5), ("Ho".into(), -1.5)],
+        )),
         false,
     );
     assert_eq!(last["choices"][0]["index"], 2);
-    assert_eq!(last["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"], "Ho");
+    assert_eq!(
+        last["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"],
+        "Ho"
+    );
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(
         last["choices"][0]["logprobs"]["content"][0]["logprob"],

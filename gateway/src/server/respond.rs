@@ -36,20 +36,29 @@ struct Token {
 
 /// What a choice's driver reports.
 enum Item {
-    Token { index: usize, token: Token },
+    Token {
+        index: usize,
+        token: Token,
+    },
     Done {
         index: usize,
         reason: FinishReason,
         accounting: Accounting,
         completion: usize,
     },
-    Failed { error: ApiError },
+    Failed {
+        error: ApiError,
+    },
 }
 
 impl Shape {
     /// The token's log-probabilities as the response kind writes them.
     fn chat_logprob(&self, gw: &Gateway, t: &Token) -> Value {
-        let top: Vec<(String, f32)> = t.top.iter().map(|(id, lp)| (gw.token_text(*id), *lp)).collect();
+        let top: Vec<(String, f32)> = t
+            .top
+            .iter()
+            .map(|(id, lp)| (gw.token_text(*id), *lp))
+            .collect();
         api::chat_logprob(&gw.token_text(t.token), t.logprob, &top)
     }
 
@@ -57,11 +66,21 @@ impl Shape {
         (
             gw.token_text(t.token),
             t.logprob,
-            t.top.iter().map(|(id, lp)| (gw.token_text(*id), *lp)).collect(),
+            t.top
+                .iter()
+                .map(|(id, lp)| (gw.token_text(*id), *lp))
+                .collect(),
         )
     }
 
-    fn chunk(&self, gw: &Gateway, index: usize, text: &str, token: Option<&Token>, finish: Option<FinishReason>) -> Value {
+    fn chunk(
+        &self,
+        gw: &Gateway,
+        index: usize,
+        text: &str,
+        token: Option<&Token>,
+        finish: Option<FinishReason>,
+    ) -> Value {
         let token = token.filter(|_| self.logprobs);
         match self.kind {
             Kind::Chat => {
@@ -82,7 +101,8 @@ impl Shape {
                 )
             }
             Kind::Completion => {
-                let lp = token.map(|t| api::completion_logprobs(&[Self::completion_logprob(gw, t)]));
+                let lp =
+                    token.map(|t| api::completion_logprobs(&[Self::completion_logprob(gw, t)]));
                 let mut c = api::completion(
                     &self.id,
                     self.created,
@@ -209,7 +229,12 @@ fn accounting_object(per_choice: &[Option<Accounting>]) -> Value {
 
 /// A whole (non-streaming) response once every choice has ended; the first
 /// failure is the response instead (the other choices are cancelled).
-async fn whole(gw: &Gateway, shape: &Shape, prompt_tokens: usize, mut rx: mpsc::Receiver<Item>) -> Response {
+async fn whole(
+    gw: &Gateway,
+    shape: &Shape,
+    prompt_tokens: usize,
+    mut rx: mpsc::Receiver<Item>,
+) -> Response {
     let n = shape.n;
     let mut text = vec![String::new(); n];
     let mut tokens: Vec<Vec<Token>> = (0..n).map(|_| Vec::new()).collect();
@@ -233,7 +258,11 @@ async fn whole(gw: &Gateway, shape: &Shape, prompt_tokens: usize, mut rx: mpsc::
                 accounting[index] = Some(a);
             }
             Some(Item::Failed { error }) => return error_response(&error),
-            None => return error_response(&ApiError::Internal("a choice ended without a result".into())),
+            None => {
+                return error_response(&ApiError::Internal(
+                    "a choice ended without a result".into(),
+                ))
+            }
         }
     }
     let completion: usize = ends.iter().flatten().map(|(_, c)| c).sum();
@@ -247,9 +276,14 @@ async fn whole(gw: &Gateway, shape: &Shape, prompt_tokens: usize, mut rx: mpsc::
         };
         if shape.logprobs {
             c["logprobs"] = match shape.kind {
-                Kind::Chat => json!({ "content": tokens[i].iter().map(|t| shape.chat_logprob(gw, t)).collect::<Vec<_>>() }),
+                Kind::Chat => {
+                    json!({ "content": tokens[i].iter().map(|t| shape.chat_logprob(gw, t)).collect::<Vec<_>>() })
+                }
                 Kind::Completion => api::completion_logprobs(
-                    &tokens[i].iter().map(|t| Shape::completion_logprob(gw, t)).collect::<Vec<_>>(),
+                    &tokens[i]
+                        .iter()
+                        .map(|t| Shape::completion_logprob(gw, t))
+                        .collect::<Vec<_>>(),
                 ),
             };
         }
@@ -336,7 +370,10 @@ async fn stream_items(
                 left -= 1;
                 if left == 0 {
                     if shape.include_usage {
-                        let _ = send(api::sse(&shape.usage(Usage::new(prompt_tokens, completion)))).await;
+                        let _ = send(api::sse(
+                            &shape.usage(Usage::new(prompt_tokens, completion)),
+                        ))
+                        .await;
                     }
                     let _ = send(api::SSE_DONE.to_string()).await;
                     return;

@@ -87,10 +87,7 @@ pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
         return f32::INFINITY;
     }
     let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter()
-        .zip(b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 fn check(name: &str, r: Result<(bool, String)>) -> Check {
@@ -130,13 +127,20 @@ pub fn kernel_checks(device: &Device, mut each: impl FnMut(&Check)) -> Vec<Check
 }
 
 /// The checks on the model: the device's engine against the CPU's.
-pub fn model_checks(file: &ModelFile, plan: &CheckPlan, mut each: impl FnMut(&Check)) -> Vec<Check> {
+pub fn model_checks(
+    file: &ModelFile,
+    plan: &CheckPlan,
+    mut each: impl FnMut(&Check),
+) -> Vec<Check> {
     let mut out = Vec::new();
     let mut push = |c: Check| {
         each(&c);
         out.push(c);
     };
-    push(check("hidden states and logits", hidden_and_logits(file, plan)));
+    push(check(
+        "hidden states and logits",
+        hidden_and_logits(file, plan),
+    ));
     push(check("greedy continuations", greedy(file, plan)));
     push(check("chunked prefill", chunked(file, plan)));
     push(check("layouts", layouts(file, plan)));
@@ -144,7 +148,13 @@ pub fn model_checks(file: &ModelFile, plan: &CheckPlan, mut each: impl FnMut(&Ch
     out
 }
 
-fn engine(file: &ModelFile, plan: &CheckPlan, device: Device, pp: usize, tp: usize) -> Result<Engine> {
+fn engine(
+    file: &ModelFile,
+    plan: &CheckPlan,
+    device: Device,
+    pp: usize,
+    tp: usize,
+) -> Result<Engine> {
     Engine::new(
         file,
         &EngineOptions {
@@ -205,7 +215,9 @@ fn hidden_and_logits(file: &ModelFile, plan: &CheckPlan) -> Result<(bool, String
             };
             match g.forward(Input::Tokens(ids.clone()), vec![span], Phase::Prefill)? {
                 SliceOutput::Hidden(h) => Ok(h),
-                _ => Err(super::gpu::err("a slice without the last layer gave no hidden state")),
+                _ => Err(super::gpu::err(
+                    "a slice without the last layer gave no hidden state",
+                )),
             }
         };
         let d = rel_diff(&run(Device::Cpu)?, &run(plan.device.clone())?);
@@ -265,7 +277,11 @@ fn greedy(file: &ModelFile, plan: &CheckPlan) -> Result<(bool, String)> {
             want.len(),
             got[agree],
             want[agree],
-            if tie { " (a near-tie)" } else { " (NOT a near-tie)" }
+            if tie {
+                " (a near-tie)"
+            } else {
+                " (NOT a near-tie)"
+            }
         ));
     }
     Ok((pass, notes.join("; ")))
@@ -287,7 +303,11 @@ fn chunked(file: &ModelFile, plan: &CheckPlan) -> Result<(bool, String)> {
     }
     Ok((
         pass,
-        format!("{} tokens, {} (tolerance {tol:.0e})", ids.len(), notes.join(", ")),
+        format!(
+            "{} tokens, {} (tolerance {tol:.0e})",
+            ids.len(),
+            notes.join(", ")
+        ),
     ))
 }
 
@@ -322,7 +342,13 @@ fn graphs(file: &ModelFile, plan: &CheckPlan) -> Result<(bool, String)> {
     let mut slice = CudaSlice::upload(weights, stream, Box::new(super::comm::SoloDev))?;
     // Three sequences of different lengths, prefilled eagerly.
     let prompts: Vec<Vec<u32>> = (0..3)
-        .map(|i| plan.prompts[i % plan.prompts.len()].iter().skip(i).copied().collect())
+        .map(|i| {
+            plan.prompts[i % plan.prompts.len()]
+                .iter()
+                .skip(i)
+                .copied()
+                .collect()
+        })
         .collect();
     let mut tables: Vec<Vec<BlockId>> = Vec::new();
     let mut next = 0u32;
@@ -367,9 +393,11 @@ fn graphs(file: &ModelFile, plan: &CheckPlan) -> Result<(bool, String)> {
                 sample.then_some(draws.as_slice()),
             )
         };
-        let (SliceOutput::Logits(g), SliceOutput::Logits(p), SliceOutput::Logits(o)) =
-            (run(GraphMode::On, false)?, run(GraphMode::Padded, false)?, run(GraphMode::Off, false)?)
-        else {
+        let (SliceOutput::Logits(g), SliceOutput::Logits(p), SliceOutput::Logits(o)) = (
+            run(GraphMode::On, false)?,
+            run(GraphMode::Padded, false)?,
+            run(GraphMode::Off, false)?,
+        ) else {
             return Err(super::gpu::err("a decode step gave no logits"));
         };
         let (SliceOutput::Sampled(gs), SliceOutput::Sampled(ps)) =
@@ -443,7 +471,12 @@ fn sampling(device: &Device) -> Result<(bool, String)> {
     let topk: Vec<i32> = draws.iter().map(|d| d.top_k as i32).collect();
     let topp: Vec<f32> = draws.iter().map(|d| d.top_p).collect();
     let u: Vec<f32> = draws.iter().map(|d| d.u).collect();
-    let (tb, kb, pb, ub) = (st.upload(&temp)?, st.upload(&topk)?, st.upload(&topp)?, st.upload(&u)?);
+    let (tb, kb, pb, ub) = (
+        st.upload(&temp)?,
+        st.upload(&topk)?,
+        st.upload(&topp)?,
+        st.upload(&u)?,
+    );
     let out = gpu.alloc(rows * 8)?;
     st.launch(
         "sample_rows",
@@ -477,7 +510,11 @@ fn sampling(device: &Device) -> Result<(bool, String)> {
         if wrong.is_empty() {
             format!("{rows} draws (greedy, temperature, top-k, top-p) choose the host's tokens; log-probabilities within {worst_lp:.1e}")
         } else {
-            format!("{} of {rows} draws differ: {}", wrong.len(), wrong.join("; "))
+            format!(
+                "{} of {rows} draws differ: {}",
+                wrong.len(),
+                wrong.join("; ")
+            )
         },
     ))
 }
@@ -512,12 +549,18 @@ fn attention(device: &Device) -> Result<(bool, String)> {
     };
     // Two sequences: (cached, new) = (300, 1) decodes over two parts; (20, 45) prefills.
     let seqs = [(300usize, 1usize), (20, 45)];
-    let n_blocks: usize = seqs.iter().map(|(c, n)| layout.blocks_for(c + n)).sum::<usize>() + 2;
+    let n_blocks: usize = seqs
+        .iter()
+        .map(|(c, n)| layout.blocks_for(c + n))
+        .sum::<usize>()
+        + 2;
     let mut ids: Vec<u32> = (0..n_blocks as u32).rev().collect();
     ids.swap(1, n_blocks / 2);
     let mut pool = vec![0f32; layout.block_elems() * n_blocks];
     let layer = 1;
-    let val = |s: usize, kv: usize, h: usize, p: usize| numbers((s * 1000 + kv * 100 + h) as u64 * 7919 + p as u64, hd);
+    let val = |s: usize, kv: usize, h: usize, p: usize| {
+        numbers((s * 1000 + kv * 100 + h) as u64 * 7919 + p as u64, hd)
+    };
     let mut tables = Vec::new();
     let mut next = 0;
     for (s, (c, n)) in seqs.iter().enumerate() {
@@ -527,7 +570,8 @@ fn attention(device: &Device) -> Result<(bool, String)> {
         for h in 0..n_kv {
             for p in 0..c + n {
                 for kv in 0..2 {
-                    let off = t[p / bs] as usize * layout.block_elems() + layout.offset(layer, kv, h, p % bs);
+                    let off = t[p / bs] as usize * layout.block_elems()
+                        + layout.offset(layer, kv, h, p % bs);
                     pool[off..off + hd].copy_from_slice(&val(s, kv, h, p));
                 }
             }
@@ -558,9 +602,23 @@ fn attention(device: &Device) -> Result<(bool, String)> {
         (128, 1, 1),
         0,
         &[
-            part_acc.arg(), part_ml.arg(), qb.arg(), pb.arg(), Arg::I32(0), dec_tok.arg(), dec_ctx.arg(),
-            tb.arg(), dec_off.arg(), Arg::I32(layer as i32), Arg::I32(n_q as i32), Arg::I32(n_kv as i32),
-            Arg::I32(hd as i32), Arg::I32(bs as i32), Arg::I64(be), Arg::F32(scale), Arg::I32(parts as i32),
+            part_acc.arg(),
+            part_ml.arg(),
+            qb.arg(),
+            pb.arg(),
+            Arg::I32(0),
+            dec_tok.arg(),
+            dec_ctx.arg(),
+            tb.arg(),
+            dec_off.arg(),
+            Arg::I32(layer as i32),
+            Arg::I32(n_q as i32),
+            Arg::I32(n_kv as i32),
+            Arg::I32(hd as i32),
+            Arg::I32(bs as i32),
+            Arg::I64(be),
+            Arg::F32(scale),
+            Arg::I32(parts as i32),
         ],
     )?;
     st.launch(
@@ -569,8 +627,15 @@ fn attention(device: &Device) -> Result<(bool, String)> {
         (64, 1, 1),
         0,
         &[
-            out.arg(), Arg::I32(0), part_acc.arg(), part_ml.arg(), dec_tok.arg(), dec_ctx.arg(),
-            Arg::I32(n_q as i32), Arg::I32(hd as i32), Arg::I32(parts as i32),
+            out.arg(),
+            Arg::I32(0),
+            part_acc.arg(),
+            part_ml.arg(),
+            dec_tok.arg(),
+            dec_ctx.arg(),
+            Arg::I32(n_q as i32),
+            Arg::I32(hd as i32),
+            Arg::I32(parts as i32),
         ],
     )?;
     let pre_tok = i32s(&[1])?;
@@ -583,9 +648,23 @@ fn attention(device: &Device) -> Result<(bool, String)> {
         (256, 1, 1),
         super::real::prefill_smem_bytes(hd) as u32,
         &[
-            out.arg(), Arg::I32(0), qb.arg(), pb.arg(), Arg::I32(0), pre_tok.arg(), pre_pos.arg(),
-            pre_n.arg(), tb.arg(), pre_off.arg(), Arg::I32(layer as i32), Arg::I32(n_q as i32),
-            Arg::I32(n_kv as i32), Arg::I32(hd as i32), Arg::I32(bs as i32), Arg::I64(be), Arg::F32(scale),
+            out.arg(),
+            Arg::I32(0),
+            qb.arg(),
+            pb.arg(),
+            Arg::I32(0),
+            pre_tok.arg(),
+            pre_pos.arg(),
+            pre_n.arg(),
+            tb.arg(),
+            pre_off.arg(),
+            Arg::I32(layer as i32),
+            Arg::I32(n_q as i32),
+            Arg::I32(n_kv as i32),
+            Arg::I32(hd as i32),
+            Arg::I32(bs as i32),
+            Arg::I64(be),
+            Arg::F32(scale),
         ],
     )?;
     let got = st.read::<f32>(out.ptr, tokens * n_q * hd)?;
@@ -623,15 +702,14 @@ fn all_reduce(device: &Device) -> Result<(bool, String)> {
         let handles: Vec<_> = ThreadGroup::new(world)
             .into_iter()
             .zip(inputs.clone())
-            .map(|(g, mut buf)| {
-                std::thread::spawn(move || {
-                    g.all_reduce_sum(&mut buf).map(|_| buf)
-                })
-            })
+            .map(|(g, mut buf)| std::thread::spawn(move || g.all_reduce_sum(&mut buf).map(|_| buf)))
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| super::gpu::err("a CPU rank panicked"))?)
+            .map(|h| {
+                h.join()
+                    .map_err(|_| super::gpu::err("a CPU rank panicked"))?
+            })
             .collect::<Result<_>>()?
     };
     let gpu = Gpu::open(device, 0)?;
@@ -651,12 +729,17 @@ fn all_reduce(device: &Device) -> Result<(bool, String)> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| super::gpu::err("a GPU rank panicked"))?)
+            .map(|h| {
+                h.join()
+                    .map_err(|_| super::gpu::err("a GPU rank panicked"))?
+            })
             .collect::<Result<_>>()?
     };
-    let shared_ok = dev
-        .iter()
-        .all(|d| d.iter().zip(&cpu[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let shared_ok = dev.iter().all(|d| {
+        d.iter()
+            .zip(&cpu[0])
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    });
     let nccl = if gpu.is_emulated() {
         "NCCL not run (no GPU under the emulator)".to_string()
     } else {

@@ -63,7 +63,10 @@ impl CommSpec {
             return Ok(vec![CommSpec::Solo]);
         }
         if ordinals.iter().all(|o| *o == ordinals[0]) {
-            return Ok(SharedGpu::new(world).into_iter().map(CommSpec::Shared).collect());
+            return Ok(SharedGpu::new(world)
+                .into_iter()
+                .map(CommSpec::Shared)
+                .collect());
         }
         let mut distinct = ordinals.to_vec();
         distinct.sort_unstable();
@@ -227,7 +230,12 @@ impl DeviceComm for SharedGpu {
             (blocks.max(1), 1, 1),
             (256, 1, 1),
             0,
-            &[sum.arg(), srcs.arg(), Arg::I32(world as i32), Arg::I64(n as i64)],
+            &[
+                sum.arg(),
+                srcs.arg(),
+                Arg::I32(world as i32),
+                Arg::I64(n as i64),
+            ],
         )?;
         let done = Arc::new(stream.record()?);
         self.shared.read.lock().map_err(|_| poisoned())?[self.rank] = Some(done);
@@ -276,7 +284,12 @@ impl NcclComm {
         let mut comm = std::ptr::null_mut();
         // SAFETY: `comm` is an out-parameter; every rank passes the same id.
         unsafe { cudarc::nccl::result::comm_init_rank(&mut comm, world as i32, id, rank as i32) }
-            .map_err(|e| err(format!("ncclCommInitRank (rank {rank} of {world}): {:?}", e.0)))?;
+            .map_err(|e| {
+            err(format!(
+                "ncclCommInitRank (rank {rank} of {world}): {:?}",
+                e.0
+            ))
+        })?;
         Ok(NcclComm { comm, rank, world })
     }
 

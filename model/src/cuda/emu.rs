@@ -14,7 +14,9 @@ use std::ffi::{c_char, c_void, CString};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
-use super::gpu::{err, parse_signatures, Arg, Backend, DType, Event, Gemm, GraphOps, StreamOps, KERNELS};
+use super::gpu::{
+    err, parse_signatures, Arg, Backend, DType, Event, Gemm, GraphOps, StreamOps, KERNELS,
+};
 use crate::error::Result;
 use crate::gemm::{sgemm, Strides};
 
@@ -93,7 +95,15 @@ fn build() -> Result<Lib> {
         // never load a half-written library.
         let tmp = dir.join(format!("lib.{}.so", std::process::id()));
         let out = std::process::Command::new(&cxx)
-            .args(["-std=c++17", "-O2", "-g", "-shared", "-fPIC", "-w", "-fno-strict-aliasing"])
+            .args([
+                "-std=c++17",
+                "-O2",
+                "-g",
+                "-shared",
+                "-fPIC",
+                "-w",
+                "-fno-strict-aliasing",
+            ])
             .arg("-include")
             .arg(dir.join("emu.h"))
             .arg("-I")
@@ -103,14 +113,19 @@ fn build() -> Result<Lib> {
             .arg("-o")
             .arg(&tmp)
             .output()
-            .map_err(|e| err(format!("the CUDA emulator needs a C++ compiler ({cxx}): {e}")))?;
+            .map_err(|e| {
+                err(format!(
+                    "the CUDA emulator needs a C++ compiler ({cxx}): {e}"
+                ))
+            })?;
         if !out.status.success() {
             return Err(err(format!(
                 "the CUDA emulator did not compile:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        std::fs::rename(&tmp, &lib_path).map_err(|e| err(format!("{}: {e}", lib_path.display())))?;
+        std::fs::rename(&tmp, &lib_path)
+            .map_err(|e| err(format!("{}: {e}", lib_path.display())))?;
     }
     // SAFETY: the library is ours, built above from the project's sources;
     // its initialisers do nothing but set up statics.
@@ -166,7 +181,9 @@ static ALLOCS: Mutex<BTreeMap<u64, (usize, usize, usize)>> = Mutex::new(BTreeMap
 
 /// Whether `[ptr, ptr + bytes)` lies inside one live allocation.
 fn inside(ptr: u64, bytes: usize) -> bool {
-    let a = ALLOCS.lock().expect("the allocation table is never poisoned");
+    let a = ALLOCS
+        .lock()
+        .expect("the allocation table is never poisoned");
     match a.range(..=ptr).next_back() {
         Some((base, (len, _, _))) => ptr + bytes as u64 <= base + *len as u64,
         None => false,
@@ -279,7 +296,10 @@ struct EmuStream {
 impl EmuStream {
     /// Records `op` when capturing, else runs it.
     fn submit(&self, op: Op) -> Result<()> {
-        let mut cap = self.capture.lock().map_err(|_| err("emulator stream poisoned"))?;
+        let mut cap = self
+            .capture
+            .lock()
+            .map_err(|_| err("emulator stream poisoned"))?;
         if let Some(ops) = cap.as_mut() {
             ops.push(op);
             return Ok(());
@@ -335,7 +355,11 @@ fn run(lib: &Lib, op: &Op) -> Result<()> {
                 )
             };
             if rc != 0 {
-                let text: Vec<u8> = msg.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+                let text: Vec<u8> = msg
+                    .iter()
+                    .take_while(|c| **c != 0)
+                    .map(|c| *c as u8)
+                    .collect();
                 return Err(err(format!(
                     "emulator: {kernel}: {}",
                     String::from_utf8_lossy(&text)
@@ -363,7 +387,14 @@ fn run(lib: &Lib, op: &Op) -> Result<()> {
 /// A GEMM operand as f32 with the strides that make element `(i, l)` of
 /// `op(X)` (`rows × cols`) `data[i * row + l * col]`: f32 memory is used
 /// in place, bf16 is widened first.
-fn operand(ptr: u64, ty: DType, ld: usize, rows: usize, cols: usize, trans: bool) -> Result<(std::borrow::Cow<'static, [f32]>, Strides)> {
+fn operand(
+    ptr: u64,
+    ty: DType,
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    trans: bool,
+) -> Result<(std::borrow::Cow<'static, [f32]>, Strides)> {
     // The stored matrix is `sr × sc` column-major with leading dimension ld.
     let (sr, sc) = if trans { (cols, rows) } else { (rows, cols) };
     if ld < sr {
@@ -385,7 +416,11 @@ fn operand(ptr: u64, ty: DType, ld: usize, rows: usize, cols: usize, trans: bool
         DType::Bf16 => {
             // SAFETY: as above, `span` bf16 values.
             let raw = unsafe { std::slice::from_raw_parts(ptr as *const u16, span) };
-            std::borrow::Cow::Owned(raw.iter().map(|b| half::bf16::from_bits(*b).to_f32()).collect())
+            std::borrow::Cow::Owned(
+                raw.iter()
+                    .map(|b| half::bf16::from_bits(*b).to_f32())
+                    .collect(),
+            )
         }
     };
     Ok((data, strides))
@@ -400,7 +435,11 @@ fn gemm(g: &Gemm) -> Result<()> {
     if g.ldc < g.m {
         return Err(err("emulator: ldc < m"));
     }
-    check(g.c, ((g.n - 1) * g.ldc + g.m) * g.c_type.bytes(), "GEMM output")?;
+    check(
+        g.c,
+        ((g.n - 1) * g.ldc + g.m) * g.c_type.bytes(),
+        "GEMM output",
+    )?;
     for i in 0..g.m {
         for j in 0..g.n {
             let idx = i + j * g.ldc;

@@ -103,7 +103,11 @@ pub fn parse_signatures(src: &str) -> Result<Vec<Signature>> {
             } else {
                 ty.trim().to_string()
             };
-            let ty = ty.replace("__restrict__", "").split_whitespace().collect::<Vec<_>>().join(" ");
+            let ty = ty
+                .replace("__restrict__", "")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             let kind = if ty.contains('*') {
                 ArgKind::Ptr
             } else {
@@ -169,7 +173,16 @@ impl Gemm {
     /// every linear layer does: column-major, `yᵀ = Wᵀᵀ · xᵀ`, i.e.
     /// `cublasGemmEx(T, N, m = rows, n = t, k = cols, W, lda = cols, x,
     /// ldb = cols, y, ldc = rows)`.
-    pub fn linear(w: u64, w_type: DType, rows: usize, cols: usize, x: u64, x_type: DType, t: usize, y: u64) -> Gemm {
+    pub fn linear(
+        w: u64,
+        w_type: DType,
+        rows: usize,
+        cols: usize,
+        x: u64,
+        x_type: DType,
+        t: usize,
+        y: u64,
+    ) -> Gemm {
         Gemm {
             trans_a: true,
             trans_b: false,
@@ -544,7 +557,10 @@ mod tests {
         ] {
             assert!(names.contains(&k), "{k} missing from {names:?}");
         }
-        let rms = sigs.iter().find(|s| s.name == "rms_norm").expect("rms_norm");
+        let rms = sigs
+            .iter()
+            .find(|s| s.name == "rms_norm")
+            .expect("rms_norm");
         let kinds: Vec<ArgKind> = rms.params.iter().map(|p| p.1).collect();
         use ArgKind::*;
         assert_eq!(kinds, [Ptr, I32, Ptr, Ptr, Ptr, Ptr, I32, I32, F32]);

@@ -18,7 +18,9 @@ use crate::sampling::{Draw, Sampled};
 use crate::slice::SliceOutput;
 
 /// Batch sizes graphs are captured for; larger steps run eagerly.
-pub const BUCKETS: [usize; 16] = [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256];
+pub const BUCKETS: [usize; 16] = [
+    1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256,
+];
 
 /// How decode steps run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,8 +155,14 @@ fn run(
                         slice.graphs.captured.insert(key, g);
                     }
                     (q, g) => {
-                        let why = q.err().or(g.err()).map(|e| e.to_string()).unwrap_or_default();
-                        tracing::warn!("decode steps run without CUDA graphs: capture failed: {why}");
+                        let why = q
+                            .err()
+                            .or(g.err())
+                            .map(|e| e.to_string())
+                            .unwrap_or_default();
+                        tracing::warn!(
+                            "decode steps run without CUDA graphs: capture failed: {why}"
+                        );
                         slice.graphs.failed = true;
                         slice.enqueue(plan, sc, pool, None)?;
                         return read(slice, plan, sc, out, n);

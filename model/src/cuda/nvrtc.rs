@@ -69,7 +69,11 @@ pub fn compile(src: &str, cc: (i32, i32), out: Output) -> Result<Vec<u8>> {
         Output::Ptx => format!("--gpu-architecture=compute_{}{}", cc.0, cc.1),
         Output::Cubin => format!("--gpu-architecture=sm_{}{}", cc.0, cc.1),
     };
-    let opts = [arch, "--std=c++17".to_string(), "-default-device".to_string()];
+    let opts = [
+        arch,
+        "--std=c++17".to_string(),
+        "-default-device".to_string(),
+    ];
     // SAFETY: `prog` was just created and is destroyed below, once.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     // SAFETY: as above.

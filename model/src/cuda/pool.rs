@@ -98,12 +98,26 @@ impl DevicePool {
     }
 
     /// One position's vector for one layer, K or V, and head, from f32.
-    pub fn write(&self, block: BlockId, layer: usize, kv: usize, head: usize, slot: usize, v: &[f32]) -> Result<()> {
+    pub fn write(
+        &self,
+        block: BlockId,
+        layer: usize,
+        kv: usize,
+        head: usize,
+        slot: usize,
+        v: &[f32],
+    ) -> Result<()> {
         let off = self.layout.offset(layer, kv, head, slot);
         let bytes: Vec<u8> = match self.layout.dtype {
             KvDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            KvDtype::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-            KvDtype::Bf16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+            KvDtype::F16 => v
+                .iter()
+                .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            KvDtype::Bf16 => v
+                .iter()
+                .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                .collect(),
         };
         self.write_region(block, off, &bytes)
     }

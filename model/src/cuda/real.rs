@@ -95,7 +95,11 @@ impl RealGpu {
             funcs.insert(sig.name, f);
         }
         ctx.bind_to_thread().map_err(derr("cannot bind the GPU"))?;
-        for (name, hpl) in [("attn_prefill_2", 2), ("attn_prefill_4", 4), ("attn_prefill_8", 8)] {
+        for (name, hpl) in [
+            ("attn_prefill_2", 2),
+            ("attn_prefill_4", 4),
+            ("attn_prefill_8", 8),
+        ] {
             let bytes = prefill_smem_bytes(32 * hpl) as i32;
             funcs[name]
                 .set_attribute(
@@ -152,7 +156,10 @@ impl Backend for RealGpu {
     }
 
     fn stream(&self) -> Result<Box<dyn StreamOps>> {
-        let stream = self.ctx.new_stream().map_err(derr("cannot create a stream"))?;
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(derr("cannot create a stream"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(format!("cuBLAS: {e}")))?;
         let workspace = self.alloc(BLAS_WORKSPACE)?;
         // SAFETY: the handle is live; the workspace outlives it (freed in
@@ -167,9 +174,12 @@ impl Backend for RealGpu {
             .map_err(|e| err(format!("cublasSetWorkspace: {e}")))?;
             // Full f32 arithmetic for f32 operands (no TF32): the f32 path
             // is the one held to the CPU's results.
-            cublas::sys::cublasSetMathMode(*blas.handle(), cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
-                .result()
-                .map_err(|e| err(format!("cublasSetMathMode: {e}")))?;
+            cublas::sys::cublasSetMathMode(
+                *blas.handle(),
+                cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            )
+            .result()
+            .map_err(|e| err(format!("cublasSetMathMode: {e}")))?;
         }
         Ok(Box::new(RealStream {
             ctx: self.ctx.clone(),

@@ -351,7 +351,10 @@ pub(crate) fn build_meta(
             pi += 1;
         }
         m[o.last_row + si] = (ti + s.n - 1) as i32;
-        let d = draws.and_then(|d| d.get(si)).cloned().unwrap_or(Draw::GREEDY);
+        let d = draws
+            .and_then(|d| d.get(si))
+            .cloned()
+            .unwrap_or(Draw::GREEDY);
         m[o.temperature + si] = d.temperature.to_bits() as i32;
         m[o.top_k + si] = d.top_k.min(vocab) as i32;
         m[o.top_p + si] = d.top_p.to_bits() as i32;
@@ -381,7 +384,11 @@ pub struct CudaSlice {
 
 impl CudaSlice {
     /// Uploads `w` on the rank's thread, which owns `stream` and `comm`.
-    pub fn upload(w: CudaWeights, stream: Arc<Stream>, comm: Box<dyn DeviceComm>) -> Result<CudaSlice> {
+    pub fn upload(
+        w: CudaWeights,
+        stream: Arc<Stream>,
+        comm: Box<dyn DeviceComm>,
+    ) -> Result<CudaSlice> {
         let s = &stream;
         let mat = |m: HostMat| -> Result<Mat> {
             Ok(Mat {
@@ -458,15 +465,17 @@ impl CudaSlice {
             .map(|l| m(&l.qkv) + m(&l.o) + m(&l.gate_up) + m(&l.down))
             .sum::<usize>()
             + self.embed.as_ref().map_or(0, m)
-            + self
-                .head
-                .as_ref()
-                .and_then(|h| h.lm.as_ref())
-                .map_or(0, m)
+            + self.head.as_ref().and_then(|h| h.lm.as_ref()).map_or(0, m)
     }
 
     /// Device scratch for `tokens` tokens and `seqs` sequences.
-    pub(crate) fn scratch(&self, tokens: usize, seqs: usize, parts: usize, meta_len: usize) -> Result<Scratch> {
+    pub(crate) fn scratch(
+        &self,
+        tokens: usize,
+        seqs: usize,
+        parts: usize,
+        meta_len: usize,
+    ) -> Result<Scratch> {
         let g = &self.stream.gpu;
         let (h, hd) = (self.config.hidden, self.config.head_dim);
         let ab = self.wdt.bytes();
@@ -518,7 +527,10 @@ impl CudaSlice {
                         ids.len()
                     )));
                 }
-                if let Some(id) = ids.iter().find(|id| **id as usize >= self.config.vocab_size) {
+                if let Some(id) = ids
+                    .iter()
+                    .find(|id| **id as usize >= self.config.vocab_size)
+                {
                     return Err(ModelError::Invalid(format!(
                         "token id {id} is outside the vocabulary of {}",
                         self.config.vocab_size
@@ -536,7 +548,9 @@ impl CudaSlice {
         }
         let layout = pool.layout;
         if layout.layers != self.layers.len() || layout.kv_heads != self.n_kv {
-            return Err(ModelError::Kv("pool layout does not match the slice".into()));
+            return Err(ModelError::Kv(
+                "pool layout does not match the slice".into(),
+            ));
         }
         for s in seqs {
             if s.n == 0 {
@@ -578,7 +592,9 @@ impl CudaSlice {
         draws: Option<&[Draw]>,
     ) -> Result<SliceOutput> {
         let KvStorage::Device(dp) = &pool.storage else {
-            return Err(ModelError::Kv("a GPU slice needs a pool in GPU memory".into()));
+            return Err(ModelError::Kv(
+                "a GPU slice needs a pool in GPU memory".into(),
+            ));
         };
         self.check(&input, seqs, dp)?;
         if seqs.is_empty() {
@@ -619,7 +635,12 @@ impl CudaSlice {
         let sd = seqs.iter().filter(|s| s.n == 1).count();
         let sp = s - sd;
         let tables: usize = seqs.iter().map(|s| (s.pos + s.n).div_ceil(bs)).sum();
-        let max_ctx = seqs.iter().filter(|s| s.n == 1).map(|s| s.pos + 1).max().unwrap_or(0);
+        let max_ctx = seqs
+            .iter()
+            .filter(|s| s.n == 1)
+            .map(|s| s.pos + 1)
+            .max()
+            .unwrap_or(0);
         let max_parts = max_ctx.div_ceil(DECODE_PART);
         let max_n = seqs.iter().map(|s| s.n).max().unwrap_or(0);
         let plan = Plan {
@@ -666,14 +687,20 @@ impl CudaSlice {
     }
 
     /// Reads a pass's result back.
-    pub(crate) fn collect(&self, plan: &Plan, sc: &Scratch, out: Option<Out>) -> Result<SliceOutput> {
+    pub(crate) fn collect(
+        &self,
+        plan: &Plan,
+        sc: &Scratch,
+        out: Option<Out>,
+    ) -> Result<SliceOutput> {
         match out {
             None => {
                 self.stream.sync()?;
                 Ok(SliceOutput::Nothing)
             }
             Some(Out::Hidden) => Ok(SliceOutput::Hidden(
-                self.stream.read::<f32>(sc.x.ptr, plan.t * self.config.hidden)?,
+                self.stream
+                    .read::<f32>(sc.x.ptr, plan.t * self.config.hidden)?,
             )),
             Some(Out::Logits) => Ok(SliceOutput::Logits(
                 self.stream
@@ -710,7 +737,13 @@ impl CudaSlice {
 
     /// Queues a whole pass on the stream, reading its metadata from the
     /// scratch's meta buffer: what eager passes run and graphs capture.
-    pub(crate) fn enqueue(&self, plan: &Plan, sc: &Scratch, pool: &DevicePool, stop: Option<&AtomicBool>) -> Result<()> {
+    pub(crate) fn enqueue(
+        &self,
+        plan: &Plan,
+        sc: &Scratch,
+        pool: &DevicePool,
+        stop: Option<&AtomicBool>,
+    ) -> Result<()> {
         let st = &self.stream;
         let cfg = &self.config;
         let (h, hd, t) = (cfg.hidden, cfg.head_dim, plan.t);
@@ -720,7 +753,10 @@ impl CudaSlice {
         let kvt = dtype_code(layout.dtype);
         let block_elems = layout.block_elems() as i64;
         if plan.tokens_in {
-            let e = self.embed.as_ref().ok_or_else(|| err("no embedding on this slice"))?;
+            let e = self
+                .embed
+                .as_ref()
+                .ok_or_else(|| err("no embedding on this slice"))?;
             st.launch(
                 "embed_rows",
                 (t as u32, 1, 1),
@@ -838,7 +874,11 @@ impl CudaSlice {
                 let hpl = hd.div_ceil(32).next_power_of_two().max(2);
                 st.launch(
                     &format!("attn_prefill_{hpl}"),
-                    (plan.max_n.div_ceil(PREFILL_BQ) as u32, self.n_q as u32, plan.sp as u32),
+                    (
+                        plan.max_n.div_ceil(PREFILL_BQ) as u32,
+                        self.n_q as u32,
+                        plan.sp as u32,
+                    ),
                     (256, 1, 1),
                     super::real::prefill_smem_bytes(hd) as u32,
                     &[

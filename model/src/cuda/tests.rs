@@ -37,19 +37,38 @@ fn rms_norm_matches_the_cpu() {
         (rows as u32, 1, 1),
         (64, 1, 1),
         0,
-        &[out.arg(), Arg::I32(0), xb.arg(), rb.arg(), wb.arg(), Arg::Ptr(0), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(1e-5)],
+        &[
+            out.arg(),
+            Arg::I32(0),
+            xb.arg(),
+            rb.arg(),
+            wb.arg(),
+            Arg::Ptr(0),
+            Arg::I32(rows as i32),
+            Arg::I32(cols as i32),
+            Arg::F32(1e-5),
+        ],
     )
     .expect("launch");
     let got: Vec<f32> = s.read(out.ptr, rows * cols).expect("read");
     let xs: Vec<f32> = s.read(xb.ptr, rows * cols).expect("read");
     for row in 0..rows {
-        let v: Vec<f32> = (0..cols).map(|c| x[row * cols + c] + r[row * cols + c]).collect();
+        let v: Vec<f32> = (0..cols)
+            .map(|c| x[row * cols + c] + r[row * cols + c])
+            .collect();
         let ms = v.iter().map(|a| a * a).sum::<f32>() / cols as f32;
         let sc = 1.0 / (ms + 1e-5).sqrt();
         for c in 0..cols {
-            assert!((xs[row * cols + c] - v[c]).abs() < 1e-6, "residual written back");
+            assert!(
+                (xs[row * cols + c] - v[c]).abs() < 1e-6,
+                "residual written back"
+            );
             let want = v[c] * sc * w[c];
-            assert!((got[row * cols + c] - want).abs() < 1e-5, "row {row} col {c}: {} vs {want}", got[row * cols + c]);
+            assert!(
+                (got[row * cols + c] - want).abs() < 1e-5,
+                "row {row} col {c}: {} vs {want}",
+                got[row * cols + c]
+            );
         }
     }
 }

@@ -63,7 +63,10 @@ fn a_request_aborted_before_it_arrives_is_refused_when_it_does() {
     let out = s.abort("d0", RequestId(1), Lease(1), "d0".into(), now);
     assert!(stopped(&out));
     assert!(s.prefill("p0-s0", req(1, 1, 8, false), now).is_empty());
-    assert!(s.reqs.is_empty() && !s.has_work(), "refused: it would write after saying it stopped");
+    assert!(
+        s.reqs.is_empty() && !s.has_work(),
+        "refused: it would write after saying it stopped"
+    );
     // The stage before's abort: nothing more can come; the key is free.
     s.abort("p0-s0", RequestId(1), Lease(1), "d0".into(), now);
     s.prefill("p0-s0", req(1, 1, 8, false), now);
@@ -86,7 +89,9 @@ fn stage_0_confirms_an_abort_and_passes_it_on() {
     assert!(s.has_work());
     let out = s.abort("d0", RequestId(1), Lease(1), "d0".into(), now);
     assert!(stopped(&out));
-    assert!(out.iter().any(|s| s.to == "p0-s1" && matches!(s.msg, Message::PrefillAbort { .. })));
+    assert!(out
+        .iter()
+        .any(|s| s.to == "p0-s1" && matches!(s.msg, Message::PrefillAbort { .. })));
     assert!(!s.has_work() && s.reqs.is_empty());
     assert_eq!(s.cache.used_count(), 0, "its blocks are free");
 }
@@ -118,7 +123,13 @@ fn lost_peers_end_the_work_that_needed_them() {
     assert_eq!(s.reqs.len(), 1);
     let out = s.link_down("p0-s1", now);
     assert!(out.iter().any(|x| x.to == "d1"
-        && matches!(x.msg, Message::PrefillFailed { class: ErrorClass::NodeLost, .. })));
+        && matches!(
+            x.msg,
+            Message::PrefillFailed {
+                class: ErrorClass::NodeLost,
+                ..
+            }
+        )));
     assert!(s.reqs.is_empty());
     assert_eq!(s.cache.used_count(), 0);
 }
@@ -150,7 +161,13 @@ fn a_full_pool_holds_prompts_until_blocks_come_back() {
     let mut bad = req(3, 3, 8, false);
     bad.cached = 3;
     let out = s.prefill("d0", bad, now);
-    assert!(matches!(out[0].msg, Message::PrefillFailed { class: ErrorClass::BadRequest, .. }));
+    assert!(matches!(
+        out[0].msg,
+        Message::PrefillFailed {
+            class: ErrorClass::BadRequest,
+            ..
+        }
+    ));
 }
 
 /// Only the decode group a request is for sends it to stage 0 or aborts
@@ -173,17 +190,36 @@ fn only_the_right_peers_start_stop_or_feed_an_attempt() {
     // d0's own request runs; d1 cannot abort it, d0 can.
     s.prefill("d0", req(3, 3, 8, false), now);
     assert_eq!(s.reqs.len(), 1);
-    assert!(s.abort("d1", RequestId(3), Lease(3), "d1".into(), now).is_empty());
-    assert!(s.abort("d1", RequestId(3), Lease(3), "d0".into(), now).is_empty());
-    assert!(s.abort("p0-s1", RequestId(3), Lease(3), "d0".into(), now).is_empty());
+    assert!(s
+        .abort("d1", RequestId(3), Lease(3), "d1".into(), now)
+        .is_empty());
+    assert!(s
+        .abort("d1", RequestId(3), Lease(3), "d0".into(), now)
+        .is_empty());
+    assert!(s
+        .abort("p0-s1", RequestId(3), Lease(3), "d0".into(), now)
+        .is_empty());
     assert_eq!(s.reqs.len(), 1, "still running");
-    assert!(stopped(&s.abort("d0", RequestId(3), Lease(3), "d0".into(), now)));
+    assert!(stopped(&s.abort(
+        "d0",
+        RequestId(3),
+        Lease(3),
+        "d0".into(),
+        now
+    )));
     assert!(s.reqs.is_empty());
     // Stage 1 takes activations only from stage 0.
     let mut s = seq(1, None, 16);
     s.prefill("p0-s0", req(4, 4, 8, false), now);
     while s.next_work().is_some() {}
-    let a = Activations { id: RequestId(4), lease: Lease(4), pos: 0, n: 4, hidden: vec![0.0; 8], warm: false };
+    let a = Activations {
+        id: RequestId(4),
+        lease: Lease(4),
+        pos: 0,
+        n: 4,
+        hidden: vec![0.0; 8],
+        warm: false,
+    };
     s.activations("d0", a.clone());
     assert!(!s.has_work(), "activations from decode were taken");
     s.activations("p0-s0", a);

@@ -88,7 +88,9 @@ fn proc(pid: u32) -> ProcessId {
 /// The bytes a stage writes for a block.
 fn bytes(id: RequestId, lease: Lease, stage: u32, rank: u32, b: BlockId) -> ByteBuf {
     let l = lease.0 as u64;
-    let v = (id.0 * 7).wrapping_add(l.wrapping_mul(3)).wrapping_add(stage as u64 * 11 + rank as u64 * 5 + b.0 as u64) as u8;
+    let v = (id.0 * 7)
+        .wrapping_add(l.wrapping_mul(3))
+        .wrapping_add(stage as u64 * 11 + rank as u64 * 5 + b.0 as u64) as u8;
     ByteBuf::from(vec![v; 8])
 }
 
@@ -120,7 +122,11 @@ pub(super) struct World {
 impl World {
     pub fn new(ucx: UcxLanding, local_prefill_max: usize) -> World {
         let mut w = World {
-            core: Core::with_keys(config(ucx, local_prefill_max), 24, crate::admission::Keys::seeded(7)),
+            core: Core::with_keys(
+                config(ucx, local_prefill_max),
+                24,
+                crate::admission::Keys::seeded(7),
+            ),
             now: 1_000_000,
             ucx,
             stages: BTreeMap::new(),
@@ -239,7 +245,12 @@ impl World {
 
     /// Fails the test if any of `blocks` may be written by an attempt
     /// other than `owner`.
-    pub fn check_free(&mut self, blocks: &[BlockId], owner: Option<(RequestId, Lease)>, what: &str) {
+    pub fn check_free(
+        &mut self,
+        blocks: &[BlockId],
+        owner: Option<(RequestId, Lease)>,
+        what: &str,
+    ) {
         let writers = self.writers();
         for b in blocks {
             for w in writers.get(b).into_iter().flatten() {
@@ -277,12 +288,21 @@ impl World {
                 }
                 if let Message::Prefill(p) = &msg {
                     if !p.warm {
-                        let blocks = p.targets.first().map(|t| t.blocks.clone()).unwrap_or_default();
+                        let blocks = p
+                            .targets
+                            .first()
+                            .map(|t| t.blocks.clone())
+                            .unwrap_or_default();
                         self.check_free(&blocks, Some((p.id, p.lease)), "a prefill's target");
                         self.attempt_blocks.insert((p.id, p.lease), blocks);
                     }
                 }
-                if let Some(s) = self.stages.iter_mut().find(|(n, _)| **n == to).map(|(_, s)| s) {
+                if let Some(s) = self
+                    .stages
+                    .iter_mut()
+                    .find(|(n, _)| **n == to)
+                    .map(|(_, s)| s)
+                {
                     if s.linked {
                         s.inbox.push_back(("d0", msg));
                     }
@@ -303,12 +323,17 @@ impl World {
                 self.streams.insert(id, 1 + (id.0 % 4) as u32);
                 Vec::new()
             }
-            Action::Token { id, context_full, .. } => {
+            Action::Token {
+                id, context_full, ..
+            } => {
                 if self.ended.contains_key(&id) {
                     self.tokens_after_end += 1;
                     return Vec::new();
                 }
-                let left = self.streams.get_mut(&id).expect("a token of a started stream");
+                let left = self
+                    .streams
+                    .get_mut(&id)
+                    .expect("a token of a started stream");
                 *left -= 1;
                 if *left == 0 || context_full {
                     self.streams.remove(&id);
@@ -332,7 +357,9 @@ impl World {
         self.submitted.push(id);
         let g = Generate {
             id,
-            prompt: (0..len.max(1) as u32).map(|t| (t * 7 + id.0 as u32) % 100).collect(),
+            prompt: (0..len.max(1) as u32)
+                .map(|t| (t * 7 + id.0 as u32) % 100)
+                .collect(),
             generated: Vec::new(),
             params: SamplingParams::greedy(8),
             deadline_ms: self.now + if short_deadline { 300 } else { 600_000 },
@@ -349,7 +376,12 @@ impl World {
     }
 
     pub fn cancel(&mut self, pick: usize) {
-        let live: Vec<RequestId> = self.submitted.iter().copied().filter(|id| !self.ended.contains_key(id)).collect();
+        let live: Vec<RequestId> = self
+            .submitted
+            .iter()
+            .copied()
+            .filter(|id| !self.ended.contains_key(id))
+            .collect();
         if live.is_empty() || !self.gateway_linked {
             return;
         }
@@ -377,7 +409,11 @@ impl World {
                 s.jobs.push(Job {
                     id: p.id,
                     lease: p.lease,
-                    blocks: p.targets.first().map(|t| t.blocks.clone()).unwrap_or_default(),
+                    blocks: p
+                        .targets
+                        .first()
+                        .map(|t| t.blocks.clone())
+                        .unwrap_or_default(),
                     puts: puts && s.pipeline == "p0",
                 });
                 // Stage 0 passes the request on.
@@ -522,15 +558,30 @@ impl World {
                 None => Vec::new(),
             },
             Message::FirstToken {
-                id, lease, token, logprob, ..
-            } => self.core.first_token(from, id, lease, Sampled::new(token, logprob), (1, 2, 3), now),
-            Message::KvStopped { id, lease, stage } => self.core.kv_stopped(from, id, lease, stage, now),
+                id,
+                lease,
+                token,
+                logprob,
+                ..
+            } => self.core.first_token(
+                from,
+                id,
+                lease,
+                Sampled::new(token, logprob),
+                (1, 2, 3),
+                now,
+            ),
+            Message::KvStopped { id, lease, stage } => {
+                self.core.kv_stopped(from, id, lease, stage, now)
+            }
             Message::PrefillFailed {
                 id,
                 lease,
                 class,
                 message,
-            } => self.core.prefill_failed(from, id, lease, class, message, now),
+            } => self
+                .core
+                .prefill_failed(from, id, lease, class, message, now),
             _ => Vec::new(),
         };
         self.apply(a);
@@ -545,7 +596,12 @@ impl World {
             return;
         }
         let now = self.now;
-        let live: Vec<RequestId> = self.submitted.iter().copied().filter(|id| !self.ended.contains_key(id)).collect();
+        let live: Vec<RequestId> = self
+            .submitted
+            .iter()
+            .copied()
+            .filter(|id| !self.ended.contains_key(id))
+            .collect();
         if let Some(&id) = live.get(pick % live.len().max(1)) {
             let a = self.core.cancel(from, id, now);
             self.apply(a);
@@ -661,13 +717,21 @@ impl World {
             self.tick(if round % 10 == 9 { 1_500 } else { 20 });
             let idle = self.core.requests() == 0
                 && self.core.fenced_attempts() == 0
-                && self.stages.values().all(|s| s.inbox.is_empty() && s.outbox.is_empty() && s.jobs.is_empty());
+                && self
+                    .stages
+                    .values()
+                    .all(|s| s.inbox.is_empty() && s.outbox.is_empty() && s.jobs.is_empty());
             if idle {
                 break;
             }
         }
         for id in &self.submitted {
-            assert_eq!(self.ended.get(id), Some(&1), "request {} did not end exactly once", id.0);
+            assert_eq!(
+                self.ended.get(id),
+                Some(&1),
+                "request {} did not end exactly once",
+                id.0
+            );
         }
         if std::env::var_os("TANDEM_WORLD_STATS").is_some() {
             let k = &self.core.admission.counters;
@@ -682,7 +746,11 @@ impl World {
             );
         }
         assert_eq!(self.core.requests(), 0);
-        assert_eq!(self.core.fenced_attempts(), 0, "a quarantine was never released");
+        assert_eq!(
+            self.core.fenced_attempts(),
+            0,
+            "a quarantine was never released"
+        );
         assert_eq!(self.core.admission.quarantined_blocks(), 0);
         assert_eq!(self.core.admission.used_blocks(), 0, "blocks leaked");
         for p in &self.core.cfg.pipelines {
@@ -690,4 +758,3 @@ impl World {
         }
     }
 }
-
