@@ -101,6 +101,11 @@ pub struct BenchServeArgs {
     warmup: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A JSON object merged into every request body, e.g.
+    /// '{"response_format": {"type": "json_object"}}' (structured outputs)
+    /// or '{"temperature": 0}'.
+    #[arg(long)]
+    extra: Option<String>,
     /// SLOs for attainment and goodput (a request is good when both hold).
     #[arg(long)]
     slo_ttft_ms: Option<f64>,
@@ -211,6 +216,12 @@ pub fn run(common: &Common, a: BenchServeArgs) -> Result<()> {
     let mut extra = serde_json::Map::new();
     if a.ignore_eos {
         extra.insert("ignore_eos".into(), true.into());
+    }
+    if let Some(e) = &a.extra {
+        match serde_json::from_str::<serde_json::Value>(e) {
+            Ok(serde_json::Value::Object(m)) => extra.extend(m),
+            _ => bail!("--extra must be a JSON object, got {e:?}"),
+        }
     }
     let endpoint = Endpoint {
         addr,

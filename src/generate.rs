@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use tandem_model::{ChatMessage, Engine, EngineOptions, KvDtype, ModelFile, SamplingParams};
+use tandem_model::{
+    ChatMessage, Engine, EngineOptions, Grammar, KvDtype, ModelFile, SamplingParams,
+};
 
 use crate::Common;
 
@@ -51,6 +53,12 @@ pub struct GenerateArgs {
     frequency_penalty: f32,
     #[arg(long)]
     seed: Option<u64>,
+    /// Keep the answer to JSON matching this JSON schema (`{"type":"object"}`: any object).
+    #[arg(long, conflicts_with = "regex")]
+    json_schema: Option<String>,
+    /// Keep the answer to text matching this regular expression.
+    #[arg(long)]
+    regex: Option<String>,
     /// Stop string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -136,6 +144,11 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
         frequency_penalty: a.frequency_penalty,
         logit_bias: Vec::new(),
         top_logprobs: 0,
+        grammar: match (&a.json_schema, &a.regex) {
+            (Some(j), _) => Some(Grammar::JsonSchema(j.clone())),
+            (None, Some(r)) => Some(Grammar::Regex(r.clone())),
+            (None, None) => None,
+        },
     };
     params.validate()?;
     let need_blocks = (prompt.len() + a.max_tokens + 1).div_ceil(a.block_size) + 1;

@@ -265,3 +265,131 @@ fn logit_bias_top_logprobs_choices_and_token_endpoints() {
         "{e}"
     );
 }
+
+/// A person: what the structured-output tests ask for.
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": { "type": "string", "maxLength": 20 },
+            "age": { "type": "integer", "minimum": 0, "maximum": 150 },
+            "colors": { "type": "array", "items": { "type": "string", "maxLength": 12 }, "maxItems": 3 }
+        },
+        "required": ["name", "age", "colors"],
+        "additionalProperties": false
+    })
+}
+
+/// Checks `text` against [`person_schema`] by hand.
+fn is_person(text: &str) -> Result<(), String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e}): {text:?}"))?;
+    let o = v.as_object().ok_or(format!("not an object: {text}"))?;
+    let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+    keys.sort();
+    if keys != ["age", "colors", "name"] {
+        return Err(format!("keys {keys:?}: {text}"));
+    }
+    let name = o["name"].as_str().ok_or(format!("name: {text}"))?;
+    let age = o["age"].as_u64().ok_or(format!("age: {text}"))?;
+    let colors = o["colors"].as_array().ok_or(format!("colors: {text}"))?;
+    if name.chars().count() > 20 || age > 150 || colors.len() > 3 {
+        return Err(format!("out of bounds: {text}"));
+    }
+    if colors
+        .iter()
+        .any(|c| c.as_str().is_none_or(|c| c.chars().count() > 12))
+    {
+        return Err(format!("a color: {text}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn structured_outputs_hold_greedy_and_sampled_streamed_and_whole() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(&["--pp", "2", "--tp", "3"]);
+    let ask = "Invent a person. Reply with their name, age and favourite colors.";
+    let format = json!({ "type": "json_schema", "json_schema": { "name": "person", "schema": person_schema(), "strict": true } });
+    for (temperature, stream) in [(0.0, false), (0.0, true), (1.0, false), (1.0, true)] {
+        for seed in 0..2 {
+            let b = json!({
+                "model": MODEL,
+                "messages": [{ "role": "user", "content": ask }],
+                "response_format": format,
+                "temperature": temperature,
+                "seed": seed,
+                "max_tokens": 120,
+                "stream": stream,
+            });
+            let (status, body) = http(c.port, "POST", "/v1/chat/completions", Some(&b));
+            assert_eq!(status, 200, "{body}");
+            let (text, finish) = if stream {
+                let mut text = String::new();
+                let mut finish = Value::Null;
+                for e in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+                    if e == "[DONE]" {
+                        continue;
+                    }
+                    let v: Value = serde_json::from_str(e).expect("event JSON");
+                    assert!(v.get("error").is_none(), "{v}");
+                    text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+                    if !v["choices"][0]["finish_reason"].is_null() {
+                        finish = v["choices"][0]["finish_reason"].clone();
+                    }
+                }
+                (text, finish)
+            } else {
+                let v: Value = serde_json::from_str(&body).expect("JSON");
+                (text(&v, 0), v["choices"][0]["finish_reason"].clone())
+            };
+            assert_eq!(finish, json!("stop"), "the grammar completes: {text:?}");
+            is_person(&text)
+                .unwrap_or_else(|e| panic!("temperature {temperature}, stream {stream}: {e}"));
+        }
+    }
+    // Any JSON object; one of several strings; a regular expression.
+    let b = json!({ "model": MODEL, "messages": [{ "role": "user", "content": "Describe Paris." }],
+                    "response_format": { "type": "json_object" }, "max_tokens": 200, "temperature": 0 });
+    let (status, v) = c.chat(&b);
+    assert_eq!(status, 200, "{v}");
+    let t = text(&v, 0);
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(&t).is_ok_and(|o| o.is_object()),
+            "{t:?}"
+        );
+    } else {
+        assert!(t.trim_start().starts_with('{'), "{t:?}");
+    }
+    let b = json!({ "model": MODEL, "messages": [{ "role": "user", "content": "Is the sky green?" }],
+                    "guided_choice": ["yes", "no", "maybe"], "temperature": 1.0, "seed": 3,
+                    "ignore_eos": true, "max_tokens": 40 });
+    let (_, v) = c.chat(&b);
+    assert!(
+        ["yes", "no", "maybe"].contains(&text(&v, 0).as_str()),
+        "{v}"
+    );
+    // The grammar's end ends the answer, `ignore_eos` or not.
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let b = json!({ "model": MODEL, "prompt": "The year the Eiffel Tower was finished:",
+                    "guided_regex": "[12][0-9]{3}", "temperature": 0, "max_tokens": 10 });
+    let (status, v) = post(&c, "/v1/completions", &b);
+    assert_eq!(status, 200, "{v}");
+    let year = v["choices"][0]["text"].as_str().expect("text");
+    assert!(
+        year.len() == 4 && year.bytes().all(|b| b.is_ascii_digit()),
+        "{year:?}"
+    );
+    // A schema that cannot be compiled is a 400 that says why.
+    let b = json!({ "model": MODEL, "messages": [{ "role": "user", "content": "hi" }],
+                    "response_format": { "type": "json_schema", "json_schema": { "name": "x", "schema": { "type": "no-such-type" } } } });
+    let (status, e) = c.chat(&b);
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(e["error"]["param"], "response_format", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("grammar")),
+        "{e}"
+    );
+}

@@ -427,6 +427,13 @@ pub fn run(
         Some(u) if u.pools.is_empty() => UcxLanding::Messages,
         Some(_) => UcxLanding::Puts,
     };
+    let grammar = match tandem_model::GrammarEnv::new(&file.tokenizer) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!("{}: no structured outputs: {e}", setup.name);
+            None
+        }
+    };
     let core = Core::new(
         Config {
             name: setup.name.clone(),
@@ -459,6 +466,7 @@ pub fn run(
                 .collect(),
             rank_descs,
             ucx: landing,
+            grammar,
         },
         d.kv_blocks,
     );

@@ -48,6 +48,7 @@ fn config(ucx: UcxLanding) -> Config {
         ],
         rank_descs: vec![desc(0..1), desc(1..2)],
         ucx,
+        grammar: None,
     }
 }
 

@@ -98,6 +98,8 @@ pub struct Gateway {
     block_size: usize,
     /// What requests get for the sampling fields they leave out.
     defaults: api::Defaults,
+    /// Grammars are compiled here first: one that cannot be is a 400.
+    grammar: Option<tandem_model::GrammarEnv>,
 }
 
 fn now_s() -> u64 {
@@ -669,6 +671,16 @@ impl Gateway {
                 )
             }
         };
+        if let Some(g) = &p.params.grammar {
+            let env = self.grammar.as_ref().ok_or_else(|| {
+                ApiError::bad(
+                    "response_format",
+                    "structured outputs are not available for this model",
+                )
+            })?;
+            env.compile(g)
+                .map_err(|e| ApiError::bad("response_format", e.to_string()))?;
+        }
         // A completion that cannot fit is refused when the client asked
         // for it, and cut to the room left when it is the default.
         let room = self.context.saturating_sub(p.prompt.len());
@@ -943,6 +955,9 @@ pub async fn run(
         defaults.max_tokens,
         defaults.source
     );
+    let grammar = tandem_model::GrammarEnv::new(&file.tokenizer)
+        .map_err(|e| tracing::warn!("gateway: no structured outputs: {e}"))
+        .ok();
     let gw = Arc::new(Gateway {
         api_keys,
         model: model_name,
@@ -960,6 +975,7 @@ pub async fn run(
         routing: g.routing,
         block_size: setup.cluster.file.cluster.block_size,
         defaults,
+        grammar,
         pipelines: setup
             .cluster
             .pipelines

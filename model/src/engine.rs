@@ -342,7 +342,11 @@ pub fn generate(
         tokens: prompt.to_vec(),
         ..Default::default()
     };
-    let mut sampler = Sampler::new(params);
+    let env = match params.grammar {
+        Some(_) => Some(crate::grammar::GrammarEnv::new(tok)?),
+        None => None,
+    };
+    let mut sampler = Sampler::constrained(params, env.as_ref())?;
     let mut stop = StopState::new(tok, params);
     let mut out = Generation {
         tokens: Vec::new(),

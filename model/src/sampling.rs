@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::grammar::{is_allowed, Constraint, Grammar, GrammarEnv};
 
 /// How to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +46,8 @@ pub struct SamplingParams {
     /// How many of the most likely tokens' log-probabilities come back with
     /// each chosen token (0: none).
     pub top_logprobs: u32,
+    /// What the answer must match (structured outputs).
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -64,6 +67,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
             top_logprobs: 0,
+            grammar: None,
         }
     }
 }
@@ -148,6 +152,7 @@ impl SamplingParams {
             || self.frequency_penalty != 0.0
             || !self.logit_bias.is_empty()
             || self.top_logprobs > 0
+            || self.grammar.is_some()
     }
 }
 
@@ -174,9 +179,13 @@ impl Sampled {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// The answer's grammar, and how many answer tokens it has consumed.
+    constraint: Option<(Constraint, usize)>,
 }
 
 impl Sampler {
+    /// A sampler without a grammar (a request's grammar needs
+    /// [`Sampler::constrained`]).
     pub fn new(params: &SamplingParams) -> Sampler {
         let rng = match params.seed {
             Some(s) => StdRng::seed_from_u64(s),
@@ -185,7 +194,29 @@ impl Sampler {
         Sampler {
             params: params.clone(),
             rng,
+            constraint: None,
         }
+    }
+
+    /// A sampler that keeps the answer inside the request's grammar, if
+    /// it has one; `env` is the process's vocabulary for grammars.
+    pub fn constrained(params: &SamplingParams, env: Option<&GrammarEnv>) -> Result<Sampler> {
+        let c = match &params.grammar {
+            Some(g) => Some(
+                env.ok_or_else(|| ModelError::Invalid("this node has no grammar support".into()))?
+                    .compile(g)?,
+            ),
+            None => None,
+        };
+        Ok(Sampler::with_constraint(params, c))
+    }
+
+    /// A sampler whose answer starts `c` (compiled from the request's
+    /// grammar, nothing consumed yet).
+    pub fn with_constraint(params: &SamplingParams, c: Option<Constraint>) -> Sampler {
+        let mut s = Sampler::new(params);
+        s.constraint = c.map(|c| (c, 0));
+        s
     }
 
     /// Moves the random stream past `n` samples taken elsewhere (the first
@@ -210,15 +241,30 @@ impl Sampler {
         } else {
             self.rng.random::<f32>()
         };
+        let allowed = self.constraint.as_mut().map(|(c, consumed)| {
+            // The grammar follows the answer, however it was produced
+            // (here, on a pipeline, or by an earlier attempt).
+            let fresh = output.get(*consumed..).unwrap_or(&[]);
+            let r = fresh
+                .iter()
+                .try_for_each(|t| c.consume(*t))
+                .and_then(|_| c.allowed());
+            *consumed = output.len();
+            r.unwrap_or_else(|e| {
+                tracing::warn!("{e}; ending the answer");
+                c.eos_only()
+            })
+        });
         Draw {
             temperature: self.params.temperature,
             top_k: self.params.top_k,
             top_p: self.params.top_p,
             u,
-            shape: self
-                .params
-                .shaped()
-                .then(|| Arc::new(Shaping::new(&self.params, prompt, output))),
+            shape: self.params.shaped().then(|| {
+                let mut s = Shaping::new(&self.params, prompt, output);
+                s.allowed = allowed;
+                Arc::new(s)
+            }),
         }
     }
 
@@ -243,6 +289,8 @@ pub struct Shaping {
     pub repetition: f32,
     pub min_p: f32,
     pub top_logprobs: u32,
+    /// The tokens a grammar allows (bit set), when the request has one.
+    pub allowed: Option<Vec<u32>>,
 }
 
 impl Shaping {
@@ -276,6 +324,7 @@ impl Shaping {
             repetition: p.repetition_penalty,
             min_p: p.min_p,
             top_logprobs: p.top_logprobs,
+            allowed: None,
         }
     }
 
@@ -295,6 +344,13 @@ impl Shaping {
         for &(t, a) in &self.add {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l += a;
+            }
+        }
+        if let Some(words) = &self.allowed {
+            for (t, l) in logits.iter_mut().enumerate() {
+                if !is_allowed(words, t) {
+                    *l = f32::NEG_INFINITY;
+                }
             }
         }
     }

@@ -38,7 +38,9 @@ pub struct StopState {
 impl StopState {
     pub fn new(tok: &Tokenizer, params: &SamplingParams) -> StopState {
         let mut stop_ids = params.stop_token_ids.clone();
-        if !params.ignore_eos {
+        // A grammar allows end-of-sequence only where the answer is
+        // complete, and there it ends the answer even under `ignore_eos`.
+        if !params.ignore_eos || params.grammar.is_some() {
             stop_ids.extend(&tok.stop_ids);
         }
         StopState {

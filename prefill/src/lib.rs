@@ -65,6 +65,9 @@ pub struct Stage {
     /// a cache-warming pass in progress stops at its next layer and goes back
     /// in the queue, behind the work someone waits for.
     preempt: Arc<AtomicBool>,
+    /// The vocabulary for requests with a grammar (the last stage chooses
+    /// their first token inside it).
+    grammar: Option<tandem_model::GrammarEnv>,
 }
 
 /// Why a chunk failed, with the class decode acts on: a deadline is not
@@ -365,13 +368,22 @@ impl Stage {
         let stop = warm.then(|| self.preempt.clone());
         // The last stage chooses the first token on its device, with the
         // first number of the request's seeded stream.
-        let draw = (is_last && w.pos + w.n == total && !r.req.targets.is_empty()).then(|| {
+        let draw = if is_last && w.pos + w.n == total && !r.req.targets.is_empty() {
             let (prompt, output) = r
                 .req
                 .tokens
                 .split_at((r.req.output_from as usize).min(total));
-            Sampler::new(&r.req.params).draw(prompt, output)
-        });
+            let mut s =
+                Sampler::constrained(&r.req.params, self.grammar.as_ref()).map_err(|e| {
+                    ChunkError {
+                        class: ErrorClass::BadRequest,
+                        message: e.to_string(),
+                    }
+                })?;
+            Some(s.draw(prompt, output))
+        } else {
+            None
+        };
         let pass = match draw {
             Some(d) => self
                 .group

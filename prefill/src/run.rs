@@ -108,6 +108,14 @@ pub fn run(
         pipeline.kv_blocks,
     );
     let st_transport = pipeline.kv_transport;
+    // Only the last stage chooses tokens.
+    let grammar = if index + 1 == pipeline.stages.len() {
+        tandem_model::GrammarEnv::new(&file.tokenizer)
+            .map_err(|e| tracing::warn!("{}: no structured outputs: {e}", setup.name))
+            .ok()
+    } else {
+        None
+    };
     let mut st = Stage {
         name: setup.name.clone(),
         pipeline,
@@ -121,6 +129,7 @@ pub fn run(
         ucx_peers: HashMap::new(),
         faults: Faults::from_env(),
         preempt,
+        grammar,
     };
     let gateway = cluster.file.gateway.name.clone();
     tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);

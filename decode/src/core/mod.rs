@@ -81,6 +81,8 @@ pub struct Config {
     /// Each rank's pool, for the reshard plans.
     pub rank_descs: Vec<PoolDesc>,
     pub ucx: UcxLanding,
+    /// The vocabulary for requests with a grammar (structured outputs).
+    pub grammar: Option<tandem_model::GrammarEnv>,
 }
 
 /// What the process around the core does.
@@ -193,6 +195,8 @@ pub(crate) struct Request {
     pub state: State,
     /// The pipeline whose attempt filled its KV (warmed after the turn).
     pub filled_by: Option<String>,
+    /// Its grammar, compiled once on arrival, nothing consumed.
+    pub grammar: Option<tandem_model::grammar::Constraint>,
 }
 
 /// The decode group's request logic.
@@ -368,6 +372,36 @@ impl Core {
         } else {
             None
         };
+        let grammar = match (&g.params.grammar, bad.is_some()) {
+            (Some(gr), false) => match self.cfg.grammar.as_ref().map(|env| env.compile(gr)) {
+                Some(Ok(c)) => Some(c),
+                Some(Err(e)) => {
+                    let class = ErrorClass::BadRequest;
+                    Self::event(
+                        &mut out,
+                        client,
+                        id,
+                        GenerateEvent::Failed {
+                            class,
+                            message: e.to_string(),
+                        },
+                    );
+                    return out;
+                }
+                None => {
+                    let class = ErrorClass::BadRequest;
+                    let message = "this decode group has no grammar support".into();
+                    Self::event(
+                        &mut out,
+                        client,
+                        id,
+                        GenerateEvent::Failed { class, message },
+                    );
+                    return out;
+                }
+            },
+            _ => None,
+        };
         if let Some(message) = bad {
             let class = ErrorClass::BadRequest;
             Self::event(
@@ -417,6 +451,7 @@ impl Core {
                 submitted: now,
                 state: State::Queued,
                 filled_by: None,
+                grammar,
             },
         );
         let actions = self.admission.submit(id, &tokens, now);

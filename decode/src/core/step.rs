@@ -89,7 +89,8 @@ impl Core {
             // first draw. Earlier chunks' choices are not used.
             let draw = if l.done + n >= l.tokens.len() {
                 let (prompt, output) = l.tokens.split_at(r.gen.prompt.len().min(l.tokens.len()));
-                Sampler::new(&r.gen.params).draw(prompt, output)
+                Sampler::with_constraint(&r.gen.params, r.grammar.as_ref().map(|c| c.fork()))
+                    .draw(prompt, output)
             } else {
                 Draw::GREEDY
             };
@@ -242,7 +243,7 @@ impl Core {
             return;
         };
         let params = r.gen.params.clone();
-        let mut sampler = Sampler::new(&params);
+        let mut sampler = Sampler::with_constraint(&params, r.grammar.as_ref().map(|c| c.fork()));
         // The first token used the stream's first number (on the pipeline
         // or here), and an earlier attempt's tokens the ones after it.
         sampler.skip(1 + r.gen.generated.len());

@@ -274,6 +274,10 @@ fn bad_requests_are_400s_that_name_the_field() {
         (with("presence_penalty", json!(2.5)), "presence_penalty"),
         (with("tools", json!([{ "type": "function" }])), "tools"),
         (
+            with("response_format", json!({ "type": "xml" })),
+            "response_format",
+        ),
+        (
             with("stream_options", json!({ "include_usage": true })),
             "stream_options",
         ),
@@ -363,4 +367,71 @@ fn stream_chunks_have_openai_fields() {
     );
     assert_eq!(full["choices"][0]["message"]["content"], "Paris.");
     assert_eq!(full["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn structured_output_fields_become_one_grammar() {
+    let g = |r: Value| job(r).map(|j| j.params.grammar);
+    assert_eq!(g(ok_req()).expect("valid"), None);
+    assert_eq!(
+        g(with("response_format", json!({ "type": "text" }))).expect("valid"),
+        None
+    );
+    assert_eq!(
+        g(with("response_format", json!({ "type": "json_object" }))).expect("valid"),
+        Some(Grammar::JsonSchema(r#"{"type":"object"}"#.into()))
+    );
+    let schema = json!({ "type": "object", "properties": { "a": { "type": "integer" } } });
+    let got = g(with(
+        "response_format",
+        json!({ "type": "json_schema", "json_schema": { "name": "x", "schema": schema, "strict": true } }),
+    ))
+    .expect("valid");
+    let Some(Grammar::JsonSchema(text)) = got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(serde_json::from_str::<Value>(&text).expect("JSON"), schema);
+    assert_eq!(
+        g(with("guided_regex", json!("[0-9]+"))).expect("valid"),
+        Some(Grammar::Regex("[0-9]+".into()))
+    );
+    assert_eq!(
+        g(with("guided_choice", json!(["yes", "no"]))).expect("valid"),
+        Some(Grammar::choice(&["yes".into(), "no".into()]))
+    );
+    assert_eq!(
+        g(with(
+            "structured_outputs",
+            json!({ "json": "{\"type\":\"array\"}" })
+        ))
+        .expect("valid"),
+        Some(Grammar::JsonSchema(r#"{"type":"array"}"#.into()))
+    );
+    let mut two = with("guided_regex", json!("a"));
+    two["response_format"] = json!({ "type": "json_object" });
+    for (bad, param) in [
+        (two, "guided_regex"),
+        (
+            with(
+                "response_format",
+                json!({ "type": "json_schema", "json_schema": {} }),
+            ),
+            "response_format",
+        ),
+        (
+            with("response_format", json!({ "type": "yaml" })),
+            "response_format",
+        ),
+        (with("guided_choice", json!([])), "guided_choice"),
+        (with("guided_json", json!("{oops")), "guided_json"),
+    ] {
+        let e = job(bad.clone())
+            .err()
+            .unwrap_or_else(|| panic!("{bad} must be refused"));
+        assert_eq!(
+            (e.status(), e.body()["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{bad}: {e}"
+        );
+    }
 }

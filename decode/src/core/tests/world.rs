@@ -46,6 +46,7 @@ fn config(ucx: UcxLanding, local_prefill_max: usize) -> Config {
         ],
         rank_descs: vec![desc(0..1), desc(1..2)],
         ucx,
+        grammar: None,
     }
 }
 
