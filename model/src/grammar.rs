@@ -4,7 +4,7 @@
 //! gives, before each choice, the tokens the grammar allows next; the
 //! sampler masks every other token out, greedy and sampled alike.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
@@ -116,17 +116,23 @@ impl GrammarEnv {
             )));
         }
         Ok(Constraint {
-            m,
+            m: Arc::new(Mutex::new(m)),
+            last: None,
             vocab: self.vocab,
             eos: self.eos,
         })
     }
 }
 
-/// One sequence's place in its grammar.
-#[derive(Clone)]
+/// One sequence's place in its grammar. Its masks are computed on a
+/// small pool of their own, started when a step is planned and waited
+/// for only when that step's logits are chosen from, so a batch's
+/// sequences compute theirs side by side and beside the model's forward
+/// pass instead of one after another before it.
 pub struct Constraint {
-    m: Matcher,
+    m: Arc<Mutex<Matcher>>,
+    /// The last mask asked for: the next one starts after it.
+    last: Option<Mask>,
     vocab: usize,
     eos: u32,
 }
@@ -134,16 +140,71 @@ pub struct Constraint {
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Constraint")
-            .field("stopped", &self.m.is_stopped())
+            .field("stopped", &self.is_stopped())
             .finish()
     }
 }
 
+/// Where grammar masks are computed: never a thread that waits for one.
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("grammar-{i}"))
+            .build()
+            .expect("the grammar thread pool starts")
+    })
+}
+
+/// A token mask (see [`Constraint::allowed`]), ready or being computed.
+#[derive(Clone)]
+pub struct Mask(Arc<OnceLock<Vec<u32>>>);
+
+impl Mask {
+    pub fn ready(words: Vec<u32>) -> Mask {
+        Mask(Arc::new(OnceLock::from(words)))
+    }
+
+    /// The mask, once computed.
+    pub fn wait(&self) -> &[u32] {
+        self.0.wait()
+    }
+}
+
+impl PartialEq for Mask {
+    fn eq(&self, o: &Mask) -> bool {
+        Arc::ptr_eq(&self.0, &o.0) || self.wait() == o.wait()
+    }
+}
+
+impl std::fmt::Debug for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.get() {
+            Some(w) => write!(
+                f,
+                "Mask({} allowed)",
+                w.iter().map(|w| w.count_ones()).sum::<u32>()
+            ),
+            None => write!(f, "Mask(pending)"),
+        }
+    }
+}
+
 impl Constraint {
+    fn matcher(&self) -> MutexGuard<'_, Matcher> {
+        self.m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A copy that starts where this one stands and moves on its own.
     pub fn fork(&self) -> Constraint {
+        if let Some(m) = &self.last {
+            m.wait();
+        }
         Constraint {
-            m: self.m.deep_clone(),
+            m: Arc::new(Mutex::new(self.matcher().deep_clone())),
+            last: None,
             vocab: self.vocab,
             eos: self.eos,
         }
@@ -151,37 +212,93 @@ impl Constraint {
 
     /// The answer's next token.
     pub fn consume(&mut self, token: u32) -> Result<()> {
-        self.m
-            .consume_token(token)
-            .map_err(|e| ModelError::Invalid(format!("token {token} breaks the grammar: {e}")))
+        if let Some(m) = &self.last {
+            m.wait();
+        }
+        consume(&mut self.matcher(), token)
     }
 
     /// The tokens allowed next, as a bit set (bit `t % 32` of word `t / 32`);
     /// only end-of-sequence once the grammar is complete.
     pub fn allowed(&mut self) -> Result<Vec<u32>> {
-        let v = self
-            .m
-            .compute_mask_or_eos()
-            .map_err(|e| ModelError::Invalid(format!("the grammar failed: {e}")))?;
-        let mut words = v.as_slice().to_vec();
-        words.resize(self.vocab.div_ceil(32), 0);
-        Ok(words)
+        if let Some(m) = &self.last {
+            m.wait();
+        }
+        allowed(&mut self.matcher(), self.vocab)
+    }
+
+    /// Consumes the answer's `fresh` tokens and computes the mask after
+    /// them, on the grammar pool; the mask says only end-of-sequence when
+    /// the grammar fails (a token it refuses, an internal error).
+    pub fn advance(&mut self, fresh: Vec<u32>) -> Mask {
+        // Masks follow one another: the previous one is normally long done
+        // (its step chose the tokens now consumed).
+        if let Some(m) = &self.last {
+            m.wait();
+        }
+        let cell = Arc::new(OnceLock::new());
+        let (m, out, vocab, eos) = (self.m.clone(), cell.clone(), self.vocab, self.eos);
+        pool().spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+                fresh
+                    .iter()
+                    .try_for_each(|t| consume(&mut m, *t))
+                    .and_then(|_| allowed(&mut m, vocab))
+            }));
+            let words = match r {
+                Ok(Ok(w)) => w,
+                Ok(Err(e)) => {
+                    tracing::warn!("{e}; ending the answer");
+                    eos_only(vocab, eos)
+                }
+                Err(_) => {
+                    tracing::error!("the grammar panicked; ending the answer");
+                    eos_only(vocab, eos)
+                }
+            };
+            let _ = out.set(words);
+        });
+        let mask = Mask(cell);
+        self.last = Some(mask.clone());
+        mask
     }
 
     /// Only end-of-sequence: what a sequence whose grammar failed may do.
     pub fn eos_only(&self) -> Vec<u32> {
-        let mut words = vec![0u32; self.vocab.div_ceil(32)];
-        let e = self.eos as usize;
-        if let Some(w) = words.get_mut(e / 32) {
-            *w |= 1 << (e % 32);
-        }
-        words
+        eos_only(self.vocab, self.eos)
     }
 
     /// The grammar is complete and allows nothing more.
     pub fn is_stopped(&self) -> bool {
-        self.m.is_stopped()
+        if let Some(m) = &self.last {
+            m.wait();
+        }
+        self.matcher().is_stopped()
     }
+}
+
+fn consume(m: &mut Matcher, token: u32) -> Result<()> {
+    m.consume_token(token)
+        .map_err(|e| ModelError::Invalid(format!("token {token} breaks the grammar: {e}")))
+}
+
+fn allowed(m: &mut Matcher, vocab: usize) -> Result<Vec<u32>> {
+    let v = m
+        .compute_mask_or_eos()
+        .map_err(|e| ModelError::Invalid(format!("the grammar failed: {e}")))?;
+    let mut words = v.as_slice().to_vec();
+    words.resize(vocab.div_ceil(32), 0);
+    Ok(words)
+}
+
+fn eos_only(vocab: usize, eos: u32) -> Vec<u32> {
+    let mut words = vec![0u32; vocab.div_ceil(32)];
+    let e = eos as usize;
+    if let Some(w) = words.get_mut(e / 32) {
+        *w |= 1 << (e % 32);
+    }
+    words
 }
 
 /// Whether bit `t` is set in an [`Constraint::allowed`] set.
@@ -270,5 +387,41 @@ mod tests {
         ] {
             assert!(env.compile(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Masks computed on the pool, many sequences at once, equal the ones
+    /// computed in line, token by token.
+    #[test]
+    fn masks_computed_side_by_side_equal_masks_computed_in_line() {
+        let Some(tok) = tokenizer() else {
+            eprintln!("the default model is not fetched; skipping");
+            return;
+        };
+        let env = GrammarEnv::new(&tok).expect("env");
+        let g = Grammar::JsonSchema(r#"{"type":"array","items":{"type":"integer"}}"#.into());
+        let text = tok.encode("[1, 22, 333]").expect("encode");
+        let base = env.compile(&g).expect("compiles");
+        let mut inline = base.fork();
+        let mut want = vec![inline.allowed().expect("mask")];
+        for t in &text {
+            inline.consume(*t).expect("in the grammar");
+            want.push(inline.allowed().expect("mask"));
+        }
+        let mut seqs: Vec<Constraint> = (0..8).map(|_| base.fork()).collect();
+        for step in 0..=text.len() {
+            let fresh = if step == 0 {
+                vec![]
+            } else {
+                vec![text[step - 1]]
+            };
+            let masks: Vec<Mask> = seqs.iter_mut().map(|c| c.advance(fresh.clone())).collect();
+            for m in &masks {
+                assert_eq!(m.wait(), &want[step][..], "step {step}");
+            }
+        }
+        // A token the grammar refuses leaves only end-of-sequence.
+        let mut c = base.fork();
+        let bad = tok.encode("x").expect("encode");
+        assert_eq!(c.advance(bad).wait(), &c.eos_only()[..]);
     }
 }

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::grammar::{is_allowed, Constraint, Grammar, GrammarEnv};
+use crate::grammar::{is_allowed, Constraint, Grammar, GrammarEnv, Mask};
 
 /// How to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -241,19 +241,13 @@ impl Sampler {
         } else {
             self.rng.random::<f32>()
         };
+        // The grammar follows the answer, however it was produced (here,
+        // on a pipeline, or by an earlier attempt); its mask is computed
+        // while the step runs and waited for when its logits are chosen from.
         let allowed = self.constraint.as_mut().map(|(c, consumed)| {
-            // The grammar follows the answer, however it was produced
-            // (here, on a pipeline, or by an earlier attempt).
-            let fresh = output.get(*consumed..).unwrap_or(&[]);
-            let r = fresh
-                .iter()
-                .try_for_each(|t| c.consume(*t))
-                .and_then(|_| c.allowed());
+            let fresh = output.get(*consumed..).unwrap_or(&[]).to_vec();
             *consumed = output.len();
-            r.unwrap_or_else(|e| {
-                tracing::warn!("{e}; ending the answer");
-                c.eos_only()
-            })
+            c.advance(fresh)
         });
         Draw {
             temperature: self.params.temperature,
@@ -290,7 +284,7 @@ pub struct Shaping {
     pub min_p: f32,
     pub top_logprobs: u32,
     /// The tokens a grammar allows (bit set), when the request has one.
-    pub allowed: Option<Vec<u32>>,
+    pub allowed: Option<Mask>,
 }
 
 impl Shaping {
@@ -346,7 +340,8 @@ impl Shaping {
                 *l += a;
             }
         }
-        if let Some(words) = &self.allowed {
+        if let Some(mask) = &self.allowed {
+            let words = mask.wait();
             for (t, l) in logits.iter_mut().enumerate() {
                 if !is_allowed(words, t) {
                     *l = f32::NEG_INFINITY;
