@@ -1,8 +1,9 @@
 //! The OpenAI API's sampling parameters, choices and token endpoints with
 //! real processes: penalties equal `tandem generate`'s in every layout,
 //! `logit_bias` bans a token, `top_logprobs` lists the most likely tokens,
-//! `n` choices share one prefill and are reproducible with a seed, and
-//! `/tokenize` gives the tokenizer reference's ids.
+//! `n` choices share one prefill and are reproducible with a seed,
+//! `/tokenize` gives the tokenizer reference's ids, structured outputs
+//! hold, and tool calls are enforced, parsed, streamed and fed back.
 
 mod common;
 
@@ -392,4 +393,195 @@ fn structured_outputs_hold_greedy_and_sampled_streamed_and_whole() {
             .is_some_and(|m| m.contains("grammar")),
         "{e}"
     );
+}
+
+fn weather_tools() -> Value {
+    json!([
+        { "type": "function", "function": { "name": "get_weather", "description": "Current weather in a city",
+          "parameters": { "type": "object", "properties": {
+              "city": { "type": "string" }, "unit": { "type": "string", "enum": ["c", "f"] } },
+            "required": ["city"] } } },
+        { "type": "function", "function": { "name": "add", "description": "Adds two integers",
+          "parameters": { "type": "object", "properties": {
+              "a": { "type": "integer" }, "b": { "type": "integer" } }, "required": ["a", "b"] } } }
+    ])
+}
+
+/// A call as a client sees it: the declared tool it names and its
+/// arguments, which must be a JSON object with the tool's required fields.
+fn check_call(call: &Value) -> (String, Value) {
+    assert_eq!(call["type"], "function", "{call}");
+    assert!(
+        call["id"].as_str().is_some_and(|i| i.starts_with("call_")),
+        "{call}"
+    );
+    let name = call["function"]["name"].as_str().expect("name").to_string();
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().expect("string"))
+        .unwrap_or_else(|e| panic!("arguments are not JSON ({e}): {call}"));
+    let required: &[&str] = match name.as_str() {
+        "get_weather" => &["city"],
+        "add" => &["a", "b"],
+        other => panic!("{other} is not a declared tool"),
+    };
+    for r in required {
+        assert!(args.get(r).is_some(), "{name} lacks {r}: {args}");
+    }
+    (name, args)
+}
+
+/// A stream's tool-call deltas put together the way OpenAI clients do:
+/// the first delta of a call has its id and name, the rest append to its
+/// arguments.
+fn assemble_stream(body: &str) -> (String, Vec<Value>, Value) {
+    let mut content = String::new();
+    let mut calls: Vec<Value> = Vec::new();
+    let mut finish = Value::Null;
+    for e in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+        if e == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(e).expect("event JSON");
+        assert!(v.get("error").is_none(), "{v}");
+        let d = &v["choices"][0]["delta"];
+        content.push_str(d["content"].as_str().unwrap_or(""));
+        for t in d["tool_calls"].as_array().into_iter().flatten() {
+            let i = t["index"].as_u64().expect("index") as usize;
+            if i == calls.len() {
+                assert!(
+                    t["id"].is_string() && t["function"]["name"].is_string(),
+                    "{t}"
+                );
+                calls.push(json!({ "id": t["id"], "type": "function",
+                    "function": { "name": t["function"]["name"], "arguments": "" } }));
+            }
+            let a = t["function"]["arguments"].as_str().unwrap_or("");
+            let prev = calls[i]["function"]["arguments"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            calls[i]["function"]["arguments"] = json!(prev + a);
+        }
+        if !v["choices"][0]["finish_reason"].is_null() {
+            finish = v["choices"][0]["finish_reason"].clone();
+        }
+    }
+    (content, calls, finish)
+}
+
+#[test]
+fn tool_calls_are_enforced_parsed_streamed_and_fed_back() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(&["--pp", "2", "--tp", "3"]);
+    let ask = json!([{ "role": "user", "content": "What is the weather in Paris?" }]);
+    // `required`: well-formed calls of declared tools, and nothing else.
+    for (temperature, stream) in [(0.0, false), (0.0, true), (1.0, false), (1.0, true)] {
+        let b = json!({ "model": MODEL, "messages": ask, "tools": weather_tools(),
+                        "tool_choice": "required", "temperature": temperature, "seed": 5,
+                        "max_tokens": 120, "stream": stream });
+        let (status, body) = http(c.port, "POST", "/v1/chat/completions", Some(&b));
+        assert_eq!(status, 200, "{body}");
+        let (content, calls, finish) = if stream {
+            assemble_stream(&body)
+        } else {
+            let v: Value = serde_json::from_str(&body).expect("JSON");
+            let m = &v["choices"][0]["message"];
+            assert!(m["content"].is_null(), "{v}");
+            (
+                String::new(),
+                m["tool_calls"].as_array().cloned().unwrap_or_default(),
+                v["choices"][0]["finish_reason"].clone(),
+            )
+        };
+        assert_eq!(content, "", "temperature {temperature}, stream {stream}");
+        assert!(
+            !calls.is_empty(),
+            "temperature {temperature}, stream {stream}"
+        );
+        assert_eq!(finish, json!("tool_calls"), "{calls:?}");
+        for call in &calls {
+            check_call(call);
+        }
+    }
+    // A named function without parallel calls: exactly one call of it.
+    let b = json!({ "model": MODEL, "messages": [{ "role": "user", "content": "What is 2 plus 3?" }],
+                    "tools": weather_tools(), "parallel_tool_calls": false, "temperature": 0,
+                    "tool_choice": { "type": "function", "function": { "name": "add" } } });
+    let (status, v) = c.chat(&b);
+    assert_eq!(status, 200, "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .expect("calls");
+    assert_eq!(calls.len(), 1, "{v}");
+    let (name, args) = check_call(&calls[0]);
+    assert_eq!(name, "add");
+    assert!(args["a"].is_i64() && args["b"].is_i64(), "{args}");
+    // `none`: plain text, no calls.
+    let b = json!({ "model": MODEL, "messages": ask, "tools": weather_tools(),
+                    "tool_choice": "none", "temperature": 0, "max_tokens": 16 });
+    let (status, v) = c.chat(&b);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["message"]["tool_calls"].is_null(), "{v}");
+    // The call and its result go back through the template: the result's
+    // text is in the prompt the model reads, and the answer is accepted.
+    let history = json!([
+        { "role": "user", "content": "What is the weather in Paris?" },
+        { "role": "assistant", "content": null, "tool_calls": [{ "id": "call_1", "type": "function",
+          "function": { "name": "get_weather", "arguments": "{\"city\": \"Paris\"}" } }] },
+        { "role": "tool", "tool_call_id": "call_1", "content": "{\"temperature\": 21, \"sky\": \"sunny\"}" }
+    ]);
+    let (status, t) = post(
+        &c,
+        "/tokenize",
+        &json!({ "model": MODEL, "messages": history }),
+    );
+    assert_eq!(status, 200, "{t}");
+    let (_, d) = post(
+        &c,
+        "/detokenize",
+        &json!({ "model": MODEL, "tokens": t["tokens"] }),
+    );
+    let prompt = d["prompt"].as_str().expect("prompt");
+    assert!(
+        prompt.contains("{\"temperature\": 21, \"sky\": \"sunny\"}")
+            && prompt.contains("\"name\": \"get_weather\""),
+        "{prompt}"
+    );
+    let b = json!({ "model": MODEL, "messages": history, "tools": weather_tools(),
+                    "temperature": 0, "max_tokens": 24 });
+    let (status, v) = c.chat(&b);
+    assert_eq!(status, 200, "{v}");
+    // With the tools declared, the prompt also describes them.
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64() > t["count"].as_u64(),
+        "{v} {t}"
+    );
+    // Bad declarations and choices are 400s naming the field.
+    for (b, param) in [
+        (
+            json!({ "model": MODEL, "messages": ask, "tool_choice": "required" }),
+            "tool_choice",
+        ),
+        (
+            json!({ "model": MODEL, "messages": ask, "tools": [{ "type": "function", "function": { "name": "a b" } }] }),
+            "tools[0].function.name",
+        ),
+        (
+            json!({ "model": MODEL, "messages": ask, "tools": weather_tools(),
+                 "tool_choice": { "type": "function", "function": { "name": "nope" } } }),
+            "tool_choice",
+        ),
+        (
+            json!({ "model": MODEL, "messages": ask, "tools": weather_tools(), "tool_choice": "required",
+                 "response_format": { "type": "json_object" } }),
+            "response_format",
+        ),
+        (
+            json!({ "model": MODEL, "messages": [{ "role": "user", "content": "hi", "tool_calls": [] }] }),
+            "messages[0].tool_calls",
+        ),
+    ] {
+        let (status, e) = c.chat(&b);
+        assert_eq!(status, 400, "{b}: {e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
 }

@@ -98,6 +98,11 @@ pub struct InMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant's calls, in OpenAI's shape.
+    pub tool_calls: Option<Value>,
+    /// A `tool` message's call.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -293,6 +298,8 @@ pub struct ChatJob {
     /// Whether the client named `max_tokens` (else the default, cut to
     /// the room the context has left).
     pub explicit_max: bool,
+    /// The declared tools, unless there are none or `tool_choice` is `none`.
+    pub tools: Option<crate::tools::ToolSpec>,
 }
 
 /// What a request gets for each sampling field it leaves out.
@@ -476,20 +483,21 @@ pub fn validate_chat(
             ),
         ));
     }
-    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(ApiError::bad("tools", "tool calling is not supported"));
+    let tools = crate::tools::parse(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let mut grammar = grammar_of(&req.sampling, req.response_format.as_ref())?;
+    if let Some(g) = tools.as_ref().and_then(|t| t.grammar()) {
+        if let Some((_, p)) = grammar {
+            return Err(ApiError::bad(
+                p,
+                "a required or named tool_choice cannot be combined with a structured-output format",
+            ));
+        }
+        grammar = Some((g, "tool_choice"));
     }
-    if req
-        .tool_choice
-        .as_ref()
-        .is_some_and(|c| !c.is_null() && c != "none")
-    {
-        return Err(ApiError::bad(
-            "tool_choice",
-            "tool_choice needs tools, and tool calling is not supported",
-        ));
-    }
-    let grammar = grammar_of(&req.sampling, req.response_format.as_ref())?;
     let mut s = validate_sampling(req.sampling, req.max_completion_tokens, defaults, limits)?;
     s.params.top_logprobs = top_logprobs as u32;
     s.params.grammar = grammar.map(|g| g.0);
@@ -502,6 +510,7 @@ pub fn validate_chat(
         user: s.user,
         n: s.n,
         explicit_max: s.explicit_max,
+        tools,
     })
 }
 
@@ -538,16 +547,45 @@ pub fn chat_messages(input: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> 
     for (i, m) in input.iter().enumerate() {
         if !matches!(
             m.role.as_str(),
-            "system" | "user" | "assistant" | "developer"
+            "system" | "user" | "assistant" | "developer" | "tool"
         ) {
             return Err(ApiError::bad(
                 &format!("messages[{i}].role"),
                 format!(
-                    "role '{}' is not one of system, user, assistant, developer",
+                    "role '{}' is not one of system, user, assistant, developer, tool",
                     m.role
                 ),
             ));
         }
+        let tool_calls = match &m.tool_calls {
+            None | Some(Value::Null) => None,
+            Some(_) if m.role != "assistant" => {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].tool_calls"),
+                    "only assistant messages carry tool_calls",
+                ))
+            }
+            Some(Value::Array(calls)) => {
+                for (j, c) in calls.iter().enumerate() {
+                    let f = &c["function"];
+                    if !f["name"].is_string()
+                        || !(f["arguments"].is_string() || f["arguments"].is_object())
+                    {
+                        return Err(ApiError::bad(
+                            &format!("messages[{i}].tool_calls[{j}]"),
+                            "a tool call is {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
+                        ));
+                    }
+                }
+                Some(Value::Array(calls.clone()))
+            }
+            Some(_) => {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].tool_calls"),
+                    "tool_calls must be an array",
+                ))
+            }
+        };
         let content = match &m.content {
             None => String::new(),
             Some(Content::Text(t)) => t.clone(),
@@ -572,7 +610,11 @@ pub fn chat_messages(input: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> 
         } else {
             m.role.as_str()
         };
-        messages.push(ChatMessage::new(role, &content));
+        let mut msg = ChatMessage::new(role, &content);
+        msg.tool_calls = tool_calls;
+        msg.tool_call_id = m.tool_call_id.clone();
+        msg.name = m.name.clone();
+        messages.push(msg);
     }
     Ok(messages)
 }

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{self, ApiError, PromptInput, Usage};
 use crate::metrics::Metrics;
+use crate::tools;
 
 mod edge;
 mod pump;
@@ -517,17 +518,24 @@ impl Gateway {
         })
     }
 
-    fn tokenize_chat(&self, messages: &[tandem_model::ChatMessage]) -> Result<Vec<u32>, ApiError> {
-        let text = self.render_chat(messages, true)?;
+    fn tokenize_chat(
+        &self,
+        messages: &[tandem_model::ChatMessage],
+        tools: Option<&crate::tools::ToolSpec>,
+    ) -> Result<Vec<u32>, ApiError> {
+        let text = self.render_chat(messages, tools, true)?;
         self.file
             .tokenizer
             .encode_prompt(&text)
             .map_err(|e| ApiError::bad("messages", e.to_string()))
     }
 
+    /// The conversation through the chat template, with the request's
+    /// tools (see [`crate::tools::prepare`]).
     fn render_chat(
         &self,
         messages: &[tandem_model::ChatMessage],
+        tools: Option<&crate::tools::ToolSpec>,
         add_generation_prompt: bool,
     ) -> Result<String, ApiError> {
         let t = self.file.chat_template.as_ref().ok_or_else(|| {
@@ -536,12 +544,14 @@ impl Gateway {
                 "this model has no chat template; use /v1/completions",
             )
         })?;
-        t.render(messages, add_generation_prompt).map_err(|e| {
-            ApiError::bad(
-                "messages",
-                format!("the chat template refused the conversation: {e}"),
-            )
-        })
+        let (messages, declared) = crate::tools::prepare(messages, tools, t.takes_tools());
+        t.render_with_tools(&messages, declared.as_ref(), add_generation_prompt)
+            .map_err(|e| {
+                ApiError::bad(
+                    "messages",
+                    format!("the chat template refused the conversation: {e}"),
+                )
+            })
     }
 
     fn tokenize_prompt(&self, p: &PromptInput) -> Result<Vec<u32>, ApiError> {
@@ -618,6 +628,10 @@ struct Prepared {
     include_usage: bool,
     logprobs: bool,
     n: usize,
+    /// The answer is parsed for tool calls.
+    tools: bool,
+    /// The field a grammar that cannot be compiled is blamed on.
+    grammar_param: &'static str,
 }
 
 impl Gateway {
@@ -639,13 +653,18 @@ impl Gateway {
                 )?;
                 (
                     Prepared {
-                        prompt: self.tokenize_chat(&job.messages)?,
+                        prompt: self.tokenize_chat(&job.messages, job.tools.as_ref())?,
                         session: job.user.clone().or_else(|| conversation_key(&job.messages)),
                         params: job.params,
                         stream: job.stream,
                         include_usage: job.include_usage,
                         logprobs: job.logprobs,
                         n: job.n,
+                        tools: job.tools.is_some(),
+                        grammar_param: match &job.tools {
+                            Some(t) if t.choice != crate::tools::Choice::Auto => "tool_choice",
+                            _ => "response_format",
+                        },
                     },
                     job.explicit_max,
                 )
@@ -666,6 +685,8 @@ impl Gateway {
                         include_usage: job.include_usage,
                         logprobs: job.logprobs,
                         n: job.n,
+                        tools: false,
+                        grammar_param: "response_format",
                     },
                     job.explicit_max,
                 )
@@ -674,12 +695,12 @@ impl Gateway {
         if let Some(g) = &p.params.grammar {
             let env = self.grammar.as_ref().ok_or_else(|| {
                 ApiError::bad(
-                    "response_format",
+                    p.grammar_param,
                     "structured outputs are not available for this model",
                 )
             })?;
             env.compile(g)
-                .map_err(|e| ApiError::bad("response_format", e.to_string()))?;
+                .map_err(|e| ApiError::bad(p.grammar_param, e.to_string()))?;
         }
         // A completion that cannot fit is refused when the client asked
         // for it, and cut to the room left when it is the default.
@@ -757,6 +778,7 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
             include_usage: p.include_usage,
             logprobs: p.logprobs,
             n: p.n,
+            tools: p.tools,
         };
         Ok::<_, ApiError>(respond(gw.clone(), tickets, permit, shape, p.stream).await)
     }
@@ -815,7 +837,7 @@ async fn tokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body
                 (None, Some(m)) => {
                     let messages = api::chat_messages(&m)?;
                     let text =
-                        g.render_chat(&messages, req.add_generation_prompt.unwrap_or(true))?;
+                        g.render_chat(&messages, None, req.add_generation_prompt.unwrap_or(true))?;
                     // By default exactly what a chat completion's prompt is.
                     let t = &g.file.tokenizer;
                     if req.add_special_tokens.unwrap_or(true) {

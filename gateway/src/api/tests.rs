@@ -272,7 +272,10 @@ fn bad_requests_are_400s_that_name_the_field() {
             "messages[0].content[0]",
         ),
         (with("presence_penalty", json!(2.5)), "presence_penalty"),
-        (with("tools", json!([{ "type": "function" }])), "tools"),
+        (
+            with("tools", json!([{ "type": "function" }])),
+            "tools[0].function.name",
+        ),
         (
             with("response_format", json!({ "type": "xml" })),
             "response_format",

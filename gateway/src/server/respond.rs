@@ -24,6 +24,8 @@ pub(super) struct Shape {
     pub(super) logprobs: bool,
     /// Choices.
     pub(super) n: usize,
+    /// Answers are parsed for tool calls (chat with tools).
+    pub(super) tools: bool,
 }
 
 /// One chosen token as the client sees it.
@@ -115,6 +117,52 @@ impl Shape {
                 c
             }
         }
+    }
+
+    /// A chat stream's chunks for what the tool-call parser gave out for
+    /// one token: content, a call's start (id, name) and its arguments as
+    /// they come, as OpenAI streams them. The token's log-probability
+    /// rides on the first (on an empty content chunk when nothing is out).
+    fn tool_chunks(
+        &self,
+        gw: &Gateway,
+        index: usize,
+        outs: Vec<tools::Out>,
+        token: Option<&Token>,
+    ) -> Vec<Value> {
+        let mut lp = token
+            .filter(|_| self.logprobs)
+            .map(|t| self.chat_logprob(gw, t));
+        let mut deltas: Vec<Value> = outs
+            .into_iter()
+            .map(|o| match o {
+                tools::Out::Text(t) => json!({ "content": t }),
+                tools::Out::Call { index, id, name } => json!({ "tool_calls": [{
+                    "index": index, "id": id, "type": "function",
+                    "function": { "name": name, "arguments": "" } }] }),
+                tools::Out::Args { index, text } => {
+                    json!({ "tool_calls": [{ "index": index, "function": { "arguments": text } }] })
+                }
+            })
+            .collect();
+        if deltas.is_empty() && lp.is_some() {
+            deltas.push(json!({ "content": "" }));
+        }
+        deltas
+            .into_iter()
+            .map(|d| {
+                api::chat_chunk(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    index,
+                    d,
+                    None,
+                    lp.take(),
+                    self.include_usage,
+                )
+            })
+            .collect()
     }
 
     fn usage(&self, usage: Usage) -> Value {
@@ -271,6 +319,7 @@ async fn whole(
     for i in 0..n {
         let (reason, _) = ends[i].expect("every choice ended");
         let mut c = match shape.kind {
+            Kind::Chat if shape.tools => tool_choice(i, &text[i], reason),
             Kind::Chat => api::chat_choice(i, &text[i], reason),
             Kind::Completion => api::completion_choice(i, &text[i], Some(reason), None),
         };
@@ -303,6 +352,37 @@ async fn whole(
         accounting_headers(&mut r, a);
     }
     r
+}
+
+/// A whole chat choice whose answer is parsed for tool calls: the content
+/// (null when the answer is only calls), the calls, and `tool_calls` as
+/// the finish reason when it ended on its own after making some.
+fn tool_choice(index: usize, text: &str, reason: FinishReason) -> Value {
+    let mut p = tools::ToolParser::default();
+    let mut content = String::new();
+    for o in p.push(text).into_iter().chain(p.finish()) {
+        if let tools::Out::Text(t) = o {
+            content.push_str(&t);
+        }
+    }
+    let mut c = api::chat_choice(index, &content, reason);
+    if !p.calls().is_empty() {
+        c["message"]["tool_calls"] = p
+            .calls()
+            .iter()
+            .map(|call| {
+                json!({ "id": call.id, "type": "function",
+                        "function": { "name": call.name, "arguments": call.arguments } })
+            })
+            .collect();
+        if content.is_empty() {
+            c["message"]["content"] = Value::Null;
+        }
+        if reason == FinishReason::Stop {
+            c["finish_reason"] = json!("tool_calls");
+        }
+    }
+    c
 }
 
 /// A stream of the choices' chunks as they come; after the last choice
@@ -339,6 +419,9 @@ async fn stream_items(
     }
     let mut left = shape.n;
     let mut completion = 0usize;
+    let mut parsers: Vec<Option<tools::ToolParser>> = (0..shape.n)
+        .map(|_| (shape.kind == Kind::Chat && shape.tools).then(tools::ToolParser::default))
+        .collect();
     loop {
         let item = tokio::select! {
             i = rx.recv() => i,
@@ -348,8 +431,17 @@ async fn stream_items(
         };
         match item {
             Some(Item::Token { index, token }) => {
-                if !token.text.is_empty() || shape.logprobs {
-                    let c = shape.chunk(&gw, index, &token.text, Some(&token), None);
+                let chunks = match parsers[index].as_mut() {
+                    Some(p) => {
+                        let outs = p.push(&token.text);
+                        shape.tool_chunks(&gw, index, outs, Some(&token))
+                    }
+                    None if !token.text.is_empty() || shape.logprobs => {
+                        vec![shape.chunk(&gw, index, &token.text, Some(&token), None)]
+                    }
+                    None => Vec::new(),
+                };
+                for c in chunks {
                     if !send(api::sse(&c)).await {
                         return;
                     }
@@ -363,6 +455,17 @@ async fn stream_items(
             }) => {
                 completion += c;
                 let mut chunk = shape.chunk(&gw, index, "", None, Some(reason));
+                if let Some(p) = parsers[index].as_mut() {
+                    let outs = p.finish();
+                    for c in shape.tool_chunks(&gw, index, outs, None) {
+                        if !send(api::sse(&c)).await {
+                            return;
+                        }
+                    }
+                    if !p.calls().is_empty() && reason == FinishReason::Stop {
+                        chunk["choices"][0]["finish_reason"] = json!("tool_calls");
+                    }
+                }
                 chunk["tandem"] = timing(&accounting);
                 if !send(api::sse(&chunk)).await {
                     return;
