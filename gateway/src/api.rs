@@ -10,7 +10,13 @@ use serde_json::{json, Value};
 use tandem_model::{ChatMessage, FinishReason, GenerationDefaults, Grammar, SamplingParams};
 
 mod fields;
+mod sampling;
+mod structured;
 pub use fields::field_names;
+pub use sampling::{
+    validate_sampling, Defaults, Limits, SamplingJob, DEFAULT_MAX_CHOICES, DEFAULT_MAX_TOKENS,
+};
+pub use structured::{grammar_of, StructuredOutputs};
 
 /// Every way a request can fail, with the status it gets.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -159,113 +165,6 @@ pub struct Sampling {
     pub structured_outputs: Option<StructuredOutputs>,
 }
 
-/// `structured_outputs`, as vLLM takes it.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct StructuredOutputs {
-    pub json: Option<Value>,
-    pub regex: Option<String>,
-    pub choice: Option<Vec<String>>,
-    pub grammar: Option<String>,
-    pub json_object: Option<bool>,
-}
-
-/// A JSON schema given as an object or as JSON text.
-fn schema_text(v: &Value, param: &str) -> Result<String, ApiError> {
-    match v {
-        Value::String(s) => serde_json::from_str::<Value>(s)
-            .map(|_| s.clone())
-            .map_err(|e| ApiError::bad(param, format!("the schema is not JSON: {e}"))),
-        Value::Object(_) | Value::Bool(_) => Ok(v.to_string()),
-        _ => Err(ApiError::bad(param, "a JSON schema is an object")),
-    }
-}
-
-/// The request's grammar, from OpenAI's `response_format` or vLLM's
-/// extensions (at most one of them), and the field it came from.
-pub fn grammar_of(
-    s: &Sampling,
-    response_format: Option<&Value>,
-) -> Result<Option<(Grammar, &'static str)>, ApiError> {
-    let mut found: Vec<(Grammar, &'static str)> = Vec::new();
-    if let Some(f) = response_format.filter(|f| !f.is_null()) {
-        let p = "response_format";
-        match f["type"].as_str() {
-            Some("text") => {}
-            Some("json_object") => {
-                found.push((Grammar::JsonSchema(r#"{"type":"object"}"#.into()), p))
-            }
-            Some("json_schema") => {
-                let schema = &f["json_schema"]["schema"];
-                if schema.is_null() {
-                    return Err(ApiError::bad(
-                        p,
-                        "response_format json_schema needs json_schema.schema",
-                    ));
-                }
-                found.push((Grammar::JsonSchema(schema_text(schema, p)?), p));
-            }
-            other => {
-                return Err(ApiError::bad(
-                    p,
-                    format!(
-                        "response_format type {} is not one of text, json_object, json_schema",
-                        other.map_or("(missing)".to_string(), |t| format!("'{t}'"))
-                    ),
-                ))
-            }
-        }
-    }
-    let choice = |c: &[String], p: &'static str| -> Result<(Grammar, &'static str), ApiError> {
-        if c.is_empty() || c.iter().any(String::is_empty) {
-            return Err(ApiError::bad(
-                p,
-                "choices must be non-empty strings, at least one",
-            ));
-        }
-        Ok((Grammar::choice(c), p))
-    };
-    if let Some(v) = &s.guided_json {
-        found.push((
-            Grammar::JsonSchema(schema_text(v, "guided_json")?),
-            "guided_json",
-        ));
-    }
-    if let Some(r) = &s.guided_regex {
-        found.push((Grammar::Regex(r.clone()), "guided_regex"));
-    }
-    if let Some(c) = &s.guided_choice {
-        found.push(choice(c, "guided_choice")?);
-    }
-    if let Some(g) = &s.guided_grammar {
-        found.push((Grammar::Lark(g.clone()), "guided_grammar"));
-    }
-    if let Some(o) = &s.structured_outputs {
-        let p = "structured_outputs";
-        if let Some(v) = &o.json {
-            found.push((Grammar::JsonSchema(schema_text(v, p)?), p));
-        }
-        if let Some(r) = &o.regex {
-            found.push((Grammar::Regex(r.clone()), p));
-        }
-        if let Some(c) = &o.choice {
-            found.push(choice(c, p)?);
-        }
-        if let Some(g) = &o.grammar {
-            found.push((Grammar::Lark(g.clone()), p));
-        }
-        if o.json_object == Some(true) {
-            found.push((Grammar::JsonSchema(r#"{"type":"object"}"#.into()), p));
-        }
-    }
-    if found.len() > 1 {
-        return Err(ApiError::bad(
-            found[1].1,
-            "give one structured-output constraint, not several",
-        ));
-    }
-    Ok(found.pop())
-}
-
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
@@ -300,99 +199,6 @@ pub struct ChatJob {
     pub explicit_max: bool,
     /// The declared tools, unless there are none or `tool_choice` is `none`.
     pub tools: Option<crate::tools::ToolSpec>,
-}
-
-/// What a request gets for each sampling field it leaves out.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Defaults {
-    pub temperature: f64,
-    pub top_p: f64,
-    /// 0: no cut.
-    pub top_k: usize,
-    pub min_p: f64,
-    pub repetition_penalty: f64,
-    pub max_tokens: usize,
-    /// Most choices (`n`) a request may ask for.
-    pub max_choices: usize,
-    /// Where each value came from: `cluster` (the cluster file or `serve`
-    /// flags), `model` (its GGUF metadata or `generation_config.json`) or
-    /// `built-in` (llama.cpp's sampler chain).
-    pub source: BTreeMap<&'static str, &'static str>,
-}
-
-/// llama.cpp's default sampler chain, for what neither the cluster nor
-/// the model sets.
-const BUILT_IN: (f32, f32, usize, f32, f32) = (0.8, 0.95, 40, 0.05, 1.0);
-/// Tokens generated when nothing else says.
-pub const DEFAULT_MAX_TOKENS: usize = 256;
-/// Choices per request when nothing else says.
-pub const DEFAULT_MAX_CHOICES: usize = 8;
-
-impl Default for Defaults {
-    fn default() -> Defaults {
-        Defaults::resolve(
-            &tandem_wire::config::SamplingSection::default(),
-            &GenerationDefaults::default(),
-        )
-    }
-}
-
-impl Defaults {
-    /// The cluster's settings first, then the model's, then built-in ones.
-    pub fn resolve(
-        cluster: &tandem_wire::config::SamplingSection,
-        model: &GenerationDefaults,
-    ) -> Defaults {
-        let mut source = BTreeMap::new();
-        // Kept as the decimal the setting was written as (no f32 tail).
-        let mut pick = |name: &'static str, c: Option<f32>, m: Option<f32>, b: f32| -> f64 {
-            let (v, from) = match (c, m) {
-                (Some(v), _) => (v, "cluster"),
-                (None, Some(v)) => (v, "model"),
-                (None, None) => (b, "built-in"),
-            };
-            source.insert(name, from);
-            (v as f64 * 1e6).round() / 1e6
-        };
-        let (bt, bp, bk, bm, br) = BUILT_IN;
-        let temperature = pick("temperature", cluster.temperature, model.temperature, bt);
-        let top_p = pick("top_p", cluster.top_p, model.top_p, bp);
-        let top_k = pick(
-            "top_k",
-            cluster.top_k.map(|k| k as f32),
-            model.top_k.map(|k| k as f32),
-            bk as f32,
-        ) as usize;
-        let min_p = pick("min_p", cluster.min_p, model.min_p, bm);
-        let repetition_penalty = pick(
-            "repetition_penalty",
-            cluster.repetition_penalty,
-            model.repetition_penalty,
-            br,
-        );
-        let max_tokens = pick(
-            "max_tokens",
-            cluster.max_tokens.map(|v| v as f32),
-            None,
-            DEFAULT_MAX_TOKENS as f32,
-        ) as usize;
-        let max_choices = pick(
-            "max_choices",
-            cluster.max_choices.map(|v| v as f32),
-            None,
-            DEFAULT_MAX_CHOICES as f32,
-        ) as usize;
-        Defaults {
-            temperature,
-            top_p,
-            top_k,
-            min_p,
-            repetition_penalty,
-            max_tokens,
-            max_choices,
-            source,
-        }
-    }
 }
 
 /// Most entries a `logit_bias` may have.
@@ -526,6 +332,8 @@ pub struct TokenizeRequest {
     /// Messages: end with the assistant's turn opening (default true).
     pub add_generation_prompt: Option<bool>,
     pub return_token_strs: Option<bool>,
+    /// Messages: the tools a chat request would declare.
+    pub tools: Option<Value>,
 }
 
 /// `POST /detokenize`.
@@ -617,195 +425,6 @@ pub fn chat_messages(input: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> 
         messages.push(msg);
     }
     Ok(messages)
-}
-
-/// The model's limits a request is checked against.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Tokens of prompt and completion together.
-    pub context: usize,
-    pub vocab: usize,
-}
-
-/// What [`validate_sampling`] makes of the shared fields.
-pub struct SamplingJob {
-    pub params: SamplingParams,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub user: Option<String>,
-    pub n: usize,
-    pub explicit_max: bool,
-}
-
-/// Checks the shared fields and turns them into sampling parameters;
-/// `max_override` (chat's `max_completion_tokens`) wins over `max_tokens`.
-pub fn validate_sampling(
-    req: Sampling,
-    max_override: Option<u64>,
-    defaults: &Defaults,
-    limits: Limits,
-) -> Result<SamplingJob, ApiError> {
-    let explicit = max_override.or(req.max_tokens);
-    let max_tokens = match explicit {
-        None => defaults.max_tokens,
-        Some(0) => return Err(ApiError::bad("max_tokens", "max_tokens must be at least 1")),
-        Some(n) if n >= limits.context as u64 => {
-            return Err(ApiError::bad(
-                "max_tokens",
-                format!(
-                    "max_tokens is {n}, but this model's maximum context length is {} tokens (prompt and completion together)",
-                    limits.context
-                ),
-            ))
-        }
-        Some(n) => n as usize,
-    };
-    let temperature = req.temperature.unwrap_or(defaults.temperature);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad(
-            "temperature",
-            format!("temperature must be between 0 and 2, got {temperature}"),
-        ));
-    }
-    let top_p = req.top_p.unwrap_or(defaults.top_p);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad(
-            "top_p",
-            format!("top_p must be in (0, 1], got {top_p}"),
-        ));
-    }
-    let top_k = match req.top_k {
-        None => defaults.top_k,
-        Some(-1) | Some(0) => 0,
-        Some(k) if k > 0 => k as usize,
-        Some(k) => {
-            return Err(ApiError::bad(
-                "top_k",
-                format!("top_k must be positive (or -1 for none), got {k}"),
-            ))
-        }
-    };
-    let n = match req.n {
-        None => 1,
-        Some(n) if n >= 1 && n <= defaults.max_choices as u64 => n as usize,
-        Some(n) => {
-            return Err(ApiError::bad(
-                "n",
-                format!("n must be between 1 and {}, got {n}", defaults.max_choices),
-            ))
-        }
-    };
-    for (name, v) in [
-        ("presence_penalty", req.presence_penalty),
-        ("frequency_penalty", req.frequency_penalty),
-    ] {
-        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-            return Err(ApiError::bad(
-                name,
-                format!("{name} must be between -2 and 2, got {}", v.unwrap_or(0.0)),
-            ));
-        }
-    }
-    let min_p = req.min_p.unwrap_or(defaults.min_p);
-    if !(0.0..=1.0).contains(&min_p) {
-        return Err(ApiError::bad(
-            "min_p",
-            format!("min_p must be between 0 and 1, got {min_p}"),
-        ));
-    }
-    let repetition_penalty = req
-        .repetition_penalty
-        .unwrap_or(defaults.repetition_penalty);
-    if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
-        return Err(ApiError::bad(
-            "repetition_penalty",
-            format!("repetition_penalty must be in (0, 10], got {repetition_penalty}"),
-        ));
-    }
-    let mut logit_bias = Vec::new();
-    if let Some(b) = &req.logit_bias {
-        if b.len() > MAX_LOGIT_BIAS {
-            return Err(ApiError::bad(
-                "logit_bias",
-                format!("logit_bias may name at most {MAX_LOGIT_BIAS} tokens"),
-            ));
-        }
-        for (k, v) in b {
-            let t = k
-                .trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|t| (*t as usize) < limits.vocab)
-                .ok_or_else(|| {
-                    ApiError::bad(
-                        "logit_bias",
-                        format!(
-                            "logit_bias key '{k}' is not a token id of this model (0 to {})",
-                            limits.vocab.saturating_sub(1)
-                        ),
-                    )
-                })?;
-            if !(-100.0..=100.0).contains(v) {
-                return Err(ApiError::bad(
-                    "logit_bias",
-                    format!("logit_bias for token {t} must be between -100 and 100, got {v}"),
-                ));
-            }
-            logit_bias.push((t, *v as f32));
-        }
-    }
-    let stop = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
-    if stop.len() > MAX_STOP {
-        return Err(ApiError::bad(
-            "stop",
-            format!("at most {MAX_STOP} stop sequences are allowed"),
-        ));
-    }
-    if stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
-        return Err(ApiError::bad(
-            "stop",
-            format!("stop sequences must be 1 to {MAX_STOP_LEN} bytes"),
-        ));
-    }
-    let params = SamplingParams {
-        temperature: temperature as f32,
-        top_k,
-        top_p: top_p as f32,
-        seed: req.seed.map(|s| s as u64),
-        max_tokens,
-        stop_token_ids: Vec::new(),
-        stop,
-        ignore_eos: req.ignore_eos,
-        min_p: min_p as f32,
-        repetition_penalty: repetition_penalty as f32,
-        presence_penalty: req.presence_penalty.unwrap_or(0.0) as f32,
-        frequency_penalty: req.frequency_penalty.unwrap_or(0.0) as f32,
-        logit_bias,
-        top_logprobs: 0,
-        grammar: None,
-    };
-    params.validate().map_err(|e| ApiError::BadRequest {
-        message: e.to_string(),
-        param: None,
-    })?;
-    if !req.stream && req.stream_options.is_some() {
-        return Err(ApiError::bad(
-            "stream_options",
-            "stream_options is only allowed with stream: true",
-        ));
-    }
-    Ok(SamplingJob {
-        params,
-        stream: req.stream,
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-        user: req.user,
-        n,
-        explicit_max: explicit.is_some(),
-    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -38,12 +38,14 @@ use crate::metrics::Metrics;
 use crate::tools;
 
 mod edge;
+mod endpoints;
 mod pump;
 mod respond;
 mod routing;
 
 pub use edge::EdgeLimits;
 
+use endpoints::{detokenize, health, metrics, models, not_found, openapi, tokenize};
 use pump::pump;
 
 use respond::{respond, Kind, Shape};
@@ -122,11 +124,6 @@ fn error_response(e: &ApiError) -> Response {
 }
 
 /// The HTTP API as an OpenAPI 3.1 document.
-const OPENAPI: &str = include_str!("openapi.json");
-
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
-}
 
 /// With API keys configured, `/v1/*` needs `Authorization: Bearer KEY`
 /// (probes and metrics stay open for the orchestrator).
@@ -790,164 +787,6 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
             .inc();
         error_response(&e)
     })
-}
-
-async fn models(State(gw): State<Arc<Gateway>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": gw.model,
-            "object": "model",
-            "created": 0,
-            "owned_by": "tandem",
-            "root": gw.model,
-            "parent": Value::Null,
-            "max_model_len": gw.context,
-            "sampling_defaults": gw.defaults,
-        }],
-    }))
-    .into_response()
-}
-
-/// `POST /tokenize` (vLLM's shape): a prompt, or chat messages rendered
-/// through the template as `/v1/chat/completions` would.
-async fn tokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
-    let r = async {
-        let body = read_body(&headers, body, gw.max_body, gw.body_timeout).await?;
-        let req: api::TokenizeRequest =
-            serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
-                message: format!("Malformed request body: {e}"),
-                param: None,
-            })?;
-        if req.model.as_ref().is_some_and(|m| *m != gw.model) {
-            return Err(ApiError::ModelNotFound(req.model.unwrap_or_default()));
-        }
-        let g = gw.clone();
-        tokio::task::spawn_blocking(move || {
-            let tokens = match (req.prompt, req.messages) {
-                (Some(p), None) => {
-                    let t = &g.file.tokenizer;
-                    if req.add_special_tokens.unwrap_or(true) {
-                        t.encode_prompt(&p)
-                    } else {
-                        t.encode(&p)
-                    }
-                    .map_err(|e| ApiError::bad("prompt", e.to_string()))?
-                }
-                (None, Some(m)) => {
-                    let messages = api::chat_messages(&m)?;
-                    let text =
-                        g.render_chat(&messages, None, req.add_generation_prompt.unwrap_or(true))?;
-                    // By default exactly what a chat completion's prompt is.
-                    let t = &g.file.tokenizer;
-                    if req.add_special_tokens.unwrap_or(true) {
-                        t.encode_prompt(&text)
-                    } else {
-                        t.encode(&text)
-                    }
-                    .map_err(|e| ApiError::bad("messages", e.to_string()))?
-                }
-                _ => {
-                    return Err(ApiError::BadRequest {
-                        message: "give either 'prompt' or 'messages'".into(),
-                        param: None,
-                    })
-                }
-            };
-            let strs = req.return_token_strs.unwrap_or(false).then(|| {
-                tokens
-                    .iter()
-                    .map(|t| g.file.tokenizer.token_text(*t))
-                    .collect::<Vec<_>>()
-            });
-            Ok(json!({
-                "count": tokens.len(),
-                "max_model_len": g.context,
-                "tokens": tokens,
-                "token_strs": strs,
-            }))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-    }
-    .await;
-    match r {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => error_response(&e),
-    }
-}
-
-/// `POST /detokenize` (vLLM's shape): token ids back to text.
-async fn detokenize(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
-    let r = async {
-        let body = read_body(&headers, body, gw.max_body, gw.body_timeout).await?;
-        let req: api::DetokenizeRequest =
-            serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
-                message: format!("Malformed request body: {e}"),
-                param: None,
-            })?;
-        if req.model.as_ref().is_some_and(|m| *m != gw.model) {
-            return Err(ApiError::ModelNotFound(req.model.unwrap_or_default()));
-        }
-        let v = gw.file.tokenizer.vocab_size();
-        if let Some(t) = req.tokens.iter().find(|&&t| t as usize >= v) {
-            return Err(ApiError::bad(
-                "tokens",
-                format!("token id {t} is outside the vocabulary of {v}"),
-            ));
-        }
-        Ok(json!({ "prompt": gw.file.tokenizer.decode(&req.tokens) }))
-    }
-    .await;
-    match r {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => error_response(&e),
-    }
-}
-
-async fn health(State(gw): State<Arc<Gateway>>) -> Response {
-    let st = gw.state.lock().expect("gateway state");
-    let nodes: Vec<Value> = st
-        .nodes
-        .iter()
-        .map(|(name, n)| json!({ "node": name, "role": format!("{:?}", n.role), "load": n.load.map(|l| json!({"running": l.running, "queued": l.queued, "free_blocks": l.free_blocks, "total_blocks": l.total_blocks, "pipelines_up": l.pipelines_up})), "last_heartbeat_ms": n.seen.elapsed().as_millis() as u64 }))
-        .collect();
-    drop(st);
-    let ready = gw.ready();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        axum::Json(json!({ "status": if ready { "ok" } else { "unavailable" }, "nodes": nodes, "max_model_len": gw.context, "sampling_defaults": gw.defaults })),
-    )
-        .into_response()
-}
-
-async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    {
-        let st = gw.state.lock().expect("gateway state");
-        gw.metrics.set_nodes(
-            st.nodes
-                .iter()
-                .map(|(name, n)| (name.as_str(), &n.role, n.load)),
-        );
-    }
-    match gw.metrics.encode() {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
-        Err(e) => error_response(&ApiError::Internal(e)),
-    }
-}
-
-async fn not_found() -> Response {
-    let mut r = error_response(&ApiError::BadRequest {
-        message: "unknown route; this server answers /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health, /live, /metrics and /openapi.json".into(),
-        param: None,
-    });
-    *r.status_mut() = StatusCode::NOT_FOUND;
-    r
 }
 
 /// Runs the gateway until `shutdown` completes.

@@ -410,23 +410,34 @@ fn rank_loop(
                     )
                 });
                 // The CPU chooses from the logits exactly as the GPU's kernel does.
-                let r = match (r, draws) {
-                    (Ok(SliceOutput::Logits(l)), Some(d)) => {
-                        let vocab = slice.config.vocab_size;
-                        Ok(SliceOutput::Sampled(
-                            l.chunks(vocab)
-                                .zip(d.iter())
-                                .map(|(row, d)| select(row, d))
-                                .collect(),
-                        ))
-                    }
-                    (r, _) => r,
-                };
+                let r = sample_rows(
+                    r,
+                    draws.as_deref().map(Vec::as_slice),
+                    slice.config.vocab_size,
+                );
                 if out.send(r).is_err() {
                     break;
                 }
             }
         }
+    }
+}
+
+/// Chooses each sequence's token from its row of logits on the host (on
+/// the CPU always, on a GPU when a draw needs more than its kernel).
+fn sample_rows(
+    r: Result<SliceOutput>,
+    draws: Option<&[Draw]>,
+    vocab: usize,
+) -> Result<SliceOutput> {
+    match (r, draws) {
+        (Ok(SliceOutput::Logits(l)), Some(d)) => Ok(SliceOutput::Sampled(
+            l.chunks(vocab)
+                .zip(d)
+                .map(|(row, d)| select(row, d))
+                .collect(),
+        )),
+        (r, _) => r,
     }
 }
 
@@ -480,18 +491,7 @@ fn gpu_rank_loop(
                         .filter(|_| host.is_none())
                         .map(|d| d.as_slice()),
                 );
-                let r = match (r, host) {
-                    (Ok(SliceOutput::Logits(l)), Some(d)) => {
-                        let vocab = slice.config.vocab_size;
-                        Ok(SliceOutput::Sampled(
-                            l.chunks(vocab)
-                                .zip(d.iter())
-                                .map(|(row, d)| select(row, d))
-                                .collect(),
-                        ))
-                    }
-                    (r, _) => r,
-                };
+                let r = sample_rows(r, host.map(|d| d.as_slice()), slice.config.vocab_size);
                 if out.send(r).is_err() {
                     break;
                 }

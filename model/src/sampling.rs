@@ -73,6 +73,9 @@ impl Default for SamplingParams {
 }
 
 /// Most alternatives a token's `top_logprobs` may list.
+/// The largest repetition penalty a request may ask for.
+pub const MAX_REPETITION_PENALTY: f32 = 10.0;
+
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 impl SamplingParams {
@@ -85,44 +88,53 @@ impl SamplingParams {
 
     /// Rejects values no sampler can honour.
     pub fn validate(&self) -> Result<()> {
+        self.check()
+            .map_err(|(_, message)| ModelError::Invalid(message))
+    }
+
+    /// [`SamplingParams::validate`], naming the field at fault (the HTTP
+    /// edge reports it as the error's `param`).
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let fail = |field: &'static str, message: String| Err((field, message));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(ModelError::Invalid(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            )));
+            return fail(
+                "temperature",
+                format!("temperature must be >= 0, got {}", self.temperature),
+            );
         }
         if !self.top_p.is_finite() || self.top_p <= 0.0 || self.top_p > 1.0 {
-            return Err(ModelError::Invalid(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return fail(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
         }
         if self.max_tokens == 0 {
-            return Err(ModelError::Invalid("max_tokens must be at least 1".into()));
+            return fail("max_tokens", "max_tokens must be at least 1".into());
         }
         if self.stop.iter().any(String::is_empty) {
-            return Err(ModelError::Invalid("stop strings must not be empty".into()));
+            return fail("stop", "stop strings must not be empty".into());
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(ModelError::Invalid(format!(
-                "min_p must be in [0, 1], got {}",
-                self.min_p
-            )));
+            return fail(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}", self.min_p),
+            );
         }
-        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return Err(ModelError::Invalid(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            )));
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= MAX_REPETITION_PENALTY) {
+            return fail(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {}",
+                    self.repetition_penalty
+                ),
+            );
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
             if !(-2.0..=2.0).contains(&v) {
-                return Err(ModelError::Invalid(format!(
-                    "{name} must be between -2 and 2, got {v}"
-                )));
+                return fail(name, format!("{name} must be between -2 and 2, got {v}"));
             }
         }
         if let Some((t, b)) = self
@@ -130,15 +142,19 @@ impl SamplingParams {
             .iter()
             .find(|(_, b)| !(-100.0..=100.0).contains(b))
         {
-            return Err(ModelError::Invalid(format!(
-                "logit_bias for token {t} must be between -100 and 100, got {b}"
-            )));
+            return fail(
+                "logit_bias",
+                format!("logit_bias for token {t} must be between -100 and 100, got {b}"),
+            );
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
-            return Err(ModelError::Invalid(format!(
-                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
-                self.top_logprobs
-            )));
+            return fail(
+                "top_logprobs",
+                format!(
+                    "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
+                    self.top_logprobs
+                ),
+            );
         }
         Ok(())
     }
