@@ -28,28 +28,14 @@ pub struct RoleArgs {
     pub device: Option<tandem_model::Device>,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 /// SIGINT and SIGTERM set a flag the role's loop watches.
 pub fn stop_flag() -> Arc<AtomicBool> {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
     let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    std::thread::spawn(move || loop {
-        if STOP.load(Ordering::SeqCst) {
-            f.store(true, Ordering::SeqCst);
-            return;
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, flag.clone()) {
+            tracing::warn!("cannot watch signal {sig}: {e}");
         }
-        std::thread::sleep(Duration::from_millis(50));
-    });
+    }
     flag
 }
 

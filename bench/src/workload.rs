@@ -69,9 +69,7 @@ impl LenDist {
             LenDist::Fixed(n) => n.max(1),
             LenDist::Uniform { lo, hi } => rng.random_range(lo..=hi).max(1),
             LenDist::Normal { mean, std } => {
-                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-                let u2: f64 = rng.random();
-                let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                let z: f64 = rng.sample(rand_distr::StandardNormal);
                 (mean + std * z).round().max(1.0) as usize
             }
         }

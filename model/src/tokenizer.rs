@@ -144,7 +144,9 @@ impl Tokenizer {
             .filter(|(_, s)| **s)
             .map(|(t, _)| AddedToken::from(t.clone(), true))
             .collect();
-        inner.add_special_tokens(&added);
+        inner
+            .add_special_tokens(added)
+            .map_err(|e| ModelError::Tokenizer(format!("cannot add the special tokens: {e}")))?;
 
         let byte_of = unicode_to_byte();
         let token_bytes: Vec<Vec<u8>> = tokens

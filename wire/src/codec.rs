@@ -1,4 +1,4 @@
-//! Frames on QUIC streams: a 4-byte little-endian length, then the bincode
+//! Frames on QUIC streams: a 4-byte little-endian length, then the postcard
 //! encoding of one message. Lengths above the limit are refused before any
 //! allocation, so a hostile peer cannot make a node reserve gigabytes.
 
@@ -11,26 +11,19 @@ use crate::error::{Result, WireError};
 /// Largest frame a node accepts unless told otherwise (KV chunks included).
 pub const MAX_FRAME: usize = 64 << 20;
 
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard()
-        .with_little_endian()
-        .with_limit::<MAX_FRAME>()
-}
-
 /// The bytes of one frame's payload.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(msg, config())
-        .map_err(|e| WireError::Decode(format!("cannot encode: {e}")))
+    postcard::to_stdvec(msg).map_err(|e| WireError::Decode(format!("cannot encode: {e}")))
 }
 
 /// A message from one frame's payload; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    let (msg, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| WireError::Decode(e.to_string()))?;
-    if used != bytes.len() {
+    let (msg, rest) =
+        postcard::take_from_bytes(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
         return Err(WireError::Decode(format!(
             "{} trailing bytes after the message",
-            bytes.len() - used
+            rest.len()
         )));
     }
     Ok(msg)

@@ -5,7 +5,7 @@
 //!   whose certificate the cluster CA did not sign is refused.
 //! - [`quic`]: quinn endpoints built from those certificates, and the
 //!   versioned handshake every connection opens with.
-//! - [`codec`]: length-prefixed bincode frames on QUIC streams, size-limited.
+//! - [`codec`]: length-prefixed postcard frames on QUIC streams, size-limited.
 //! - [`link`]: a handshaken connection carrying messages in order, dialers
 //!   that reconnect, one event channel per node.
 //! - [`messages`]: the protocol version and the handshake messages.
