@@ -219,7 +219,7 @@ pub fn plot_cdfs(path: &Path, points: &[Point]) -> Result<(), BenchError> {
                     .records
                     .iter()
                     .filter(|r| r.ok())
-                    .flat_map(|r| pick(r))
+                    .flat_map(&pick)
                     .map(|x| x * 1e3)
                     .collect();
                 v.sort_by(f64::total_cmp);

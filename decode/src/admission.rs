@@ -138,7 +138,7 @@ impl Keys {
         Keys(rand::rngs::StdRng::seed_from_u64(seed))
     }
 
-    pub fn next(&mut self) -> Lease {
+    pub fn fresh(&mut self) -> Lease {
         use rand::Rng;
         Lease(self.0.random())
     }
@@ -163,7 +163,7 @@ impl Admission {
 
     /// A fresh attempt key for work that holds no blocks (cache warming).
     pub fn new_key(&mut self) -> Lease {
-        self.keys.next()
+        self.keys.fresh()
     }
 
     pub fn used_blocks(&self) -> usize {
@@ -253,7 +253,7 @@ impl Admission {
             let cached = blocks.len() * self.limits.block_size;
             blocks.extend(fresh);
             let q = self.queue.pop_front().expect("front exists");
-            let lease = self.keys.next();
+            let lease = self.keys.fresh();
             out.push(Action::Prefill {
                 id: q.id,
                 lease,

@@ -123,8 +123,6 @@ fn error_response(e: &ApiError) -> Response {
     r
 }
 
-/// The HTTP API as an OpenAPI 3.1 document.
-
 /// With API keys configured, `/v1/*` needs `Authorization: Bearer KEY`
 /// (probes and metrics stay open for the orchestrator).
 async fn authorize(

@@ -218,7 +218,7 @@ fn attend_group<T: KvElem>(
 /// Vector kernels for f32 KV with head dimensions that are multiples of 16.
 mod simd {
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-        assert!(a.len() == b.len() && a.len() % 16 == 0);
+        assert!(a.len() == b.len() && a.len().is_multiple_of(16));
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         {
             use std::arch::x86_64::*;
@@ -243,7 +243,7 @@ mod simd {
 
     /// `out += w * v`
     pub fn axpy(w: f32, v: &[f32], out: &mut [f32]) {
-        assert!(v.len() == out.len() && v.len() % 16 == 0);
+        assert!(v.len() == out.len() && v.len().is_multiple_of(16));
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         {
             use std::arch::x86_64::*;

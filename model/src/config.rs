@@ -60,7 +60,7 @@ impl ModelConfig {
     /// The tensor-parallel degrees this model accepts: divisors of the KV-head count.
     pub fn valid_tp(&self) -> Vec<usize> {
         (1..=self.n_kv_heads)
-            .filter(|t| self.n_kv_heads % t == 0 && self.intermediate % t == 0)
+            .filter(|t| self.n_kv_heads.is_multiple_of(*t) && self.intermediate.is_multiple_of(*t))
             .collect()
     }
 
@@ -84,13 +84,13 @@ impl ModelConfig {
                 return Err(format!("{name} is 0"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "head_count {} is not a multiple of head_count_kv {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head dimension {} is odd", self.head_dim));
         }
         if !(self.rope_theta > 0.0) || !(self.rms_eps > 0.0) {

@@ -195,7 +195,7 @@ impl ModelFile {
                 .unwrap_or(n_heads),
             head_dim: get("attention.key_length")
                 .and_then(value_usize)
-                .unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 }),
+                .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
             intermediate: req_u("feed_forward_length")?,
             vocab_size,
             context_length: get("context_length").and_then(value_usize).unwrap_or(4096),
@@ -270,7 +270,7 @@ impl ModelFile {
             hidden,
             n_heads,
             n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
-            head_dim: u("head_dim").unwrap_or(if n_heads > 0 { hidden / n_heads } else { 0 }),
+            head_dim: u("head_dim").unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
             intermediate: req("intermediate_size")?,
             vocab_size: req("vocab_size")?,
             context_length: u("max_position_embeddings").unwrap_or(4096),

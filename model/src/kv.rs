@@ -220,7 +220,7 @@ impl<T: Copy> PoolBuf<T> {
                 std::mem::size_of_val::<[T]>(self)
             )));
         }
-        if ptr.is_null() || (ptr as usize) % std::mem::align_of::<T>() != 0 {
+        if ptr.is_null() || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return Err(ModelError::Kv("pool memory is not aligned".into()));
         }
         // SAFETY: the caller gives `bytes` writable bytes at `ptr`, aligned
@@ -393,7 +393,7 @@ impl KvPool {
         }
         let eb = self.layout.dtype.bytes();
         let len = bytes.len() / eb;
-        if bytes.len() % eb != 0 || off + len > self.layout.block_elems() {
+        if !bytes.len().is_multiple_of(eb) || off + len > self.layout.block_elems() {
             return Err(ModelError::Kv(format!(
                 "{} bytes at element {off} do not fit a block of {} {}-byte elements",
                 bytes.len(),

@@ -158,7 +158,7 @@ pub fn plan(model: &ModelShape, hw: &Hardware) -> Result<Plan, String> {
     }
     let kv_per_token = model.kv_elems_per_token() as f64 * hw.kv_bytes;
     let cap = (1..=model.kv_heads.min(hw.gpus_per_node))
-        .filter(|t| model.kv_heads % t == 0)
+        .filter(|t| model.kv_heads.is_multiple_of(*t))
         .max()
         .unwrap_or(1);
     let link = match hw.interconnect {
@@ -169,9 +169,12 @@ pub fn plan(model: &ModelShape, hw: &Hardware) -> Result<Plan, String> {
 
     // Decode: TP within a node (the smallest divisor of the KV heads that,
     // with the fewest pipeline stages, holds the weights), capped at the KV heads.
-    let tps: Vec<usize> = (1..=cap).filter(|t| model.kv_heads % t == 0).collect();
+    let tps: Vec<usize> = (1..=cap)
+        .filter(|t| model.kv_heads.is_multiple_of(*t))
+        .collect();
     // An instance's GPU count divides the cluster, so no GPU is stranded.
-    let fits = |gpus: usize| gpus >= min_shards && gpus <= total_gpus && total_gpus % gpus == 0;
+    let fits =
+        |gpus: usize| gpus >= min_shards && gpus <= total_gpus && total_gpus.is_multiple_of(gpus);
     let mut best: Option<(usize, usize)> = None;
     for &tp in &tps {
         for pp in min_shards.div_ceil(tp).max(1)..=model.layers {
@@ -315,8 +318,7 @@ mod tests {
             &known_model("Llama-3-405B").expect("known"),
             &hw(1, 8, 24.0),
         )
-        .err()
-        .expect("does not fit");
+        .expect_err("does not fit");
         assert!(
             e.contains("need at least") && e.contains("cluster has 8"),
             "{e}"

@@ -59,7 +59,7 @@ impl QMat {
     /// Columns `[c0, c1)`, which must fall on block boundaries.
     pub fn slice_cols(&self, c0: usize, c1: usize) -> Option<QMat> {
         let be = self.kind.block_elems();
-        if c0 % be != 0 || c1 % be != 0 {
+        if !c0.is_multiple_of(be) || !c1.is_multiple_of(be) {
             return None;
         }
         let bb = self.kind.block_bytes();

@@ -386,7 +386,7 @@ impl Sequencer {
                 return Err(format!("rank {} has heads {:?}", t.rank, t.heads));
             }
         }
-        if req.cached as usize % bs != 0 || req.cached as usize >= req.tokens.len() {
+        if !(req.cached as usize).is_multiple_of(bs) || req.cached as usize >= req.tokens.len() {
             return Err(format!(
                 "{} cached tokens is not a whole number of blocks below the prompt",
                 req.cached
@@ -394,7 +394,9 @@ impl Sequencer {
         }
         // Stage 0 sets reuse_from for the stages after it; a value that does
         // not leave the last token to compute would underflow the accounting.
-        if req.reuse_from as usize % bs != 0 || req.reuse_from as usize >= req.tokens.len() {
+        if !(req.reuse_from as usize).is_multiple_of(bs)
+            || req.reuse_from as usize >= req.tokens.len()
+        {
             return Err(format!(
                 "reusing {} tokens is not a whole number of blocks below the prompt",
                 req.reuse_from

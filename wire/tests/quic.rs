@@ -271,8 +271,7 @@ async fn other_versions_and_clusters_are_refused_at_the_handshake() {
         let client = quic::client_endpoint(&client_id, Liveness::default()).expect("client");
         let err = quic::connect(&client, addr, "decode-0", &h.into())
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         let msg = err.to_string();
         assert!(
             msg.contains(&want) || matches!(err, WireError::Version { .. }),

@@ -153,7 +153,7 @@ impl Core {
             .filter(|p| !self.linked.values().any(|l| l == *p))
             .cloned()
             .collect();
-        v.sort_by(|a, b| (a.pid, a.start).cmp(&(b.pid, b.start)));
+        v.sort_by_key(|a| (a.pid, a.start));
         v.dedup();
         v
     }

@@ -10,6 +10,7 @@
 //! - no block that a peer (or a receive in flight) may still write is ever
 //!   handed to another attempt, computed into, or sent to a pipeline;
 //! - every request gets at most one terminal event, and no token after it;
+//!
 //! and, once the faults stop and the world settles, that every request got
 //! exactly one terminal event, every quarantine was released and no block
 //! is held.

@@ -297,16 +297,14 @@ fn bad_requests_are_400s_that_name_the_field() {
             assert_eq!(body["error"]["param"], param, "{req}");
         }
     }
-    let e = parse_chat(b"{not json").err().expect("malformed JSON");
+    let e = parse_chat(b"{not json").expect_err("malformed JSON");
     assert_eq!(e.status(), 400);
     assert!(e.to_string().starts_with("Malformed request body"), "{e}");
 }
 
 #[test]
 fn statuses_follow_the_failure_class() {
-    let e = job(with("model", json!("gpt-5")))
-        .err()
-        .expect("unknown model");
+    let e = job(with("model", json!("gpt-5"))).expect_err("unknown model");
     assert_eq!(
         (e.status(), e.body()["error"]["code"].clone()),
         (404, json!("model_not_found"))

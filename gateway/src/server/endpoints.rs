@@ -5,6 +5,7 @@ use super::*;
 
 const OPENAPI: &str = include_str!("../openapi.json");
 
+/// The HTTP API as an OpenAPI 3.1 document.
 pub(super) async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }

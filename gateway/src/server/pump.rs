@@ -110,7 +110,7 @@ pub(super) fn pump(gw: Arc<Gateway>, rx: std_mpsc::Receiver<NetEvent>) {
                         None => {}
                     }
                 }
-                _ if !st.nodes.get(&peer).is_some_and(|n| n.link.id == link) => {
+                _ if st.nodes.get(&peer).is_none_or(|n| n.link.id != link) => {
                     tracing::debug!("gateway: a message from {peer}'s replaced link ignored");
                 }
                 Message::CacheStored { hashes, .. } => {

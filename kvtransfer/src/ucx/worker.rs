@@ -48,6 +48,9 @@ pub(super) struct State {
     rkeys: HashMap<u64, sys::ucp_rkey_h>,
     mems: HashMap<u64, sys::ucp_mem_h>,
     handlers: HashMap<u16, AmHandler>,
+    // Boxed: UCX callbacks hold pointers to slots, which must not move
+    // when the list grows.
+    #[allow(clippy::vec_box)]
     slots: Vec<Box<AmSlot>>,
     ops: Vec<Op>,
     next: u64,

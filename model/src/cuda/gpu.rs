@@ -96,7 +96,7 @@ pub fn parse_signatures(src: &str) -> Result<Vec<Signature>> {
         for p in list.split(',') {
             let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
             let (ty, pname) = p
-                .rsplit_once(|c: char| c == ' ' || c == '*')
+                .rsplit_once([' ', '*'])
                 .ok_or_else(|| err(format!("kernel {name}: cannot read parameter {p:?}")))?;
             let ty = if p[..ty.len() + 1].ends_with('*') {
                 format!("{}*", ty.trim())

@@ -85,7 +85,7 @@ impl DevicePool {
     pub fn write_region(&self, block: BlockId, off: usize, bytes: &[u8]) -> Result<()> {
         let eb = self.layout.dtype.bytes();
         let len = bytes.len() / eb;
-        if bytes.len() % eb != 0 || off + len > self.layout.block_elems() {
+        if !bytes.len().is_multiple_of(eb) || off + len > self.layout.block_elems() {
             return Err(ModelError::Kv(format!(
                 "{} bytes at element {off} do not fit a block of {} {}-byte elements",
                 bytes.len(),

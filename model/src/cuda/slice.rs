@@ -115,7 +115,7 @@ pub struct CudaWeights {
 impl CudaWeights {
     pub fn read(file: &ModelFile, spec: &SliceSpec, dtype: GpuDtype) -> Result<CudaWeights> {
         let cfg = &file.config;
-        if cfg.head_dim > MAX_HEAD_DIM || cfg.head_dim % 2 != 0 {
+        if cfg.head_dim > MAX_HEAD_DIM || !cfg.head_dim.is_multiple_of(2) {
             return Err(ModelError::Unsupported(format!(
                 "head dimension {} on a GPU (at most {MAX_HEAD_DIM}, even)",
                 cfg.head_dim
