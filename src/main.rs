@@ -40,6 +40,31 @@ pub struct Common {
     /// Python interpreter used to fetch the default model with pip.
     #[arg(long, global = true, env = "TANDEM_PYTHON", default_value = "python3")]
     python: String,
+    /// Log lines as text or JSON (one object per line, with the request's
+    /// span fields such as `request_id`).
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// Where a process computes.
@@ -179,15 +204,28 @@ impl Common {
     }
 }
 
+/// Logs go to stderr, filtered by `RUST_LOG` (or its alias `TANDEM_LOG`;
+/// `warn` when neither is set), as text or one JSON object per line.
+fn init_logs(format: LogFormat) {
+    let filter = ["RUST_LOG", "TANDEM_LOG"]
+        .iter()
+        .find_map(|v| tracing_subscriber::EnvFilter::try_from_env(v).ok())
+        .unwrap_or_else(|| "warn".into());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().with_current_span(true).init(),
+    }
+}
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // Nodes a local cluster starts read it from the environment.
+    // SAFETY: no other thread runs yet.
+    unsafe { std::env::set_var("TANDEM_LOG_FORMAT", cli.common.log_format.name()) };
+    init_logs(cli.common.log_format);
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -585,3 +585,32 @@ fn tool_calls_are_enforced_parsed_streamed_and_fed_back() {
         assert_eq!(e["error"]["param"], param, "{e}");
     }
 }
+
+#[test]
+fn request_ids_are_echoed_or_made() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = Cluster::start(&[]);
+    let b = greedy(SHORT, 2);
+    // The client's id comes back (and names the request in the logs).
+    let (status, h, _) = chat_with(c.port, &b, "X-Request-Id: trace-me-42\r\n");
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "x-request-id"), "trace-me-42");
+    // Without one, or with one that is not a plain token, a fresh random id,
+    // on errors too.
+    for extra in ["", "X-Request-Id: has spaces\r\n"] {
+        let (_, h, _) = chat_with(c.port, &b, extra);
+        let a = header(&h, "x-request-id").to_string();
+        let (_, h, _) = chat_with(c.port, &b, extra);
+        let b2 = header(&h, "x-request-id").to_string();
+        assert!(
+            a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{a}"
+        );
+        assert_ne!(a, b2);
+    }
+    let mut bad = b.clone();
+    bad["model"] = json!("no-such-model");
+    let (status, h, _) = chat_with(c.port, &bad, "X-Request-Id: failed-1\r\n");
+    assert_eq!(status, 404);
+    assert_eq!(header(&h, "x-request-id"), "failed-1");
+}

@@ -32,6 +32,7 @@ use tandem_wire::messages::{
 };
 use tandem_wire::node::{now_ms, NodeSetup};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::api::{self, ApiError, PromptInput, Usage};
 use crate::metrics::Metrics;
@@ -726,13 +727,16 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
     };
     gw.metrics.requests.with_label_values(&[endpoint]).inc();
     let received = Instant::now();
+    let request_id = request_id(&headers);
+    let span = tracing::info_span!("request", request_id = %request_id, endpoint);
     let r = async {
         // Admitted first: a flood gets its 429 before it costs any work.
         let permit = gw.admit()?;
         let body = read_body(&headers, body, gw.max_body, gw.body_timeout).await?;
         // Templates and tokenization are CPU work: off the runtime.
         let g = gw.clone();
-        let p = tokio::task::spawn_blocking(move || g.prepare(&body, kind))
+        let span = tracing::Span::current();
+        let p = tokio::task::spawn_blocking(move || span.in_scope(|| g.prepare(&body, kind)))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
         // Session keys are the client's text: kept as fixed-size digests.
@@ -777,14 +781,31 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
         };
         Ok::<_, ApiError>(respond(gw.clone(), tickets, permit, shape, p.stream).await)
     }
+    .instrument(span)
     .await;
-    r.unwrap_or_else(|e| {
+    let mut resp = r.unwrap_or_else(|e| {
         gw.metrics
             .errors
             .with_label_values(&[&e.status().to_string()])
             .inc();
         error_response(&e)
-    })
+    });
+    if let Ok(v) = header::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The request's id for logs and the response: the client's
+/// `x-request-id` when it is 1 to 128 visible ASCII characters, else a
+/// fresh random one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()))
 }
 
 /// Runs the gateway until `shutdown` completes.

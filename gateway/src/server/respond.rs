@@ -7,6 +7,7 @@
 //! merges the choices' items: as they come (a stream) or all at once.
 
 use super::*;
+use tracing::Instrument;
 
 /// What kind of response a request wants.
 #[derive(Clone, Copy, PartialEq)]
@@ -206,12 +207,12 @@ pub(super) async fn respond(
     // in their unbounded queues, not here.
     let (tx, rx) = mpsc::channel::<Item>(4 * tickets.len());
     for (index, t) in tickets.into_iter().enumerate() {
-        tokio::spawn(drive(gw.clone(), t, index, tx.clone()));
+        tokio::spawn(drive(gw.clone(), t, index, tx.clone()).in_current_span());
     }
     drop(tx);
     let mut r = if stream {
         let (out, body_rx) = mpsc::channel::<Bytes>(64);
-        tokio::spawn(stream_items(gw, shape, prompt_tokens, rx, out, permit));
+        tokio::spawn(stream_items(gw, shape, prompt_tokens, rx, out, permit).in_current_span());
         let body = Body::from_stream(futures_util::stream::unfold(body_rx, |mut rx| async move {
             rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
         }));
