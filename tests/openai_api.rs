@@ -42,6 +42,20 @@ fn post(c: &Cluster, path: &str, body: &Value) -> (u16, Value) {
     )
 }
 
+/// A 400 whose error names `param` (when given) and says `says`.
+fn refused((status, e): (u16, Value), param: Option<&str>, says: &str) {
+    assert_eq!(status, 400, "{e}");
+    if let Some(p) = param {
+        assert_eq!(e["error"]["param"], p, "{e}");
+    }
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(says)),
+        "{e}"
+    );
+}
+
 const Q: &str = "Write a long story about a dragon who loves tea.";
 
 #[test]
@@ -249,22 +263,8 @@ fn logit_bias_top_logprobs_choices_and_token_endpoints() {
     let m: Value = serde_json::from_str(&m).expect("JSON");
     assert_eq!(m["data"][0]["max_model_len"], 8192);
     assert_eq!(m["data"][0]["sampling_defaults"]["top_k"], 40);
-    let (status, e) = c.chat(&greedy(SHORT, 1_000_000_000));
-    assert_eq!(status, 400, "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("8192")),
-        "{e}"
-    );
-    let (status, e) = c.chat(&greedy(SHORT, 8180));
-    assert_eq!(status, 400, "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("in the prompt")),
-        "{e}"
-    );
+    refused(c.chat(&greedy(SHORT, 1_000_000_000)), None, "8192");
+    refused(c.chat(&greedy(SHORT, 8180)), None, "in the prompt");
 }
 
 /// A person: what the structured-output tests ask for.
@@ -384,15 +384,7 @@ fn structured_outputs_hold_greedy_and_sampled_streamed_and_whole() {
     // A schema that cannot be compiled is a 400 that says why.
     let b = json!({ "model": MODEL, "messages": [{ "role": "user", "content": "hi" }],
                     "response_format": { "type": "json_schema", "json_schema": { "name": "x", "schema": { "type": "no-such-type" } } } });
-    let (status, e) = c.chat(&b);
-    assert_eq!(status, 400, "{e}");
-    assert_eq!(e["error"]["param"], "response_format", "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("grammar")),
-        "{e}"
-    );
+    refused(c.chat(&b), Some("response_format"), "grammar");
 }
 
 fn weather_tools() -> Value {

@@ -310,11 +310,21 @@ pub fn is_allowed(words: &[u32], t: usize) -> bool {
 mod tests {
     use super::*;
 
-    fn tokenizer() -> Option<Tokenizer> {
+    /// The default model's tokenizer and grammar vocabulary, or `None`
+    /// (with a note) when the model is not fetched.
+    fn vocabulary() -> Option<(Tokenizer, GrammarEnv)> {
         let path = crate::fetch::cached_default_model();
-        path.exists()
+        let tok = path
+            .exists()
             .then(|| crate::ModelFile::open(&path).ok().map(|f| f.tokenizer))
-            .flatten()
+            .flatten();
+        if tok.is_none() {
+            eprintln!("the default model is not fetched; skipping");
+        }
+        tok.map(|t| {
+            let env = GrammarEnv::new(&t).expect("env");
+            (t, env)
+        })
     }
 
     /// Greedy decoding over a scripted preference: the constraint alone
@@ -350,11 +360,9 @@ mod tests {
 
     #[test]
     fn masks_keep_answers_inside_their_grammar() {
-        let Some(tok) = tokenizer() else {
-            eprintln!("the default model is not fetched; skipping");
+        let Some((tok, env)) = vocabulary() else {
             return;
         };
-        let env = GrammarEnv::new(&tok).expect("env");
         let schema = r#"{"type":"object","properties":{"city":{"type":"string"},"n":{"type":"integer"}},"required":["city","n"],"additionalProperties":false}"#;
         let s = walk(
             &env,
@@ -393,11 +401,9 @@ mod tests {
     /// computed in line, token by token.
     #[test]
     fn masks_computed_side_by_side_equal_masks_computed_in_line() {
-        let Some(tok) = tokenizer() else {
-            eprintln!("the default model is not fetched; skipping");
+        let Some((tok, env)) = vocabulary() else {
             return;
         };
-        let env = GrammarEnv::new(&tok).expect("env");
         let g = Grammar::JsonSchema(r#"{"type":"array","items":{"type":"integer"}}"#.into());
         let text = tok.encode("[1, 22, 333]").expect("encode");
         let base = env.compile(&g).expect("compiles");

@@ -372,49 +372,30 @@ impl Core {
         } else {
             None
         };
+        let mut bad = bad;
         let grammar = match (&g.params.grammar, bad.is_some()) {
             (Some(gr), false) => match self.cfg.grammar.as_ref().map(|env| env.compile(gr)) {
                 Some(Ok(c)) => Some(c),
                 Some(Err(e)) => {
-                    let class = ErrorClass::BadRequest;
-                    Self::event(
-                        &mut out,
-                        client,
-                        id,
-                        GenerateEvent::Failed {
-                            class,
-                            message: e.to_string(),
-                        },
-                    );
-                    return out;
+                    bad = Some(e.to_string());
+                    None
                 }
                 None => {
-                    let class = ErrorClass::BadRequest;
-                    let message = "this decode group has no grammar support".into();
-                    Self::event(
-                        &mut out,
-                        client,
-                        id,
-                        GenerateEvent::Failed { class, message },
-                    );
-                    return out;
+                    bad = Some("this decode group has no grammar support".into());
+                    None
                 }
             },
             _ => None,
         };
-        if let Some(message) = bad {
-            let class = ErrorClass::BadRequest;
-            Self::event(
-                &mut out,
-                client,
-                id,
-                GenerateEvent::Failed { class, message },
-            );
-            return out;
-        }
-        if g.deadline_ms <= now {
-            let class = ErrorClass::DeadlineExceeded;
-            let message = "the request's deadline passed before decode got it".into();
+        let fail = bad.map(|m| (ErrorClass::BadRequest, m)).or_else(|| {
+            (g.deadline_ms <= now).then(|| {
+                (
+                    ErrorClass::DeadlineExceeded,
+                    "the request's deadline passed before decode got it".to_string(),
+                )
+            })
+        });
+        if let Some((class, message)) = fail {
             Self::event(
                 &mut out,
                 client,
