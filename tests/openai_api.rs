@@ -325,19 +325,7 @@ fn structured_outputs_hold_greedy_and_sampled_streamed_and_whole() {
             let (status, body) = http(c.port, "POST", "/v1/chat/completions", Some(&b));
             assert_eq!(status, 200, "{body}");
             let (text, finish) = if stream {
-                let mut text = String::new();
-                let mut finish = Value::Null;
-                for e in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
-                    if e == "[DONE]" {
-                        continue;
-                    }
-                    let v: Value = serde_json::from_str(e).expect("event JSON");
-                    assert!(v.get("error").is_none(), "{v}");
-                    text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
-                    if !v["choices"][0]["finish_reason"].is_null() {
-                        finish = v["choices"][0]["finish_reason"].clone();
-                    }
-                }
+                let (text, _, finish) = assemble_stream(&body);
                 (text, finish)
             } else {
                 let v: Value = serde_json::from_str(&body).expect("JSON");
@@ -421,9 +409,9 @@ fn check_call(call: &Value) -> (String, Value) {
     (name, args)
 }
 
-/// A stream's tool-call deltas put together the way OpenAI clients do:
-/// the first delta of a call has its id and name, the rest append to its
-/// arguments.
+/// A stream's content, tool calls and finish reason, put together the
+/// way OpenAI clients do: the first delta of a call has its id and name,
+/// the rest append to its arguments.
 fn assemble_stream(body: &str) -> (String, Vec<Value>, Value) {
     let mut content = String::new();
     let mut calls: Vec<Value> = Vec::new();
