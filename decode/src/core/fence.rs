@@ -12,8 +12,6 @@
 //! Until both are settled the blocks stay quarantined in [`Admission`],
 //! counted in `/metrics`.
 
-use std::collections::HashMap;
-
 use super::*;
 
 /// An abandoned attempt whose blocks someone may still write.
@@ -21,8 +19,10 @@ use super::*;
 pub(crate) struct Fence {
     pub pipeline: String,
     /// Stages (by index) that may write the blocks directly and have not
-    /// confirmed they stopped, with the process each was.
-    pub writers: HashMap<u32, ProcessId>,
+    /// confirmed they stopped, with the process each was. A stage whose
+    /// process changed while a stage before it may still pass the request
+    /// on appears with the new process too: the request can reach it.
+    pub writers: Vec<(u32, ProcessId)>,
     /// This group's worker may still be receiving into the blocks.
     pub receiving: bool,
 }
@@ -74,19 +74,35 @@ impl Core {
         );
     }
 
-    /// Sends the aborts a stage that linked (again) has not confirmed.
-    pub(crate) fn remind(&self, peer: &str, out: &mut Vec<Action>) {
-        let mut keys: Vec<&(RequestId, Lease)> = self.fences.keys().collect();
+    /// Sends the aborts a stage that linked (again) has not confirmed. A
+    /// new process of a stage is a writer of every abandoned attempt that
+    /// a stage before it may still pass on: it may receive the request
+    /// (its predecessor forwards it) without ever having heard the abort,
+    /// which the process it replaced had confirmed.
+    pub(crate) fn remind(&mut self, peer: &str, out: &mut Vec<Action>) {
+        let mut keys: Vec<(RequestId, Lease)> = self.fences.keys().copied().collect();
         keys.sort_by_key(|k| (k.0, k.1 .0));
+        let process = self.linked.get(peer).cloned();
         for key in keys {
-            let f = &self.fences[key];
-            let stage = self
-                .cfg
-                .pipelines
+            let pipelines = &self.cfg.pipelines;
+            let Some(f) = self.fences.get_mut(&key) else {
+                continue;
+            };
+            let Some(stage) = pipelines
                 .iter()
                 .find(|p| p.name == f.pipeline)
-                .and_then(|p| p.stages.iter().position(|s| s.0 == peer));
-            if stage.is_some_and(|s| f.writers.contains_key(&(s as u32))) {
+                .and_then(|p| p.stages.iter().position(|s| s.0 == peer))
+                .map(|s| s as u32)
+            else {
+                continue;
+            };
+            if let Some(p) = &process {
+                let upstream = f.writers.iter().any(|(s, _)| *s < stage);
+                if upstream && !f.writers.contains(&(stage, p.clone())) {
+                    f.writers.push((stage, p.clone()));
+                }
+            }
+            if f.writers.iter().any(|(s, _)| *s == stage) {
                 Self::send(
                     out,
                     peer,
@@ -121,12 +137,8 @@ impl Core {
             .find(|p| p.name == f.pipeline)
             .and_then(|p| p.stages.get(stage as usize))
             .is_some_and(|s| s.0 == from);
-        let same_process = f
-            .writers
-            .get(&stage)
-            .is_some_and(|p| self.linked.get(from) == Some(p));
-        if is_that_stage && same_process {
-            f.writers.remove(&stage);
+        if let (true, Some(p)) = (is_that_stage, self.linked.get(from)) {
+            f.writers.retain(|w| *w != (stage, p.clone()));
         }
         self.settle(id, lease, now, &mut out);
         out
@@ -149,7 +161,7 @@ impl Core {
         let mut v: Vec<ProcessId> = self
             .fences
             .values()
-            .flat_map(|f| f.writers.values())
+            .flat_map(|f| f.writers.iter().map(|(_, p)| p))
             .filter(|p| !self.linked.values().any(|l| l == *p))
             .cloned()
             .collect();
@@ -164,7 +176,7 @@ impl Core {
         let keys: Vec<(RequestId, Lease)> = self.fences.keys().copied().collect();
         for k in keys {
             if let Some(f) = self.fences.get_mut(&k) {
-                f.writers.retain(|_, w| w != p);
+                f.writers.retain(|(_, w)| w != p);
             }
             self.settle(k.0, k.1, now, &mut out);
         }

@@ -85,14 +85,14 @@ impl Core {
             warm: false,
         };
         let allowed = vec![blocks.clone(); self.cfg.tp];
-        let mut writers = HashMap::new();
+        let mut writers = Vec::new();
         if p.ucx && self.cfg.ucx != UcxLanding::None {
             if self.cfg.ucx == UcxLanding::Puts {
                 // Every stage is linked (the pipeline is up): these are the
                 // processes that may write the blocks.
                 for (i, (name, _)) in p.stages.iter().enumerate() {
                     if let Some(proc) = self.linked.get(name) {
-                        writers.insert(i as u32, proc.clone());
+                        writers.push((i as u32, proc.clone()));
                     }
                 }
             }

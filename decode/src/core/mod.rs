@@ -145,8 +145,10 @@ pub(crate) struct Attempt {
     pub sent: u64,
     /// Some of its KV came over UCX.
     pub over_ucx: bool,
-    /// Stages that may write its blocks directly, and the process each is.
-    pub writers: HashMap<u32, ProcessId>,
+    /// Stages that may write its blocks directly, with the process each
+    /// is (a stage may appear with several processes: one that died and
+    /// the one that replaced it).
+    pub writers: Vec<(u32, ProcessId)>,
     /// Verified, its landing closed: it completes once this side's UCX
     /// worker receives nothing more into its blocks.
     pub closing: bool,

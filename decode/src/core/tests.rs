@@ -75,7 +75,13 @@ fn moves() -> impl Strategy<Value = Move> {
     ]
 }
 
+/// Plays one move; with `WORLD_TRACE` set, each move, what the stages read
+/// and deliver and the core's actions are printed (to follow a shrunk
+/// failing case).
 fn play(w: &mut World, m: Move) {
+    if std::env::var_os("WORLD_TRACE").is_some() {
+        eprintln!("MOVE {m:?}");
+    }
     match m {
         Move::Submit {
             len,

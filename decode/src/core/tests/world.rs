@@ -281,6 +281,12 @@ impl World {
     }
 
     pub fn carry_out(&mut self, a: Action) -> Vec<Action> {
+        if std::env::var_os("WORLD_TRACE").is_some() {
+            eprintln!(
+                "  ACT {}",
+                format!("{a:?}").chars().take(300).collect::<String>()
+            );
+        }
         let now = self.now;
         match a {
             Action::Send { to, msg } => {
@@ -401,6 +407,12 @@ impl World {
         let Some((from, msg)) = s.inbox.pop_front() else {
             return;
         };
+        if std::env::var_os("WORLD_TRACE").is_some() {
+            eprintln!(
+                "  READS {name} {}",
+                format!("{msg:?}").chars().take(160).collect::<String>()
+            );
+        }
         let mut forward = None;
         match msg {
             Message::Prefill(p) if !p.warm => {
@@ -525,6 +537,12 @@ impl World {
             return;
         };
         self.sent_log.push((name, msg.clone()));
+        if std::env::var_os("WORLD_TRACE").is_some() {
+            eprintln!(
+                "  DELIVER {name} {}",
+                format!("{msg:?}").chars().take(200).collect::<String>()
+            );
+        }
         self.decode_gets(name, msg);
     }
 
