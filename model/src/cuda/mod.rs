@@ -22,6 +22,8 @@ pub mod comm;
 pub mod emu;
 pub mod gpu;
 pub mod graph;
+mod host_weights;
+mod meta;
 pub mod nvrtc;
 pub mod pool;
 pub mod real;
