@@ -548,7 +548,12 @@ pub async fn run(
         defaults.max_tokens,
         defaults.source
     );
-    let grammar = tandem_model::GrammarEnv::new(&file.tokenizer)
+    // The vocabulary's grammar index takes a while to build: off the runtime.
+    let f = file.clone();
+    let grammar = tokio::task::spawn_blocking(move || tandem_model::GrammarEnv::new(&f.tokenizer))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
         .map_err(|e| tracing::warn!("gateway: no structured outputs: {e}"))
         .ok();
     let gw = Arc::new(Gateway {

@@ -320,7 +320,7 @@ async fn whole(
     for i in 0..n {
         let (reason, _) = ends[i].expect("every choice ended");
         let mut c = match shape.kind {
-            Kind::Chat if shape.tools => tool_choice(i, &text[i], reason),
+            Kind::Chat if shape.tools => choice_with_calls(i, &text[i], reason),
             Kind::Chat => api::chat_choice(i, &text[i], reason),
             Kind::Completion => api::completion_choice(i, &text[i], Some(reason), None),
         };
@@ -358,7 +358,7 @@ async fn whole(
 /// A whole chat choice whose answer is parsed for tool calls: the content
 /// (null when the answer is only calls), the calls, and `tool_calls` as
 /// the finish reason when it ended on its own after making some.
-fn tool_choice(index: usize, text: &str, reason: FinishReason) -> Value {
+fn choice_with_calls(index: usize, text: &str, reason: FinishReason) -> Value {
     let mut p = tools::ToolParser::default();
     let mut content = String::new();
     for o in p.push(text).into_iter().chain(p.finish()) {
