@@ -66,32 +66,11 @@ pub fn decode(common: &Common, threads: usize, a: RoleArgs) -> Result<()> {
     Ok(())
 }
 
-/// The name clients use for the model: the file's stem without its quantization tag.
-pub fn served_name(model: &ModelFile) -> String {
-    let stem = model
-        .path
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "model".into());
-    match stem.rsplit_once('.') {
-        Some((base, tag))
-            if tag.starts_with('Q') || tag.starts_with('F') || tag.starts_with("BF") =>
-        {
-            base.to_string()
-        }
-        _ => stem,
-    }
-}
+pub use tandem_wire::node::served_name;
 
 pub fn gateway(common: &Common, a: RoleArgs) -> Result<()> {
     let (model, setup) = load(common, &a)?;
-    let name = setup
-        .cluster
-        .file
-        .cluster
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| served_name(&model));
+    let name = setup.model_name(&model);
     let stop = stop_flag();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -139,6 +139,13 @@ fn free_udp() -> Result<u16> {
         .port())
 }
 
+/// A free local TCP port for a node's probes and metrics.
+fn free_tcp() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Writes the cluster file `serve` runs; returns its path.
 pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
@@ -220,16 +227,18 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
         );
         for i in 0..a.pp {
             t += &format!(
-                "  {{ name = \"p{p}-s{i}\", addr = \"127.0.0.1:{}\", device = {device:?} }},\n",
-                free_udp()?
+                "  {{ name = \"p{p}-s{i}\", addr = \"127.0.0.1:{}\", health = \"127.0.0.1:{}\", device = {device:?} }},\n",
+                free_udp()?,
+                free_tcp()?
             );
         }
         t += "]\n\n";
     }
     for d in 0..a.decode_groups {
         t += &format!(
-            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\ndevice = {device:?}\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\nlocal_prefill_chunk = {}\n\n",
+            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\nhealth = \"127.0.0.1:{}\"\ndevice = {device:?}\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\nlocal_prefill_chunk = {}\n\n",
             free_udp()?,
+            free_tcp()?,
             a.tp,
             a.kv_blocks,
             a.max_batch,
@@ -469,6 +478,9 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
     );
     println!(
         "  curl http://{http}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'"
+    );
+    println!(
+        "  metrics: http://{http}/metrics for the cluster; every node's /metrics address is listed at http://{http}/metrics/targets"
     );
     println!("Ctrl-C stops it.");
     loop {

@@ -31,6 +31,7 @@ pub use tandem_wire::node::NodeError as DecodeError;
 
 pub type Result<T> = std::result::Result<T, DecodeError>;
 
+mod observe;
 mod ucx;
 
 /// Attempts at a request's KV (first try and retries) before it fails.
@@ -68,6 +69,8 @@ pub struct Group<'m> {
     gateway: String,
     /// Decode steps run (for the wedge fault switch).
     steps: u64,
+    /// What `/metrics` reports.
+    observe: observe::Observer,
 }
 
 impl Group<'_> {
@@ -154,6 +157,7 @@ impl Group<'_> {
                 let Some(s) = self.streams.get_mut(&id) else {
                     return Vec::new();
                 };
+                self.observe.token(id);
                 let mut step = s.push(self.tok, token);
                 if step.finished.is_none() && context_full {
                     step = s.finish(FinishReason::Length, true);
@@ -176,6 +180,7 @@ impl Group<'_> {
             }
             Action::End { id, client, event } => {
                 self.streams.remove(&id);
+                self.observe.ended(id, &event);
                 self.send(&client, Message::Event { id, event });
                 Vec::new()
             }
@@ -251,6 +256,11 @@ impl Group<'_> {
         if let Some(q) = key.and_then(|k| self.held.get_mut(&k)) {
             q.push_back((peer.to_string(), msg));
             return Vec::new();
+        }
+        match &msg {
+            Message::Generate(g) if peer == self.gateway => self.observe.arrived(g),
+            Message::Cancel { id } if peer == self.gateway => self.observe.cancelled(*id),
+            _ => {}
         }
         match self.core.message(peer, msg, now) {
             Ok(actions) => actions,
@@ -358,6 +368,7 @@ impl Group<'_> {
             kv_blocks_ucx_direct: a.counters.blocks_ucx_direct,
             kv_blocks_ucx_messages: a.counters.blocks_ucx_messages,
         };
+        self.observe.tick(a, self.core.fenced_attempts(), now_ms());
         let mut b = self.beat.lock().expect("heartbeat state");
         b.load = load;
         b.gateway = self.links.get(&self.gateway).cloned();
@@ -486,6 +497,9 @@ pub fn run(
         .map_err(|e| DecodeError::Setup(format!("cannot start a thread: {e}")))?;
     drop(in_tx);
     let beat = Arc::new(Mutex::new(Beat::default()));
+    let metrics = setup.metrics("decode", &setup.model_name(file))?;
+    let observe = observe::Observer::new(metrics.clone())
+        .map_err(|e| DecodeError::Setup(format!("metrics: {e}")))?;
     let hello = setup.me(Role::Decode {
         group: d.name.clone(),
     });
@@ -495,7 +509,7 @@ pub fn run(
         spawn_acceptor(ep.clone(), hello.clone(), net_tx.clone());
         let gw = &cluster.file.gateway;
         spawn_dialer(ep, gw.quic.clone(), gw.name.clone(), hello, net_tx);
-        setup.spawn_services(&beat)?;
+        setup.spawn_services(&beat, metrics.clone())?;
     }
     let mut g = Group {
         core,
@@ -509,6 +523,7 @@ pub fn run(
         beat,
         gateway: cluster.file.gateway.name.clone(),
         steps: 0,
+        observe,
     };
     tracing::info!(
         "{}: decode group (tp {}) ready at {}",

@@ -1,11 +1,16 @@
 //! The gateway's Prometheus metrics: request counts and outcomes, latency
-//! histograms, and each node's load as its last heartbeat reported it.
+//! histograms, and each node's load as its last heartbeat reported it; and
+//! vLLM's families ([`Serving`]) for the cluster as its clients see it.
+
+use std::time::Duration;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use tandem_model::FinishReason;
 use tandem_wire::messages::{Accounting, Load, Role};
+use tandem_wire::metrics::{RequestTimes, Serving};
 
 pub struct Metrics {
     registry: Registry,
@@ -35,11 +40,13 @@ pub struct Metrics {
     node_queued: IntGaugeVec,
     kv_used: IntGaugeVec,
     kv_total: IntGaugeVec,
-    kv_checksum_failures: IntGaugeVec,
-    kv_retries: IntGaugeVec,
+    kv_checksum_failures: IntCounterVec,
+    kv_retries: IntCounterVec,
     kv_quarantined: IntGaugeVec,
     kv_quarantined_attempts: IntGaugeVec,
-    kv_landed: IntGaugeVec,
+    kv_landed: IntCounterVec,
+    /// vLLM's families for the whole cluster.
+    pub serving: Serving,
 }
 
 fn buckets() -> Vec<f64> {
@@ -49,8 +56,9 @@ fn buckets() -> Vec<f64> {
 }
 
 impl Metrics {
-    pub fn new() -> prometheus::Result<Metrics> {
+    pub fn new(model: &str) -> prometheus::Result<Metrics> {
         let registry = Registry::new();
+        let serving = Serving::new(&registry, model)?;
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
@@ -61,6 +69,15 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
+        // Counts a node keeps since it started, as its heartbeat reports
+        // them: set whole at each scrape (a restarted node's go back to 0,
+        // which Prometheus reads as a counter reset).
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
         let gauge_vec =
             |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
                 let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
@@ -187,14 +204,18 @@ impl Metrics {
                 "KV blocks allocated on a node",
                 &["node"],
             )?,
-            kv_total: gauge_vec("tandem_kv_blocks_total", "KV blocks a node has", &["node"])?,
-            kv_checksum_failures: gauge_vec(
-                "tandem_kv_checksum_failures",
+            kv_total: gauge_vec(
+                "tandem_kv_blocks_capacity",
+                "KV blocks a node has",
+                &["node"],
+            )?,
+            kv_checksum_failures: counter_vec(
+                "tandem_kv_checksum_failures_total",
                 "KV transfers a decode group refused for a checksum mismatch, since it started",
                 &["node"],
             )?,
-            kv_retries: gauge_vec(
-                "tandem_kv_retries",
+            kv_retries: counter_vec(
+                "tandem_kv_retries_total",
                 "Prefill attempts a decode group retried (lost stage, timeout, bad KV), since it started",
                 &["node"],
             )?,
@@ -208,16 +229,57 @@ impl Metrics {
                 "Abandoned attempts whose blocks wait until nothing may write them (time passing frees none)",
                 &["node"],
             )?,
-            kv_landed: gauge_vec(
-                "tandem_kv_blocks_landed",
+            kv_landed: counter_vec(
+                "tandem_kv_blocks_landed_total",
                 "KV blocks a decode group received since it started, by path: quic, ucx-direct (written into its pools by a stage on its host), ucx-am (active messages)",
                 &["node", "path"],
             )?,
+            serving,
             registry,
         })
     }
 
-    pub fn finish(&self, prompt: usize, e2e: std::time::Duration, a: &Accounting) {
+    /// A request's first token, `ttft` after it was submitted.
+    pub fn first_token(&self, ttft: Duration) {
+        self.ttft.observe(ttft.as_secs_f64());
+        self.serving.ttft.observe(ttft.as_secs_f64());
+    }
+
+    /// The gap before a later token.
+    pub fn token_gap(&self, gap: Duration) {
+        self.tokens_out.inc();
+        self.itl.observe(gap.as_secs_f64());
+        self.serving.itl.observe(gap.as_secs_f64());
+        self.serving.generation_tokens.inc();
+    }
+
+    /// A request ran to its end: `e2e` after it was submitted, its first
+    /// token at `ttft`, `generated` tokens.
+    pub fn finish(
+        &self,
+        prompt: usize,
+        generated: usize,
+        (ttft, e2e): (Duration, Duration),
+        reason: FinishReason,
+        a: &Accounting,
+    ) {
+        let queue =
+            Duration::from_micros(a.gateway_queue_us + a.decode_queue_us + a.prefill_queue_us);
+        self.serving.prompt_tokens.inc_by(prompt as u64);
+        self.serving.finished(&RequestTimes {
+            prompt_tokens: prompt,
+            generation_tokens: generated,
+            cached_tokens: a.cached_tokens as usize,
+            queue,
+            prefill: ttft.saturating_sub(queue),
+            decode: e2e.saturating_sub(ttft),
+            e2e,
+            reason: match reason {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+            },
+            max_tokens: None,
+        });
         self.finished.inc();
         self.prompt_tokens.inc_by(prompt as u64);
         self.cached_tokens.inc_by(a.cached_tokens.into());
@@ -229,20 +291,26 @@ impl Metrics {
     }
 
     /// Node gauges from the latest heartbeats; nodes gone since are dropped.
+    /// The cluster's running, waiting and KV usage are its decode groups'.
     pub fn set_nodes<'a>(&self, nodes: impl Iterator<Item = (&'a str, &'a Role, Option<Load>)>) {
+        let (mut running, mut waiting, mut used, mut total) = (0, 0, 0, 0);
         for g in [
             &self.node_up,
             &self.node_running,
             &self.node_queued,
             &self.kv_used,
             &self.kv_total,
-            &self.kv_checksum_failures,
-            &self.kv_retries,
             &self.kv_quarantined,
             &self.kv_quarantined_attempts,
-            &self.kv_landed,
         ] {
             g.reset();
+        }
+        for c in [
+            &self.kv_checksum_failures,
+            &self.kv_retries,
+            &self.kv_landed,
+        ] {
+            c.reset();
         }
         for (name, role, load) in nodes {
             let role = match role {
@@ -268,9 +336,17 @@ impl Metrics {
             if role != "decode" {
                 continue;
             }
+            running += l.running as usize;
+            waiting += l.queued as usize;
+            used += l.total_blocks.saturating_sub(l.free_blocks) as usize;
+            total += l.total_blocks as usize;
+            for (counter, v) in [
+                (&self.kv_checksum_failures, l.kv_checksum_failures),
+                (&self.kv_retries, l.kv_retries),
+            ] {
+                counter.with_label_values(&[name]).inc_by(v);
+            }
             for (gauge, v) in [
-                (&self.kv_checksum_failures, l.kv_checksum_failures as i64),
-                (&self.kv_retries, l.kv_retries as i64),
                 (&self.kv_quarantined, l.kv_quarantined_blocks.into()),
                 (
                     &self.kv_quarantined_attempts,
@@ -284,11 +360,10 @@ impl Metrics {
                 ("ucx-direct", l.kv_blocks_ucx_direct),
                 ("ucx-am", l.kv_blocks_ucx_messages),
             ] {
-                self.kv_landed
-                    .with_label_values(&[name, path])
-                    .set(n as i64);
+                self.kv_landed.with_label_values(&[name, path]).inc_by(n);
             }
         }
+        self.serving.load(running, waiting, used, total);
     }
 
     pub fn encode(&self) -> Result<String, String> {

@@ -47,7 +47,9 @@ mod routing;
 
 pub use edge::EdgeLimits;
 
-use endpoints::{detokenize, health, metrics, models, not_found, openapi, tokenize};
+use endpoints::{
+    detokenize, health, metrics, models, not_found, openapi, scrape_targets, tokenize,
+};
 use intake::{chat, completions, read_body};
 use pump::pump;
 
@@ -106,6 +108,9 @@ pub struct Gateway {
     defaults: api::Defaults,
     /// Grammars are compiled here first: one that cannot be is a 400.
     grammar: Option<tandem_model::GrammarEnv>,
+    /// Where Prometheus finds every node's `/metrics` (`GET /metrics/targets`):
+    /// name, role, address.
+    scrape: Vec<(String, &'static str, String)>,
 }
 
 fn now_s() -> u64 {
@@ -245,6 +250,8 @@ struct Guard {
     link: Link,
     done: bool,
     started: Instant,
+    /// When its first token came.
+    first: Option<Instant>,
 }
 
 impl Drop for Guard {
@@ -258,6 +265,7 @@ impl Drop for Guard {
         self.gw.metrics.in_flight.dec();
         if !self.done {
             self.gw.metrics.cancelled.inc();
+            self.gw.metrics.serving.ended("abort");
             let _ = self.link.try_send(Message::Cancel { id: self.id });
         }
     }
@@ -424,6 +432,7 @@ impl Gateway {
                 link: link.clone(),
                 done: false,
                 started,
+                first: None,
             };
             let gen = Generate {
                 id,
@@ -480,9 +489,8 @@ impl Gateway {
             return Err(api_error(class, message));
         }
         if generated.is_empty() {
-            self.metrics
-                .ttft
-                .observe(guard.started.elapsed().as_secs_f64());
+            guard.first = Some(Instant::now());
+            self.metrics.first_token(guard.started.elapsed());
         }
         let mut headers = vec![
             ("x-tandem-decode", link.peer.clone()),
@@ -556,6 +564,7 @@ pub async fn run(
         .and_then(|r| r.map_err(|e| e.to_string()))
         .map_err(|e| tracing::warn!("gateway: no structured outputs: {e}"))
         .ok();
+    let registry = Metrics::new(&model_name).map_err(|e| format!("metrics: {e}"))?;
     let gw = Arc::new(Gateway {
         api_keys,
         model: model_name,
@@ -569,11 +578,21 @@ pub async fn run(
         stale_after: Duration::from_millis(2 * limits.down_after_ms.max(100)),
         state: Mutex::new(Nodes::default()),
         next_id: AtomicU64::new(1),
-        metrics: Metrics::new().map_err(|e| format!("metrics: {e}"))?,
+        metrics: registry,
         routing: g.routing,
         block_size: setup.cluster.file.cluster.block_size,
         defaults,
         grammar,
+        scrape: std::iter::once((g.name.clone(), "gateway", g.http.to_string()))
+            .chain(
+                setup
+                    .cluster
+                    .file
+                    .health_targets()
+                    .into_iter()
+                    .map(|(n, r, a)| (n, r, a.to_string())),
+            )
+            .collect(),
         pipelines: setup
             .cluster
             .pipelines
@@ -604,6 +623,7 @@ pub async fn run(
         .route("/health", get(health))
         .route("/live", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route("/metrics/targets", get(scrape_targets))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(gw.clone(), authorize))

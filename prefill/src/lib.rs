@@ -68,6 +68,8 @@ pub struct Stage {
     /// The vocabulary for requests with a grammar (the last stage chooses
     /// their first token inside it).
     grammar: Option<tandem_model::GrammarEnv>,
+    /// What `/metrics` reports.
+    metrics: Arc<tandem_wire::metrics::NodeMetrics>,
 }
 
 /// Why a chunk failed, with the class decode acts on: a deadline is not
@@ -327,6 +329,7 @@ impl Stage {
                     }
                 }
             }
+            self.metrics.serving.ended("error");
             let sends = self
                 .seq
                 .chunk_failed(key, e.class, e.message, Instant::now());
@@ -410,6 +413,7 @@ impl Stage {
         };
         let end = w.pos + w.n;
         let last_chunk = end == total;
+        self.metrics.serving.prompt_tokens.inc_by(w.n as u64);
         // Hidden states go on before this stage spends time on KV.
         let mut first = None;
         match out {
@@ -528,8 +532,22 @@ impl Stage {
             w.key.0 .0,
             r.out.as_ref().map_or(0, |o| o.bytes)
         );
+        if !r.req.warm {
+            observe_done(&self.metrics.serving, r);
+        }
         let sends = self.seq.finished(w.key, Instant::now());
         self.send(sends);
         Ok(())
     }
+}
+
+/// A prompt this stage read to its end, for `/metrics` (its request goes
+/// on in decode: only the prefill families apply here).
+fn observe_done(s: &tandem_wire::metrics::Serving, r: &sequencer::Req) {
+    let now = Instant::now();
+    let prompt = r.req.tokens.len();
+    s.queue.observe((r.started - r.arrived).as_secs_f64());
+    s.prefill.observe((now - r.started).as_secs_f64());
+    s.prompt_len.observe(prompt as f64);
+    s.prefix(prompt, r.req.reuse_from as usize);
 }

@@ -55,6 +55,7 @@ pub fn run(
     let preempt = Arc::new(AtomicBool::new(false));
     let tx = relay(tx, preempt.clone())?;
     let beat = Arc::new(Mutex::new(Beat::default()));
+    let metrics = setup.metrics("prefill", &setup.model_name(file))?;
     let role = Role::Prefill {
         pipeline: pipeline.name.clone(),
         stage: index as u32,
@@ -91,7 +92,7 @@ pub fn run(
                 tx.clone(),
             );
         }
-        setup.spawn_services(&beat)?;
+        setup.spawn_services(&beat, metrics.clone())?;
     }
     let seq = Sequencer::new(
         SeqConfig {
@@ -130,6 +131,7 @@ pub fn run(
         faults: Faults::from_env(),
         preempt,
         grammar,
+        metrics,
     };
     let gateway = cluster.file.gateway.name.clone();
     tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);
@@ -158,6 +160,10 @@ pub fn run(
         if let Some(w) = st.seq.next_work() {
             st.step(w);
         }
+        let (total, free) = (st.seq.cache.total(), st.seq.cache.available());
+        st.metrics
+            .serving
+            .load(st.seq.reqs.len(), st.seq.waiting.len(), total - free, total);
         {
             let mut b = st.beat.lock().expect("heartbeat state");
             b.load = Load {

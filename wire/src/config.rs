@@ -199,6 +199,10 @@ pub struct StageSection {
     /// Where the stage computes: `cpu` (default), `cuda`, `cuda:N`.
     #[serde(default)]
     pub device: Device,
+    /// Where the node answers probes (`/health`, `/live`) and serves its
+    /// `/metrics`; `TANDEM_HEALTH_ADDR` overrides it. None by default.
+    #[serde(default)]
+    pub health: Option<NodeAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,6 +234,10 @@ pub struct DecodeSection {
     /// GPU r), `cuda:N` (every rank on GPU N), `cuda:0,1,2` (one per rank).
     #[serde(default)]
     pub device: Device,
+    /// Where the node answers probes (`/health`, `/live`) and serves its
+    /// `/metrics`; `TANDEM_HEALTH_ADDR` overrides it. None by default.
+    #[serde(default)]
+    pub health: Option<NodeAddr>,
 }
 
 fn default_local_chunk() -> usize {
@@ -402,6 +410,29 @@ impl ClusterFile {
         {
             s.device = device.clone();
         }
+    }
+
+    /// Every prefill stage and decode group with a `health` address: its
+    /// name, role (`prefill`, `decode`) and that address, in file order.
+    pub fn health_targets(&self) -> Vec<(String, &'static str, NodeAddr)> {
+        let stages = self
+            .prefill
+            .iter()
+            .flat_map(|p| p.stages.iter())
+            .filter_map(|s| Some((s.name.clone(), "prefill", s.health.clone()?)));
+        let groups = self
+            .decode
+            .iter()
+            .filter_map(|d| Some((d.name.clone(), "decode", d.health.clone()?)));
+        stages.chain(groups).collect()
+    }
+
+    /// Node `name`'s health address in the file, if it has one.
+    pub fn health_of(&self, name: &str) -> Option<NodeAddr> {
+        self.health_targets()
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, a)| a)
     }
 }
 

@@ -10,6 +10,7 @@
 //!   that reconnect, one event channel per node.
 //! - [`messages`]: the protocol version and the handshake messages.
 //! - [`node`]: what every node process starts from, and its heartbeat.
+//! - [`metrics`]: the serving metrics each node exports, in vLLM's names.
 //! - [`addr`]: node addresses (IP or DNS name, resolved when dialing).
 //! - [`config`]: the cluster file (TOML), validated once at start.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod link;
 pub mod messages;
+pub mod metrics;
 pub mod node;
 pub mod quic;
 pub mod tls;

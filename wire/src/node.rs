@@ -8,6 +8,7 @@ use crate::config::Cluster;
 use crate::error::{Result, WireError};
 use crate::link::Link;
 use crate::messages::{Hello, Load, Message, Role, PROTOCOL_VERSION};
+use crate::metrics::NodeMetrics;
 use crate::quic::Liveness;
 use crate::tls::{load_identity, NodeIdentity};
 
@@ -179,8 +180,14 @@ pub fn spawn_heartbeat(node: String, period: Duration, beat: Arc<Mutex<Beat>>) {
 /// 200 while the node is linked to the gateway and 503 before (readiness);
 /// `GET /live` is 200 while the process serves (liveness). Both are 503
 /// while the node's scheduling loop is stuck ([`Beat::stalled`]). The body
-/// names the node and its load. A node has no other HTTP surface.
-pub fn spawn_health(addr: std::net::SocketAddr, node: String, beat: Arc<Mutex<Beat>>) {
+/// names the node and its load. `GET /metrics` is the node's own metrics
+/// in Prometheus' text format. A node has no other HTTP surface.
+pub fn spawn_health(
+    addr: std::net::SocketAddr,
+    node: String,
+    beat: Arc<Mutex<Beat>>,
+    metrics: Arc<NodeMetrics>,
+) {
     tokio::spawn(async move {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -202,14 +209,33 @@ pub fn spawn_health(addr: std::net::SocketAddr, node: String, beat: Arc<Mutex<Be
                 )
             };
             let node = node.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 1024];
-                let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok())
-                    .unwrap_or(0);
+                // The whole head (a client may write it in pieces): closing
+                // with part of it unread would reset the connection.
+                let mut buf = [0u8; 4096];
+                let mut n = 0;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::time::timeout_at(deadline, s.read(&mut buf[n..])).await {
+                        Ok(Ok(k)) if k > 0 => n += k,
+                        _ => break,
+                    }
+                }
+                if buf[..n].starts_with(b"GET /metrics") {
+                    let body = metrics.encode();
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
                 let live = buf[..n].starts_with(b"GET /live");
                 let body = serde_json::json!({
                     "node": node,
@@ -250,19 +276,69 @@ pub fn now_ms() -> u64 {
 
 impl NodeSetup {
     /// What every prefill and decode node runs beside its links: heartbeats
-    /// to the gateway, and probes when `TANDEM_HEALTH_ADDR` asks for them.
-    /// Must be called inside the node's runtime.
-    pub fn spawn_services(&self, beat: &Arc<Mutex<Beat>>) -> Result<()> {
+    /// to the gateway, and probes and `/metrics` on its health address
+    /// (`TANDEM_HEALTH_ADDR`, else the cluster file's `health`) when it has
+    /// one. Must be called inside the node's runtime.
+    pub fn spawn_services(&self, beat: &Arc<Mutex<Beat>>, metrics: Arc<NodeMetrics>) -> Result<()> {
         spawn_heartbeat(self.name.clone(), self.heartbeat_period(), beat.clone());
-        if let Some(h) = health_addr()? {
-            spawn_health(h, self.name.clone(), beat.clone());
+        if let Some(h) = self.health_addr()? {
+            spawn_health(h, self.name.clone(), beat.clone(), metrics);
         }
         Ok(())
+    }
+
+    /// This node's health address: `TANDEM_HEALTH_ADDR` if set, else its
+    /// `health` in the cluster file.
+    pub fn health_addr(&self) -> Result<Option<std::net::SocketAddr>> {
+        if let Some(a) = health_env()? {
+            return Ok(Some(a));
+        }
+        match self.cluster.file.health_of(&self.name) {
+            Some(a) => a.resolve().map(Some).map_err(|e| {
+                WireError::Connection(format!("{}: health address {a}: {e}", self.name))
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// The name clients use for the model: the cluster file's
+    /// `served_model_name`, else [`served_name`].
+    pub fn model_name(&self, model: &tandem_model::ModelFile) -> String {
+        self.cluster
+            .file
+            .cluster
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| served_name(model))
+    }
+
+    /// The registry this node's `/metrics` serves, for `model`.
+    pub fn metrics(&self, role: &str, model: &str) -> Result<Arc<NodeMetrics>> {
+        NodeMetrics::new(model, role, &self.name)
+            .map(Arc::new)
+            .map_err(|e| WireError::Connection(format!("{}: metrics: {e}", self.name)))
+    }
+}
+
+/// The name a model file is served as: its stem without a quantization tag.
+pub fn served_name(model: &tandem_model::ModelFile) -> String {
+    let stem = model
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    match stem.rsplit_once('.') {
+        Some((base, tag))
+            if tag.starts_with('Q') || tag.starts_with('F') || tag.starts_with("BF") =>
+        {
+            base.to_string()
+        }
+        _ => stem,
     }
 }
 
 /// The health-check address from `TANDEM_HEALTH_ADDR`, if set.
-pub fn health_addr() -> Result<Option<std::net::SocketAddr>> {
+pub fn health_env() -> Result<Option<std::net::SocketAddr>> {
     match std::env::var("TANDEM_HEALTH_ADDR") {
         Ok(v) if !v.is_empty() => v.parse().map(Some).map_err(|_| {
             WireError::Connection(format!(

@@ -174,9 +174,23 @@ pub(super) async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
+/// Every node's metrics address in Prometheus' HTTP service-discovery
+/// format (`http_sd_configs`): the gateway's API address, and each prefill
+/// stage's and decode group's `health` address from the cluster file.
+pub(super) async fn scrape_targets(State(gw): State<Arc<Gateway>>) -> Response {
+    let groups: Vec<Value> = gw
+        .scrape
+        .iter()
+        .map(|(node, role, addr)| {
+            json!({ "targets": [addr], "labels": { "tandem_node": node, "tandem_role": role } })
+        })
+        .collect();
+    axum::Json(groups).into_response()
+}
+
 pub(super) async fn not_found() -> Response {
     let mut r = error_response(&ApiError::BadRequest {
-        message: "unknown route; this server answers /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health, /live, /metrics and /openapi.json".into(),
+        message: "unknown route; this server answers /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health, /live, /metrics, /metrics/targets and /openapi.json".into(),
         param: None,
     });
     *r.status_mut() = StatusCode::NOT_FOUND;

@@ -559,9 +559,11 @@ async fn drive(gw: Arc<Gateway>, ticket: Ticket, index: usize, tx: mpsc::Sender<
                 // Tokens at or past what was streamed before a loss are new.
                 if (at as usize) >= generated.len() {
                     generated.push(token);
-                    gw.metrics.tokens_out.inc();
                     if generated.len() > 1 {
-                        gw.metrics.itl.observe(last_token.elapsed().as_secs_f64());
+                        gw.metrics.token_gap(last_token.elapsed());
+                    } else {
+                        gw.metrics.tokens_out.inc();
+                        gw.metrics.serving.generation_tokens.inc();
                     }
                     last_token = Instant::now();
                     let t = Token {
@@ -581,8 +583,15 @@ async fn drive(gw: Arc<Gateway>, ticket: Ticket, index: usize, tx: mpsc::Sender<
             } => {
                 guard.done = true;
                 accounting.gateway_queue_us = gateway_us;
-                gw.metrics
-                    .finish(prompt_tokens, guard.started.elapsed(), &accounting);
+                let e2e = guard.started.elapsed();
+                let ttft = guard.first.map_or(e2e, |f| f - guard.started);
+                gw.metrics.finish(
+                    prompt_tokens,
+                    generated.len(),
+                    (ttft, e2e),
+                    reason,
+                    &accounting,
+                );
                 let _ = tx
                     .send(Item::Done {
                         index,
@@ -595,6 +604,7 @@ async fn drive(gw: Arc<Gateway>, ticket: Ticket, index: usize, tx: mpsc::Sender<
             }
             GenerateEvent::Failed { class, message } => {
                 guard.done = true;
+                gw.metrics.serving.ended("error");
                 let _ = tx
                     .send(Item::Failed {
                         error: api_error(class, message),

@@ -1,0 +1,185 @@
+//! What the decode group's `/metrics` reports, read off the core's inputs
+//! and actions as the loop carries them out: when each request arrived, its
+//! first and later tokens, and how it ended; the queue, the KV pool and the
+//! transfer counts at each tick.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use tandem_model::FinishReason;
+use tandem_wire::messages::{ErrorClass, GenerateEvent, RequestId};
+use tandem_wire::metrics::{raise, NodeMetrics, RequestTimes};
+
+use crate::admission::Admission;
+
+/// One request while it is here.
+struct Timing {
+    arrived: Instant,
+    prompt: usize,
+    max_tokens: usize,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: usize,
+    /// Milliseconds since the Unix epoch after which it is forgotten even
+    /// if no end was seen.
+    deadline_ms: u64,
+}
+
+/// Counts kept by the admission state since start, as counters.
+struct KvCounters {
+    checksum_failures: IntCounter,
+    retries: IntCounter,
+    /// By path: quic, ucx-direct, ucx-am.
+    landed: IntCounterVec,
+    quarantined_blocks: IntGauge,
+    quarantined_attempts: IntGauge,
+}
+
+pub(crate) struct Observer {
+    pub metrics: Arc<NodeMetrics>,
+    kv: KvCounters,
+    reqs: HashMap<RequestId, Timing>,
+}
+
+impl Observer {
+    pub fn new(metrics: Arc<NodeMetrics>) -> prometheus::Result<Observer> {
+        let m = &metrics;
+        let kv = KvCounters {
+            checksum_failures: m.counter(
+                "tandem_kv_checksum_failures_total",
+                "KV transfers refused for a checksum mismatch",
+            )?,
+            retries: m.counter(
+                "tandem_kv_retries_total",
+                "Prefill attempts retried (lost stage, timeout, bad KV)",
+            )?,
+            landed: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "tandem_kv_blocks_landed_total",
+                        "KV blocks received, by path: quic, ucx-direct (written into the pools by a stage on this host), ucx-am (active messages)",
+                    ),
+                    &["path"],
+                )?;
+                m.registry.register(Box::new(c.clone()))?;
+                c
+            },
+            quarantined_blocks: m.gauge(
+                "tandem_kv_blocks_quarantined",
+                "KV blocks of abandoned attempts held until nothing may write them",
+            )?,
+            quarantined_attempts: m.gauge(
+                "tandem_kv_quarantined_attempts",
+                "Abandoned attempts whose blocks wait until nothing may write them",
+            )?,
+        };
+        Ok(Observer {
+            metrics,
+            kv,
+            reqs: HashMap::new(),
+        })
+    }
+
+    /// A request came in from the gateway (a first attempt, or one resumed
+    /// from another group).
+    pub fn arrived(&mut self, g: &tandem_wire::messages::Generate) {
+        self.reqs.insert(
+            g.id,
+            Timing {
+                arrived: Instant::now(),
+                prompt: g.prompt.len(),
+                max_tokens: g.params.max_tokens,
+                first: None,
+                last: None,
+                tokens: 0,
+                deadline_ms: g.deadline_ms,
+            },
+        );
+    }
+
+    /// A token was streamed.
+    pub fn token(&mut self, id: RequestId) {
+        let Some(t) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let now = Instant::now();
+        let s = &self.metrics.serving;
+        match t.last {
+            Some(last) => s.itl.observe((now - last).as_secs_f64()),
+            None => s.ttft.observe((now - t.arrived).as_secs_f64()),
+        }
+        t.first.get_or_insert(now);
+        t.last = Some(now);
+        t.tokens += 1;
+        s.generation_tokens.inc();
+    }
+
+    /// The request's terminal event went out.
+    pub fn ended(&mut self, id: RequestId, event: &GenerateEvent) {
+        let Some(t) = self.reqs.remove(&id) else {
+            return;
+        };
+        let s = &self.metrics.serving;
+        match event {
+            GenerateEvent::Finished { reason, accounting } => {
+                let now = Instant::now();
+                let queue = Duration::from_micros(accounting.decode_queue_us);
+                let first = t.first.unwrap_or(now);
+                s.prompt_tokens
+                    .inc_by(u64::from(accounting.prefilled_tokens));
+                s.finished(&RequestTimes {
+                    prompt_tokens: t.prompt,
+                    generation_tokens: t.tokens,
+                    cached_tokens: accounting.cached_tokens as usize,
+                    queue,
+                    prefill: first.saturating_duration_since(t.arrived + queue),
+                    decode: now - first,
+                    e2e: now - t.arrived,
+                    reason: match reason {
+                        FinishReason::Stop => "stop",
+                        FinishReason::Length => "length",
+                    },
+                    max_tokens: Some(t.max_tokens),
+                });
+            }
+            GenerateEvent::Failed { class, .. } => s.ended(match class {
+                ErrorClass::Cancelled => "abort",
+                _ => "error",
+            }),
+            GenerateEvent::Token { .. } => {}
+        }
+    }
+
+    /// The gateway cancelled it (its client left).
+    pub fn cancelled(&mut self, id: RequestId) {
+        if self.reqs.remove(&id).is_some() {
+            self.metrics.serving.ended("abort");
+        }
+    }
+
+    /// The load and the KV counts at a tick; requests long past their
+    /// deadline with no end seen are forgotten.
+    pub fn tick(&mut self, a: &Admission, fenced_attempts: usize, now_ms: u64) {
+        self.reqs
+            .retain(|_, t| t.deadline_ms.saturating_add(60_000) > now_ms);
+        self.metrics
+            .serving
+            .load(a.running(), a.queued(), a.used_blocks(), a.total_blocks());
+        let c = &a.counters;
+        raise(&self.kv.checksum_failures, c.checksum_failures);
+        raise(&self.kv.retries, c.retries);
+        for (path, n) in [
+            ("quic", c.blocks_quic),
+            ("ucx-direct", c.blocks_ucx_direct),
+            ("ucx-am", c.blocks_ucx_messages),
+        ] {
+            raise(&self.kv.landed.with_label_values(&[path]), n);
+        }
+        self.kv
+            .quarantined_blocks
+            .set(a.quarantined_blocks() as i64);
+        self.kv.quarantined_attempts.set(fenced_attempts as i64);
+    }
+}
