@@ -10,6 +10,7 @@ mod gpu_check;
 mod node;
 mod plan;
 mod serve;
+mod telemetry;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,10 @@ pub struct Common {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Export traces to this OTLP/HTTP collector (base URL such as
+    /// http://127.0.0.1:4318; OTLP/JSON to its /v1/traces). Off when unset.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -204,29 +209,39 @@ impl Common {
     }
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (or its alias `TANDEM_LOG`;
-/// `warn` when neither is set), as text or one JSON object per line.
-fn init_logs(format: LogFormat) {
-    let filter = ["RUST_LOG", "TANDEM_LOG"]
-        .iter()
-        .find_map(|v| tracing_subscriber::EnvFilter::try_from_env(v).ok())
-        .unwrap_or_else(|| "warn".into());
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => fmt.init(),
-        LogFormat::Json => fmt.json().with_current_span(true).init(),
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
-    // Nodes a local cluster starts read it from the environment.
+    // Nodes a local cluster starts read these from the environment.
     // SAFETY: no other thread runs yet.
-    unsafe { std::env::set_var("TANDEM_LOG_FORMAT", cli.common.log_format.name()) };
-    init_logs(cli.common.log_format);
-    if let Err(e) = run(cli) {
+    unsafe {
+        std::env::set_var("TANDEM_LOG_FORMAT", cli.common.log_format.name());
+        if let Some(e) = &cli.common.otlp_endpoint {
+            std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", e);
+        }
+    }
+    // Nodes and `generate` export traces; `serve` leaves that to its nodes.
+    let (role, node) = match &cli.cmd {
+        Cmd::Gateway(a) => ("gateway", a.node.as_str()),
+        Cmd::Prefill(a) => ("prefill", a.node.as_str()),
+        Cmd::Decode(a) => ("decode", a.node.as_str()),
+        Cmd::Generate(_) => ("generate", "generate"),
+        _ => ("cli", ""),
+    };
+    let otlp = cli
+        .common
+        .otlp_endpoint
+        .as_deref()
+        .filter(|_| role != "cli");
+    let telemetry = match telemetry::init(cli.common.log_format, otlp, role, node) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let r = run(cli);
+    drop(telemetry);
+    if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -248,3 +248,220 @@ fn selectors_are_read_from_promql() {
     );
     assert!(selected("up").is_empty());
 }
+
+/// An OTLP/HTTP collector on loopback: keeps the body of every POST.
+fn collector() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let keep = keep.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().expect("clone");
+                let mut r = BufReader::new(conn);
+                // Requests on a kept-alive connection, one after another.
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = l.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        keep.lock().unwrap().push(v);
+                    }
+                    let _ = w.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+                    );
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+/// A span as exported: the node (service.instance.id) it came from.
+#[derive(Debug, Clone)]
+struct Exported {
+    node: String,
+    name: String,
+    trace: String,
+    id: String,
+    parent: String,
+    links: Vec<(String, String)>,
+}
+
+fn exported(docs: &[Value]) -> Vec<Exported> {
+    let mut out = Vec::new();
+    for d in docs {
+        for rs in d["resourceSpans"].as_array().into_iter().flatten() {
+            let node = rs["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["key"] == "service.instance.id")
+                .and_then(|a| a["value"]["stringValue"].as_str())
+                .unwrap_or("")
+                .to_string();
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                for s in ss["spans"].as_array().into_iter().flatten() {
+                    let str_of = |k: &str| s[k].as_str().unwrap_or("").to_string();
+                    out.push(Exported {
+                        node: node.clone(),
+                        name: str_of("name"),
+                        trace: str_of("traceId"),
+                        id: str_of("spanId"),
+                        parent: str_of("parentSpanId"),
+                        links: s["links"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|l| {
+                                (
+                                    l["traceId"].as_str().unwrap_or("").to_string(),
+                                    l["spanId"].as_str().unwrap_or("").to_string(),
+                                )
+                            })
+                            .collect(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn one_streamed_request_is_one_trace_across_the_gateway_decode_and_every_stage() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (port, got) = collector();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let c = Cluster::start_env(
+        &["--pp", "2"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0, "max_tokens": 4, "ignore_eos": true, "stream": true});
+    let (status, text) = http(c.port, "POST", "/v1/chat/completions", Some(&body));
+    assert_eq!(status, 200, "{text}");
+    // Spans leave in batches: wait (bounded) for every node's.
+    let want = ["gateway", "d0", "p0-s0", "p0-s1"];
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = exported(&got.lock().unwrap());
+        let request = spans
+            .iter()
+            .find(|s| s.node == "gateway" && s.name == "request");
+        let all_in = request.is_some_and(|r| {
+            want.iter().all(|n| {
+                spans
+                    .iter()
+                    .any(|s| &s.node == n && s.trace == r.trace && s.name != "queue")
+            }) && spans
+                .iter()
+                .any(|s| s.name == "decode" && s.trace == r.trace)
+                && spans
+                    .iter()
+                    .filter(|s| s.name == "prefill" && s.trace == r.trace)
+                    .count()
+                    == 2
+                && spans
+                    .iter()
+                    .any(|s| s.name == "generate" && s.trace == r.trace)
+        });
+        if all_in {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let one = |node: &str, name: &str| -> Exported {
+        let found: Vec<&Exported> = spans
+            .iter()
+            .filter(|s| s.node == node && s.name == name)
+            .collect();
+        assert_eq!(found.len(), 1, "{node} {name}: {spans:#?}");
+        found[0].clone()
+    };
+    let request = one("gateway", "request");
+    assert!(
+        request.parent.is_empty(),
+        "the gateway's request span is the root"
+    );
+    let t = request.trace.clone();
+    for name in ["parse", "template", "route", "submit"] {
+        let s = one("gateway", name);
+        assert_eq!(
+            (s.trace.as_str(), s.parent.as_str()),
+            (t.as_str(), request.id.as_str()),
+            "{name}"
+        );
+    }
+    let submit = one("gateway", "submit");
+    let decode = one("d0", "decode");
+    assert_eq!(
+        (decode.trace.as_str(), decode.parent.as_str()),
+        (t.as_str(), submit.id.as_str())
+    );
+    for name in ["queue", "attempt", "generate"] {
+        let s = one("d0", name);
+        assert_eq!(
+            (s.trace.as_str(), s.parent.as_str()),
+            (t.as_str(), decode.id.as_str()),
+            "{name}"
+        );
+    }
+    let attempt = one("d0", "attempt");
+    let wait = one("d0", "kv_wait");
+    assert_eq!(wait.parent, attempt.id, "KV wait is the attempt's");
+    for stage in ["p0-s0", "p0-s1"] {
+        let p = one(stage, "prefill");
+        assert_eq!(
+            (p.trace.as_str(), p.parent.as_str()),
+            (t.as_str(), attempt.id.as_str()),
+            "{stage}"
+        );
+        let chunks: Vec<&Exported> = spans
+            .iter()
+            .filter(|s| s.node == stage && s.name == "chunk" && s.trace == t)
+            .collect();
+        assert!(!chunks.is_empty(), "{stage} ran a chunk");
+        for ch in &chunks {
+            assert_eq!(ch.parent, p.id, "{stage}'s chunks are its request's");
+        }
+        assert!(
+            spans.iter().any(|s| s.node == stage
+                && s.name == "kv_send"
+                && chunks.iter().any(|c| c.id == s.parent)),
+            "{stage} sent KV inside a chunk"
+        );
+    }
+    // Decode steps are shared by a batch: each links to its requests.
+    let steps: Vec<&Exported> = spans
+        .iter()
+        .filter(|s| {
+            s.node == "d0" && s.name == "step" && s.links.contains(&(t.clone(), decode.id.clone()))
+        })
+        .collect();
+    assert!(!steps.is_empty(), "decode steps link to the request");
+}

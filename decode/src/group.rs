@@ -88,7 +88,12 @@ impl Group<'_> {
     fn carry_out(&mut self, a: Action) -> Vec<Action> {
         let now = now_ms();
         match a {
-            Action::Send { to, msg } => {
+            Action::Send { to, mut msg } => {
+                if let Message::Prefill(req) = &mut msg {
+                    if !req.warm {
+                        self.observe.attempt(&to, req);
+                    }
+                }
                 self.send(&to, msg);
                 Vec::new()
             }
@@ -138,6 +143,7 @@ impl Group<'_> {
                 params,
                 generated,
             } => {
+                self.observe.streaming(id);
                 let mut s = StopState::new(self.tok, &params);
                 for t in generated {
                     s.push(self.tok, t);
@@ -258,8 +264,12 @@ impl Group<'_> {
             return Vec::new();
         }
         match &msg {
-            Message::Generate(g) if peer == self.gateway => self.observe.arrived(g),
+            Message::Generate(g) if peer == self.gateway => {
+                let node = self.core.name().to_string();
+                self.observe.arrived(&node, g)
+            }
             Message::Cancel { id } if peer == self.gateway => self.observe.cancelled(*id),
+            Message::FirstToken { id, .. } => self.observe.last_chunk_done(*id),
             _ => {}
         }
         match self.core.message(peer, msg, now) {
@@ -312,6 +322,19 @@ impl Group<'_> {
             return;
         };
         self.steps += 1;
+        // One span per step, linked to the requests in its batch.
+        let span = tracing::info_span!(
+            "step",
+            batch = plan.batch.len(),
+            tokens = plan.tokens.len(),
+            prefill_chunk = plan.chunk.map_or(0, |c| c.2)
+        );
+        if !span.is_disabled() {
+            for id in plan.batch.iter().chain(plan.chunk.as_ref().map(|c| &c.0)) {
+                tandem_wire::trace::link(&span, self.observe.traceparent(*id));
+            }
+        }
+        let _in_step = span.enter();
         let t0 = Instant::now();
         let out = self
             .group

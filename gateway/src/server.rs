@@ -252,6 +252,8 @@ struct Guard {
     started: Instant,
     /// When its first token came.
     first: Option<Instant>,
+    /// Its `submit` span, closed with it.
+    _span: tracing::Span,
 }
 
 impl Drop for Guard {
@@ -410,10 +412,12 @@ impl Gateway {
         let mut gateway_us;
         let (route, link, mut guard, rx, first) = loop {
             attempt += 1;
-            let route = match follow.filter(|_| attempt == 1).and_then(|f| self.follow(f)) {
-                Some(r) => r,
-                None => self.route(session.as_deref(), &routed)?,
-            };
+            let route = tracing::info_span!("route", attempt).in_scope(|| {
+                match follow.filter(|_| attempt == 1).and_then(|f| self.follow(f)) {
+                    Some(r) => Ok(r),
+                    None => self.route(session.as_deref(), &routed),
+                }
+            })?;
             let link = route.link.clone();
             let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
             let (tx, mut rx) = mpsc::unbounded_channel();
@@ -426,6 +430,10 @@ impl Gateway {
                 },
             );
             self.metrics.in_flight.inc();
+            // Open while the request is on this decode group: the parent
+            // of its spans there.
+            let submit =
+                tracing::info_span!("submit", request = id.0, decode = %link.peer, attempt);
             let mut guard = Guard {
                 gw: self.clone(),
                 id,
@@ -433,6 +441,7 @@ impl Gateway {
                 done: false,
                 started,
                 first: None,
+                _span: submit.clone(),
             };
             let gen = Generate {
                 id,
@@ -442,6 +451,7 @@ impl Gateway {
                 deadline_ms: now_ms() + self.request_timeout.as_millis() as u64,
                 session: session.clone(),
                 pipeline: route.pipeline.clone(),
+                traceparent: tandem_wire::trace::traceparent(&submit),
             };
             gateway_us = received.elapsed().as_micros() as u64;
             let first = if link.send(Message::Generate(gen)).await.is_err() {

@@ -70,6 +70,9 @@ pub struct Stage {
     grammar: Option<tandem_model::GrammarEnv>,
     /// What `/metrics` reports.
     metrics: Arc<tandem_wire::metrics::NodeMetrics>,
+    /// Each request's span here (a child of decode's attempt) and, until
+    /// its first chunk runs, its `queue` span.
+    spans: HashMap<sequencer::Key, (tracing::Span, Option<tracing::Span>)>,
 }
 
 /// Why a chunk failed, with the class decode acts on: a deadline is not
@@ -213,6 +216,19 @@ impl Stage {
                     tracing::error!("{}: fault injection: dropping out", self.name);
                     std::process::abort();
                 }
+                if !req.warm {
+                    let span = tracing::info_span!(
+                        parent: None,
+                        "prefill",
+                        request = req.id.0,
+                        node = self.name.as_str(),
+                        tokens = req.tokens.len(),
+                        reused = req.reuse_from
+                    );
+                    tandem_wire::trace::set_parent(&span, &req.traceparent);
+                    let queue = tracing::info_span!(parent: &span, "queue");
+                    self.spans.insert((req.id, req.lease), (span, Some(queue)));
+                }
                 self.seq.prefill(peer, req, now)
             }
             Message::PrefillAbort { id, lease, decode } => {
@@ -339,6 +355,14 @@ impl Stage {
 
     fn run_chunk(&mut self, w: Work) -> std::result::Result<(), ChunkError> {
         let is_last = self.last();
+        let chunk = match self.spans.get_mut(&w.key) {
+            Some((span, queue)) => {
+                *queue = None;
+                tracing::info_span!(parent: &*span, "chunk", pos = w.pos, n = w.n)
+            }
+            None => tracing::Span::none(),
+        };
+        let _in_chunk = chunk.enter();
         let Some(r) = self.seq.reqs.get_mut(&w.key) else {
             return Ok(());
         };
@@ -497,6 +521,9 @@ impl Stage {
                 }
             }
             if self.faults.delay_kv.is_zero() {
+                let blocks: usize = chunks.iter().map(|c| c.blocks.len()).sum();
+                let _send = (!chunk.is_disabled())
+                    .then(|| tracing::info_span!("kv_send", blocks).entered());
                 transport.put_all(chunks).map_err(|e| e.to_string())?;
             } else {
                 for c in chunks {

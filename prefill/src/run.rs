@@ -132,6 +132,7 @@ pub fn run(
         preempt,
         grammar,
         metrics,
+        spans: HashMap::new(),
     };
     let gateway = cluster.file.gateway.name.clone();
     tracing::info!("{}: prefill stage {index} ready at {addr}", st.name);
@@ -159,6 +160,13 @@ pub fn run(
         // Requests someone waits for go before cache warming.
         if let Some(w) = st.seq.next_work() {
             st.step(w);
+        }
+        // A request's spans end with it (done, failed or aborted).
+        if st.spans.len() > st.seq.reqs.len() + st.seq.waiting.len() {
+            let Stage { spans, seq, .. } = &mut st;
+            spans.retain(|k, _| {
+                seq.reqs.contains_key(k) || seq.waiting.iter().any(|r| (r.id, r.lease) == *k)
+            });
         }
         let (total, free) = (st.seq.cache.total(), st.seq.cache.available());
         st.metrics
@@ -258,6 +266,7 @@ mod tests {
                 output_from: 3,
                 deadline_ms: now_ms() + 60_000,
                 warm,
+                traceparent: String::new(),
             }),
         }
     }

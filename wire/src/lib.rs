@@ -11,6 +11,7 @@
 //! - [`messages`]: the protocol version and the handshake messages.
 //! - [`node`]: what every node process starts from, and its heartbeat.
 //! - [`metrics`]: the serving metrics each node exports, in vLLM's names.
+//! - [`trace`]: trace context carried from node to node.
 //! - [`addr`]: node addresses (IP or DNS name, resolved when dialing).
 //! - [`config`]: the cluster file (TOML), validated once at start.
 
@@ -24,5 +25,6 @@ pub mod metrics;
 pub mod node;
 pub mod quic;
 pub mod tls;
+pub mod trace;
 
 pub use error::{Result, WireError};

@@ -18,7 +18,7 @@ use tandem_model::{BlockId, FinishReason, SamplingParams};
 
 /// Bumped whenever any message changes shape. Peers with different versions
 /// refuse each other at the handshake instead of misreading frames.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// ALPN identifier of Tandem's node-to-node protocol.
 pub const ALPN: &[u8] = b"tandem";
@@ -112,6 +112,9 @@ pub struct Generate {
     pub session: Option<String>,
     /// The prefill pipeline the session is pinned to, if any.
     pub pipeline: Option<String>,
+    /// The W3C `traceparent` of the gateway span that sent it (empty when
+    /// not traced): decode's spans for the request are its children.
+    pub traceparent: String,
 }
 
 /// Per-request accounting returned with the last event.
@@ -193,6 +196,9 @@ pub struct PrefillRequest {
     /// back for it, and a pipeline runs any other work first, stopping a
     /// warming pass between layers when such work arrives.
     pub warm: bool,
+    /// The W3C `traceparent` of decode's span for this attempt (empty when
+    /// not traced): every stage's spans for it are its children.
+    pub traceparent: String,
 }
 
 /// Stage → next stage: one chunk's hidden states.
@@ -392,6 +398,7 @@ mod tests {
                 deadline_ms: 1_700_000_000_000,
                 session: Some("s".into()),
                 pipeline: None,
+                traceparent: String::new(),
             }),
             Message::Event {
                 id,
@@ -431,6 +438,7 @@ mod tests {
                 reuse_from: 32,
                 reuse: true,
                 warm: false,
+                traceparent: String::new(),
                 targets: vec![RankTarget {
                     rank: 0,
                     heads: (0, 1),

@@ -1,7 +1,10 @@
-//! What the decode group's `/metrics` reports, read off the core's inputs
-//! and actions as the loop carries them out: when each request arrived, its
+//! What the decode group reports, read off the core's inputs and actions as
+//! the loop carries them out. For `/metrics`: when each request arrived, its
 //! first and later tokens, and how it ended; the queue, the KV pool and the
-//! transfer counts at each tick.
+//! transfer counts at each tick. For traces: each request's span (a child of
+//! the gateway's), with its time in the queue, each prefill attempt (whose
+//! context every prefill stage's spans take as parent), the wait for KV
+//! after the pipeline's last chunk, and the stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use tandem_model::FinishReason;
-use tandem_wire::messages::{ErrorClass, GenerateEvent, RequestId};
+use tandem_wire::messages::{ErrorClass, GenerateEvent, PrefillRequest, RequestId};
 use tandem_wire::metrics::{raise, NodeMetrics, RequestTimes};
 
 use crate::admission::Admission;
@@ -25,6 +28,18 @@ struct Timing {
     /// Milliseconds since the Unix epoch after which it is forgotten even
     /// if no end was seen.
     deadline_ms: u64,
+    spans: Spans,
+}
+
+/// A request's open spans here; each closes when dropped.
+struct Spans {
+    request: tracing::Span,
+    /// Its context, for the steps that link to it.
+    traceparent: String,
+    queue: Option<tracing::Span>,
+    attempt: Option<tracing::Span>,
+    kv_wait: Option<tracing::Span>,
+    stream: Option<tracing::Span>,
 }
 
 /// Counts kept by the admission state since start, as counters.
@@ -84,7 +99,24 @@ impl Observer {
 
     /// A request came in from the gateway (a first attempt, or one resumed
     /// from another group).
-    pub fn arrived(&mut self, g: &tandem_wire::messages::Generate) {
+    pub fn arrived(&mut self, node: &str, g: &tandem_wire::messages::Generate) {
+        let request = tracing::info_span!(
+            parent: None,
+            "decode",
+            request = g.id.0,
+            node,
+            prompt_tokens = g.prompt.len(),
+            resumed_after = g.generated.len()
+        );
+        tandem_wire::trace::set_parent(&request, &g.traceparent);
+        let spans = Spans {
+            queue: Some(tracing::info_span!(parent: &request, "queue")),
+            traceparent: tandem_wire::trace::traceparent(&request),
+            request,
+            attempt: None,
+            kv_wait: None,
+            stream: None,
+        };
         self.reqs.insert(
             g.id,
             Timing {
@@ -95,8 +127,60 @@ impl Observer {
                 last: None,
                 tokens: 0,
                 deadline_ms: g.deadline_ms,
+                spans,
             },
         );
+    }
+
+    /// A prefill attempt goes to pipeline stage `to`: it carries the
+    /// attempt's span context to every stage.
+    pub fn attempt(&mut self, to: &str, req: &mut PrefillRequest) {
+        let Some(t) = self.reqs.get_mut(&req.id) else {
+            return;
+        };
+        let sp = &mut t.spans;
+        sp.queue = None;
+        sp.kv_wait = None;
+        let attempt = tracing::info_span!(
+            parent: &sp.request,
+            "attempt",
+            lease = req.lease.0 as u64,
+            stage0 = to,
+            cached = req.cached,
+            tokens = req.tokens.len()
+        );
+        req.traceparent = tandem_wire::trace::traceparent(&attempt);
+        sp.attempt = Some(attempt);
+    }
+
+    /// The pipeline's last stage computed the prompt's last chunk: from
+    /// here decode waits only for KV to land and verify.
+    pub fn last_chunk_done(&mut self, id: RequestId) {
+        let Some(t) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let sp = &mut t.spans;
+        let parent = sp.attempt.as_ref().unwrap_or(&sp.request);
+        sp.kv_wait = Some(tracing::info_span!(parent: parent, "kv_wait"));
+    }
+
+    /// The request's KV is all here: it streams.
+    pub fn streaming(&mut self, id: RequestId) {
+        let Some(t) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let sp = &mut t.spans;
+        sp.queue = None;
+        sp.kv_wait = None;
+        sp.attempt = None;
+        sp.stream = Some(tracing::info_span!(parent: &sp.request, "generate"));
+    }
+
+    /// The context of request `id`'s span, for a step to link to.
+    pub fn traceparent(&self, id: RequestId) -> &str {
+        self.reqs
+            .get(&id)
+            .map_or("", |t| t.spans.traceparent.as_str())
     }
 
     /// A token was streamed.

@@ -134,15 +134,18 @@ impl Gateway {
     fn prepare(&self, body: &[u8], kind: Kind) -> Result<Prepared, ApiError> {
         let (mut p, explicit_max) = match kind {
             Kind::Chat => {
-                let job = api::validate_chat(
-                    api::parse_chat(body)?,
-                    &self.model,
-                    &self.defaults,
-                    self.limits(),
-                )?;
+                let job = tracing::info_span!("parse").in_scope(|| {
+                    api::validate_chat(
+                        api::parse_chat(body)?,
+                        &self.model,
+                        &self.defaults,
+                        self.limits(),
+                    )
+                })?;
                 (
                     Prepared {
-                        prompt: self.tokenize_chat(&job.messages, job.tools.as_ref())?,
+                        prompt: tracing::info_span!("template")
+                            .in_scope(|| self.tokenize_chat(&job.messages, job.tools.as_ref()))?,
                         session: job.user.clone().or_else(|| conversation_key(&job.messages)),
                         params: job.params,
                         stream: job.stream,
@@ -159,15 +162,18 @@ impl Gateway {
                 )
             }
             Kind::Completion => {
-                let job = api::validate_completion(
-                    api::parse_completion(body)?,
-                    &self.model,
-                    &self.defaults,
-                    self.limits(),
-                )?;
+                let job = tracing::info_span!("parse").in_scope(|| {
+                    api::validate_completion(
+                        api::parse_completion(body)?,
+                        &self.model,
+                        &self.defaults,
+                        self.limits(),
+                    )
+                })?;
                 (
                     Prepared {
-                        prompt: self.tokenize_prompt(&job.prompt)?,
+                        prompt: tracing::info_span!("template")
+                            .in_scope(|| self.tokenize_prompt(&job.prompt))?,
                         session: job.user.clone(),
                         params: job.params,
                         stream: job.stream,
