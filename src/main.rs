@@ -93,8 +93,12 @@ pub fn parse_gpu_dtype(s: &str) -> std::result::Result<tandem_model::cuda::GpuDt
 enum Cmd {
     /// Generate text in one process (the reference path every layout is compared with).
     Generate(generate::GenerateArgs),
-    /// Download the default model (SmolLM2-135M-Instruct) into the cache.
-    FetchModel,
+    /// Download the default model (SmolLM2-135M-Instruct) into the cache,
+    /// unless it is there already (`--force` replaces it).
+    FetchModel {
+        #[arg(long)]
+        force: bool,
+    },
     /// Write a model's tokenizer as a Hugging Face tokenizer directory
     /// (tokenizer.json, tokenizer_config.json), for tools such as AIPerf.
     ExportTokenizer(ExportTokenizerArgs),
@@ -251,11 +255,13 @@ fn run(cli: Cli) -> Result<()> {
     let threads = cli.common.init_threads();
     match cli.cmd {
         Cmd::Generate(args) => generate::run(&cli.common, args),
-        Cmd::FetchModel => {
-            let p = tandem_model::fetch::fetch_default_model(
-                &cli.common.cache_dir(),
-                &cli.common.python,
-            )?;
+        Cmd::FetchModel { force } => {
+            let fetch = if force {
+                tandem_model::fetch::fetch_default_model
+            } else {
+                tandem_model::fetch::ensure_default_model
+            };
+            let p = fetch(&cli.common.cache_dir(), &cli.common.python)?;
             println!("{}", p.display());
             Ok(())
         }

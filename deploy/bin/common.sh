@@ -10,9 +10,11 @@
 #   TANDEM_THREADS  compute threads (default: every core)
 #   TANDEM_HOME     where the default model is cached (default: ~/.cache/tandem)
 #   TANDEM_LOG      log filter, e.g. info or tandem_decode=debug (default: info)
-#   TANDEM_HEALTH_ADDR  prefill and decode nodes: serve probes here, e.g.
-#                   0.0.0.0:9100 (GET /health: 200 once linked to the
-#                   gateway; GET /live: 200 while running); unset: no probes
+#   TANDEM_HEALTH_ADDR  prefill and decode nodes: serve probes and metrics
+#                   here, e.g. 0.0.0.0:9100 (GET /health: 200 once linked to
+#                   the gateway; GET /live: 200 while running; GET /metrics);
+#                   unset: the node's `health` in the cluster file, else none
+#   OTEL_EXPORTER_OTLP_ENDPOINT  export traces to this OTLP/HTTP collector
 #   TANDEM_PYTHON   python used to fetch the default model (default: python3)
 #   UCX_TLS, UCX_NET_DEVICES pass through untouched.
 set -euo pipefail
