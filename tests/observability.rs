@@ -308,7 +308,20 @@ struct Exported {
     id: String,
     parent: String,
     links: Vec<(String, String)>,
+    /// String attributes.
+    attrs: Vec<(String, String)>,
 }
+
+impl Exported {
+    fn attr(&self, k: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+const REQUEST_ID: &str = "trace-test-7";
 
 fn exported(docs: &[Value]) -> Vec<Exported> {
     let mut out = Vec::new();
@@ -342,6 +355,17 @@ fn exported(docs: &[Value]) -> Vec<Exported> {
                                 )
                             })
                             .collect(),
+                        attrs: s["attributes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|a| {
+                                Some((
+                                    a["key"].as_str()?.to_string(),
+                                    a["value"]["stringValue"].as_str()?.to_string(),
+                                ))
+                            })
+                            .collect(),
                     });
                 }
             }
@@ -363,8 +387,25 @@ fn one_streamed_request_is_one_trace_across_the_gateway_decode_and_every_stage()
         ],
     );
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0, "max_tokens": 4, "ignore_eos": true, "stream": true});
-    let (status, text) = http(c.port, "POST", "/v1/chat/completions", Some(&body));
-    assert_eq!(status, 200, "{text}");
+    let text = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", c.port)).expect("connect");
+        let b = body.to_string();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nX-Request-Id: {REQUEST_ID}\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )
+        .expect("write");
+        let mut t = String::new();
+        s.read_to_string(&mut t).expect("read");
+        t
+    };
+    assert!(
+        text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+        "{text}"
+    );
+    assert!(text.contains("data: [DONE]"), "{text}");
     // Spans leave in batches: wait (bounded) for every node's.
     let want = ["gateway", "d0", "p0-s0", "p0-s1"];
     let mut spans = Vec::new();
@@ -429,6 +470,16 @@ fn one_streamed_request_is_one_trace_across_the_gateway_decode_and_every_stage()
             (s.trace.as_str(), s.parent.as_str()),
             (t.as_str(), decode.id.as_str()),
             "{name}"
+        );
+    }
+    // The client's request id is on the request's span on every node.
+    assert_eq!(request.attr("request_id"), Some(REQUEST_ID));
+    assert_eq!(decode.attr("request_id"), Some(REQUEST_ID));
+    for stage in ["p0-s0", "p0-s1"] {
+        assert_eq!(
+            one(stage, "prefill").attr("request_id"),
+            Some(REQUEST_ID),
+            "{stage}"
         );
     }
     let attempt = one("d0", "attempt");

@@ -313,7 +313,15 @@ struct Resume {
     prompt: Vec<u32>,
     params: SamplingParams,
     session: Option<String>,
+    request_id: Arc<str>,
     left: u32,
+}
+
+/// When a request came in, and its `x-request-id`.
+#[derive(Clone)]
+pub(crate) struct Received {
+    pub at: Instant,
+    pub request_id: Arc<str>,
 }
 
 impl Gateway {
@@ -340,7 +348,7 @@ impl Gateway {
         prompt: Vec<u32>,
         params: SamplingParams,
         session: Option<String>,
-        received: Instant,
+        received: &Received,
         follow: Option<&Follow>,
     ) -> Result<Ticket, ApiError> {
         self.dispatch(prompt, Vec::new(), params, session, received, follow)
@@ -364,7 +372,10 @@ impl Gateway {
                 generated.to_vec(),
                 r.params.clone(),
                 r.session.clone(),
-                Instant::now(),
+                &Received {
+                    at: Instant::now(),
+                    request_id: r.request_id.clone(),
+                },
                 None,
             )
             .await?;
@@ -378,7 +389,7 @@ impl Gateway {
         generated: Vec<u32>,
         params: SamplingParams,
         session: Option<String>,
-        received: Instant,
+        received: &Received,
         follow: Option<&Follow>,
     ) -> Result<Ticket, ApiError> {
         if prompt.is_empty() {
@@ -400,6 +411,7 @@ impl Gateway {
             prompt: prompt.clone(),
             params: params.clone(),
             session: session.clone(),
+            request_id: received.request_id.clone(),
             left: MAX_RESUMES,
         };
         let mut routed = prompt.clone();
@@ -451,9 +463,12 @@ impl Gateway {
                 deadline_ms: now_ms() + self.request_timeout.as_millis() as u64,
                 session: session.clone(),
                 pipeline: route.pipeline.clone(),
-                traceparent: tandem_wire::trace::traceparent(&submit),
+                trace: tandem_wire::messages::TraceContext {
+                    traceparent: tandem_wire::trace::traceparent(&submit),
+                    request_id: received.request_id.to_string(),
+                },
             };
-            gateway_us = received.elapsed().as_micros() as u64;
+            gateway_us = received.at.elapsed().as_micros() as u64;
             let first = if link.send(Message::Generate(gen)).await.is_err() {
                 None
             } else {
@@ -521,7 +536,7 @@ impl Gateway {
             // The decode group ends it at the request timeout; a group that
             // cannot (wedged, partitioned but linked) is not waited for
             // much longer.
-            deadline: tokio::time::Instant::from_std(received)
+            deadline: tokio::time::Instant::from_std(received.at)
                 + self.request_timeout
                 + DEADLINE_GRACE,
             guard,

@@ -223,9 +223,10 @@ impl Stage {
                         request = req.id.0,
                         node = self.name.as_str(),
                         tokens = req.tokens.len(),
-                        reused = req.reuse_from
+                        reused = req.reuse_from,
+                        request_id = req.trace.request_id.as_str()
                     );
-                    tandem_wire::trace::set_parent(&span, &req.traceparent);
+                    tandem_wire::trace::set_parent(&span, &req.trace.traceparent);
                     let queue = tracing::info_span!(parent: &span, "queue");
                     self.spans.insert((req.id, req.lease), (span, Some(queue)));
                 }

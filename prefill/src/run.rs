@@ -266,7 +266,7 @@ mod tests {
                 output_from: 3,
                 deadline_ms: now_ms() + 60_000,
                 warm,
-                traceparent: String::new(),
+                trace: Default::default(),
             }),
         }
     }

@@ -112,9 +112,19 @@ pub struct Generate {
     pub session: Option<String>,
     /// The prefill pipeline the session is pinned to, if any.
     pub pipeline: Option<String>,
-    /// The W3C `traceparent` of the gateway span that sent it (empty when
-    /// not traced): decode's spans for the request are its children.
+    /// The gateway span that sent it (decode's spans for the request are
+    /// its children) and the client's request id.
+    pub trace: TraceContext,
+}
+
+/// What ties a request's work on every node to one trace and one id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// The W3C `traceparent` of the span that handed the request on; empty
+    /// when it is not traced.
     pub traceparent: String,
+    /// The request's `x-request-id` (the client's, else the gateway's).
+    pub request_id: String,
 }
 
 /// Per-request accounting returned with the last event.
@@ -196,9 +206,9 @@ pub struct PrefillRequest {
     /// back for it, and a pipeline runs any other work first, stopping a
     /// warming pass between layers when such work arrives.
     pub warm: bool,
-    /// The W3C `traceparent` of decode's span for this attempt (empty when
-    /// not traced): every stage's spans for it are its children.
-    pub traceparent: String,
+    /// Decode's span for this attempt (every stage's spans for it are its
+    /// children) and the client's request id.
+    pub trace: TraceContext,
 }
 
 /// Stage → next stage: one chunk's hidden states.
@@ -398,7 +408,7 @@ mod tests {
                 deadline_ms: 1_700_000_000_000,
                 session: Some("s".into()),
                 pipeline: None,
-                traceparent: String::new(),
+                trace: Default::default(),
             }),
             Message::Event {
                 id,
@@ -438,7 +448,7 @@ mod tests {
                 reuse_from: 32,
                 reuse: true,
                 warm: false,
-                traceparent: String::new(),
+                trace: Default::default(),
                 targets: vec![RankTarget {
                     rank: 0,
                     heads: (0, 1),

@@ -83,7 +83,7 @@ impl Core {
             output_from: r.gen.prompt.len() as u32,
             deadline_ms: r.gen.deadline_ms,
             warm: false,
-            traceparent: String::new(),
+            trace: Default::default(),
         };
         let allowed = vec![blocks.clone(); self.cfg.tp];
         let mut writers = Vec::new();
@@ -524,7 +524,7 @@ impl Core {
                 params: SamplingParams::greedy(1),
                 deadline_ms: now + 60_000,
                 warm: true,
-                traceparent: String::new(),
+                trace: Default::default(),
             }),
         );
     }

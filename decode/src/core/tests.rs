@@ -399,7 +399,7 @@ fn a_continued_request_tells_the_pipeline_where_its_answer_starts() {
         deadline_ms: w.now + 600_000,
         session: None,
         pipeline: Some("p0".into()),
-        traceparent: String::new(),
+        trace: Default::default(),
     };
     let a = w.core.submit(world::GW, g, w.now);
     let sent = a.iter().find_map(|a| match a {

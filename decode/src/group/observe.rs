@@ -36,6 +36,8 @@ struct Spans {
     request: tracing::Span,
     /// Its context, for the steps that link to it.
     traceparent: String,
+    /// Its `x-request-id`, passed on to the stages.
+    request_id: String,
     queue: Option<tracing::Span>,
     attempt: Option<tracing::Span>,
     kv_wait: Option<tracing::Span>,
@@ -106,12 +108,14 @@ impl Observer {
             request = g.id.0,
             node,
             prompt_tokens = g.prompt.len(),
-            resumed_after = g.generated.len()
+            resumed_after = g.generated.len(),
+            request_id = g.trace.request_id.as_str()
         );
-        tandem_wire::trace::set_parent(&request, &g.traceparent);
+        tandem_wire::trace::set_parent(&request, &g.trace.traceparent);
         let spans = Spans {
             queue: Some(tracing::info_span!(parent: &request, "queue")),
             traceparent: tandem_wire::trace::traceparent(&request),
+            request_id: g.trace.request_id.clone(),
             request,
             attempt: None,
             kv_wait: None,
@@ -149,7 +153,10 @@ impl Observer {
             cached = req.cached,
             tokens = req.tokens.len()
         );
-        req.traceparent = tandem_wire::trace::traceparent(&attempt);
+        req.trace = tandem_wire::messages::TraceContext {
+            traceparent: tandem_wire::trace::traceparent(&attempt),
+            request_id: sp.request_id.clone(),
+        };
         sp.attempt = Some(attempt);
     }
 

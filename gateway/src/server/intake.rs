@@ -225,8 +225,11 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
         Kind::Completion => ("completions", "cmpl"),
     };
     gw.metrics.requests.with_label_values(&[endpoint]).inc();
-    let received = Instant::now();
     let request_id = request_id(&headers);
+    let received = super::Received {
+        at: Instant::now(),
+        request_id: request_id.as_str().into(),
+    };
     let span = tracing::info_span!("request", request_id = %request_id, endpoint);
     let r = async {
         // Admitted first: a flood gets its 429 before it costs any work.
@@ -251,7 +254,13 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
         // The first choice computes the prompt; the others go where it went
         // once its first token is in, and find the prompt's blocks cached.
         let first = gw
-            .submit(p.prompt.clone(), choice(0), session.clone(), received, None)
+            .submit(
+                p.prompt.clone(),
+                choice(0),
+                session.clone(),
+                &received,
+                None,
+            )
             .await?;
         let follow = first.follow.clone();
         let rest = futures_util::future::join_all((1..p.n).map(|i| {
@@ -259,7 +268,7 @@ async fn generate(gw: Arc<Gateway>, headers: HeaderMap, body: Body, kind: Kind) 
                 p.prompt.clone(),
                 choice(i),
                 session.clone(),
-                received,
+                &received,
                 Some(&follow),
             )
         }))

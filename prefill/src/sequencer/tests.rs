@@ -44,7 +44,7 @@ fn req(id: u64, lease: u128, tokens: usize, warm: bool) -> PrefillRequest {
         output_from: tokens as u32,
         deadline_ms: u64::MAX,
         warm,
-        traceparent: String::new(),
+        trace: Default::default(),
     }
 }
 

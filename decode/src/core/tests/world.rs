@@ -372,7 +372,7 @@ impl World {
             deadline_ms: self.now + if short_deadline { 300 } else { 600_000 },
             session: session.then(|| format!("s{}", id.0 % 3)),
             pipeline: pinned.then(|| "p0".to_string()),
-            traceparent: String::new(),
+            trace: Default::default(),
         };
         if !self.gateway_linked {
             // Nobody could have sent it: it ends at once, as the gateway sees it.
@@ -633,7 +633,7 @@ impl World {
                 deadline_ms: now + 600_000,
                 session: None,
                 pipeline: None,
-                traceparent: String::new(),
+                trace: Default::default(),
             };
             let a = self.core.submit(from, g, now);
             self.apply(a);
@@ -646,7 +646,7 @@ impl World {
             deadline_ms: now + 600_000,
             session: None,
             pipeline: None,
-            traceparent: String::new(),
+            trace: Default::default(),
         };
         let a = self.core.submit(from, fresh, now);
         assert!(a.is_empty(), "a stage's request was taken: {a:?}");
