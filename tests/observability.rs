@@ -387,24 +387,8 @@ fn one_streamed_request_is_one_trace_across_the_gateway_decode_and_every_stage()
         ],
     );
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0, "max_tokens": 4, "ignore_eos": true, "stream": true});
-    let text = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", c.port)).expect("connect");
-        let b = body.to_string();
-        write!(
-            s,
-            "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nX-Request-Id: {REQUEST_ID}\r\nContent-Length: {}\r\n\r\n{b}",
-            b.len()
-        )
-        .expect("write");
-        let mut t = String::new();
-        s.read_to_string(&mut t).expect("read");
-        t
-    };
-    assert!(
-        text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
-        "{text}"
-    );
+    let (status, _, text) = post_with(c.port, &body, &format!("X-Request-Id: {REQUEST_ID}\r\n"));
+    assert_eq!(status, 200, "{text}");
     assert!(text.contains("data: [DONE]"), "{text}");
     // Spans leave in batches: wait (bounded) for every node's.
     let want = ["gateway", "d0", "p0-s0", "p0-s1"];

@@ -179,6 +179,13 @@ pub fn chat_with_headers(
 
 /// A non-streaming chat with extra request header lines (each ending in CRLF).
 pub fn chat_with(port: u16, body: &Value, extra: &str) -> (u16, Vec<(String, String)>, Value) {
+    let (status, headers, body) = post_with(port, body, extra);
+    (status, headers, serde_json::from_str(&body).expect("JSON"))
+}
+
+/// A chat (streamed or not) with extra request header lines (each ending
+/// in CRLF): the status, the headers (lower-cased names) and the body.
+pub fn post_with(port: u16, body: &Value, extra: &str) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
@@ -202,7 +209,7 @@ pub fn chat_with(port: u16, body: &Value, extra: &str) -> (u16, Vec<(String, Str
         .filter_map(|l| l.split_once(": "))
         .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
         .collect();
-    (status, headers, serde_json::from_str(body).expect("JSON"))
+    (status, headers, body.to_string())
 }
 
 pub fn header<'a>(h: &'a [(String, String)], k: &str) -> &'a str {
