@@ -245,12 +245,14 @@ impl Metrics {
         self.serving.ttft.observe(ttft.as_secs_f64());
     }
 
-    /// The gap before a later token.
-    pub fn token_gap(&self, gap: Duration) {
+    /// A token streamed; `gap` since the one before, for all but the first.
+    pub fn token(&self, gap: Option<Duration>) {
         self.tokens_out.inc();
-        self.itl.observe(gap.as_secs_f64());
-        self.serving.itl.observe(gap.as_secs_f64());
         self.serving.generation_tokens.inc();
+        if let Some(g) = gap {
+            self.itl.observe(g.as_secs_f64());
+            self.serving.itl.observe(g.as_secs_f64());
+        }
     }
 
     /// A request ran to its end: `e2e` after it was submitted, its first

@@ -559,12 +559,8 @@ async fn drive(gw: Arc<Gateway>, ticket: Ticket, index: usize, tx: mpsc::Sender<
                 // Tokens at or past what was streamed before a loss are new.
                 if (at as usize) >= generated.len() {
                     generated.push(token);
-                    if generated.len() > 1 {
-                        gw.metrics.token_gap(last_token.elapsed());
-                    } else {
-                        gw.metrics.tokens_out.inc();
-                        gw.metrics.serving.generation_tokens.inc();
-                    }
+                    gw.metrics
+                        .token((generated.len() > 1).then(|| last_token.elapsed()));
                     last_token = Instant::now();
                     let t = Token {
                         text,
