@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reference measurements with llama.cpp.
 #
-# Builds `llama-bench` and `llama-server` from the llama.cpp sources vendored
+# Builds `llama-bench`, `llama-server` and `llama-quantize` from the llama.cpp sources vendored
 # in the PyPI sdist of llama-cpp-python (vendor/llama.cpp), CPU only, and runs
 # llama-bench as a reference point for Tandem's own numbers.
 #
@@ -9,6 +9,7 @@
 #   bench/llamacpp.sh build                 build once into $LLAMACPP_DIR/bin
 #   bench/llamacpp.sh bench MODEL [THREADS] pp512 / tg128 tok/s (3 reps)
 #   bench/llamacpp.sh server-path           print the llama-server path
+#   bench/llamacpp.sh quantize IN OUT TYPE  requantize a GGUF (Q4_K_M, Q6_K, ...)
 #
 # Environment:
 #   LLAMACPP_DIR   install dir (default ${TANDEM_HOME:-$HOME/.cache/tandem}/llamacpp)
@@ -18,7 +19,7 @@ set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 # Bump when the build recipe changes, so `build` redoes an older build.
-RECIPE="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION recipe=2"
+RECIPE="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION recipe=3"
 LLAMACPP_DIR=${LLAMACPP_DIR:-${TANDEM_HOME:-$HOME/.cache/tandem}/llamacpp}
 BIN_DIR=$LLAMACPP_DIR/bin
 JOBS=${LLAMACPP_JOBS:-2}
@@ -43,7 +44,7 @@ ensure_tools() {
 }
 
 cmd_build() {
-    if [[ -x $BIN_DIR/llama-bench && -x $BIN_DIR/llama-server &&
+    if [[ -x $BIN_DIR/llama-bench && -x $BIN_DIR/llama-server && -x $BIN_DIR/llama-quantize &&
           $(cat "$LLAMACPP_DIR/VERSION" 2>/dev/null) == "$RECIPE" ]]; then
         log "already built"
         echo "llama-bench:  $BIN_DIR/llama-bench"
@@ -104,15 +105,15 @@ cmd_build() {
         -DLLAMA_BUILD_UI=OFF \
         -DLLAMA_USE_PREBUILT_UI=OFF >&2
 
-    log "building llama-bench and llama-server with -j$JOBS"
+    log "building llama-bench, llama-server and llama-quantize with -j$JOBS"
     local t0=$SECONDS
     cmake --build "$tmp/build" --config Release -j "$JOBS" \
-        --target llama-bench llama-server >&2
+        --target llama-bench llama-server llama-quantize >&2
     log "compiled in $((SECONDS - t0)) s"
 
     mkdir -p "$BIN_DIR"
     local b
-    for b in llama-bench llama-server; do
+    for b in llama-bench llama-server llama-quantize; do
         [[ -x $tmp/build/bin/$b ]] || die "$b was not produced"
         install -m 0755 "$tmp/build/bin/$b" "$BIN_DIR/$b.new"
         mv -f "$BIN_DIR/$b.new" "$BIN_DIR/$b"
@@ -120,6 +121,19 @@ cmd_build() {
     echo "$RECIPE" >"$LLAMACPP_DIR/VERSION"
     echo "llama-bench:  $BIN_DIR/llama-bench"
     echo "llama-server: $BIN_DIR/llama-server"
+    echo "llama-quantize: $BIN_DIR/llama-quantize"
+}
+
+# Requantizes IN to TYPE (any name llama-quantize takes). The default model is
+# itself quantized (Q4_1), hence --allow-requantize; the output is
+# deterministic for a given input, type and llama.cpp version.
+cmd_quantize() {
+    local in=${1:-} out=${2:-} type=${3:-}
+    [[ -n $in && -n $out && -n $type ]] || die "usage: $0 quantize IN OUT TYPE"
+    [[ -f $in ]] || die "model not found: $in"
+    [[ -x $BIN_DIR/llama-quantize ]] || die "llama-quantize not built; run: $0 build"
+    "$BIN_DIR/llama-quantize" --allow-requantize "$in" "$out.tmp" "$type" 2 >&2
+    mv -f "$out.tmp" "$out"
 }
 
 cmd_bench() {
@@ -166,5 +180,6 @@ case ${1:-} in
     build) shift; cmd_build "$@" ;;
     bench) shift; cmd_bench "$@" ;;
     server-path) shift; cmd_server_path "$@" ;;
-    *) echo "usage: $0 {build|bench MODEL [THREADS]|server-path}" >&2; exit 2 ;;
+    quantize) shift; cmd_quantize "$@" ;;
+    *) echo "usage: $0 {build|bench MODEL [THREADS]|server-path|quantize IN OUT TYPE}" >&2; exit 2 ;;
 esac

@@ -162,6 +162,9 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
         gpu_dtype: a.device.gpu_dtype,
         ..Default::default()
     };
+    if a.verbose {
+        print_formats(&file);
+    }
     let mut engine = Engine::new(&file, &opts)?;
     let mut stdout = std::io::stdout();
     let g = tandem_model::generate(
@@ -193,4 +196,26 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Which format each tensor is stored in and computed in, with a summary.
+fn print_formats(file: &tandem_model::ModelFile) {
+    let formats = file.tensor_formats();
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for f in &formats {
+        *counts.entry(f.decode.as_str()).or_default() += 1;
+    }
+    let summary: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    eprintln!("tensors (decode runs on): {}", summary.join(", "));
+    let w = formats.iter().map(|f| f.name.len()).max().unwrap_or(0);
+    for f in &formats {
+        eprintln!(
+            "  {:w$}  {:<5} {:<12} decode {:<26} prefill {}",
+            f.name,
+            f.stored,
+            format!("{:?}", f.shape),
+            f.decode,
+            f.prefill,
+        );
+    }
 }

@@ -14,6 +14,19 @@ use crate::error::{ModelError, Result};
 use crate::source::TensorSource;
 use crate::tokenizer::Tokenizer;
 
+/// How one tensor of the file is stored and computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorFormat {
+    pub name: String,
+    /// The file's type for it (a GGUF type, or a safetensors dtype).
+    pub stored: String,
+    pub shape: Vec<usize>,
+    /// What decode's matrix products run on.
+    pub decode: String,
+    /// What prefill's run on.
+    pub prefill: String,
+}
+
 /// How tensors are named in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Naming {
@@ -119,6 +132,37 @@ impl std::fmt::Debug for ModelFile {
 }
 
 impl ModelFile {
+    /// How each tensor is stored and which format each phase computes it in,
+    /// for a whole-model slice (tensor-parallel shards whose columns split a
+    /// block are dequantized instead).
+    pub fn tensor_formats(&self) -> Vec<TensorFormat> {
+        let output = self.naming.name(T::Output, 0);
+        self.source
+            .tensors()
+            .into_iter()
+            .map(|(name, stored, shape, kind)| {
+                let decode = match (kind, shape.len()) {
+                    (Some(crate::quant::QKind::Q4_0), 2) => "Q4_0 (on the Q4_1 kernel)".to_string(),
+                    (Some(k), 2) => k.to_string(),
+                    _ => "f32".to_string(),
+                };
+                // The LM head keeps its quantized form in both phases.
+                let prefill = if name == output || kind.is_none() || shape.len() != 2 {
+                    decode.clone()
+                } else {
+                    "f32 (dequantized on load)".to_string()
+                };
+                TensorFormat {
+                    name,
+                    stored,
+                    shape,
+                    decode,
+                    prefill,
+                }
+            })
+            .collect()
+    }
+
     /// Opens a `.gguf` file or a Hugging Face model directory.
     pub fn open(path: &Path) -> Result<ModelFile> {
         let meta = std::fs::metadata(path).map_err(|err| ModelError::Io {

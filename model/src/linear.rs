@@ -6,6 +6,8 @@
 use crate::error::Result;
 use crate::gemm::{sgemm, Strides};
 use crate::qmatmul::PackedMat;
+use crate::qrows::RowMat;
+use crate::quant::{QKind, QMat};
 use crate::source::RawTensor;
 
 /// Which weight representation a forward pass uses.
@@ -46,8 +48,86 @@ pub struct Linear {
     pub cols: usize,
     /// Row-major `[rows, cols]` f32 weight.
     dense: Option<Vec<f32>>,
-    quant: Option<PackedMat>,
+    quant: Option<QWeight>,
     bias: Option<Vec<f32>>,
+}
+
+/// A quantized weight for decode: row ranges, each in its own format and kernel.
+#[derive(Debug)]
+struct QWeight {
+    parts: Vec<QPart>,
+}
+
+#[derive(Debug)]
+enum QPart {
+    /// Q4_1 and Q8_0 (and Q4_0 rewritten as Q4_1): repacked scales.
+    Packed(PackedMat),
+    /// Every other format, blocks as stored.
+    Rows(RowMat),
+}
+
+impl QPart {
+    fn new(q: &QMat) -> QPart {
+        match q.kind {
+            QKind::Q4_1 | QKind::Q8_0 => QPart::Packed(PackedMat::pack(q)),
+            QKind::Q4_0 => match q.q4_0_as_q4_1() {
+                Some(q41) => QPart::Packed(PackedMat::pack(&q41)),
+                None => QPart::Rows(RowMat::new(q)),
+            },
+            _ => QPart::Rows(RowMat::new(q)),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            QPart::Packed(p) => p.rows,
+            QPart::Rows(r) => r.rows,
+        }
+    }
+
+    fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
+        match self {
+            QPart::Packed(p) => p.matmul(x, t, out),
+            QPart::Rows(r) => r.matmul(x, t, out),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            QPart::Packed(p) => p.bytes(),
+            QPart::Rows(r) => r.bytes(),
+        }
+    }
+}
+
+impl QWeight {
+    fn new(parts: &[QMat]) -> QWeight {
+        QWeight {
+            parts: parts.iter().map(QPart::new).collect(),
+        }
+    }
+
+    /// `x` is `[t, cols]`, `out` is `[t, rows]`.
+    fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
+        if let [one] = &self.parts[..] {
+            return one.matmul(x, t, out);
+        }
+        let rows = out.len() / t;
+        let mut r0 = 0;
+        for p in &self.parts {
+            let n = p.rows();
+            let mut part = vec![0f32; t * n];
+            p.matmul(x, t, &mut part);
+            for (o, s) in out.chunks_exact_mut(rows).zip(part.chunks_exact(n)) {
+                o[r0..r0 + n].copy_from_slice(s);
+            }
+            r0 += n;
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.parts.iter().map(QPart::bytes).sum()
+    }
 }
 
 impl Linear {
@@ -58,7 +138,15 @@ impl Linear {
             RawTensor::F32 { data, .. } => (Some(data), None),
             RawTensor::Quant(q) => (
                 formats.dense.then(|| q.to_f32()),
-                formats.quant.then(|| PackedMat::pack(&q)),
+                formats
+                    .quant
+                    .then(|| QWeight::new(std::slice::from_ref(&q))),
+            ),
+            RawTensor::QuantRows(qs) => (
+                formats
+                    .dense
+                    .then(|| qs.iter().flat_map(QMat::to_f32).collect()),
+                formats.quant.then(|| QWeight::new(&qs)),
             ),
         };
         // A weight with no quantized form keeps its dense form whatever was asked.
@@ -111,6 +199,6 @@ impl Linear {
 
     pub fn weight_bytes(&self) -> usize {
         self.dense.as_ref().map_or(0, |d| d.len() * 4)
-            + self.quant.as_ref().map_or(0, PackedMat::bytes)
+            + self.quant.as_ref().map_or(0, QWeight::bytes)
     }
 }

@@ -37,11 +37,13 @@ pub struct PackedMat {
 }
 
 impl PackedMat {
+    /// Repacks Q4_1 or Q8_0 blocks (other formats run on [`crate::qrows`]).
     pub fn pack(q: &QMat) -> PackedMat {
         let nb = q.cols / 32;
         let (qb, off) = match q.kind {
             QKind::Q4_1 => (16, 4),
             QKind::Q8_0 => (32, 2),
+            other => panic!("PackedMat holds Q4_1 or Q8_0 blocks, not {other}"),
         };
         let mut p = PackedMat {
             kind: q.kind,
@@ -67,9 +69,10 @@ impl PackedMat {
     }
 
     fn qb(&self) -> usize {
-        match self.kind {
-            QKind::Q4_1 => 16,
-            QKind::Q8_0 => 32,
+        if self.kind == QKind::Q4_1 {
+            16
+        } else {
+            32
         }
     }
 
@@ -197,7 +200,7 @@ impl PackedMat {
                     }
                     acc += self.d[i].to_f32() * s + self.m[i].to_f32() * xsum[b];
                 }
-                QKind::Q8_0 => {
+                _ => {
                     for j in 0..32 {
                         s += (q[j] as i8) as f32 * xb[j];
                     }
@@ -212,7 +215,7 @@ impl PackedMat {
 /// An empty vector with room for `n` bytes, asking the kernel to back it
 /// with huge pages: decode streams every weight each step, and 2 MiB pages
 /// spare it most TLB misses.
-fn huge_page_vec(n: usize) -> Vec<u8> {
+pub(crate) fn huge_page_vec(n: usize) -> Vec<u8> {
     let v: Vec<u8> = Vec::with_capacity(n);
     #[cfg(target_os = "linux")]
     {

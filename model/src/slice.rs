@@ -207,6 +207,10 @@ impl ModelSlice {
                 cols: shape[1],
                 data,
             },
+            raw @ RawTensor::QuantRows(_) => Table::Dense {
+                cols: raw.shape()[1],
+                data: raw.f32_data(),
+            },
         };
         // The LM head runs once per sequence per step, so it keeps its
         // quantized form in every phase (dense only when the file has no other).

@@ -1,7 +1,8 @@
 //! Reading tensors out of a model file: GGUF (quantized or not) and the
 //! Hugging Face layout (safetensors). Everything above this module sees a
 //! [`RawTensor`], either f32 or one of the quantized formats Tandem has
-//! kernels for; other GGUF types are dequantized to f32 on load.
+//! kernels for ([`QKind`]); other GGUF types (IQ*, TQ*, BF16, F16) are
+//! dequantized to f32 on load.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,8 +18,31 @@ use crate::quant::{QKind, QMat};
 /// One tensor as read from disk, 2-D tensors as `[rows, cols]` row-major.
 #[derive(Debug, Clone)]
 pub enum RawTensor {
-    F32 { shape: Vec<usize>, data: Vec<f32> },
+    F32 {
+        shape: Vec<usize>,
+        data: Vec<f32>,
+    },
     Quant(QMat),
+    /// Quantized matrices of different formats stacked row-wise (Q, K and V
+    /// of a mixed file such as Q4_K_M), each kept in its own format.
+    QuantRows(Vec<QMat>),
+}
+
+/// The quantized format Tandem keeps a GGUF type in, if any.
+pub fn qkind(t: GgmlDType) -> Option<QKind> {
+    Some(match t {
+        GgmlDType::Q4_0 => QKind::Q4_0,
+        GgmlDType::Q4_1 => QKind::Q4_1,
+        GgmlDType::Q5_0 => QKind::Q5_0,
+        GgmlDType::Q5_1 => QKind::Q5_1,
+        GgmlDType::Q8_0 => QKind::Q8_0,
+        GgmlDType::Q2K => QKind::Q2_K,
+        GgmlDType::Q3K => QKind::Q3_K,
+        GgmlDType::Q4K => QKind::Q4_K,
+        GgmlDType::Q5K => QKind::Q5_K,
+        GgmlDType::Q6K => QKind::Q6_K,
+        _ => return None,
+    })
 }
 
 impl RawTensor {
@@ -26,6 +50,7 @@ impl RawTensor {
         match self {
             RawTensor::F32 { shape, .. } => shape.clone(),
             RawTensor::Quant(q) => vec![q.rows, q.cols],
+            RawTensor::QuantRows(qs) => vec![qs.iter().map(|q| q.rows).sum(), qs[0].cols],
         }
     }
 }
@@ -76,6 +101,46 @@ impl TensorSource {
         }
     }
 
+    /// Every tensor's name, stored type and shape, in file order for GGUF
+    /// (sorted by name for safetensors).
+    pub fn tensors(&self) -> Vec<(String, String, Vec<usize>, Option<QKind>)> {
+        match self {
+            TensorSource::Gguf { content, .. } => {
+                let mut v: Vec<_> = content
+                    .tensor_infos
+                    .iter()
+                    .map(|(name, info)| {
+                        (
+                            info.offset,
+                            name.clone(),
+                            format!("{:?}", info.ggml_dtype),
+                            info.shape.dims().to_vec(),
+                            qkind(info.ggml_dtype),
+                        )
+                    })
+                    .collect();
+                v.sort_by_key(|t| t.0);
+                v.into_iter().map(|(_, n, t, s, k)| (n, t, s, k)).collect()
+            }
+            TensorSource::Safetensors { tensors, .. } => {
+                let mut v: Vec<_> = tensors
+                    .tensors()
+                    .into_iter()
+                    .map(|(name, view)| {
+                        (
+                            name,
+                            format!("{:?}", view.dtype()),
+                            view.shape().to_vec(),
+                            None,
+                        )
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            }
+        }
+    }
+
     pub fn has(&self, name: &str) -> bool {
         match self {
             TensorSource::Gguf { content, .. } => content.tensor_infos.contains_key(name),
@@ -83,8 +148,8 @@ impl TensorSource {
         }
     }
 
-    /// Loads a tensor, keeping Q4_1 and Q8_0 data as it is stored when
-    /// `keep_quant` is set; everything else becomes f32.
+    /// Loads a tensor, keeping data in a [`QKind`] format as it is stored
+    /// when `keep_quant` is set; everything else becomes f32.
     pub fn load(&self, name: &str, keep_quant: bool) -> Result<RawTensor> {
         match self {
             TensorSource::Gguf { path, content } => {
@@ -92,11 +157,7 @@ impl TensorSource {
                     ModelError::malformed(path, format!("tensor {name} is missing"))
                 })?;
                 let dims = info.shape.dims().to_vec();
-                let kind = match info.ggml_dtype {
-                    GgmlDType::Q4_1 => Some(QKind::Q4_1),
-                    GgmlDType::Q8_0 => Some(QKind::Q8_0),
-                    _ => None,
-                };
+                let kind = qkind(info.ggml_dtype);
                 if let (true, Some(kind), 2) = (keep_quant, kind, dims.len()) {
                     let (rows, cols) = (dims[0], dims[1]);
                     if cols % kind.block_elems() != 0 {
@@ -196,6 +257,18 @@ impl RawTensor {
                 }
             }
             RawTensor::Quant(q) => RawTensor::Quant(q.slice_rows(r0, r1)),
+            RawTensor::QuantRows(qs) => {
+                let mut parts = Vec::new();
+                let mut at = 0;
+                for q in qs {
+                    let (lo, hi) = (r0.max(at), r1.min(at + q.rows));
+                    if lo < hi {
+                        parts.push(RawTensor::Quant(q.slice_rows(lo - at, hi - at)));
+                    }
+                    at += q.rows;
+                }
+                RawTensor::concat_rows(parts)
+            }
         }
     }
 
@@ -222,21 +295,42 @@ impl RawTensor {
                 }
                 .slice_cols(c0, c1),
             },
+            RawTensor::QuantRows(qs) => RawTensor::concat_rows(
+                qs.iter()
+                    .map(|q| RawTensor::Quant(q.clone()).slice_cols(c0, c1))
+                    .collect(),
+            ),
         }
     }
 
     /// Stacks 2-D tensors with equal column counts, keeping quantized blocks
-    /// when every part shares one format.
+    /// when every part is quantized (in one matrix when they share a format).
     pub fn concat_rows(parts: Vec<RawTensor>) -> RawTensor {
-        let quant: Option<Vec<QMat>> = parts
-            .iter()
-            .map(|p| match p {
-                RawTensor::Quant(q) => Some(q.clone()),
-                RawTensor::F32 { .. } => None,
-            })
-            .collect();
-        if let Some(qs) = quant.filter(|qs| qs.iter().all(|q| q.kind == qs[0].kind)) {
-            return RawTensor::Quant(QMat::concat_rows(&qs));
+        let quant: Option<Vec<QMat>> = parts.iter().try_fold(Vec::new(), |mut acc, p| {
+            match p {
+                RawTensor::Quant(q) => acc.push(q.clone()),
+                RawTensor::QuantRows(qs) => acc.extend(qs.iter().cloned()),
+                RawTensor::F32 { .. } => return None,
+            }
+            Some(acc)
+        });
+        if let Some(qs) = quant {
+            // Neighbours of one format merge; the rest stay separate parts.
+            let mut merged: Vec<QMat> = Vec::new();
+            for q in qs {
+                match merged.last_mut() {
+                    Some(last) if last.kind == q.kind && last.cols == q.cols => {
+                        last.data.extend_from_slice(&q.data);
+                        last.rows += q.rows;
+                    }
+                    _ => merged.push(q),
+                }
+            }
+            return if merged.len() == 1 {
+                RawTensor::Quant(merged.remove(0))
+            } else {
+                RawTensor::QuantRows(merged)
+            };
         }
         let cols = parts[0].shape()[1];
         let mut rows = 0;
@@ -256,6 +350,7 @@ impl RawTensor {
         match self {
             RawTensor::F32 { data, .. } => data,
             RawTensor::Quant(q) => q.to_f32(),
+            RawTensor::QuantRows(qs) => qs.iter().flat_map(QMat::to_f32).collect(),
         }
     }
 }
