@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reference measurements with llama.cpp.
 #
-# Builds `llama-bench`, `llama-server` and `llama-quantize` from the llama.cpp sources vendored
+# Builds `llama-bench` and `llama-server` (and, on its own, a portable
+# `llama-quantize`) from the llama.cpp sources vendored
 # in the PyPI sdist of llama-cpp-python (vendor/llama.cpp), CPU only, and runs
 # llama-bench as a reference point for Tandem's own numbers.
 #
@@ -9,7 +10,9 @@
 #   bench/llamacpp.sh build                 build once into $LLAMACPP_DIR/bin
 #   bench/llamacpp.sh bench MODEL [THREADS] pp512 / tg128 tok/s (3 reps)
 #   bench/llamacpp.sh server-path           print the llama-server path
-#   bench/llamacpp.sh quantize IN OUT TYPE  requantize a GGUF (Q4_K_M, Q6_K, ...)
+#   bench/llamacpp.sh build-quantize        build only llama-quantize, for any x86-64
+#   bench/llamacpp.sh quantize IN OUT TYPE [--pure]
+#                                           requantize a GGUF (Q4_K_M, Q6_K, ...)
 #
 # Environment:
 #   LLAMACPP_DIR   install dir (default ${TANDEM_HOME:-$HOME/.cache/tandem}/llamacpp)
@@ -43,8 +46,27 @@ ensure_tools() {
     command -v python3 >/dev/null 2>&1 || die "python3 is required"
 }
 
+# Downloads and unpacks the pinned llama.cpp sources into $1; prints their path.
+fetch_source() {
+    local tmp=$1
+    # Only the target package is forced to its sdist. `--no-binary :all:` would
+    # also force pip's metadata step to build its build backend's dependencies
+    # (cmake, ninja) from source, which takes far longer than llama.cpp itself.
+    log "downloading llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
+    python3 -m pip download --no-deps --no-binary llama-cpp-python \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$tmp/dl" >&2
+    local sdist
+    sdist=$(ls "$tmp"/dl/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION".tar.gz 2>/dev/null) \
+        || die "sdist not found in $tmp/dl"
+    tar -xzf "$sdist" -C "$tmp"
+    local src=$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp
+    [[ -f $src/CMakeLists.txt ]] || die "no vendor/llama.cpp in the sdist"
+    echo "$src"
+
+}
+
 cmd_build() {
-    if [[ -x $BIN_DIR/llama-bench && -x $BIN_DIR/llama-server && -x $BIN_DIR/llama-quantize &&
+    if [[ -x $BIN_DIR/llama-bench && -x $BIN_DIR/llama-server &&
           $(cat "$LLAMACPP_DIR/VERSION" 2>/dev/null) == "$RECIPE" ]]; then
         log "already built"
         echo "llama-bench:  $BIN_DIR/llama-bench"
@@ -58,18 +80,8 @@ cmd_build() {
     # shellcheck disable=SC2064
     trap "rm -rf '$tmp'" EXIT
 
-    # Only the target package is forced to its sdist. `--no-binary :all:` would
-    # also force pip's metadata step to build its build backend's dependencies
-    # (cmake, ninja) from source, which takes far longer than llama.cpp itself.
-    log "downloading llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
-    python3 -m pip download --no-deps --no-binary llama-cpp-python \
-        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$tmp/dl" >&2
-    local sdist
-    sdist=$(ls "$tmp"/dl/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION".tar.gz 2>/dev/null) \
-        || die "sdist not found in $tmp/dl"
-    tar -xzf "$sdist" -C "$tmp"
-    local src=$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp
-    [[ -f $src/CMakeLists.txt ]] || die "no vendor/llama.cpp in the sdist"
+    local src
+    src=$(fetch_source "$tmp")
 
     # LLAMA_CURL is deprecated/ignored in this llama.cpp but harmless to pass.
     # The web UI is neither built (npm) nor downloaded: llama-server then runs
@@ -105,15 +117,15 @@ cmd_build() {
         -DLLAMA_BUILD_UI=OFF \
         -DLLAMA_USE_PREBUILT_UI=OFF >&2
 
-    log "building llama-bench, llama-server and llama-quantize with -j$JOBS"
+    log "building llama-bench and llama-server with -j$JOBS"
     local t0=$SECONDS
     cmake --build "$tmp/build" --config Release -j "$JOBS" \
-        --target llama-bench llama-server llama-quantize >&2
+        --target llama-bench llama-server >&2
     log "compiled in $((SECONDS - t0)) s"
 
     mkdir -p "$BIN_DIR"
     local b
-    for b in llama-bench llama-server llama-quantize; do
+    for b in llama-bench llama-server; do
         [[ -x $tmp/build/bin/$b ]] || die "$b was not produced"
         install -m 0755 "$tmp/build/bin/$b" "$BIN_DIR/$b.new"
         mv -f "$BIN_DIR/$b.new" "$BIN_DIR/$b"
@@ -121,18 +133,59 @@ cmd_build() {
     echo "$RECIPE" >"$LLAMACPP_DIR/VERSION"
     echo "llama-bench:  $BIN_DIR/llama-bench"
     echo "llama-server: $BIN_DIR/llama-server"
-    echo "llama-quantize: $BIN_DIR/llama-quantize"
+}
+
+# llama-quantize alone, built without -march=native: the same file comes out
+# on any x86-64 machine, so tests can compare Tandem with llama.cpp answers
+# recorded on it (tests check the file's digest). A few minutes on 2 cores.
+QUANT_DIR=$LLAMACPP_DIR/portable
+QUANT_RECIPE="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION quantize=1"
+cmd_build_quantize() {
+    if [[ -x $QUANT_DIR/bin/llama-quantize &&
+          $(cat "$QUANT_DIR/VERSION" 2>/dev/null) == "$QUANT_RECIPE" ]]; then
+        echo "$QUANT_DIR/bin/llama-quantize"
+        return 0
+    fi
+    ensure_tools
+    local tmp src
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/tandem-llamaquant.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$tmp'" EXIT
+    src=$(fetch_source "$tmp")
+    cmake -S "$src" -B "$tmp/build" \
+        -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_NATIVE=OFF \
+        -DGGML_CCACHE=OFF \
+        -DGGML_OPENMP=OFF \
+        -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF \
+        -DBUILD_SHARED_LIBS=OFF \
+        -DLLAMA_BUILD_COMMON=ON \
+        -DLLAMA_BUILD_TOOLS=ON \
+        -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_UI=OFF >&2
+    local t0=$SECONDS
+    cmake --build "$tmp/build" --config Release -j "$JOBS" --target llama-quantize >&2
+    log "llama-quantize compiled in $((SECONDS - t0)) s"
+    mkdir -p "$QUANT_DIR/bin"
+    install -m 0755 "$tmp/build/bin/llama-quantize" "$QUANT_DIR/bin/llama-quantize"
+    echo "$QUANT_RECIPE" >"$QUANT_DIR/VERSION"
+    echo "$QUANT_DIR/bin/llama-quantize"
 }
 
 # Requantizes IN to TYPE (any name llama-quantize takes). The default model is
 # itself quantized (Q4_1), hence --allow-requantize; the output is
 # deterministic for a given input, type and llama.cpp version.
 cmd_quantize() {
-    local in=${1:-} out=${2:-} type=${3:-}
-    [[ -n $in && -n $out && -n $type ]] || die "usage: $0 quantize IN OUT TYPE"
+    local in=${1:-} out=${2:-} type=${3:-} pure=()
+    [[ -n $in && -n $out && -n $type ]] || die "usage: $0 quantize IN OUT TYPE [--pure]"
+    [[ ${4:-} == --pure ]] && pure=(--pure)
     [[ -f $in ]] || die "model not found: $in"
-    [[ -x $BIN_DIR/llama-quantize ]] || die "llama-quantize not built; run: $0 build"
-    "$BIN_DIR/llama-quantize" --allow-requantize "$in" "$out.tmp" "$type" 2 >&2
+    [[ -x $QUANT_DIR/bin/llama-quantize ]] || die "llama-quantize not built; run: $0 build-quantize"
+    "$QUANT_DIR/bin/llama-quantize" --allow-requantize "${pure[@]}" "$in" "$out.tmp" "$type" 2 >&2
     mv -f "$out.tmp" "$out"
 }
 
@@ -180,6 +233,7 @@ case ${1:-} in
     build) shift; cmd_build "$@" ;;
     bench) shift; cmd_bench "$@" ;;
     server-path) shift; cmd_server_path "$@" ;;
+    build-quantize) shift; cmd_build_quantize "$@" ;;
     quantize) shift; cmd_quantize "$@" ;;
-    *) echo "usage: $0 {build|bench MODEL [THREADS]|server-path|quantize IN OUT TYPE}" >&2; exit 2 ;;
+    *) echo "usage: $0 {build|build-quantize|bench MODEL [THREADS]|server-path|quantize IN OUT TYPE [--pure]}" >&2; exit 2 ;;
 esac

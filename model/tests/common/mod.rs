@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use tandem_model::ModelFile;
+use tandem_model::{Engine, EngineOptions, ModelFile, Sequence};
 
 /// The default model, as `.ci/run` (or `tandem fetch-model`) stores it.
 /// `TANDEM_TEST_MODEL` points elsewhere. A missing model fails the test
@@ -37,4 +37,76 @@ pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// llama.cpp's greedy answers, `(prompt, answer)` pairs, replayed through
+/// the engine: the prompt's prefill, then one decode step (the quantized
+/// kernels) per answer token. At every position llama.cpp's token must be
+/// within 0.5 logits of the engine's best, and the engine's best must be
+/// llama.cpp's token at 80% of them or more. llama.cpp multiplies
+/// quantized weights by 8-bit activations, so near-ties may go either way; a
+/// wrong kernel shows as wide gaps. Replaying rather than generating checks
+/// every position, not only those before the first near-tie.
+pub fn greedy_agrees(file: &ModelFile, cases: &[(Vec<u32>, Vec<u32>)], label: &str) {
+    let mut engine = Engine::new(
+        file,
+        &EngineOptions {
+            kv_blocks: 64,
+            ..Default::default()
+        },
+    )
+    .expect("engine");
+    let (mut positions, mut same) = (0, 0);
+    let mut widest = 0f32;
+    for (prompt_ids, want) in cases {
+        let mut seq = Sequence {
+            tokens: prompt_ids.clone(),
+            ..Default::default()
+        };
+        let mut logits = engine.prefill(&mut seq, 512).expect("prefill");
+        for (i, &y) in want.iter().enumerate() {
+            let best = argmax(&logits);
+            let gap = logits[best] - logits[y as usize];
+            assert!(
+                gap < 0.5,
+                "{label}: at token {i} llama.cpp chose {y}, {gap} logits below this engine's {best}"
+            );
+            widest = widest.max(gap);
+            positions += 1;
+            same += usize::from(best == y as usize);
+            if i + 1 < want.len() {
+                seq.tokens.push(y);
+                logits = engine.decode(&mut [&mut seq]).expect("decode");
+            }
+        }
+        engine.release(&mut seq);
+    }
+    eprintln!(
+        "{label}: llama.cpp's token is this engine's best at {same} of {positions} positions; widest gap {widest:.3} logits"
+    );
+    assert!(
+        same * 5 >= positions * 4,
+        "{label}: llama.cpp's token is this engine's best at only {same} of {positions} positions"
+    );
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
 }
