@@ -2,19 +2,27 @@
 //! K-quants Q2_K to Q6_K).
 //!
 //! A [`RowMat`] keeps the file's blocks byte for byte. Each weight row is
-//! unpacked once per step into an f32 buffer that stays in L1 (a few KiB),
-//! then multiplied with every token of the batch: a batch of 32 reads the
+//! unpacked once per step into buffers that stay in L1 (a few KiB), then
+//! multiplied with every token of the batch: a batch of 32 reads the
 //! quantized weights once, not 32 times. The unpacking is one plain-Rust
-//! function per format ([`crate::quant::dequantize_row`]) compiled into each
-//! kernel below for that kernel's vector unit, so the code the tests check
-//! against candle is the code the kernels run. Activations stay f32, as in
-//! [`crate::qmatmul`], so tensor-parallel shards agree with the whole to
-//! rounding error.
+//! function per format ([`crate::quant::unpack_row_inline`]: weight `i` is
+//! `s * q[i] + m` with `q` a small unsigned integer and `s`, `m` per 16
+//! weights) compiled into each kernel for that kernel's vector unit, so the
+//! code the tests check against candle is the code the kernels run.
+//!
+//! Where the CPU has AVX-512 VNNI, the integer kernel quantizes each token's
+//! activations to 8 bits per block of 32 (one f32 scale each, as llama.cpp's
+//! Q8 activations) and multiplies them with `q` four at a time in one
+//! instruction (`vpdpbusd`): 64 products per instruction instead of 16 f32
+//! multiply-adds. The activation blocks are local to 32 columns, so a
+//! tensor-parallel shard cut on block boundaries quantizes its columns
+//! exactly as the whole does, and shards still agree with it to rounding.
+//! Elsewhere the f32 kernels unpack to f32 and keep activations exact.
 
 use rayon::prelude::*;
 
 use crate::qmatmul::{huge_page_vec, kernel, Kernel};
-use crate::quant::{dequantize_row_inline, QKind, QMat};
+use crate::quant::{dequantize_row_inline, unpack_row_inline, QKind, QMat};
 
 /// Rows one task computes (its unpacked rows are reused for every token).
 const ROWS_PER_TASK: usize = 16;
@@ -51,6 +59,10 @@ impl RowMat {
     pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
         assert_eq!(x.len(), t * self.cols, "activations are [t, cols]");
         assert_eq!(out.len(), t * self.rows, "output is [t, rows]");
+        #[cfg(target_arch = "x86_64")]
+        if vnni::available() {
+            return self.matmul_int(&vnni::QActs::new(x, t, self.cols), out);
+        }
         if t == 1 {
             out.par_chunks_mut(ROWS_PER_TASK)
                 .enumerate()
@@ -62,6 +74,38 @@ impl RowMat {
         tmp.par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(ci, o)| self.rows_into(ci * ROWS_PER_TASK, x, t, o));
+        for r in 0..self.rows {
+            for ti in 0..t {
+                out[ti * self.rows + r] = tmp[r * t + ti];
+            }
+        }
+    }
+
+    /// The integer kernel against activations quantized once for every row.
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_int(&self, a: &vnni::QActs, out: &mut [f32]) {
+        let t = a.t;
+        let run = |r0: usize, o: &mut [f32]| {
+            // SAFETY: vnni::available() saw the features; `rows` and
+            // `rows32` assert the sizes.
+            unsafe {
+                if self.kind.block_elems() == 32 && t < vnni::ROW_BUFFER_FROM {
+                    vnni::rows32(self, r0, a, o)
+                } else {
+                    vnni::rows(self, r0, a, o, &mut vnni::RowBufs::new(self.cols))
+                }
+            }
+        };
+        if t == 1 {
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(ci, o)| run(ci * ROWS_PER_TASK, o));
+            return;
+        }
+        let mut tmp = vec![0f32; t * self.rows];
+        tmp.par_chunks_mut(ROWS_PER_TASK * t)
+            .enumerate()
+            .for_each(|(ci, o)| run(ci * ROWS_PER_TASK, o));
         for r in 0..self.rows {
             for ti in 0..t {
                 out[ti * self.rows + r] = tmp[r * t + ti];
@@ -226,6 +270,304 @@ mod avx2 {
     }
 }
 
+/// The integer kernel: 8-bit activations, `vpdpbusd` (AVX-512 VNNI).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni {
+    use super::{unpack_row_inline, RowMat, TOKEN_TILE};
+    use std::arch::x86_64::*;
+
+    /// From this many tokens, a row is unpacked once into L1 and reused by
+    /// all of them; below it, 32-weight blocks are unpacked into a register
+    /// per token tile.
+    pub const ROW_BUFFER_FROM: usize = 8;
+
+    pub fn available() -> bool {
+        static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *YES.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        })
+    }
+
+    /// Columns padded to whole 64-byte vectors (the padding is zeros).
+    fn padded(cols: usize) -> usize {
+        cols.next_multiple_of(64)
+    }
+
+    /// Each token's activations as 8-bit values, one scale per 32.
+    pub struct QActs {
+        pub t: usize,
+        /// Padded row length.
+        stride: usize,
+        /// `[t, stride]` values.
+        q: Vec<i8>,
+        /// `[t, stride / 4]`: the scale of each group of four values (one
+        /// `vpdpbusd` lane), so a lane's integer sum scales with one multiply.
+        lane_scale: Vec<f32>,
+        /// `[t, stride / 16]`: per 16 values, the sum of the quantized
+        /// activations (times the minimum of a weight group).
+        sums: Vec<f32>,
+    }
+
+    impl QActs {
+        pub fn new(x: &[f32], t: usize, cols: usize) -> QActs {
+            let stride = padded(cols);
+            let mut a = QActs {
+                t,
+                stride,
+                q: vec![0; t * stride],
+                lane_scale: vec![0.0; t * stride / 4],
+                sums: vec![0.0; t * stride / 16],
+            };
+            for ti in 0..t {
+                let xs = &x[ti * cols..(ti + 1) * cols];
+                for (b, xb) in xs.chunks_exact(32).enumerate() {
+                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    let at = ti * stride + b * 32;
+                    for (q, v) in a.q[at..at + 32].iter_mut().zip(xb) {
+                        *q = (v * id).round() as i8;
+                    }
+                    a.lane_scale[at / 4..at / 4 + 8].fill(d);
+                    for g in 0..2 {
+                        let qs = &a.q[at + g * 16..at + g * 16 + 16];
+                        a.sums[at / 16 + g] = d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32;
+                    }
+                }
+            }
+            a
+        }
+
+        /// Token `ti`'s activations as the kernel sees them (for tests).
+        #[cfg(test)]
+        pub fn dequantized(&self, ti: usize, cols: usize) -> Vec<f32> {
+            (0..cols)
+                .map(|c| {
+                    let i = ti * self.stride + c;
+                    self.q[i] as f32 * self.lane_scale[i / 4]
+                })
+                .collect()
+        }
+    }
+
+    /// One row unpacked: values, scales and minimums (padded with zeros).
+    pub struct RowBufs {
+        q: Vec<u8>,
+        s: Vec<f32>,
+        m: Vec<f32>,
+    }
+
+    impl RowBufs {
+        pub fn new(cols: usize) -> RowBufs {
+            let p = padded(cols);
+            RowBufs {
+                q: vec![0; p],
+                s: vec![0.0; p / 16],
+                m: vec![0.0; p / 16],
+            }
+        }
+    }
+
+    /// One 32-weight block's values in a register, with its scale and minimum.
+    #[inline(always)]
+    unsafe fn block32<const K: u8>(b: *const u8) -> (__m256i, f32, f32) {
+        // One F16C conversion (this function's caller enables F16C).
+        let f16 = |at: usize| {
+            let h = u16::from_le_bytes([*b.add(at), *b.add(at + 1)]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+        };
+        let nibbles = |at: usize| {
+            let v = _mm_loadu_si128(b.add(at) as *const __m128i);
+            let m = _mm_set1_epi8(0x0F);
+            _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m))
+        };
+        // Bit j of the 32-bit word at `at` becomes bit 4 of byte j.
+        let fifth = |at: usize| {
+            let qh = (b.add(at) as *const u32).read_unaligned().to_le();
+            _mm256_maskz_set1_epi8(qh, 0x10)
+        };
+        let d = f16(0);
+        match K {
+            Q4_0 => (nibbles(2), d, -8.0 * d),
+            Q4_1 => (nibbles(4), d, f16(2)),
+            Q5_0 => (_mm256_or_si256(nibbles(6), fifth(2)), d, -16.0 * d),
+            Q5_1 => (_mm256_or_si256(nibbles(8), fifth(4)), d, f16(2)),
+            _ => (
+                _mm256_xor_si256(
+                    _mm256_loadu_si256(b.add(2) as *const __m256i),
+                    _mm256_set1_epi8(-128),
+                ),
+                d,
+                -128.0 * d,
+            ),
+        }
+    }
+
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q5_0: u8 = 2;
+    const Q5_1: u8 = 3;
+    const Q8_0: u8 = 4;
+
+    /// # Safety
+    /// Needs AVX-512F/BW/VL and VNNI. `m` is a 32-weight format; `out` is
+    /// `[rows, a.t]` from row `r0`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    pub unsafe fn rows32(m: &RowMat, r0: usize, a: &QActs, out: &mut [f32]) {
+        use crate::quant::QKind;
+        match m.kind {
+            QKind::Q4_0 => rows32_k::<Q4_0>(m, r0, a, out),
+            QKind::Q4_1 => rows32_k::<Q4_1>(m, r0, a, out),
+            QKind::Q5_0 => rows32_k::<Q5_0>(m, r0, a, out),
+            QKind::Q5_1 => rows32_k::<Q5_1>(m, r0, a, out),
+            QKind::Q8_0 => rows32_k::<Q8_0>(m, r0, a, out),
+            other => panic!("{other} has 256-weight blocks"),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows32_k<const K: u8>(m: &RowMat, r0: usize, a: &QActs, out: &mut [f32]) {
+        let t = a.t;
+        let bb = m.kind.block_bytes();
+        assert!(a.stride == padded(m.cols) && r0 + out.len() / t <= m.rows);
+        for (j, o) in out.chunks_exact_mut(t).enumerate() {
+            let row = m.row(r0 + j);
+            let mut t0 = 0;
+            while t0 < t {
+                let n = match t - t0 {
+                    n if n >= TOKEN_TILE => {
+                        dot32::<K, TOKEN_TILE>(row, bb, a, t0, &mut o[t0..]);
+                        TOKEN_TILE
+                    }
+                    n if n >= 2 => {
+                        dot32::<K, 2>(row, bb, a, t0, &mut o[t0..]);
+                        2
+                    }
+                    _ => {
+                        dot32::<K, 1>(row, bb, a, t0, &mut o[t0..]);
+                        1
+                    }
+                };
+                t0 += n;
+            }
+        }
+    }
+
+    /// One row of 32-weight blocks against tokens `t0..t0 + N`.
+    #[inline(always)]
+    unsafe fn dot32<const K: u8, const N: usize>(
+        row: &[u8],
+        bb: usize,
+        a: &QActs,
+        t0: usize,
+        out: &mut [f32],
+    ) {
+        let nb = row.len() / bb;
+        assert!(nb * 32 <= a.stride && (t0 + N) * a.stride <= a.q.len() && out.len() >= N);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut macc = [0f32; N];
+        // SAFETY (every access): block b < nb lies in `row`; token t0 + n's
+        // values b * 32..b * 32 + 32 lie in its padded row of `a`.
+        for b in 0..nb {
+            let (q, d, mn) = block32::<K>(row.as_ptr().add(b * bb));
+            for n in 0..N {
+                let base = (t0 + n) * a.stride + b * 32;
+                let xv = _mm256_loadu_si256(a.q.as_ptr().add(base) as *const __m256i);
+                let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
+                let dx = *a.lane_scale.get_unchecked(base / 4);
+                acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(d * dx), acc[n]);
+                let sum = *a.sums.get_unchecked(base / 16) + *a.sums.get_unchecked(base / 16 + 1);
+                macc[n] += mn * sum;
+            }
+        }
+        for n in 0..N {
+            let v = acc[n];
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            out[n] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1))) + macc[n];
+        }
+    }
+
+    /// # Safety
+    /// Needs AVX-512F/BW and VNNI. `out` is `[rows, a.t]` from row `r0`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
+    pub unsafe fn rows(m: &RowMat, r0: usize, a: &QActs, out: &mut [f32], b: &mut RowBufs) {
+        let (cols, t) = (m.cols, a.t);
+        let groups = cols / 16;
+        assert!(a.stride == padded(cols) && b.q.len() == a.stride && r0 + out.len() / t <= m.rows);
+        for (j, o) in out.chunks_exact_mut(t).enumerate() {
+            unpack_row_inline(
+                m.kind,
+                m.row(r0 + j),
+                &mut b.q[..cols],
+                &mut b.s[..groups],
+                &mut b.m[..groups],
+            );
+            let mut t0 = 0;
+            while t0 < t {
+                let n = match t - t0 {
+                    n if n >= TOKEN_TILE => {
+                        dot::<TOKEN_TILE>(b, a, t0, &mut o[t0..]);
+                        TOKEN_TILE
+                    }
+                    n if n >= 2 => {
+                        dot::<2>(b, a, t0, &mut o[t0..]);
+                        2
+                    }
+                    _ => {
+                        dot::<1>(b, a, t0, &mut o[t0..]);
+                        1
+                    }
+                };
+                t0 += n;
+            }
+        }
+    }
+
+    /// The unpacked row against tokens `t0..t0 + N`.
+    #[inline(always)]
+    unsafe fn dot<const N: usize>(b: &RowBufs, a: &QActs, t0: usize, out: &mut [f32]) {
+        let stride = a.stride;
+        assert!((t0 + N) * stride <= a.q.len() && out.len() >= N);
+        // Lane l of a 64-value chunk sums values 4l..4l+4, in group l / 4.
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let (qp, sp) = (b.q.as_ptr(), b.s.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); N];
+        // SAFETY (every load): chunk c covers values 64c..64c + 64 < stride,
+        // groups 4c..4c + 4 <= stride / 16, lanes 16c..16c + 16 <= stride / 4,
+        // and token t0 + n < a.t: all inside the padded buffers.
+        for c in 0..stride / 64 {
+            let qv = _mm512_loadu_si512(qp.add(64 * c) as *const _);
+            let sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sp.add(4 * c))));
+            for n in 0..N {
+                let row = (t0 + n) * stride;
+                let xv = _mm512_loadu_si512(a.q.as_ptr().add(row + 64 * c) as *const _);
+                let iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv);
+                let dv = _mm512_loadu_ps(a.lane_scale.as_ptr().add(row / 4 + 16 * c));
+                acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_mul_ps(sv, dv), acc[n]);
+            }
+        }
+        // The minimums: sum over groups of m * (sum of the group's activations).
+        let mp = b.m.as_ptr();
+        for n in 0..N {
+            let sums = a.sums.as_ptr().add((t0 + n) * stride / 16);
+            let mut macc = _mm512_setzero_ps();
+            for g in (0..stride / 16).step_by(16) {
+                let k = (stride / 16 - g).min(16);
+                let mask: __mmask16 = if k == 16 { 0xFFFF } else { (1 << k) - 1 };
+                macc = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(mask, mp.add(g)),
+                    _mm512_maskz_loadu_ps(mask, sums.add(g)),
+                    macc,
+                );
+            }
+            out[n] = _mm512_reduce_add_ps(acc[n]) + _mm512_reduce_add_ps(macc);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +586,41 @@ mod tests {
     ];
 
     proptest! {
+        /// The integer kernel gives the dequantized weights times the 8-bit
+        /// activations exactly (to f32 rounding), and those activations are
+        /// within half a step of the true ones.
+        #[cfg(target_arch = "x86_64")]
+        #[test]
+        fn integer_kernel_equals_the_product_with_8_bit_activations(k in 0usize..10, seed in any::<u64>(), t in 1usize..11, blocks in 1usize..4, rows in 1usize..40) {
+            if !vnni::available() {
+                return Ok(());
+            }
+            let kind = QKind::ALL[k];
+            let cols = blocks * kind.block_elems();
+            let q = random_qmat(kind, rows, cols, seed);
+            let m = RowMat::new(&q);
+            let wf = q.to_f32();
+            let x: Vec<f32> = (0..t * cols).map(|i| ((i as f32 * 0.37 + seed as f32) * 0.29).sin() * (1.0 + (i % 7) as f32)).collect();
+            let a = vnni::QActs::new(&x, t, cols);
+            let mut out = vec![0f32; t * rows];
+            m.matmul_int(&a, &mut out);
+            for ti in 0..t {
+                let xq = a.dequantized(ti, cols);
+                let xt = &x[ti * cols..(ti + 1) * cols];
+                for (c, (&v, &w)) in xq.iter().zip(xt).enumerate() {
+                    let amax = xt[c / 32 * 32..c / 32 * 32 + 32].iter().fold(0f32, |m, v| m.max(v.abs()));
+                    prop_assert!((v - w).abs() <= amax / 127.0 * 0.5 * (1.0 + 1e-5), "activation {} quantized to {} from {}", c, v, w);
+                }
+                for r in 0..rows {
+                    let terms = (0..cols).map(|c| wf[r * cols + c] * xq[c]);
+                    let exact: f64 = terms.clone().map(f64::from).sum();
+                    let scale: f32 = terms.map(f32::abs).sum();
+                    let got = out[ti * rows + r];
+                    prop_assert!((got as f64 - exact).abs() <= 1e-5 * (1.0 + scale as f64), "{}: {} vs {}", kind, got, exact);
+                }
+            }
+        }
+
         #[test]
         fn matmul_equals_the_dequantized_product(k in 0usize..7, seed in any::<u64>(), t in 1usize..11, blocks in 1usize..4, rows in 1usize..40) {
             let kind = KINDS[k];
@@ -252,8 +629,10 @@ mod tests {
             let m = RowMat::new(&q);
             let wf = q.to_f32();
             let x: Vec<f32> = (0..t * cols).map(|i| ((i as f32 * 0.37 + seed as f32) * 0.29).sin()).collect();
+            // The f32 kernels (matmul takes the integer one where it can).
             let mut out = vec![0f32; t * rows];
-            m.matmul(&x, t, &mut out);
+            m.rows_into(0, &x, t, &mut out);
+            let out: Vec<f32> = (0..t * rows).map(|i| out[(i % rows) * t + i / rows]).collect();
             let mut scalar = vec![0f32; rows * t];
             m.rows_scalar(0, &x, t, &mut scalar, &mut vec![0f32; cols]);
             #[cfg(target_arch = "x86_64")]

@@ -181,9 +181,28 @@ impl QMat {
     }
 }
 
+/// The f16 at byte `i`, converted with integer operations that inline into
+/// the kernels (`half`'s conversion is a call behind a feature check).
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    f16_bits_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+
+/// An f16 given by its bits as f32 (see [`f16_at`]).
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7FFF;
+    let v = if em >= 0x7C00 {
+        // Infinity or NaN: all-ones exponent, mantissa kept.
+        f32::from_bits(((em & 0x03FF) << 13) | 0x7F80_0000)
+    } else {
+        // Rebias the exponent by multiplying with 2^112; exact for normal
+        // and subnormal halves alike.
+        f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)
+    };
+    f32::from_bits(v.to_bits() | sign)
 }
 
 /// Dequantizes one row (whole blocks) into `out`.
@@ -195,81 +214,164 @@ pub fn dequantize_row(kind: QKind, row: &[u8], out: &mut [f32]) {
 /// vector units gets a vectorized copy (the decode kernels do).
 #[inline(always)]
 pub(crate) fn dequantize_row_inline(kind: QKind, row: &[u8], out: &mut [f32]) {
-    // One loop per format, so that each is compiled (and vectorized) on its own.
-    fn each<const BB: usize, const BE: usize>(
-        row: &[u8],
-        out: &mut [f32],
-        f: impl Fn(&[u8; BB], &mut [f32; BE]),
-    ) {
-        for (blk, o) in row.chunks_exact(BB).zip(out.chunks_exact_mut(BE)) {
-            f(
-                blk.try_into().expect("whole blocks"),
-                o.try_into().expect("whole blocks"),
-            );
+    let mut q = [0u8; 256];
+    let (mut s, mut m) = ([0f32; 16], [0f32; 16]);
+    let (bb, be) = (kind.block_bytes(), kind.block_elems());
+    for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
+        unpack_row_inline(kind, blk, &mut q[..be], &mut s[..be / 16], &mut m[..be / 16]);
+        for (g, o) in o.chunks_exact_mut(16).enumerate() {
+            for (o, &q) in o.iter_mut().zip(&q[g * 16..g * 16 + 16]) {
+                *o = s[g] * q as f32 + m[g];
+            }
         }
     }
-    match kind {
-        QKind::Q4_0 => each::<18, 32>(row, out, |b, o| {
-            let d = f16_at(b, 0);
-            q4(b, 2, d, -8.0 * d, o)
-        }),
-        QKind::Q4_1 => each::<20, 32>(row, out, |b, o| q4(b, 4, f16_at(b, 0), f16_at(b, 2), o)),
-        QKind::Q5_0 => each::<22, 32>(row, out, |b, o| {
-            let d = f16_at(b, 0);
-            q5(b, 2, d, -16.0 * d, o)
-        }),
-        QKind::Q5_1 => each::<24, 32>(row, out, |b, o| q5(b, 4, f16_at(b, 0), f16_at(b, 2), o)),
-        QKind::Q8_0 => each::<34, 32>(row, out, |b, o| {
-            let d = f16_at(b, 0);
-            for j in 0..32 {
-                o[j] = d * (b[2 + j] as i8) as f32;
+}
+
+/// Every format as one form: weight `i` of a row is `s[i / 16] * q[i] + m[i / 16]`,
+/// with `q` a small unsigned integer (at most 255) and `s`, `m` per group of 16.
+/// The integer kernels multiply `q` by 8-bit activations; the rest is scales.
+/// `row` is whole blocks; `q` has a value per weight, `s` and `m` one per 16.
+#[inline(always)]
+pub(crate) fn unpack_row_inline(kind: QKind, row: &[u8], q: &mut [u8], s: &mut [f32], m: &mut [f32]) {
+    // One loop per format, so that each is compiled (and vectorized) on its
+    // own. A macro, not a function taking the block decoder: a decoder
+    // passed as a value is called through a shim that is not inlined into
+    // the kernels' target-feature functions, and would run unvectorized.
+    macro_rules! each {
+        ($bb:literal, $be:literal, $g:literal, $f:ident) => {{
+            let blocks = row
+                .chunks_exact($bb)
+                .zip(q.chunks_exact_mut($be))
+                .zip(s.chunks_exact_mut($g).zip(m.chunks_exact_mut($g)));
+            for ((blk, q), (s, m)) in blocks {
+                $f(
+                    blk.try_into().expect("whole blocks"),
+                    q.try_into().expect("whole blocks"),
+                    s.try_into().expect("whole blocks"),
+                    m.try_into().expect("whole blocks"),
+                );
             }
-        }),
-        QKind::Q2_K => each::<84, 256>(row, out, q2k),
-        QKind::Q3_K => each::<110, 256>(row, out, q3k),
-        QKind::Q4_K => each::<144, 256>(row, out, |b, o| q45k(b, false, o)),
-        QKind::Q5_K => each::<176, 256>(row, out, |b, o| q45k(b, true, o)),
-        QKind::Q6_K => each::<210, 256>(row, out, q6k),
+        }};
     }
+    match kind {
+        QKind::Q4_0 => each!(18, 32, 2, q4_0),
+        QKind::Q4_1 => each!(20, 32, 2, q4_1),
+        QKind::Q5_0 => each!(22, 32, 2, q5_0),
+        QKind::Q5_1 => each!(24, 32, 2, q5_1),
+        QKind::Q8_0 => each!(34, 32, 2, q8_0),
+        QKind::Q2_K => each!(84, 256, 16, q2k),
+        QKind::Q3_K => each!(110, 256, 16, q3k),
+        QKind::Q4_K => each!(144, 256, 16, q4k),
+        QKind::Q5_K => each!(176, 256, 16, q5k),
+        QKind::Q6_K => each!(210, 256, 16, q6k),
+    }
+}
+
+#[inline(always)]
+fn q4_0(b: &[u8; 18], q: &mut [u8; 32], s: &mut [f32; 2], m: &mut [f32; 2]) {
+    let d = f16_at(b, 0);
+    q4(b, 2, q);
+    *s = [d; 2];
+    *m = [-8.0 * d; 2];
+}
+
+#[inline(always)]
+fn q4_1(b: &[u8; 20], q: &mut [u8; 32], s: &mut [f32; 2], m: &mut [f32; 2]) {
+    q4(b, 4, q);
+    *s = [f16_at(b, 0); 2];
+    *m = [f16_at(b, 2); 2];
+}
+
+#[inline(always)]
+fn q5_0(b: &[u8; 22], q: &mut [u8; 32], s: &mut [f32; 2], m: &mut [f32; 2]) {
+    let d = f16_at(b, 0);
+    q5(b, 2, q);
+    *s = [d; 2];
+    *m = [-16.0 * d; 2];
+}
+
+#[inline(always)]
+fn q5_1(b: &[u8; 24], q: &mut [u8; 32], s: &mut [f32; 2], m: &mut [f32; 2]) {
+    q5(b, 4, q);
+    *s = [f16_at(b, 0); 2];
+    *m = [f16_at(b, 2); 2];
+}
+
+#[inline(always)]
+fn q8_0(b: &[u8; 34], q: &mut [u8; 32], s: &mut [f32; 2], m: &mut [f32; 2]) {
+    let d = f16_at(b, 0);
+    for j in 0..32 {
+        q[j] = b[2 + j] ^ 0x80; // i8 + 128
+    }
+    *s = [d; 2];
+    *m = [-128.0 * d; 2];
+}
+
+#[inline(always)]
+fn q4k(b: &[u8; 144], q: &mut [u8; 256], s: &mut [f32; 16], m: &mut [f32; 16]) {
+    q45k(b, false, q, s, m)
+}
+
+#[inline(always)]
+fn q5k(b: &[u8; 176], q: &mut [u8; 256], s: &mut [f32; 16], m: &mut [f32; 16]) {
+    q45k(b, true, q, s, m)
 }
 
 /// 32 four-bit values from byte `at`: low nibbles first, then high.
 #[inline(always)]
-fn q4(blk: &[u8], at: usize, d: f32, m: f32, o: &mut [f32; 32]) {
+fn q4(blk: &[u8], at: usize, q: &mut [u8; 32]) {
     let qs: &[u8; 16] = blk[at..at + 16].try_into().expect("block size");
     for j in 0..16 {
-        o[j] = d * (qs[j] & 0x0F) as f32 + m;
-        o[j + 16] = d * (qs[j] >> 4) as f32 + m;
+        q[j] = qs[j] & 0x0F;
+    }
+    for j in 0..16 {
+        q[j + 16] = qs[j] >> 4;
     }
 }
 
+/// `FIFTH_BIT[b]`: byte `i` is bit `i` of `b` moved to bit 4 (a fifth bit
+/// for eight values at once; a shift by the value's index would not vectorize).
+const FIFTH_BIT: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut i = 0;
+        while i < 8 {
+            t[b] |= (((b >> i) & 1) as u64) << (8 * i + 4);
+            i += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// 32 five-bit values: a 32-bit word of fifth bits at `at`, nibbles after it.
 #[inline(always)]
-fn q5(blk: &[u8], at: usize, d: f32, m: f32, o: &mut [f32; 32]) {
-    let qh = u32::from_le_bytes(blk[at..at + 4].try_into().expect("block size"));
-    let qs: &[u8; 16] = blk[at + 4..at + 20].try_into().expect("block size");
-    for j in 0..16 {
-        let h0 = ((qh >> j) & 1) << 4;
-        let h1 = ((qh >> (j + 16)) & 1) << 4;
-        o[j] = d * ((qs[j] & 0x0F) as u32 | h0) as f32 + m;
-        o[j + 16] = d * ((qs[j] >> 4) as u32 | h1) as f32 + m;
+fn q5(blk: &[u8], at: usize, q: &mut [u8; 32]) {
+    let mut hi = [0u8; 32];
+    for k in 0..4 {
+        hi[8 * k..8 * k + 8].copy_from_slice(&FIFTH_BIT[blk[at + k] as usize].to_le_bytes());
+    }
+    q4(blk, at + 4, q);
+    for j in 0..32 {
+        q[j] |= hi[j];
     }
 }
 
 /// Layout: scales[16] (low nibble scale, high nibble minimum), qs[64], d, dmin.
 #[inline(always)]
-fn q2k(blk: &[u8; 84], o: &mut [f32; 256]) {
+fn q2k(blk: &[u8; 84], q: &mut [u8; 256], s: &mut [f32; 16], m: &mut [f32; 16]) {
     let (d, dmin) = (f16_at(blk, 80), f16_at(blk, 82));
+    for (g, sc) in blk[..16].iter().enumerate() {
+        s[g] = d * (sc & 0x0F) as f32;
+        m[g] = -dmin * (sc >> 4) as f32;
+    }
     for half in 0..2 {
         let qs = &blk[16 + 32 * half..16 + 32 * half + 32];
         for j in 0..4 {
-            for g in 0..2 {
-                let sc = blk[half * 8 + j * 2 + g];
-                let (dl, ml) = (d * (sc & 0x0F) as f32, dmin * (sc >> 4) as f32);
-                let o = &mut o[half * 128 + j * 32 + g * 16..][..16];
-                for l in 0..16 {
-                    o[l] = dl * ((qs[g * 16 + l] >> (2 * j)) & 3) as f32 - ml;
-                }
+            let q = &mut q[half * 128 + j * 32..][..32];
+            for l in 0..32 {
+                q[l] = (qs[l] >> (2 * j)) & 3;
             }
         }
     }
@@ -277,28 +379,24 @@ fn q2k(blk: &[u8; 84], o: &mut [f32; 256]) {
 
 /// Layout: hmask[32], qs[64], scales[12] (sixteen 6-bit scales), d.
 #[inline(always)]
-fn q3k(blk: &[u8; 110], o: &mut [f32; 256]) {
+fn q3k(blk: &[u8; 110], q: &mut [u8; 256], s: &mut [f32; 16], m: &mut [f32; 16]) {
     let d = f16_at(blk, 108);
-    let s = &blk[96..108];
-    let mut scales = [0i32; 16];
-    for (i, sc) in scales.iter_mut().enumerate() {
-        let low = if i < 8 { s[i] & 0x0F } else { s[i - 8] >> 4 };
-        let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-        *sc = (low | (high << 4)) as i32 - 32;
+    let sc = &blk[96..108];
+    for g in 0..16 {
+        let low = if g < 8 { sc[g] & 0x0F } else { sc[g - 8] >> 4 };
+        let high = (sc[8 + g % 4] >> (2 * (g / 4))) & 3;
+        s[g] = d * ((low | (high << 4)) as i32 - 32) as f32;
+        // Values are 0..7 standing for -4..3.
+        m[g] = -4.0 * s[g];
     }
     let hmask = &blk[0..32];
     for half in 0..2 {
         let qs = &blk[32 + 32 * half..32 + 32 * half + 32];
         for j in 0..4 {
-            let bit = 1u8 << (half * 4 + j);
-            for g in 0..2 {
-                let dl = d * scales[half * 8 + j * 2 + g] as f32;
-                let o = &mut o[half * 128 + j * 32 + g * 16..][..16];
-                for l in 0..16 {
-                    let q = ((qs[g * 16 + l] >> (2 * j)) & 3) as i32;
-                    let hi = if hmask[g * 16 + l] & bit != 0 { 0 } else { 4 };
-                    o[l] = dl * (q - hi) as f32;
-                }
+            let bit = half * 4 + j;
+            let q = &mut q[half * 128 + j * 32..][..32];
+            for l in 0..32 {
+                q[l] = ((qs[l] >> (2 * j)) & 3) | (((hmask[l] >> bit) & 1) << 2);
             }
         }
     }
@@ -319,53 +417,57 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 
 /// Q4_K: d, dmin, scales[12], qs[128]. Q5_K adds qh[32] before qs.
 #[inline(always)]
-fn q45k(blk: &[u8], five: bool, o: &mut [f32; 256]) {
+fn q45k(blk: &[u8], five: bool, q: &mut [u8; 256], s: &mut [f32; 16], m: &mut [f32; 16]) {
     let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-    let s = &blk[4..16];
-    let (qh, qs) = if five {
-        (&blk[16..48], &blk[48..176])
-    } else {
-        (&blk[0..0], &blk[16..144])
-    };
+    let sc = &blk[4..16];
+    for j in 0..8 {
+        let (a, b) = scale_min_k4(j, sc);
+        s[2 * j] = d * a as f32;
+        s[2 * j + 1] = s[2 * j];
+        m[2 * j] = -dmin * b as f32;
+        m[2 * j + 1] = m[2 * j];
+    }
+    let qs = if five { &blk[48..176] } else { &blk[16..144] };
     for pair in 0..4 {
-        let q: &[u8; 32] = qs[pair * 32..pair * 32 + 32]
+        let src: &[u8; 32] = qs[pair * 32..pair * 32 + 32]
             .try_into()
             .expect("block size");
-        for (g, shift) in [(0, 0), (1, 4)] {
-            let (sc, m) = scale_min_k4(pair * 2 + g, s);
-            let (dl, ml) = (d * sc as f32, dmin * m as f32);
-            let o = &mut o[pair * 64 + g * 32..][..32];
-            let bit = 1u8 << (pair * 2 + g);
+        let q = &mut q[pair * 64..pair * 64 + 64];
+        for l in 0..32 {
+            q[l] = src[l] & 0x0F;
+        }
+        for l in 0..32 {
+            q[l + 32] = src[l] >> 4;
+        }
+        if five {
+            let qh = &blk[16..48];
             for l in 0..32 {
-                let mut v = (q[l] >> shift) & 0x0F;
-                if five && qh[l] & bit != 0 {
-                    v += 16;
-                }
-                o[l] = dl * v as f32 - ml;
+                q[l] |= ((qh[l] >> (2 * pair)) & 1) << 4;
+            }
+            for l in 0..32 {
+                q[l + 32] |= ((qh[l] >> (2 * pair + 1)) & 1) << 4;
             }
         }
     }
 }
 
-/// Layout: ql[128], qh[64], scales[16] (signed), d.
+/// Layout: ql[128], qh[64], scales[16] (signed), d. Values 0..63 stand for -32..31.
 #[inline(always)]
-fn q6k(blk: &[u8; 210], o: &mut [f32; 256]) {
+fn q6k(blk: &[u8; 210], q: &mut [u8; 256], s: &mut [f32; 16], m: &mut [f32; 16]) {
     let d = f16_at(blk, 208);
+    for g in 0..16 {
+        s[g] = d * (blk[192 + g] as i8) as f32;
+        m[g] = -32.0 * s[g];
+    }
     for half in 0..2 {
         let ql = &blk[half * 64..half * 64 + 64];
         let qh = &blk[128 + half * 32..128 + half * 32 + 32];
-        let sc = &blk[192 + half * 8..192 + half * 8 + 8];
-        let o = &mut o[half * 128..half * 128 + 128];
+        let q = &mut q[half * 128..half * 128 + 128];
         for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            o[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-            o[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-            o[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-            o[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+            q[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+            q[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+            q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
         }
     }
 }
@@ -427,6 +529,18 @@ pub(crate) mod tests {
             QKind::Q4_K => G::Q4K,
             QKind::Q5_K => G::Q5K,
             QKind::Q6_K => G::Q6K,
+        }
+    }
+
+    #[test]
+    fn half_conversion_is_exact_for_every_value() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = f16_at(&h.to_le_bytes(), 0);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#06x}: {got} vs {want}"
+            );
         }
     }
 
