@@ -5,8 +5,10 @@ use tandem_model::quant::{QKind, QMat};
 use tandem_model::*;
 
 fn main() {
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(2).build_global();
-    for (rows, cols) in [(3072, 576), (576, 1536)] {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build_global();
+    for (rows, cols) in [(3072, 576), (576, 1536), (49152, 576)] {
         for kind in QKind::ALL {
             if cols % kind.block_elems() != 0 {
                 continue;
@@ -18,7 +20,14 @@ fn main() {
                     b[at..at + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
                 }
             }
-            let l = Linear::new(RawTensor::Quant(QMat { kind, rows, cols, data }), None, Formats::DECODE).unwrap();
+            let qm = QMat {
+                kind,
+                rows,
+                cols,
+                data,
+            };
+            let rm = tandem_model::qrows::RowMat::new(&qm);
+            let l = Linear::new(RawTensor::Quant(qm), None, Formats::DECODE).unwrap();
             for t in [1usize, 32] {
                 let x: Vec<f32> = (0..t * cols).map(|i| (i as f32 * 0.01).sin()).collect();
                 l.forward(&x, t, Format::Quant).unwrap();
@@ -28,7 +37,13 @@ fn main() {
                     l.forward(&x, t, Format::Quant).unwrap();
                 }
                 let us = s.elapsed().as_secs_f64() * 1e6 / reps as f64;
-                println!("{rows}x{cols} {kind:5} t={t:<3} {us:9.1} us  {:6.2} GMAC/s", (rows * cols * t) as f64 / us / 1e3);
+                let mut out = vec![0f32; t * rows];
+                let s = Instant::now();
+                for _ in 0..reps {
+                    rm.matmul(&x, t, &mut out);
+                }
+                let us_rows = s.elapsed().as_secs_f64() * 1e6 / reps as f64;
+                println!("{rows}x{cols} {kind:5} t={t:<3} {us:9.1} us  {:6.2} GMAC/s   row kernel {us_rows:9.1} us", (rows * cols * t) as f64 / us / 1e3);
             }
         }
     }

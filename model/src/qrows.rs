@@ -24,6 +24,34 @@ use rayon::prelude::*;
 use crate::qmatmul::{huge_page_vec, kernel, Kernel};
 use crate::quant::{dequantize_row_inline, unpack_row_inline, QKind, QMat};
 
+/// 0: not yet decided (read `TANDEM_DECODE_ACTIVATIONS`), 1: 8-bit, 2: f32.
+static ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the integer kernels run (where the CPU has them). They are the
+/// fast path, but 8-bit activations make tensor-parallel layouts differ from
+/// one process by more than rounding: a last-bit difference after an
+/// all-reduce can move an activation by a whole step, and steps compound
+/// over the layers (about 2% of the logits at TP 3 on the default model's
+/// K-quant mix). `TANDEM_DECODE_ACTIVATIONS=f32` (or
+/// [`set_int8_activations`]) keeps every layout within rounding of the whole.
+pub fn int8_activations() -> bool {
+    use std::sync::atomic::Ordering;
+    match ACTIVATIONS.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("TANDEM_DECODE_ACTIVATIONS").map_or(true, |v| v != "f32");
+            ACTIVATIONS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Chooses 8-bit (`true`) or f32 activations for this process from now on.
+pub fn set_int8_activations(on: bool) {
+    ACTIVATIONS.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Rows one task computes (its unpacked rows are reused for every token).
 const ROWS_PER_TASK: usize = 16;
 /// Tokens that share one pass over an unpacked row.
@@ -60,7 +88,7 @@ impl RowMat {
         assert_eq!(x.len(), t * self.cols, "activations are [t, cols]");
         assert_eq!(out.len(), t * self.rows, "output is [t, rows]");
         #[cfg(target_arch = "x86_64")]
-        if vnni::available() {
+        if vnni::available() && int8_activations() {
             return self.matmul_int(&vnni::QActs::new(x, t, self.cols), out);
         }
         if t == 1 {
@@ -540,7 +568,8 @@ pub(crate) mod vnni {
         // and token t0 + n < a.t: all inside the padded buffers.
         for c in 0..stride / 64 {
             let qv = _mm512_loadu_si512(qp.add(64 * c) as *const _);
-            let sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sp.add(4 * c))));
+            let sv =
+                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sp.add(4 * c))));
             for n in 0..N {
                 let row = (t0 + n) * stride;
                 let xv = _mm512_loadu_si512(a.q.as_ptr().add(row + 64 * c) as *const _);
@@ -584,6 +613,38 @@ mod tests {
         QKind::Q5_K,
         QKind::Q6_K,
     ];
+
+    /// Column shards cut on block boundaries quantize their activations as
+    /// the whole does: their partial products sum to the whole's to rounding.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn integer_column_shards_sum_to_the_whole() {
+        if !vnni::available() {
+            return;
+        }
+        for kind in QKind::ALL {
+            let cols = 3 * 2 * kind.block_elems();
+            let q = random_qmat(kind, 24, cols, 11);
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.7).sin()).collect();
+            let mut whole = vec![0f32; 24];
+            RowMat::new(&q).matmul_int(&vnni::QActs::new(&x, 1, cols), &mut whole);
+            let mut sum = vec![0f32; 24];
+            for k in 0..3 {
+                let (c0, c1) = (k * cols / 3, (k + 1) * cols / 3);
+                let mut part = vec![0f32; 24];
+                RowMat::new(&q.slice_cols(c0, c1).expect("aligned"))
+                    .matmul_int(&vnni::QActs::new(&x[c0..c1], 1, c1 - c0), &mut part);
+                for (s, p) in sum.iter_mut().zip(&part) {
+                    *s += p;
+                }
+            }
+            let wf = q.to_f32();
+            for (r, (a, b)) in whole.iter().zip(&sum).enumerate() {
+                let scale: f32 = (0..cols).map(|c| (wf[r * cols + c] * x[c]).abs()).sum();
+                assert!((a - b).abs() <= 1e-5 * (1.0 + scale), "{kind}: {a} vs {b}");
+            }
+        }
+    }
 
     proptest! {
         /// The integer kernel gives the dequantized weights times the 8-bit

@@ -218,7 +218,13 @@ pub(crate) fn dequantize_row_inline(kind: QKind, row: &[u8], out: &mut [f32]) {
     let (mut s, mut m) = ([0f32; 16], [0f32; 16]);
     let (bb, be) = (kind.block_bytes(), kind.block_elems());
     for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
-        unpack_row_inline(kind, blk, &mut q[..be], &mut s[..be / 16], &mut m[..be / 16]);
+        unpack_row_inline(
+            kind,
+            blk,
+            &mut q[..be],
+            &mut s[..be / 16],
+            &mut m[..be / 16],
+        );
         for (g, o) in o.chunks_exact_mut(16).enumerate() {
             for (o, &q) in o.iter_mut().zip(&q[g * 16..g * 16 + 16]) {
                 *o = s[g] * q as f32 + m[g];
@@ -232,7 +238,13 @@ pub(crate) fn dequantize_row_inline(kind: QKind, row: &[u8], out: &mut [f32]) {
 /// The integer kernels multiply `q` by 8-bit activations; the rest is scales.
 /// `row` is whole blocks; `q` has a value per weight, `s` and `m` one per 16.
 #[inline(always)]
-pub(crate) fn unpack_row_inline(kind: QKind, row: &[u8], q: &mut [u8], s: &mut [f32], m: &mut [f32]) {
+pub(crate) fn unpack_row_inline(
+    kind: QKind,
+    row: &[u8],
+    q: &mut [u8],
+    s: &mut [f32],
+    m: &mut [f32],
+) {
     // One loop per format, so that each is compiled (and vectorized) on its
     // own. A macro, not a function taking the block decoder: a decoder
     // passed as a value is called through a shim that is not inlined into

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use tandem_model::{Engine, EngineOptions, ModelFile, Sequence};
+use tandem_model::{ChatMessage, Engine, EngineOptions, ModelFile, SamplingParams, Sequence};
 
 /// The default model, as `.ci/run` (or `tandem fetch-model`) stores it.
 /// `TANDEM_TEST_MODEL` points elsewhere. A missing model fails the test
@@ -109,4 +109,85 @@ fn argmax(v: &[f32]) -> usize {
             }
         })
         .0
+}
+
+pub const PROMPTS: [&str; 3] = [
+    "What is the capital of France?",
+    "Write a short poem about a lighthouse keeper who counts the waves.",
+    "List three uses of a paperclip.",
+];
+
+pub fn prompt_ids(file: &ModelFile, p: &str) -> Vec<u32> {
+    let t = file.chat_template.as_ref().expect("chat template");
+    file.tokenizer
+        .encode_prompt(
+            &t.render(&[ChatMessage::new("user", p)], true)
+                .expect("renders"),
+        )
+        .expect("encodes")
+}
+
+/// Prefill logits, then the logits of one decode step after the greedy token.
+pub fn logits(engine: &mut Engine, ids: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let mut seq = Sequence {
+        tokens: ids.to_vec(),
+        ..Default::default()
+    };
+    let pre = engine.prefill(&mut seq, 512).expect("prefill");
+    seq.tokens.push(tandem_model::sampling::argmax(&pre));
+    let dec = engine.decode(&mut [&mut seq]).expect("decode");
+    engine.release(&mut seq);
+    (pre, dec)
+}
+
+pub fn continuation(engine: &mut Engine, file: &ModelFile, ids: &[u32]) -> Vec<u32> {
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(64)
+    };
+    tandem_model::generate(engine, &file.tokenizer, ids, &params, 512, |_| {})
+        .expect("generates")
+        .tokens
+}
+
+/// Each (PP, TP) layout computes what the whole model does: prefill and
+/// decode logits within 1e-3 relative, identical 64-token greedy continuations.
+pub fn composed_equal_full(file: &ModelFile, layouts: &[(usize, usize)]) {
+    let opts = |pp, tp| EngineOptions {
+        pp,
+        tp,
+        kv_blocks: 64,
+        ..Default::default()
+    };
+    let mut full = Engine::new(file, &opts(1, 1)).expect("full model");
+    let reference: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| {
+            let ids = prompt_ids(file, p);
+            (logits(&mut full, &ids), continuation(&mut full, file, &ids))
+        })
+        .collect();
+    drop(full);
+    for &(pp, tp) in layouts {
+        let mut e = Engine::new(file, &opts(pp, tp)).expect("composed engine");
+        for (p, ((pre, dec), cont)) in PROMPTS.iter().zip(&reference) {
+            let ids = prompt_ids(file, p);
+            let (pre2, dec2) = logits(&mut e, &ids);
+            let (dp, dd) = (rel_diff(pre, &pre2), rel_diff(dec, &dec2));
+            assert!(
+                dp <= 1e-3,
+                "PP={pp} TP={tp} {p:?}: prefill logits differ by {dp}"
+            );
+            assert!(
+                dd <= 1e-3,
+                "PP={pp} TP={tp} {p:?}: decode logits differ by {dd}"
+            );
+            assert_eq!(
+                &continuation(&mut e, file, &ids),
+                cont,
+                "PP={pp} TP={tp} {p:?}: greedy continuation"
+            );
+        }
+        assert_eq!(e.free_blocks(), 64, "every block is returned");
+    }
 }
