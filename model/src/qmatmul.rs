@@ -109,40 +109,53 @@ impl PackedMat {
         tmp.par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(ci, o)| {
-                for (j, o) in o.chunks_mut(t).enumerate() {
-                    let r = ci * ROWS_PER_TASK + j;
-                    let mut t0 = 0;
-                    while t0 < t {
-                        let (xs, ss) = (&x[t0 * cols..], &xsum[t0 * nb..]);
-                        let n = match t - t0 {
-                            n if n >= TOKEN_TILE => {
-                                let mut res = [[0f32; TOKEN_TILE]; 1];
-                                self.tile::<1, TOKEN_TILE>(r, xs, ss, &mut res);
-                                o[t0..t0 + TOKEN_TILE].copy_from_slice(&res[0]);
-                                TOKEN_TILE
+                let r0 = ci * ROWS_PER_TASK;
+                let n_rows = o.len() / t;
+                // Tokens in chunks whose activations stay in L1 while every
+                // row of the task passes over them; within a chunk, two rows
+                // share each activation load and four tokens each unpacked
+                // block (8 + 8 accumulators stay in registers).
+                for c0 in (0..t).step_by(TOKEN_TILE) {
+                    let c1 = (c0 + TOKEN_TILE).min(t);
+                    let mut j = 0;
+                    while j < n_rows {
+                        let pair = j + 2 <= n_rows;
+                        let mut t0 = c0;
+                        while t0 < c1 {
+                            let (xs, ss) = (&x[t0 * cols..], &xsum[t0 * nb..]);
+                            let four = c1 - t0 >= 4;
+                            let mut res = [[0f32; 4]; 2];
+                            match (pair, four) {
+                                (true, true) => self.tile::<2, 4>(r0 + j, xs, ss, &mut res),
+                                (true, false) => {
+                                    let mut r1 = [[0f32; 1]; 2];
+                                    self.tile::<2, 1>(r0 + j, xs, ss, &mut r1);
+                                    res[0][0] = r1[0][0];
+                                    res[1][0] = r1[1][0];
+                                }
+                                (false, true) => {
+                                    let mut r1 = [[0f32; 4]; 1];
+                                    self.tile::<1, 4>(r0 + j, xs, ss, &mut r1);
+                                    res[0] = r1[0];
+                                }
+                                (false, false) => {
+                                    let mut r1 = [[0f32; 1]; 1];
+                                    self.tile::<1, 1>(r0 + j, xs, ss, &mut r1);
+                                    res[0][0] = r1[0][0];
+                                }
                             }
-                            n if n >= 4 => {
-                                let mut res = [[0f32; 4]; 1];
-                                self.tile::<1, 4>(r, xs, ss, &mut res);
-                                o[t0..t0 + 4].copy_from_slice(&res[0]);
-                                4
+                            let n = if four { 4 } else { 1 };
+                            for k in 0..if pair { 2 } else { 1 } {
+                                let at = (j + k) * t + t0;
+                                o[at..at + n].copy_from_slice(&res[k][..n]);
                             }
-                            _ => {
-                                let mut res = [[0f32; 1]; 1];
-                                self.tile::<1, 1>(r, xs, ss, &mut res);
-                                o[t0] = res[0][0];
-                                1
-                            }
-                        };
-                        t0 += n;
+                            t0 += n;
+                        }
+                        j += if pair { 2 } else { 1 };
                     }
                 }
             });
-        for r in 0..self.rows {
-            for ti in 0..t {
-                out[ti * self.rows + r] = tmp[r * t + ti];
-            }
-        }
+        transpose_into(&tmp, self.rows, t, out);
     }
 
     /// Rows `r0..r0 + R` against the first `N` tokens of `x` (rows of `cols`).
@@ -210,6 +223,23 @@ impl PackedMat {
         }
         acc
     }
+}
+
+/// `out[t, rows]` from `tmp[rows, t]` (the batched kernels work row by row),
+/// in parallel over tokens and in blocks of rows so reads stay in cache lines.
+pub(crate) fn transpose_into(tmp: &[f32], rows: usize, t: usize, out: &mut [f32]) {
+    const BLOCK: usize = 64;
+    out.par_chunks_mut(rows * 4).enumerate().for_each(|(c, o)| {
+        let t0 = c * 4;
+        let n = o.len() / rows;
+        for r0 in (0..rows).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for k in 0..n {
+                    o[k * rows + r] = tmp[r * t + t0 + k];
+                }
+            }
+        }
+    });
 }
 
 /// An empty vector with room for `n` bytes, asking the kernel to back it

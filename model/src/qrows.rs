@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use crate::qmatmul::{huge_page_vec, kernel, Kernel};
+use crate::qmatmul::{huge_page_vec, kernel, transpose_into, Kernel};
 use crate::quant::{dequantize_row_inline, unpack_row_inline, QKind, QMat};
 
 /// 0: not yet decided (read `TANDEM_DECODE_ACTIVATIONS`), 1: 8-bit, 2: f32.
@@ -102,11 +102,7 @@ impl RowMat {
         tmp.par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(ci, o)| self.rows_into(ci * ROWS_PER_TASK, x, t, o));
-        for r in 0..self.rows {
-            for ti in 0..t {
-                out[ti * self.rows + r] = tmp[r * t + ti];
-            }
-        }
+        transpose_into(&tmp, self.rows, t, out);
     }
 
     /// The integer kernel against activations quantized once for every row.
@@ -134,11 +130,7 @@ impl RowMat {
         tmp.par_chunks_mut(ROWS_PER_TASK * t)
             .enumerate()
             .for_each(|(ci, o)| run(ci * ROWS_PER_TASK, o));
-        for r in 0..self.rows {
-            for ti in 0..t {
-                out[ti * self.rows + r] = tmp[r * t + ti];
-            }
-        }
+        transpose_into(&tmp, self.rows, t, out);
     }
 
     /// Rows `r0..r0 + out.len() / t` against `t` tokens; `out` is `[rows, t]`.
