@@ -27,6 +27,19 @@ LLAMACPP_DIR=${LLAMACPP_DIR:-${TANDEM_HOME:-$HOME/.cache/tandem}/llamacpp}
 BIN_DIR=$LLAMACPP_DIR/bin
 JOBS=${LLAMACPP_JOBS:-2}
 
+# CMake options both builds share: static, no network code, tools only.
+COMMON_FLAGS=(
+    -DLLAMA_CURL=OFF
+    -DLLAMA_OPENSSL=OFF
+    -DBUILD_SHARED_LIBS=OFF
+    -DLLAMA_BUILD_COMMON=ON
+    -DLLAMA_BUILD_TOOLS=ON
+    -DLLAMA_BUILD_EXAMPLES=OFF
+    -DLLAMA_BUILD_TESTS=OFF
+    -DLLAMA_BUILD_APP=OFF
+    -DLLAMA_BUILD_UI=OFF
+)
+
 log() { echo "[llamacpp] $*" >&2; }
 die() { echo "[llamacpp] error: $*" >&2; exit 1; }
 
@@ -62,7 +75,6 @@ fetch_source() {
     local src=$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp
     [[ -f $src/CMakeLists.txt ]] || die "no vendor/llama.cpp in the sdist"
     echo "$src"
-
 }
 
 cmd_build() {
@@ -105,16 +117,8 @@ cmd_build() {
         -DGGML_CCACHE=OFF \
         -DCMAKE_C_FLAGS="$extra_flags" \
         -DCMAKE_CXX_FLAGS="$extra_flags" \
-        -DLLAMA_CURL=OFF \
-        -DLLAMA_OPENSSL=OFF \
-        -DBUILD_SHARED_LIBS=OFF \
-        -DLLAMA_BUILD_COMMON=ON \
-        -DLLAMA_BUILD_TOOLS=ON \
+        "${COMMON_FLAGS[@]}" \
         -DLLAMA_BUILD_SERVER=ON \
-        -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_APP=OFF \
-        -DLLAMA_BUILD_UI=OFF \
         -DLLAMA_USE_PREBUILT_UI=OFF >&2
 
     log "building llama-bench and llama-server with -j$JOBS"
@@ -157,16 +161,8 @@ cmd_build_quantize() {
         -DGGML_NATIVE=OFF \
         -DGGML_CCACHE=OFF \
         -DGGML_OPENMP=OFF \
-        -DLLAMA_CURL=OFF \
-        -DLLAMA_OPENSSL=OFF \
-        -DBUILD_SHARED_LIBS=OFF \
-        -DLLAMA_BUILD_COMMON=ON \
-        -DLLAMA_BUILD_TOOLS=ON \
-        -DLLAMA_BUILD_SERVER=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_APP=OFF \
-        -DLLAMA_BUILD_UI=OFF >&2
+        "${COMMON_FLAGS[@]}" \
+        -DLLAMA_BUILD_SERVER=OFF >&2
     local t0=$SECONDS
     cmake --build "$tmp/build" --config Release -j "$JOBS" --target llama-quantize >&2
     log "llama-quantize compiled in $((SECONDS - t0)) s"

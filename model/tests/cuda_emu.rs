@@ -6,19 +6,10 @@
 
 mod common;
 
+use common::prompt_ids;
 use tandem_model::cuda::check::{run_all, CheckPlan};
 use tandem_model::cuda::GpuDtype;
-use tandem_model::{ChatMessage, Device, KvDtype, ModelFile};
-
-fn prompt_ids(file: &ModelFile, p: &str) -> Vec<u32> {
-    let t = file.chat_template.as_ref().expect("chat template");
-    file.tokenizer
-        .encode_prompt(
-            &t.render(&[ChatMessage::new("user", p)], true)
-                .expect("renders"),
-        )
-        .expect("encodes")
-}
+use tandem_model::{Device, KvDtype, ModelFile};
 
 fn plan(file: &ModelFile, dtype: GpuDtype, kv_dtype: KvDtype) -> CheckPlan {
     let long =
