@@ -24,6 +24,9 @@ pub struct TandemPhases {
     pub prefill_queue_us: u64,
     pub prefill_compute_us: u64,
     pub kv_transfer_us: u64,
+    /// From the last stage's first token to verified KV (servers before
+    /// protocol 7 do not report it).
+    pub kv_wait_us: u64,
     pub first_step_us: u64,
 }
 
@@ -37,9 +40,12 @@ pub struct PhaseSummary {
     pub prefill_compute_ms: f64,
     /// Decode asking a pipeline to verified KV (queue, compute and transfer).
     pub kv_transfer_ms: f64,
-    /// What that round trip spent beyond the pipeline's queue and compute:
-    /// hops, the KV still in flight after the last chunk, checks.
+    /// What that round trip spent beyond the last stage's queue and
+    /// compute: earlier stages' pipeline fill, hops, KV in flight, checks.
     pub kv_tail_ms: f64,
+    /// Waiting for KV after the last stage's last chunk: from its first
+    /// token to verified KV.
+    pub kv_wait_ms: f64,
     pub first_step_ms: f64,
     /// Share of prompt tokens found in decode's prefix cache (all requests).
     pub cached_share: f64,
@@ -196,6 +202,12 @@ fn phases(ok: &[&RequestRecord]) -> Option<PhaseSummary> {
                         as f64
                         / 1e3
                 }),
+        )
+        .map_or(0.0, |s| s.median),
+        kv_wait_ms: stats(
+            t.iter()
+                .filter(|(p, _)| p.kv_transfer_us > 0)
+                .map(|(p, _)| p.kv_wait_us as f64 / 1e3),
         )
         .map_or(0.0, |s| s.median),
         first_step_ms: med(|p| p.first_step_us),

@@ -83,14 +83,15 @@ pub fn table(p: &Point) -> String {
     if let Some(ph) = &s.phases {
         let _ = writeln!(
             o,
-            "  where TTFT went (Tandem, medians): gateway {:.1} ms, decode queue {:.1} ms, prefill queue {:.1} ms, prefill compute {:.1} ms, prefill round trip {:.1} ms (of which beyond queue and compute {:.1} ms), first step {:.1} ms",
+            "  where TTFT went (Tandem, medians): gateway {:.1} ms, decode queue {:.1} ms, prefill queue {:.1} ms, last stage's compute {:.1} ms, prefill round trip {:.1} ms (of which beyond the last stage's queue and compute, such as earlier stages filling the pipeline: {:.1} ms), first step {:.1} ms",
             ph.gateway_ms, ph.decode_queue_ms, ph.prefill_queue_ms, ph.prefill_compute_ms, ph.kv_transfer_ms, ph.kv_tail_ms, ph.first_step_ms
         );
         if let Some(t) = s.ttft.as_ref().filter(|t| t.median > 0.0) {
             let _ = writeln!(
                 o,
-                "  waiting for KV after the last chunk's compute: {:.1}% of the median TTFT",
-                ph.kv_tail_ms / (t.median * 1e3) * 100.0
+                "  waiting for KV after the last chunk's compute: {:.1} ms, {:.1}% of the median TTFT",
+                ph.kv_wait_ms,
+                ph.kv_wait_ms / (t.median * 1e3) * 100.0
             );
         }
         let _ = writeln!(

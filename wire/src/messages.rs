@@ -18,7 +18,7 @@ use tandem_model::{BlockId, FinishReason, SamplingParams};
 
 /// Bumped whenever any message changes shape. Peers with different versions
 /// refuse each other at the handshake instead of misreading frames.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// ALPN identifier of Tandem's node-to-node protocol.
 pub const ALPN: &[u8] = b"tandem";
@@ -138,6 +138,9 @@ pub struct Accounting {
     pub prefill_queue_us: u64,
     pub prefill_compute_us: u64,
     pub kv_transfer_us: u64,
+    /// From the last stage's first token (sent after its last chunk's
+    /// compute) to verified KV: the KV still in flight then.
+    pub kv_wait_us: u64,
     pub decode_queue_us: u64,
     pub first_step_us: u64,
     /// How the prompt's KV reached decode: "ucx", "quic", or "local"

@@ -124,6 +124,7 @@ impl Core {
             verdict: None,
             first: None,
             sent: now,
+            first_at: 0,
             over_ucx: false,
             writers,
             closing: false,
@@ -366,6 +367,7 @@ impl Core {
         ) = acct;
         if let State::Fetching(a) = &mut r.state {
             a.first = Some(first);
+            a.first_at = now;
         }
         self.maybe_complete(id, now, &mut out);
         out
@@ -437,6 +439,7 @@ impl Core {
             r.acct.kv_bytes = a.incoming.bytes;
             r.acct.kv_transport = if a.over_ucx { "ucx" } else { "quic" }.into();
             r.acct.kv_transfer_us = now.saturating_sub(a.sent) * 1000;
+            r.acct.kv_wait_us = now.saturating_sub(a.first_at) * 1000;
             let lands = ucx && pipelines.iter().any(|p| p.name == a.pipeline && p.ucx);
             if lands {
                 a.closing = true;

@@ -143,6 +143,10 @@ pub(crate) struct Attempt {
     pub verdict: Option<Verdict>,
     pub first: Option<Sampled>,
     pub sent: u64,
+    /// When the last stage's first token arrived: it is sent right after
+    /// the last chunk's compute, so from here to verified KV is the wait
+    /// for KV still in flight.
+    pub first_at: u64,
     /// Some of its KV came over UCX.
     pub over_ucx: bool,
     /// Stages that may write its blocks directly, with the process each

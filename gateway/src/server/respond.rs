@@ -186,6 +186,7 @@ fn timing(a: &Accounting) -> Value {
         "prefill_queue_us": a.prefill_queue_us,
         "prefill_compute_us": a.prefill_compute_us,
         "kv_transfer_us": a.kv_transfer_us,
+        "kv_wait_us": a.kv_wait_us,
         "kv_transport": a.kv_transport,
         "first_step_us": a.first_step_us,
     })
@@ -250,6 +251,7 @@ fn accounting_headers(r: &mut Response, a: &Accounting) {
             a.prefill_compute_us.to_string(),
         ),
         ("x-tandem-kv-transfer-us", a.kv_transfer_us.to_string()),
+        ("x-tandem-kv-wait-us", a.kv_wait_us.to_string()),
         ("x-tandem-first-step-us", a.first_step_us.to_string()),
         ("x-tandem-kv-transport", a.kv_transport.clone()),
     ] {
