@@ -31,6 +31,13 @@ fn every_layout_answers_exactly_like_generate() {
             );
             let t = &v["tandem"];
             assert!(t["kv_bytes"].as_u64().unwrap_or(0) > 0, "{t}");
+            // The wait after the last stage's first token is part of the
+            // round trip from decode's request to verified KV.
+            let (wait, trip) = (t["kv_wait_us"].as_u64(), t["kv_transfer_us"].as_u64());
+            assert!(
+                matches!((wait, trip), (Some(w), Some(r)) if r > 0 && w <= r),
+                "{t}"
+            );
         }
     }
 }
