@@ -218,6 +218,25 @@ fn a_wedged_decode_loop_is_dropped_and_its_streams_continue_elsewhere() {
         ],
         &[("TANDEM_FAULT_WEDGE", "d0:6")],
     );
+    // Round-robin spreads the streams over both groups only once the gateway
+    // has a load report from each with a pipeline up (before that it routes
+    // to the other alone, and nothing would reach the wedging group).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let usable = |h: &Value, node: &str| {
+        h["nodes"].as_array().is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n["node"] == node && n["load"]["pipelines_up"].as_u64() > Some(0))
+        })
+    };
+    loop {
+        let (_, text) = http(c.port, "GET", "/health", None);
+        let h: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if usable(&h, "d0") && usable(&h, "d1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "both decode groups usable: {h}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let port = c.port;
     let streams: Vec<_> = (0..4)
         .map(|_| {
@@ -245,7 +264,10 @@ fn a_wedged_decode_loop_is_dropped_and_its_streams_continue_elsewhere() {
         assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
         assert_eq!(out, want);
     }
-    assert!(c
-        .metric("tandem_requests_resumed_total", "")
-        .is_some_and(|n| n >= 1.0));
+    let resumed = c.metric("tandem_requests_resumed_total", "");
+    let redispatched = c.metric("tandem_requests_redispatched_total", "");
+    assert!(
+        resumed.is_some_and(|n| n >= 1.0),
+        "resumed {resumed:?}, redispatched {redispatched:?}"
+    );
 }
