@@ -82,80 +82,67 @@ impl PackedMat {
         assert_eq!(out.len(), t * self.rows, "output is [t, rows]");
         // Per-block sums of each token's activations (the Q4_1 minimum term).
         let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        if t == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(ci, o)| {
-                    let r0 = ci * ROWS_PER_TASK;
-                    let mut j = 0;
-                    while j + ROW_GROUP <= o.len() {
-                        let mut res = [[0f32; 1]; ROW_GROUP];
-                        self.tile::<ROW_GROUP, 1>(r0 + j, x, &xsum, &mut res);
-                        for k in 0..ROW_GROUP {
-                            o[j + k] = res[k][0];
-                        }
-                        j += ROW_GROUP;
-                    }
-                    for k in j..o.len() {
-                        let mut res = [[0f32; 1]; 1];
-                        self.tile::<1, 1>(r0 + k, x, &xsum, &mut res);
-                        o[k] = res[0][0];
-                    }
-                });
-            return;
-        }
         let (cols, nb) = (self.cols, self.nb);
-        let mut tmp = vec![0f32; t * self.rows];
-        tmp.par_chunks_mut(ROWS_PER_TASK * t)
-            .enumerate()
-            .for_each(|(ci, o)| {
-                let r0 = ci * ROWS_PER_TASK;
-                let n_rows = o.len() / t;
-                // Tokens in chunks whose activations stay in L1 while every
-                // row of the task passes over them; within a chunk, two rows
-                // share each activation load and four tokens each unpacked
-                // block (8 + 8 accumulators stay in registers).
-                for c0 in (0..t).step_by(TOKEN_TILE) {
-                    let c1 = (c0 + TOKEN_TILE).min(t);
-                    let mut j = 0;
-                    while j < n_rows {
-                        let pair = j + 2 <= n_rows;
-                        let mut t0 = c0;
-                        while t0 < c1 {
-                            let (xs, ss) = (&x[t0 * cols..], &xsum[t0 * nb..]);
-                            let four = c1 - t0 >= 4;
-                            let mut res = [[0f32; 4]; 2];
-                            match (pair, four) {
-                                (true, true) => self.tile::<2, 4>(r0 + j, xs, ss, &mut res),
-                                (true, false) => {
-                                    let mut r1 = [[0f32; 1]; 2];
-                                    self.tile::<2, 1>(r0 + j, xs, ss, &mut r1);
-                                    res[0][0] = r1[0][0];
-                                    res[1][0] = r1[1][0];
-                                }
-                                (false, true) => {
-                                    let mut r1 = [[0f32; 4]; 1];
-                                    self.tile::<1, 4>(r0 + j, xs, ss, &mut r1);
-                                    res[0] = r1[0];
-                                }
-                                (false, false) => {
-                                    let mut r1 = [[0f32; 1]; 1];
-                                    self.tile::<1, 1>(r0 + j, xs, ss, &mut r1);
-                                    res[0][0] = r1[0][0];
-                                }
-                            }
-                            let n = if four { 4 } else { 1 };
-                            for k in 0..if pair { 2 } else { 1 } {
-                                let at = (j + k) * t + t0;
-                                o[at..at + n].copy_from_slice(&res[k][..n]);
-                            }
-                            t0 += n;
-                        }
-                        j += if pair { 2 } else { 1 };
-                    }
+        by_row_tasks(self.rows, t, ROWS_PER_TASK, out, |r0, o| {
+            let n_rows = o.len() / t;
+            if t == 1 {
+                // Four rows share each activation load.
+                let mut j = 0;
+                while j + ROW_GROUP <= n_rows {
+                    self.tile_into::<ROW_GROUP, 1>(r0, j, 0, x, &xsum, o, t);
+                    j += ROW_GROUP;
                 }
-            });
-        transpose_into(&tmp, self.rows, t, out);
+                for j in j..n_rows {
+                    self.tile_into::<1, 1>(r0, j, 0, x, &xsum, o, t);
+                }
+                return;
+            }
+            // Tokens in chunks whose activations stay in L1 while every row
+            // of the task passes over them; within a chunk, two rows share
+            // each activation load and four tokens each unpacked block
+            // (8 + 8 accumulators stay in registers).
+            for c0 in (0..t).step_by(TOKEN_TILE) {
+                let c1 = (c0 + TOKEN_TILE).min(t);
+                let mut j = 0;
+                while j < n_rows {
+                    let pair = j + 2 <= n_rows;
+                    let mut t0 = c0;
+                    while t0 < c1 {
+                        let (xs, ss) = (&x[t0 * cols..], &xsum[t0 * nb..]);
+                        let four = c1 - t0 >= 4;
+                        match (pair, four) {
+                            (true, true) => self.tile_into::<2, 4>(r0, j, t0, xs, ss, o, t),
+                            (true, false) => self.tile_into::<2, 1>(r0, j, t0, xs, ss, o, t),
+                            (false, true) => self.tile_into::<1, 4>(r0, j, t0, xs, ss, o, t),
+                            (false, false) => self.tile_into::<1, 1>(r0, j, t0, xs, ss, o, t),
+                        }
+                        t0 += if four { 4 } else { 1 };
+                    }
+                    j += if pair { 2 } else { 1 };
+                }
+            }
+        });
+    }
+
+    /// [`tile`](Self::tile) for rows `r0 + j..` and tokens `t0..`, written into
+    /// `o`, the task's `[rows, t]` results.
+    #[allow(clippy::too_many_arguments)]
+    fn tile_into<const R: usize, const N: usize>(
+        &self,
+        r0: usize,
+        j: usize,
+        t0: usize,
+        x: &[f32],
+        xsum: &[f32],
+        o: &mut [f32],
+        t: usize,
+    ) {
+        let mut res = [[0f32; N]; R];
+        self.tile::<R, N>(r0 + j, x, xsum, &mut res);
+        for (k, row) in res.iter().enumerate() {
+            let at = (j + k) * t + t0;
+            o[at..at + N].copy_from_slice(row);
+        }
     }
 
     /// Rows `r0..r0 + R` against the first `N` tokens of `x` (rows of `cols`).
@@ -225,9 +212,33 @@ impl PackedMat {
     }
 }
 
+/// Runs `f(r0, o)` in parallel over tasks of up to `per_task` rows from
+/// `r0`, `o` being those rows' results as `[rows, t]` (the kernels work row
+/// by row), and leaves them in `out` as `[t, rows]`.
+pub(crate) fn by_row_tasks(
+    rows: usize,
+    t: usize,
+    per_task: usize,
+    out: &mut [f32],
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if t == 1 {
+        // One token: [rows, 1] is already [1, rows].
+        out.par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(ci, o)| f(ci * per_task, o));
+        return;
+    }
+    let mut tmp = vec![0f32; t * rows];
+    tmp.par_chunks_mut(per_task * t)
+        .enumerate()
+        .for_each(|(ci, o)| f(ci * per_task, o));
+    transpose_into(&tmp, rows, t, out);
+}
+
 /// `out[t, rows]` from `tmp[rows, t]` (the batched kernels work row by row),
 /// in parallel over tokens and in blocks of rows so reads stay in cache lines.
-pub(crate) fn transpose_into(tmp: &[f32], rows: usize, t: usize, out: &mut [f32]) {
+fn transpose_into(tmp: &[f32], rows: usize, t: usize, out: &mut [f32]) {
     const BLOCK: usize = 64;
     out.par_chunks_mut(rows * 4).enumerate().for_each(|(c, o)| {
         let t0 = c * 4;

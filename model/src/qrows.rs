@@ -16,12 +16,11 @@
 //! instruction (`vpdpbusd`): 64 products per instruction instead of 16 f32
 //! multiply-adds. The activation blocks are local to 32 columns, so a
 //! tensor-parallel shard cut on block boundaries quantizes its columns
-//! exactly as the whole does, and shards still agree with it to rounding.
-//! Elsewhere the f32 kernels unpack to f32 and keep activations exact.
+//! exactly as the whole does (given the same activations; across layers a
+//! TP layout still drifts, see [`int8_activations`]). Elsewhere the f32
+//! kernels unpack to f32 and keep activations exact.
 
-use rayon::prelude::*;
-
-use crate::qmatmul::{huge_page_vec, kernel, transpose_into, Kernel};
+use crate::qmatmul::{by_row_tasks, huge_page_vec, kernel, Kernel};
 use crate::quant::{dequantize_row_inline, unpack_row_inline, QKind, QMat};
 
 /// 0: not yet decided (read `TANDEM_DECODE_ACTIVATIONS`), 1: 8-bit, 2: f32.
@@ -57,6 +56,21 @@ const ROWS_PER_TASK: usize = 16;
 /// Tokens that share one pass over an unpacked row.
 const TOKEN_TILE: usize = 4;
 
+/// `(t0, n)`: `t` tokens in tiles of `TOKEN_TILE`, then 2, then 1.
+fn token_tiles(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut t0 = 0;
+    std::iter::from_fn(move || {
+        let n = match t - t0 {
+            0 => return None,
+            n if n >= TOKEN_TILE => TOKEN_TILE,
+            n if n >= 2 => 2,
+            _ => 1,
+        };
+        t0 += n;
+        Some((t0 - n, n))
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct RowMat {
     pub kind: QKind,
@@ -91,46 +105,25 @@ impl RowMat {
         if vnni::available() && int8_activations() {
             return self.matmul_int(&vnni::QActs::new(x, t, self.cols), out);
         }
-        if t == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(ci, o)| self.rows_into(ci * ROWS_PER_TASK, x, 1, o));
-            return;
-        }
-        // Row-major [rows, t] per task, transposed at the end.
-        let mut tmp = vec![0f32; t * self.rows];
-        tmp.par_chunks_mut(ROWS_PER_TASK * t)
-            .enumerate()
-            .for_each(|(ci, o)| self.rows_into(ci * ROWS_PER_TASK, x, t, o));
-        transpose_into(&tmp, self.rows, t, out);
+        by_row_tasks(self.rows, t, ROWS_PER_TASK, out, |r0, o| {
+            self.rows_into(r0, x, t, o)
+        });
     }
 
     /// The integer kernel against activations quantized once for every row.
     #[cfg(target_arch = "x86_64")]
     fn matmul_int(&self, a: &vnni::QActs, out: &mut [f32]) {
-        let t = a.t;
-        let run = |r0: usize, o: &mut [f32]| {
+        by_row_tasks(self.rows, a.t, ROWS_PER_TASK, out, |r0, o| {
             // SAFETY: vnni::available() saw the features; `rows` and
             // `rows32` assert the sizes.
             unsafe {
-                if self.kind.block_elems() == 32 && t < vnni::ROW_BUFFER_FROM {
+                if self.kind.block_elems() == 32 && a.t < vnni::ROW_BUFFER_FROM {
                     vnni::rows32(self, r0, a, o)
                 } else {
                     vnni::rows(self, r0, a, o, &mut vnni::RowBufs::new(self.cols))
                 }
             }
-        };
-        if t == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(ci, o)| run(ci * ROWS_PER_TASK, o));
-            return;
-        }
-        let mut tmp = vec![0f32; t * self.rows];
-        tmp.par_chunks_mut(ROWS_PER_TASK * t)
-            .enumerate()
-            .for_each(|(ci, o)| run(ci * ROWS_PER_TASK, o));
-        transpose_into(&tmp, self.rows, t, out);
+        });
     }
 
     /// Rows `r0..r0 + out.len() / t` against `t` tokens; `out` is `[rows, t]`.
@@ -168,7 +161,7 @@ impl RowMat {
 /// One kernel body per instruction set: the same loops, compiled for it.
 macro_rules! simd_rows {
     ($features:literal, $lanes:literal, $vec:ty, $zero:ident, $load:ident, $fmadd:ident, $reduce:path) => {
-        use super::{RowMat, TOKEN_TILE};
+        use super::{token_tiles, RowMat, TOKEN_TILE};
         use crate::quant::dequantize_row_inline;
         use std::arch::x86_64::*;
 
@@ -188,22 +181,12 @@ macro_rules! simd_rows {
             assert!(buf.len() == cols && x.len() == t * cols && cols % (2 * $lanes) == 0);
             for (j, o) in out.chunks_exact_mut(t).enumerate() {
                 dequantize_row_inline(m.kind, m.row(r0 + j), buf);
-                let mut t0 = 0;
-                while t0 < t {
-                    let xs = &x[t0 * cols..];
-                    match t - t0 {
-                        n if n >= TOKEN_TILE => {
-                            dot::<TOKEN_TILE>(buf, xs, &mut o[t0..t0 + TOKEN_TILE]);
-                            t0 += TOKEN_TILE;
-                        }
-                        n if n >= 2 => {
-                            dot::<2>(buf, xs, &mut o[t0..t0 + 2]);
-                            t0 += 2;
-                        }
-                        _ => {
-                            dot::<1>(buf, xs, &mut o[t0..t0 + 1]);
-                            t0 += 1;
-                        }
+                for (t0, n) in token_tiles(t) {
+                    let (xs, o) = (&x[t0 * cols..], &mut o[t0..t0 + n]);
+                    match n {
+                        TOKEN_TILE => dot::<TOKEN_TILE>(buf, xs, o),
+                        2 => dot::<2>(buf, xs, o),
+                        _ => dot::<1>(buf, xs, o),
                     }
                 }
             }
@@ -293,7 +276,7 @@ mod avx2 {
 /// The integer kernel: 8-bit activations, `vpdpbusd` (AVX-512 VNNI).
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni {
-    use super::{unpack_row_inline, RowMat, TOKEN_TILE};
+    use super::{token_tiles, unpack_row_inline, RowMat, TOKEN_TILE};
     use std::arch::x86_64::*;
 
     /// From this many tokens, a row is unpacked once into L1 and reused by
@@ -303,10 +286,14 @@ pub(crate) mod vnni {
 
     pub fn available() -> bool {
         static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // Every feature `rows` and `rows32` enable.
         *YES.get_or_init(|| {
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("f16c")
+                && std::arch::is_x86_feature_detected!("fma")
         })
     }
 
@@ -454,23 +441,13 @@ pub(crate) mod vnni {
         assert!(a.stride == padded(m.cols) && r0 + out.len() / t <= m.rows);
         for (j, o) in out.chunks_exact_mut(t).enumerate() {
             let row = m.row(r0 + j);
-            let mut t0 = 0;
-            while t0 < t {
-                let n = match t - t0 {
-                    n if n >= TOKEN_TILE => {
-                        dot32::<K, TOKEN_TILE>(row, bb, a, t0, &mut o[t0..]);
-                        TOKEN_TILE
-                    }
-                    n if n >= 2 => {
-                        dot32::<K, 2>(row, bb, a, t0, &mut o[t0..]);
-                        2
-                    }
-                    _ => {
-                        dot32::<K, 1>(row, bb, a, t0, &mut o[t0..]);
-                        1
-                    }
-                };
-                t0 += n;
+            for (t0, n) in token_tiles(t) {
+                let o = &mut o[t0..];
+                match n {
+                    TOKEN_TILE => dot32::<K, TOKEN_TILE>(row, bb, a, t0, o),
+                    2 => dot32::<K, 2>(row, bb, a, t0, o),
+                    _ => dot32::<K, 1>(row, bb, a, t0, o),
+                }
             }
         }
     }
@@ -525,23 +502,13 @@ pub(crate) mod vnni {
                 &mut b.s[..groups],
                 &mut b.m[..groups],
             );
-            let mut t0 = 0;
-            while t0 < t {
-                let n = match t - t0 {
-                    n if n >= TOKEN_TILE => {
-                        dot::<TOKEN_TILE>(b, a, t0, &mut o[t0..]);
-                        TOKEN_TILE
-                    }
-                    n if n >= 2 => {
-                        dot::<2>(b, a, t0, &mut o[t0..]);
-                        2
-                    }
-                    _ => {
-                        dot::<1>(b, a, t0, &mut o[t0..]);
-                        1
-                    }
-                };
-                t0 += n;
+            for (t0, n) in token_tiles(t) {
+                let o = &mut o[t0..];
+                match n {
+                    TOKEN_TILE => dot::<TOKEN_TILE>(b, a, t0, o),
+                    2 => dot::<2>(b, a, t0, o),
+                    _ => dot::<1>(b, a, t0, o),
+                }
             }
         }
     }
