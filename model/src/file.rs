@@ -21,6 +21,8 @@ pub struct TensorFormat {
     /// The file's type for it (a GGUF type, or a safetensors dtype).
     pub stored: String,
     pub shape: Vec<usize>,
+    /// The quantized format it is stored in, when decode keeps it.
+    pub quant: Option<crate::quant::QKind>,
     /// What decode's matrix products run on.
     pub decode: String,
     /// What prefill's run on.
@@ -136,7 +138,14 @@ impl ModelFile {
     /// for a whole-model slice (tensor-parallel shards whose columns split a
     /// block are dequantized instead).
     pub fn tensor_formats(&self) -> Vec<TensorFormat> {
+        // The LM head: the output tensor, or the embedding table when the
+        // file ties them.
         let output = self.naming.name(T::Output, 0);
+        let head = if self.source.has(&output) {
+            output
+        } else {
+            self.naming.name(T::Embed, 0)
+        };
         self.source
             .tensors()
             .into_iter()
@@ -147,7 +156,7 @@ impl ModelFile {
                     _ => "f32".to_string(),
                 };
                 // The LM head keeps its quantized form in both phases.
-                let prefill = if name == output || kind.is_none() || shape.len() != 2 {
+                let prefill = if name == head || kind.is_none() || shape.len() != 2 {
                     decode.clone()
                 } else {
                     "f32 (dequantized on load)".to_string()
@@ -155,6 +164,7 @@ impl ModelFile {
                 TensorFormat {
                     name,
                     stored,
+                    quant: kind.filter(|_| shape.len() == 2),
                     shape,
                     decode,
                     prefill,

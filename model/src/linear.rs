@@ -85,6 +85,14 @@ impl QPart {
         }
     }
 
+    /// The format its kernel runs (Q4_1 for Q4_0 rewritten as Q4_1).
+    fn kind(&self) -> QKind {
+        match self {
+            QPart::Packed(p) => p.kind,
+            QPart::Rows(r) => r.kind,
+        }
+    }
+
     fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
         match self {
             QPart::Packed(p) => p.matmul(x, t, out),
@@ -195,6 +203,14 @@ impl Linear {
             }
         }
         Ok(out)
+    }
+
+    /// The formats decode's kernels run this weight in, one per row part;
+    /// `None` when it has no quantized form (decode then runs dense f32).
+    pub fn quant_kinds(&self) -> Option<Vec<QKind>> {
+        self.quant
+            .as_ref()
+            .map(|q| q.parts.iter().map(QPart::kind).collect())
     }
 
     pub fn weight_bytes(&self) -> usize {

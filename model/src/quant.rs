@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 /// GGUF block formats Tandem runs decode on without dequantizing.
 #[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum QKind {
     /// 32 weights: f16 scale `d`, 16 bytes of 4-bit values; w = d*(q - 8).
     Q4_0,

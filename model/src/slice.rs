@@ -249,6 +249,18 @@ impl ModelSlice {
         self.head.is_some()
     }
 
+    /// What decode's kernels run each weight matrix in: every layer's
+    /// Q/K/V, output, gate/up and down, then the LM head (see
+    /// [`Linear::quant_kinds`]).
+    pub fn decode_kinds(&self) -> Vec<Option<Vec<crate::quant::QKind>>> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain(self.head.as_ref().map(|h| &h.lm))
+            .map(Linear::quant_kinds)
+            .collect()
+    }
+
     pub fn weight_bytes(&self) -> usize {
         self.layers
             .iter()

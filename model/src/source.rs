@@ -354,3 +354,31 @@ impl RawTensor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::tests::random_qmat;
+
+    /// Row blocks of different formats stay separate parts through
+    /// concatenation and slicing, and mean the same numbers as the f32 rows.
+    #[test]
+    fn mixed_formats_stack_and_slice_like_their_rows() {
+        let (a, b) = (
+            random_qmat(QKind::Q5_0, 3, 256, 1),
+            random_qmat(QKind::Q6_K, 4, 256, 2),
+        );
+        let dense: Vec<f32> = a.to_f32().into_iter().chain(b.to_f32()).collect();
+        let stack = RawTensor::concat_rows(vec![RawTensor::Quant(a), RawTensor::Quant(b)]);
+        assert!(matches!(&stack, RawTensor::QuantRows(p) if p.len() == 2));
+        assert_eq!(stack.shape(), vec![7, 256]);
+        let rows = stack.slice_rows(2, 5);
+        assert!(matches!(&rows, RawTensor::QuantRows(p) if p.len() == 2));
+        assert_eq!(rows.clone().f32_data(), dense[2 * 256..5 * 256].to_vec());
+        let cols = stack.slice_cols(0, 256);
+        assert!(matches!(&cols, RawTensor::QuantRows(_)));
+        assert_eq!(cols.f32_data(), dense);
+        // One format left after slicing: a single matrix again.
+        assert!(matches!(stack.slice_rows(3, 7), RawTensor::Quant(q) if q.kind == QKind::Q6_K));
+    }
+}

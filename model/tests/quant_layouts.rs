@@ -4,22 +4,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use tandem_model::{Engine, EngineOptions, ModelFile};
 
 fn q4_k_m() -> ModelFile {
-    let dir = std::env::var_os("TANDEM_QUANT_DIR").map_or_else(
-        || {
-            let home = std::env::var_os("TANDEM_HOME").map_or_else(
-                || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem"),
-                PathBuf::from,
-            );
-            home.join("quants")
-        },
-        PathBuf::from,
-    );
-    let path = dir.join("smol-Q4_K_M.gguf");
+    let path = common::quant_file("Q4_K_M");
     ModelFile::open(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e}; make the files with `bench/quants.py files` (CI does)",

@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
-use tandem_model::ModelFile;
+use tandem_model::quant::QKind;
+use tandem_model::{Formats, ModelFile, ModelSlice, SliceSpec};
 
 fn record() -> serde_json::Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/quants-llamacpp.json");
@@ -18,20 +19,9 @@ fn record() -> serde_json::Value {
     serde_json::from_str(&s).expect("the record parses")
 }
 
-fn quant_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("TANDEM_QUANT_DIR") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("TANDEM_HOME").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem"),
-        PathBuf::from,
-    );
-    home.join("quants")
-}
-
 /// Opens a recorded variant after checking it is the file llama.cpp answered on.
 fn open(name: &str, want_sha: &str) -> ModelFile {
-    let path = quant_dir().join(format!("smol-{name}.gguf"));
+    let path = common::quant_file(name);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e}; make the files with `bench/quants.py files` (CI does)",
@@ -60,28 +50,42 @@ fn cases(v: &serde_json::Value) -> Vec<(Vec<u32>, Vec<u32>)> {
 fn every_quantization_decodes_as_llama_cpp_does() {
     let r = record();
     let files = r["files"].as_object().expect("files");
-    let mut kept = BTreeSet::new();
+    let mut stored = BTreeSet::new();
     for (name, f) in files {
         let file = open(name, f["sha256"].as_str().expect("sha256"));
-        // Every 2-D tensor the file quantizes runs quantized in decode.
-        for t in file.tensor_formats() {
-            if t.shape.len() == 2 && t.stored != "F32" {
-                assert!(
-                    t.decode != "f32",
-                    "{name}: {} ({}) is dequantized for decode",
-                    t.name,
-                    t.stored
-                );
-                kept.insert(t.decode.split(' ').next().expect("a name").to_string());
-            }
-        }
+        stored.extend(runs_quantized(&file, name));
         common::greedy_agrees(&file, &cases(&f["greedy"]), name);
     }
-    // The files cover every format the issue names, each on its own kernel.
-    for k in tandem_model::quant::QKind::ALL {
+    // The files cover every format kept for decode.
+    for k in QKind::ALL {
         assert!(
-            kept.contains(k.name()),
-            "no recorded file runs {k}: {kept:?}"
+            stored.contains(&k),
+            "no recorded file holds {k}: {stored:?}"
         );
     }
+}
+
+/// Checks that decode's loaded weights run in the formats the file stores
+/// them in (Q4_0 on the Q4_1 kernel), none dequantized; returns the stored
+/// formats of the layers' weights and the LM head.
+fn runs_quantized(file: &ModelFile, name: &str) -> BTreeSet<QKind> {
+    let kernel = |k: QKind| if k == QKind::Q4_0 { QKind::Q4_1 } else { k };
+    let slice = ModelSlice::load(file, &SliceSpec::full(&file.config), Formats::DECODE)
+        .expect("the whole model loads");
+    let mut running = BTreeSet::new();
+    for (i, kinds) in slice.decode_kinds().into_iter().enumerate() {
+        let kinds = kinds.unwrap_or_else(|| panic!("{name}: weight {i} runs dense f32 in decode"));
+        running.extend(kinds);
+    }
+    let stored: BTreeSet<QKind> = file
+        .tensor_formats()
+        .into_iter()
+        .filter_map(|t| t.quant)
+        .collect();
+    let want: BTreeSet<QKind> = stored.iter().copied().map(kernel).collect();
+    assert_eq!(
+        running, want,
+        "{name}: the kernels' formats against the file's"
+    );
+    stored
 }

@@ -21,6 +21,23 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// A requantized variant of the default model made by `bench/quants.py
+/// files`: `$TANDEM_QUANT_DIR` (default `${TANDEM_HOME:-~/.cache/tandem}/quants`)
+/// `/smol-NAME.gguf`.
+pub fn quant_file(name: &str) -> PathBuf {
+    let dir = std::env::var_os("TANDEM_QUANT_DIR").map_or_else(
+        || {
+            let home = std::env::var_os("TANDEM_HOME").map_or_else(
+                || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem"),
+                PathBuf::from,
+            );
+            home.join("quants")
+        },
+        PathBuf::from,
+    );
+    dir.join(format!("smol-{name}.gguf"))
+}
+
 pub fn open() -> ModelFile {
     ModelFile::open(&model_path()).expect("the default model opens")
 }
