@@ -573,6 +573,36 @@ mod tests {
         QKind::Q6_K,
     ];
 
+    /// `matmul` runs the integer kernel when 8-bit activations are chosen
+    /// (and the CPU has VNNI), the f32 kernels when f32 ones are.
+    #[test]
+    fn the_activation_switch_chooses_the_kernel() {
+        let (rows, cols, t) = (20, 512, 3);
+        let q = random_qmat(QKind::Q4_K, rows, cols, 5);
+        let m = RowMat::new(&q);
+        let x: Vec<f32> = (0..t * cols).map(|i| (i as f32 * 0.13).cos()).collect();
+        let transpose = |o: &[f32]| -> Vec<f32> {
+            (0..t * rows)
+                .map(|i| o[(i % rows) * t + i / rows])
+                .collect()
+        };
+        let mut f32_rows = vec![0f32; t * rows];
+        m.rows_into(0, &x, t, &mut f32_rows);
+        let mut got = vec![0f32; t * rows];
+        set_int8_activations(false);
+        m.matmul(&x, t, &mut got);
+        assert_eq!(got, transpose(&f32_rows), "f32 activations");
+        set_int8_activations(true);
+        m.matmul(&x, t, &mut got);
+        #[cfg(target_arch = "x86_64")]
+        if vnni::available() {
+            let mut int = vec![0f32; t * rows];
+            m.matmul_int(&vnni::QActs::new(&x, t, cols), &mut int);
+            assert_eq!(got, int, "8-bit activations");
+            assert_ne!(got, transpose(&f32_rows), "the two kernels differ");
+        }
+    }
+
     /// Column shards cut on block boundaries quantize their activations as
     /// the whole does: their partial products sum to the whole's to rounding.
     #[cfg(target_arch = "x86_64")]
