@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tandem_bench::arrivals::Arrivals;
 use tandem_bench::client::{Api, Endpoint};
+use tandem_bench::goodput::{wilson, Goodput, Spread, Verdict};
 use tandem_bench::metrics::{summarize, Slo};
 use tandem_bench::report::{self, Point};
 use tandem_bench::run::{self, Load, RunOptions};
@@ -41,40 +42,52 @@ pub struct BenchGoodputArgs {
     #[arg(long, value_delimiter = ',', default_value = "chat,long,sessions")]
     workloads: Vec<String>,
     /// Request rates (jobs/s) per workload.
-    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3")]
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,2")]
     chat_rates: Vec<f64>,
-    #[arg(long, value_delimiter = ',', default_value = "0.02,0.04,0.06")]
-    long_rates: Vec<f64>,
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.2")]
+    long_rates: Vec<f64>,
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.6,1.2")]
     sessions_rates: Vec<f64>,
-    /// Jobs per rate (sessions count as one job of --turns requests).
+    /// Jobs per rate: chat requests, long requests, and sessions of
+    /// --turns requests each.
     #[arg(long, default_value_t = 20)]
     requests: usize,
     #[arg(long, default_value_t = 6)]
     long_requests: usize,
+    #[arg(long, default_value_t = 12)]
+    sessions: usize,
     #[arg(long, default_value_t = 3)]
     turns: usize,
-    /// SLOs, as multiples of the best lone-request latency any system
-    /// reached on the workload (measured first, in the same run).
+    /// SLOs per workload, "TTFT_MS:TPOT_MS", fixed before any run so that a
+    /// noisy lone request cannot move them. TPOT 100 ms is ten tokens a
+    /// second, faster than anyone reads.
+    #[arg(long, default_value = "2000:100")]
+    chat_slo: String,
+    #[arg(long, default_value = "15000:100")]
+    long_slo: String,
+    #[arg(long, default_value = "2000:100")]
+    sessions_slo: String,
+    /// Instead of the fixed SLOs: multiples of the best lone-request median
+    /// any system reached on the workload (--lone-requests each, measured
+    /// first in the same run).
+    #[arg(long)]
+    slo_from_lone: bool,
+    #[arg(long, default_value_t = 5)]
+    lone_requests: usize,
     #[arg(long, default_value_t = 4.0)]
     ttft_scale: f64,
     #[arg(long, default_value_t = 3.0)]
     tpot_scale: f64,
-    /// Or fixed SLOs per workload, "TTFT_MS:TPOT_MS".
-    #[arg(long)]
-    chat_slo: Option<String>,
-    #[arg(long)]
-    long_slo: Option<String>,
-    #[arg(long)]
-    sessions_slo: Option<String>,
     /// Colocated: prompt tokens per decode step.
     #[arg(long, default_value_t = 128)]
     colocated_chunk: usize,
     /// Share of requests that must meet both SLOs.
     #[arg(long, default_value_t = 0.9)]
     target: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Each rate runs once per seed (arrivals, prompts and lengths all
+    /// follow it); a claim is made only where every seed agrees.
+    #[arg(long, alias = "seed", value_delimiter = ',', default_value = "1,2,3")]
+    seeds: Vec<u64>,
     /// Directory for JSON, CSV and plots.
     #[arg(long, default_value = "goodput")]
     out: PathBuf,
@@ -222,10 +235,75 @@ struct Mix {
     shape: Shape,
     rates: Vec<f64>,
     jobs: usize,
-    slo: Option<Slo>,
+    slo: Slo,
+}
+
+/// One system's sweep of one mix: per seed, a point per rate.
+type Sweeps = Vec<(u64, Vec<Point>)>;
+
+/// The goodput each seed's sweep gives.
+fn goodputs(sweeps: &Sweeps, target: f64) -> Vec<Goodput> {
+    sweeps
+        .iter()
+        .filter_map(|(_, pts)| {
+            let att: Vec<(f64, f64)> = pts
+                .iter()
+                .map(|p| {
+                    (
+                        p.rate.unwrap_or(0.0),
+                        p.summary.slo_attainment.unwrap_or(0.0),
+                    )
+                })
+                .collect();
+            Goodput::of(&att, target)
+        })
+        .collect()
+}
+
+/// Per rate: attainment's spread over seeds, and every seed's requests
+/// pooled into one point (for the plots).
+fn pooled(sweeps: &Sweeps, label: &str, slo: Slo) -> (Vec<Spread>, Vec<Point>) {
+    let mut rates: Vec<f64> = sweeps
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().filter_map(|p| p.rate))
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    let mut spreads = Vec::new();
+    let mut points = Vec::new();
+    for rate in rates {
+        let at: Vec<&Point> = sweeps
+            .iter()
+            .flat_map(|(_, pts)| pts.iter().filter(|p| p.rate == Some(rate)))
+            .collect();
+        let att = |p: &&Point| p.summary.slo_attainment.unwrap_or(0.0);
+        let records: Vec<_> = at.iter().flat_map(|p| p.records.iter().cloned()).collect();
+        spreads.push(Spread {
+            rate,
+            min: at.iter().map(att).fold(f64::INFINITY, f64::min),
+            max: at.iter().map(att).fold(0.0, f64::max),
+            good: records.iter().filter(|r| slo.met(r)).count(),
+            requests: records.len(),
+        });
+        let duration: f64 = at.iter().map(|p| p.summary.duration_s).sum();
+        points.push(Point {
+            label: format!("{label} {rate}/s, {} seeds", at.len()),
+            rate: Some(rate),
+            summary: summarize(&records, duration, Some(slo)),
+            harness_cpu_share: at.iter().map(|p| p.harness_cpu_share).fold(0.0, f64::max),
+            records,
+        });
+    }
+    (spreads, points)
 }
 
 pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
+    if a.seeds.is_empty() {
+        bail!("--seeds: give at least one seed");
+    }
+    if !(a.target > 0.0 && a.target <= 1.0) {
+        bail!("--target {} is not a share in (0, 1]", a.target);
+    }
     let model = common.model_path(&a.model)?;
     let tok = || -> Result<PromptSource> {
         Ok(PromptSource::new(tandem_model::Tokenizer::load(&model)?)?)
@@ -242,7 +320,7 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                 },
                 rates: a.chat_rates.clone(),
                 jobs: a.requests,
-                slo: a.chat_slo.as_deref().map(parse_slo).transpose()?,
+                slo: parse_slo(&a.chat_slo).context("--chat-slo")?,
             },
             // RAG-like: 2,000-token prompts, short answers.
             "long" => Mix {
@@ -253,7 +331,7 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                 },
                 rates: a.long_rates.clone(),
                 jobs: a.long_requests,
-                slo: a.long_slo.as_deref().map(parse_slo).transpose()?,
+                slo: parse_slo(&a.long_slo).context("--long-slo")?,
             },
             // Conversations: each turn adds ~150 tokens and asks for ~64.
             "sessions" => Mix {
@@ -265,15 +343,15 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                     think: Duration::from_millis(1000),
                 },
                 rates: a.sessions_rates.clone(),
-                jobs: a.requests / a.turns.max(1),
-                slo: a.sessions_slo.as_deref().map(parse_slo).transpose()?,
+                jobs: a.sessions,
+                slo: parse_slo(&a.sessions_slo).context("--sessions-slo")?,
             },
             other => bail!("unknown workload {other:?} (chat, long, sessions)"),
         });
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    // results[mix][system] = points over the rate sweep.
-    let mut results: Vec<Vec<(String, Vec<Point>)>> = mixes.iter().map(|_| Vec::new()).collect();
+    // results[mix][system] = per seed, the points over the rate sweep.
+    let mut results: Vec<Vec<(String, Sweeps)>> = mixes.iter().map(|_| Vec::new()).collect();
     let mut lone: Vec<(String, String, f64, f64)> = Vec::new();
     for sys in &a.systems {
         if sys == "llamacpp" && a.llama_server.is_none() {
@@ -296,22 +374,25 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
             timeout: Duration::from_secs(900),
         };
         for (mi, mix) in mixes.iter().enumerate() {
-            let workload = Workload {
-                shape: mix.shape.clone(),
-                prompts: tok()?,
-                seed: a.seed,
-                run_tag: format!("{sys}-{}", tandem_wire::node::now_ms()),
+            let workload = |seed: u64| -> Result<Workload> {
+                Ok(Workload {
+                    shape: mix.shape.clone(),
+                    prompts: tok()?,
+                    seed,
+                    run_tag: format!("{sys}-{}", tandem_wire::node::now_ms()),
+                })
             };
-            // A lone request first: the latency the SLOs are stated against.
+            // Lone requests first: what an idle server gives, for reading
+            // the sweep (and the SLOs, with --slo-from-lone).
             let alone = run::run(
                 &ep,
-                &workload,
+                &workload(a.seeds[0])?,
                 &RunOptions {
                     load: Load::Concurrency(1),
-                    jobs: Some(3),
+                    jobs: Some(a.lone_requests.max(1)),
                     duration: None,
                     warmup: 1,
-                    seed: a.seed,
+                    seed: a.seeds[0],
                     progress: false,
                     first_job: 900_000_000,
                 },
@@ -322,44 +403,50 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                 s.tpot.map_or(f64::NAN, |x| x.median),
             );
             println!(
-                "{sys} / {}: a lone request: TTFT {:.0} ms, TPOT {:.1} ms",
+                "{sys} / {}: lone requests (median of {}): TTFT {:.0} ms, TPOT {:.1} ms",
                 mix.name,
+                s.completed,
                 t * 1e3,
                 p * 1e3
             );
             lone.push((sys.clone(), mix.name.to_string(), t, p));
-            let mut points = Vec::new();
-            for (k, &rate) in mix.rates.iter().enumerate() {
-                let opts = RunOptions {
-                    load: Load::Rate {
-                        arrivals: Arrivals::Poisson { rate },
-                        max_concurrency: 256,
-                    },
-                    jobs: Some(mix.jobs),
-                    duration: None,
-                    warmup: 0,
-                    seed: a.seed,
-                    progress: true,
-                    // Fresh prompts per rate: the servers cache prefixes.
-                    first_job: k * 1_000_000,
-                };
-                let r = run::run(&ep, &workload, &opts);
-                let summary = summarize(&r.records, r.duration_s, mix.slo);
-                let p = Point {
-                    label: format!("{sys} {} {rate}/s", mix.name),
-                    rate: Some(rate),
-                    summary,
-                    harness_cpu_share: r.harness_cpu_share,
-                    records: r.records,
-                };
-                print!("{}", report::table(&p));
-                points.push(p);
+            let mut sweeps = Vec::new();
+            for &seed in &a.seeds {
+                let workload = workload(seed)?;
+                let mut points = Vec::new();
+                for (k, &rate) in mix.rates.iter().enumerate() {
+                    let opts = RunOptions {
+                        load: Load::Rate {
+                            arrivals: Arrivals::Poisson { rate },
+                            max_concurrency: 256,
+                        },
+                        jobs: Some(mix.jobs),
+                        duration: None,
+                        warmup: 0,
+                        seed,
+                        progress: true,
+                        // Fresh prompts per rate: the servers cache prefixes.
+                        first_job: k * 1_000_000,
+                    };
+                    let r = run::run(&ep, &workload, &opts);
+                    let summary = summarize(&r.records, r.duration_s, Some(mix.slo));
+                    let p = Point {
+                        label: format!("{sys} {} {rate}/s seed {seed}", mix.name),
+                        rate: Some(rate),
+                        summary,
+                        harness_cpu_share: r.harness_cpu_share,
+                        records: r.records,
+                    };
+                    print!("{}", report::table(&p));
+                    points.push(p);
+                }
+                sweeps.push((seed, points));
             }
-            results[mi].push((sys.clone(), points));
+            results[mi].push((sys.clone(), sweeps));
         }
         drop(system);
     }
-    // SLOs from the lone requests: a multiple of the best any system did.
+    // With --slo-from-lone: a multiple of the best lone median any system had.
     let mut slos = Vec::new();
     for (mix, res) in mixes.iter().zip(results.iter_mut()) {
         let best = |f: fn(&(String, String, f64, f64)) -> f64| {
@@ -369,57 +456,66 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                 .filter(|x| x.is_finite())
                 .fold(f64::INFINITY, f64::min)
         };
-        let slo = mix.slo.unwrap_or(Slo {
-            ttft: a.ttft_scale * best(|l| l.2),
-            tpot: a.tpot_scale * best(|l| l.3),
-        });
-        for (_, points) in res.iter_mut() {
-            for p in points.iter_mut() {
+        let slo = if a.slo_from_lone {
+            Slo {
+                ttft: a.ttft_scale * best(|l| l.2),
+                tpot: a.tpot_scale * best(|l| l.3),
+            }
+        } else {
+            mix.slo
+        };
+        for (_, sweeps) in res.iter_mut() {
+            for p in sweeps.iter_mut().flat_map(|(_, pts)| pts.iter_mut()) {
                 p.summary = summarize(&p.records, p.summary.duration_s, Some(slo));
             }
         }
         slos.push(slo);
     }
     println!(
-        "\ngoodput: the highest rate at which >= {:.0}% of requests met both SLOs",
-        a.target * 100.0
+        "\ngoodput: per seed, the highest rate at which it and every lower rate had >= {:.0}% of requests meet both SLOs; seeds {:?}",
+        a.target * 100.0,
+        a.seeds
     );
-    println!(
-        "{:<10} {:>14} {:>14} {:>14}  SLO (TTFT, TPOT)",
-        "mix", "disaggregated", "colocated", "llama.cpp"
-    );
-    let mut doc = serde_json::json!({ "target": a.target, "ttft_scale": a.ttft_scale, "tpot_scale": a.tpot_scale, "lone": lone.iter().map(|(s, m, t, p)| serde_json::json!({"system": s, "mix": m, "ttft_s": t, "tpot_s": p})).collect::<Vec<_>>(), "mixes": {} });
+    let mut doc = serde_json::json!({
+        "target": a.target, "seeds": a.seeds, "slo_from_lone": a.slo_from_lone,
+        "ttft_scale": a.ttft_scale, "tpot_scale": a.tpot_scale,
+        "lone": lone.iter().map(|(s, m, t, p)| serde_json::json!({"system": s, "mix": m, "ttft_s": t, "tpot_s": p})).collect::<Vec<_>>(),
+        "mixes": {},
+    });
     for ((mix, res), slo) in mixes.iter().zip(&results).zip(&slos) {
-        let goodput = |sys: &str| -> Option<f64> {
-            let (_, pts) = res.iter().find(|(s, _)| s == sys)?;
-            Some(
-                pts.iter()
-                    .filter(|p| p.summary.slo_attainment.is_some_and(|x| x >= a.target))
-                    .filter_map(|p| p.rate)
-                    .fold(0.0, f64::max),
-            )
-        };
-        let cell = |g: Option<f64>| g.map_or("-".to_string(), |g| format!("{g:.2}/s"));
         println!(
-            "{:<10} {:>14} {:>14} {:>14}  {:.0} ms, {:.0} ms",
+            "\n{}: SLO TTFT <= {:.0} ms, TPOT <= {:.0} ms{}",
             mix.name,
-            cell(goodput("disaggregated")),
-            cell(goodput("colocated")),
-            cell(goodput("llamacpp")),
             slo.ttft * 1e3,
-            slo.tpot * 1e3
+            slo.tpot * 1e3,
+            if a.slo_from_lone {
+                " (from lone requests)"
+            } else {
+                " (fixed)"
+            }
         );
-        for (sys, pts) in res {
-            for p in pts {
+        let mut series = Vec::new();
+        let mut per_system = serde_json::Map::new();
+        let mut goodput_of = Vec::new();
+        for (sys, sweeps) in res {
+            let (spreads, points) = pooled(sweeps, &format!("{sys} {}", mix.name), *slo);
+            let g = goodputs(sweeps, a.target);
+            println!(
+                "  {sys:<14} goodput per seed: {}",
+                g.iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for (s, p) in spreads.iter().zip(&points) {
                 let st = &p.summary;
                 let q = |x: &Option<tandem_bench::metrics::Stats>,
                          f: fn(&tandem_bench::metrics::Stats) -> f64| {
                     x.as_ref().map_or(f64::NAN, |s| f(s) * 1e3)
                 };
                 println!(
-                    "    {sys:<14} {:>5}/s: attainment {:>5.1}%, TTFT p50 {:>7.0} p90 {:>7.0} ms, TPOT p50 {:>5.1} p90 {:>5.1} ms, {}/{} ok",
-                    p.rate.unwrap_or(0.0),
-                    st.slo_attainment.unwrap_or(0.0) * 100.0,
+                    "    {:>5}/s: attainment {s}, TTFT p50 {:>6.0} p90 {:>6.0} ms, TPOT p50 {:>5.1} p90 {:>5.1} ms, {}/{} ok",
+                    s.rate,
                     q(&st.ttft, |s| s.median),
                     q(&st.ttft, |s| s.p90),
                     q(&st.tpot, |s| s.median),
@@ -428,17 +524,45 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                     st.requests
                 );
             }
+            per_system.insert(
+                sys.clone(),
+                serde_json::json!({
+                    "goodput_per_seed": g.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+                    "points": spreads.iter().zip(&points).map(|(s, p)| serde_json::json!({
+                        "rate": s.rate, "attainment_pooled": s.pooled(),
+                        "attainment_min": s.min, "attainment_max": s.max,
+                        "attainment_ci95": wilson(s.good, s.requests),
+                        "summary": p.summary,
+                    })).collect::<Vec<_>>(),
+                    "per_seed": sweeps.iter().map(|(seed, pts)| serde_json::json!({
+                        "seed": seed,
+                        "attainment": pts.iter().map(|p| (p.rate, p.summary.slo_attainment)).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                }),
+            );
+            goodput_of.push((sys.clone(), g));
+            series.push((sys.clone(), points));
+        }
+        let mut verdicts = serde_json::Map::new();
+        for (i, (x, gx)) in goodput_of.iter().enumerate() {
+            for (y, gy) in &goodput_of[i + 1..] {
+                if let Some(v) = Verdict::of(gx, gy) {
+                    println!("  {x} against {y}: goodput {v}");
+                    verdicts.insert(format!("{x} vs {y}"), v.to_string().into());
+                }
+            }
         }
         let plot = a.out.join(format!("{}.svg", mix.name));
-        report::plot_sweep(&plot, res)?;
+        report::plot_sweep(&plot, &series)?;
         println!("  wrote {}", plot.display());
-        let all: Vec<Point> = res.iter().flat_map(|(_, p)| p.iter().cloned()).collect();
+        let all: Vec<Point> = res
+            .iter()
+            .flat_map(|(_, s)| s.iter().flat_map(|(_, p)| p.iter().cloned()))
+            .collect();
         report::write_csv(&a.out.join(format!("{}.csv", mix.name)), &all)?;
         doc["mixes"][mix.name] = serde_json::json!({
             "slo_ttft_s": slo.ttft, "slo_tpot_s": slo.tpot,
-            "goodput": {"disaggregated": goodput("disaggregated"), "colocated": goodput("colocated"), "llamacpp": goodput("llamacpp")},
-            "systems": res.iter().map(|(s, pts)| (s.clone(), serde_json::json!(pts.iter().map(|p| serde_json::json!({"rate": p.rate, "summary": p.summary})).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
-            "attainment": res.iter().map(|(s, pts)| (s.clone(), serde_json::json!(pts.iter().map(|p| (p.rate, p.summary.slo_attainment)).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
+            "systems": per_system, "verdicts": verdicts,
         });
     }
     let path = a.out.join("goodput.json");

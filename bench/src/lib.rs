@@ -2,6 +2,8 @@
 //!
 //! - `tandem bench engine` ([`engine`]) measures the model engine alone and,
 //!   given llama.cpp's `llama-bench` ([`llamacpp`]), the reference beside it.
+//! - `tandem bench goodput` concludes from sweeps over several seeds with
+//!   [`goodput`].
 //! - `tandem bench serve` is the serving harness for any OpenAI-compatible
 //!   endpoint: [`workload`] (what is sent), [`run`] (when: concurrency or an
 //!   arrival process from [`arrivals`]), [`client`] and [`http`] (how, with
@@ -12,6 +14,7 @@
 pub mod arrivals;
 pub mod client;
 pub mod engine;
+pub mod goodput;
 pub mod http;
 pub mod llamacpp;
 pub mod metrics;
