@@ -22,6 +22,12 @@ pub struct BenchEngineArgs {
     batches: Vec<usize>,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Tensor-parallel ranks (threads sharing --threads).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Expert parallelism (mixture-of-experts models): 1, or --tp.
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
     /// KV storage: f32, f16 or bf16 (default: f32 on the CPU, bf16 on a GPU).
     #[arg(long)]
     kv_dtype: Option<String>,
@@ -52,12 +58,17 @@ pub fn engine(common: &Common, threads: usize, a: BenchEngineArgs) -> Result<()>
         decode_steps: a.decode_steps,
         batches: a.batches,
         repeats: a.repeats,
+        tp: a.tp,
+        ep: a.ep,
         device: a.device.device.clone(),
         gpu_dtype: a.device.gpu_dtype,
         kv_dtype,
     };
     let r = tandem_bench::engine::run(&file, threads, &opts)?;
     println!("model            {}", file.config.name);
+    if a.tp > 1 || a.ep > 1 {
+        println!("layout           TP {}, EP {}", a.tp, a.ep);
+    }
     if on_gpu {
         for g in tandem_model::cuda::probe(&a.device.device, 1)? {
             println!(

@@ -42,7 +42,7 @@ pub struct BenchGoodputArgs {
     #[arg(long, value_delimiter = ',', default_value = "chat,long,sessions")]
     workloads: Vec<String>,
     /// Request rates (jobs/s) per workload.
-    #[arg(long, value_delimiter = ',', default_value = "0.5,1,2")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     chat_rates: Vec<f64>,
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.2")]
     long_rates: Vec<f64>,

@@ -91,8 +91,8 @@ pub fn check(common: &Common, a: CheckArgs) -> Result<()> {
     }
     for d in &c.file.decode {
         println!(
-            "  decode group {} at {}: tp {}, {} KV blocks per rank, batch {}",
-            d.name, d.addr, d.tp, d.kv_blocks, d.max_batch
+            "  decode group {} at {}: tp {}, ep {}, {} KV blocks per rank, batch {}",
+            d.name, d.addr, d.tp, d.ep, d.kv_blocks, d.max_batch
         );
     }
     Ok(())

@@ -71,6 +71,10 @@ pub struct GenerateArgs {
     /// Tensor-parallel ranks per stage, run as threads.
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    /// Expert parallelism (mixture-of-experts models): 1, or --tp to give
+    /// each rank its share of whole experts.
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
     /// Prefill chunk size in tokens.
     #[arg(long, default_value_t = 512)]
     chunk: usize,
@@ -155,6 +159,7 @@ pub fn run(common: &Common, a: GenerateArgs) -> Result<()> {
     let opts = EngineOptions {
         pp: a.pp,
         tp: a.tp,
+        ep: a.ep,
         block_size: a.block_size,
         kv_dtype,
         kv_blocks: need_blocks,

@@ -91,8 +91,16 @@ pub fn run(a: PlanArgs) -> Result<()> {
     );
     for r in [&p.prefill, &p.decode] {
         println!(
-            "{:8} TP {} x PP {} = {} GPUs per instance, {} instance(s) fit; {:.1} GB weights per GPU; {:.0} bytes KV per token; KV for {:.0} tokens per instance",
-            r.role, r.tp, r.pp, r.gpus, r.instances, r.weights_per_gpu_gb, r.kv_bytes_per_token, r.kv_capacity_tokens
+            "{:8} TP {}{} x PP {} = {} GPUs per instance, {} instance(s) fit; {:.1} GB weights per GPU; {:.0} bytes KV per token; KV for {:.0} tokens per instance",
+            r.role,
+            r.tp,
+            if r.ep > 1 { format!(" (EP {})", r.ep) } else { String::new() },
+            r.pp,
+            r.gpus,
+            r.instances,
+            r.weights_per_gpu_gb,
+            r.kv_bytes_per_token,
+            r.kv_capacity_tokens
         );
         for line in &r.reasoning {
             println!("         - {line}");

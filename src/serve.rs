@@ -26,6 +26,11 @@ pub struct ServeArgs {
     /// Decode tensor-parallel ranks (must divide the model's KV heads).
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// Decode expert parallelism for a mixture-of-experts model: 1 (every
+    /// rank holds every expert, cut like the MLP) or --tp (each rank holds
+    /// experts / tp whole experts; tokens travel to them all-to-all).
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
     /// HTTP port of the OpenAI-compatible API.
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
@@ -236,10 +241,11 @@ pub fn write_cluster(a: &ServeArgs, model: &Path, dir: &Path) -> Result<PathBuf>
     }
     for d in 0..a.decode_groups {
         t += &format!(
-            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\nhealth = \"127.0.0.1:{}\"\ndevice = {device:?}\ntp = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\nlocal_prefill_chunk = {}\n\n",
+            "[[decode]]\nname = \"d{d}\"\naddr = \"127.0.0.1:{}\"\nhealth = \"127.0.0.1:{}\"\ndevice = {device:?}\ntp = {}\nep = {}\nkv_blocks = {}\nmax_batch = {}\nmax_queue = {}\nlocal_prefill_max = {}\nlocal_prefill_chunk = {}\n\n",
             free_udp()?,
             free_tcp()?,
             a.tp,
+            a.ep,
             a.kv_blocks,
             a.max_batch,
             a.max_queue,
@@ -373,8 +379,8 @@ impl Drop for Children {
 }
 
 pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
-    if a.pp == 0 || a.tp == 0 || a.decode_groups == 0 || a.local_prefill_chunk == 0 {
-        bail!("--pp, --tp, --decode-groups and --local-prefill-chunk must be at least 1");
+    if a.pp == 0 || a.tp == 0 || a.ep == 0 || a.decode_groups == 0 || a.local_prefill_chunk == 0 {
+        bail!("--pp, --tp, --ep, --decode-groups and --local-prefill-chunk must be at least 1");
     }
     let model = common.model_path(&a.model)?;
     let dir = match &a.dir {
@@ -469,11 +475,12 @@ pub fn run(common: &Common, threads: usize, a: ServeArgs) -> Result<()> {
     }
     let name = crate::node::served_name(&tandem_model::ModelFile::open(&model)?);
     println!(
-        "Tandem is serving {name} at http://{http}/v1 ({} prefill pipeline(s) of PP {}, {} decode group(s) of TP {}; cluster file {})",
+        "Tandem is serving {name} at http://{http}/v1 ({} prefill pipeline(s) of PP {}, {} decode group(s) of TP {}{}; cluster file {})",
         a.pipelines,
         a.pp,
         a.decode_groups,
         a.tp,
+        if a.ep > 1 { format!(", EP {}", a.ep) } else { String::new() },
         config.display()
     );
     println!(

@@ -597,3 +597,60 @@ fn the_cluster_on_the_emulated_gpu_answers_exactly_like_generate() {
         );
     }
 }
+
+/// A mixture-of-experts model (the tiny Qwen3-MoE file `bench/tiny_moe.py
+/// files` makes) through the cluster: prefill stages holding all experts of
+/// their layers send KV to decode groups whose ranks cut every expert (EP
+/// 1) or hold whole experts and exchange tokens (EP = TP = 3); greedy
+/// answers equal `generate`'s.
+#[test]
+fn a_mixture_of_experts_model_answers_exactly_like_generate() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = std::env::var_os("TANDEM_HOME").map_or_else(
+        || std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem"),
+        std::path::PathBuf::from,
+    );
+    let model = home.join("moe/tiny-qwen3moe.gguf");
+    assert!(
+        model.is_file(),
+        "{} is missing: `bench/tiny_moe.py files` makes it (CI does)",
+        model.display()
+    );
+    let model = model.to_str().expect("a UTF-8 path");
+    for q in [SHORT, LONG] {
+        let want = generate_with(&["--model", model, "--chat", q], 16);
+        for (pp, tp, ep) in [(2, 3, 3), (1, 3, 1)] {
+            let (pp_s, tp_s, ep_s) = (pp.to_string(), tp.to_string(), ep.to_string());
+            let c = Cluster::start(&[
+                "--model",
+                model,
+                "--pp",
+                &pp_s,
+                "--tp",
+                &tp_s,
+                "--ep",
+                &ep_s,
+                "--local-prefill-max",
+                "0",
+            ]);
+            let (status, models) = http(c.port, "GET", "/v1/models", None);
+            assert_eq!(status, 200, "{models}");
+            let models: Value = serde_json::from_str(&models).expect("JSON");
+            let name = models["data"][0]["id"].as_str().expect("a model id");
+            let mut body = greedy(q, 16);
+            body["model"] = name.into();
+            let (status, v) = c.chat(&body);
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(
+                v["choices"][0]["message"]["content"].as_str(),
+                Some(want.as_str()),
+                "PP {pp}, TP {tp}, EP {ep}, prompt {q:?}"
+            );
+            assert!(
+                v["tandem"]["kv_bytes"].as_u64().unwrap_or(0) > 0,
+                "the prompt's KV came from the pipeline: {}",
+                v["tandem"]
+            );
+        }
+    }
+}

@@ -18,6 +18,10 @@ pub struct EngineBenchOptions {
     pub decode_steps: usize,
     pub batches: Vec<usize>,
     pub repeats: usize,
+    /// Tensor and expert parallelism of the engine measured (ranks as
+    /// threads sharing the thread count).
+    pub tp: usize,
+    pub ep: usize,
     pub device: Device,
     pub gpu_dtype: GpuDtype,
     pub kv_dtype: KvDtype,
@@ -31,6 +35,8 @@ impl Default for EngineBenchOptions {
             decode_steps: 128,
             batches: vec![8, 32],
             repeats: 3,
+            tp: 1,
+            ep: 1,
             device: Device::Cpu,
             gpu_dtype: GpuDtype::Bf16,
             kv_dtype: KvDtype::F32,
@@ -65,12 +71,17 @@ pub fn prompt_tokens(file: &ModelFile, n: usize) -> Result<Vec<u32>> {
     Ok(base.iter().copied().cycle().take(n).collect())
 }
 
-/// Parameters a decode step reads once (every projection and the LM head).
+/// Parameters a batch-1 decode step reads once (every projection and the
+/// LM head; of a mixture of experts, the router and the experts one token
+/// runs).
 pub fn weight_params(file: &ModelFile) -> usize {
     let c = &file.config;
     let attn =
         c.hidden * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.hidden;
-    let mlp = 3 * c.hidden * c.intermediate;
+    let mlp = match c.moe {
+        Some(m) => 3 * c.hidden * m.intermediate * m.used + c.hidden * m.experts,
+        None => 3 * c.hidden * c.intermediate,
+    };
     c.n_layers * (attn + mlp) + c.vocab_size * c.hidden
 }
 
@@ -88,6 +99,9 @@ pub fn run(
         &EngineOptions {
             kv_blocks: blocks,
             kv_dtype: opts.kv_dtype,
+            tp: opts.tp,
+            ep: opts.ep,
+            threads,
             device: opts.device.clone(),
             gpu_dtype: opts.gpu_dtype,
             ..Default::default()

@@ -430,6 +430,7 @@ pub fn run(
         &RankGroupOptions {
             layers: 0..cfg.n_layers,
             tp: d.tp,
+            ep: d.ep,
             block_size,
             kv_dtype: cluster.kv_dtype,
             kv_blocks: d.kv_blocks,

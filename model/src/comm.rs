@@ -1,9 +1,10 @@
 //! Collective communication between the tensor-parallel ranks of a slice.
 //!
 //! Each transformer layer ends its attention and its MLP with a partial sum
-//! per rank; [`AllReduce`] combines them. [`ThreadGroup`] implements it for
-//! ranks that are threads of one process (shared memory); a GPU build would
-//! put NCCL behind the same trait.
+//! per rank; [`AllReduce`] combines them. Expert parallelism sends each
+//! token to the rank holding its expert and back with [`AllToAll`].
+//! [`ThreadGroup`] implements both for ranks that are threads of one process
+//! (shared memory); the GPU ranks put NCCL behind the same operations.
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -17,8 +18,36 @@ pub trait AllReduce: Send + Sync {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
 }
 
+pub trait AllToAll: Send + Sync {
+    /// Sends `send[d]` to rank `d` (one buffer per rank, any lengths, its
+    /// own included) and returns what every rank sent this one, by source.
+    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>>;
+}
+
+/// Everything a slice's ranks need from their group.
+pub trait Collectives: AllReduce + AllToAll {}
+
+impl<C: AllReduce + AllToAll> Collectives for C {}
+
 /// The trivial group of one rank.
 pub struct Solo;
+
+impl AllToAll for Solo {
+    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        check_sends(&send, 1)?;
+        Ok(send)
+    }
+}
+
+fn check_sends(send: &[Vec<f32>], world: usize) -> Result<()> {
+    if send.len() != world {
+        return Err(ModelError::Worker(format!(
+            "an all-to-all over {world} ranks got {} buffers",
+            send.len()
+        )));
+    }
+    Ok(())
+}
 
 impl AllReduce for Solo {
     fn world(&self) -> usize {
@@ -41,6 +70,8 @@ struct BarrierState {
 struct Shared {
     world: usize,
     slots: Vec<Mutex<Vec<f32>>>,
+    /// Per source rank, the buffers it sends in an all-to-all, by destination.
+    mail: Vec<Mutex<Vec<Vec<f32>>>>,
     state: Mutex<BarrierState>,
     cv: Condvar,
 }
@@ -95,6 +126,7 @@ impl ThreadGroup {
         let shared = Arc::new(Shared {
             world,
             slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
+            mail: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
             state: Mutex::new(BarrierState {
                 arrived: 0,
                 generation: 0,
@@ -147,9 +179,70 @@ impl AllReduce for ThreadGroup {
     }
 }
 
+impl AllToAll for ThreadGroup {
+    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        let world = self.shared.world;
+        check_sends(&send, world)?;
+        if world == 1 {
+            return Ok(send);
+        }
+        *self.shared.mail[self.rank].lock().map_err(|_| aborted())? = send;
+        self.shared.wait()?;
+        // Each rank takes only its own buffer from every source's mail.
+        let mut out = Vec::with_capacity(world);
+        for m in &self.shared.mail {
+            let mut m = m.lock().map_err(|_| aborted())?;
+            out.push(std::mem::take(&mut m[self.rank]));
+        }
+        // Nobody may post new mail before every rank has taken its part.
+        self.shared.wait()?;
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_to_all_delivers_each_buffer_to_its_rank() {
+        let groups = ThreadGroup::new(3);
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|g| {
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    for round in 0..20 {
+                        // Rank r sends d + 1 + round values of 100 r + d to rank d.
+                        let send = (0..3)
+                            .map(|d| vec![(100 * g.rank() + d) as f32; d + 1 + round % 2])
+                            .collect();
+                        out.push(g.all_to_all(send).expect("all ranks alive"));
+                    }
+                    (g.rank(), out)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (me, rounds) = h.join().expect("rank thread");
+            for (round, got) in rounds.iter().enumerate() {
+                for (src, buf) in got.iter().enumerate() {
+                    assert_eq!(buf, &vec![(100 * src + me) as f32; me + 1 + round % 2]);
+                }
+            }
+        }
+        assert!(Solo.all_to_all(vec![vec![1.0], vec![2.0]]).is_err());
+    }
+
+    #[test]
+    fn a_departed_rank_releases_an_all_to_all() {
+        let mut groups = ThreadGroup::new(2);
+        let g1 = groups.pop().expect("two handles");
+        let g0 = groups.pop().expect("two handles");
+        let h = std::thread::spawn(move || g0.all_to_all(vec![vec![1.0], vec![2.0]]));
+        drop(g1);
+        assert!(h.join().expect("thread").is_err());
+    }
 
     #[test]
     fn threads_sum_identically() {

@@ -10,6 +10,11 @@ pub enum Arch {
     Mistral,
     Qwen2,
     Qwen3,
+    /// Qwen3 attention with mixture-of-experts FFNs.
+    Qwen3Moe,
+    /// Llama attention with mixture-of-experts FFNs (GGUF calls it `llama`
+    /// with an expert count).
+    Mixtral,
 }
 
 impl Arch {
@@ -19,11 +24,13 @@ impl Arch {
             "mistral" => Some(Arch::Mistral),
             "qwen2" => Some(Arch::Qwen2),
             "qwen3" => Some(Arch::Qwen3),
+            "qwen3moe" | "qwen3_moe" => Some(Arch::Qwen3Moe),
+            "mixtral" => Some(Arch::Mixtral),
             _ => None,
         }
     }
 
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3";
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, qwen3moe, mixtral";
 }
 
 /// Shape and numerics of a decoder-only transformer.
@@ -49,6 +56,24 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// Per-head RMS norm on Q and K before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// Mixture-of-experts FFNs in place of the dense MLP.
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
+}
+
+/// A mixture-of-experts FFN: a router scores every expert per token, the
+/// `used` best run (SwiGLU FFNs of width `intermediate`), and their outputs
+/// are summed weighted by the router's softmax probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub experts: usize,
+    /// Experts each token runs (top-k).
+    pub used: usize,
+    /// One expert's FFN width.
+    pub intermediate: usize,
+    /// The chosen experts' probabilities are rescaled to sum to 1 (Mixtral
+    /// always; Qwen3-MoE's `norm_topk_prob`).
+    pub norm_topk: bool,
 }
 
 impl ModelConfig {
@@ -57,11 +82,51 @@ impl ModelConfig {
         self.n_heads / self.n_kv_heads
     }
 
-    /// The tensor-parallel degrees this model accepts: divisors of the KV-head count.
+    /// The tensor-parallel degrees this model accepts: divisors of the
+    /// KV-head count that also split the MLP's width (a mixture of experts:
+    /// each expert's width, or the experts themselves with EP = TP).
     pub fn valid_tp(&self) -> Vec<usize> {
+        let ffn = |t: usize| match self.moe {
+            Some(m) => m.intermediate.is_multiple_of(t) || m.experts.is_multiple_of(t),
+            None => self.intermediate.is_multiple_of(t),
+        };
         (1..=self.n_kv_heads)
-            .filter(|t| self.n_kv_heads.is_multiple_of(*t) && self.intermediate.is_multiple_of(*t))
+            .filter(|&t| self.n_kv_heads.is_multiple_of(t) && ffn(t))
             .collect()
+    }
+
+    /// Checks an expert-parallel degree for a decode group of `tp` ranks.
+    /// EP 1 keeps every expert on every rank, each rank holding `1/tp` of
+    /// each expert's width as for a dense MLP; EP `tp` gives each rank
+    /// `experts / tp` whole experts.
+    pub fn check_ep(&self, ep: usize, tp: usize) -> Result<(), String> {
+        if ep == 1 {
+            return match self.moe {
+                Some(m) if !m.intermediate.is_multiple_of(tp) => Err(format!(
+                    "ep 1 cuts each expert's width of {} into tp = {tp} shares, which does not divide it; give each rank whole experts with ep = {tp}",
+                    m.intermediate
+                )),
+                _ => Ok(()),
+            };
+        }
+        let Some(m) = self.moe else {
+            return Err(format!(
+                "expert parallelism (ep {ep}) needs a mixture-of-experts model; {} is dense",
+                self.name
+            ));
+        };
+        if ep != tp {
+            return Err(format!(
+                "ep {ep} must be 1 or equal tp ({tp}): the group's ranks split the experts between them"
+            ));
+        }
+        if !m.experts.is_multiple_of(ep) {
+            return Err(format!(
+                "ep {ep} does not divide the model's {} experts",
+                m.experts
+            ));
+        }
+        Ok(())
     }
 
     /// Bytes of KV per token for the whole model at `elem_bytes` per element.
@@ -95,6 +160,14 @@ impl ModelConfig {
         }
         if !(self.rope_theta > 0.0) || !(self.rms_eps > 0.0) {
             return Err("rope theta and RMS epsilon must be positive".into());
+        }
+        if let Some(m) = self.moe {
+            if m.experts == 0 || m.intermediate == 0 || m.used == 0 || m.used > m.experts {
+                return Err(format!(
+                    "expert count {}, experts used {} and expert width {} do not make a mixture of experts",
+                    m.experts, m.used, m.intermediate
+                ));
+            }
         }
         Ok(())
     }

@@ -17,6 +17,8 @@ use crate::ModelConfig;
 pub struct EngineOptions {
     pub pp: usize,
     pub tp: usize,
+    /// Expert parallelism (mixture-of-experts models): 1, or `tp`.
+    pub ep: usize,
     /// Explicit layer ranges per stage; `None` splits evenly.
     pub layer_split: Option<Vec<std::ops::Range<usize>>>,
     pub block_size: usize,
@@ -38,6 +40,7 @@ impl Default for EngineOptions {
         EngineOptions {
             pp: 1,
             tp: 1,
+            ep: 1,
             layer_split: None,
             block_size: KvLayout::DEFAULT_BLOCK_SIZE,
             kv_dtype: KvDtype::F32,
@@ -88,6 +91,7 @@ impl Engine {
                 &RankGroupOptions {
                     layers,
                     tp: opts.tp,
+                    ep: opts.ep,
                     block_size: opts.block_size,
                     kv_dtype: opts.kv_dtype,
                     kv_blocks: opts.kv_blocks,

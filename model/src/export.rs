@@ -13,7 +13,7 @@ use std::path::Path;
 use safetensors::{Dtype, View};
 
 use crate::error::{ModelError, Result};
-use crate::file::{Naming, T};
+use crate::file::{Naming, M, T};
 use crate::ModelFile;
 
 struct Bf16 {
@@ -105,10 +105,14 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
             .load_shaped(&file.tensor_name(t, l), shape, false)?
             .f32_data())
     };
-    let mut tensors: BTreeMap<String, Bf16> = BTreeMap::new();
-    let mut put = |t: T, l: usize, shape: Vec<usize>, v: &[f32]| {
-        tensors.insert(Naming::Hf.name(t, l), bf16(shape, v));
+    let load_named = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        Ok(src.load_shaped(name, shape, false)?.f32_data())
     };
+    let mut tensors: BTreeMap<String, Bf16> = BTreeMap::new();
+    let put =
+        |tensors: &mut BTreeMap<String, Bf16>, t: T, l: usize, shape: Vec<usize>, v: &[f32]| {
+            tensors.insert(Naming::Hf.name(t, l), bf16(shape, v));
+        };
     let rows = |n: usize| if cfg.rope_neox { None } else { Some(n) };
     for l in 0..cfg.n_layers {
         for (t, heads) in [(T::Q, cfg.n_heads), (T::K, cfg.n_kv_heads)] {
@@ -117,36 +121,64 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
                 Some(n) => unpermute_rows(&w, n, hd, h),
                 None => w,
             };
-            put(t, l, vec![heads * hd, h], &w);
+            put(&mut tensors, t, l, vec![heads * hd, h], &w);
         }
         put(
+            &mut tensors,
             T::V,
             l,
             vec![cfg.n_kv_heads * hd, h],
             &load(T::V, l, &[cfg.n_kv_heads * hd, h])?,
         );
         put(
+            &mut tensors,
             T::O,
             l,
             vec![h, cfg.n_heads * hd],
             &load(T::O, l, &[h, cfg.n_heads * hd])?,
         );
-        for t in [T::Gate, T::Up] {
+        if let Some(m) = cfg.moe {
+            // GGUF stacks the experts; the Hugging Face layout names each.
+            let w = m.intermediate;
+            let name = |t: M, e: usize| file.moe_name(t, l, e);
+            let router = load_named(&name(M::Router, 0), &[m.experts, h])?;
+            tensors.insert(
+                Naming::Hf.moe_name(cfg.arch, M::Router, l, 0),
+                bf16(vec![m.experts, h], &router),
+            );
+            for (t, rows, cols) in [(M::Gate, w, h), (M::Up, w, h), (M::Down, h, w)] {
+                let stack = src.load_matrix(&name(t, 0), m.experts * rows, cols, false)?;
+                let data = stack.f32_data();
+                for e in 0..m.experts {
+                    tensors.insert(
+                        Naming::Hf.moe_name(cfg.arch, t, l, e),
+                        bf16(
+                            vec![rows, cols],
+                            &data[e * rows * cols..(e + 1) * rows * cols],
+                        ),
+                    );
+                }
+            }
+        } else {
+            for t in [T::Gate, T::Up] {
+                put(
+                    &mut tensors,
+                    t,
+                    l,
+                    vec![cfg.intermediate, h],
+                    &load(t, l, &[cfg.intermediate, h])?,
+                );
+            }
             put(
-                t,
+                &mut tensors,
+                T::Down,
                 l,
-                vec![cfg.intermediate, h],
-                &load(t, l, &[cfg.intermediate, h])?,
+                vec![h, cfg.intermediate],
+                &load(T::Down, l, &[h, cfg.intermediate])?,
             );
         }
-        put(
-            T::Down,
-            l,
-            vec![h, cfg.intermediate],
-            &load(T::Down, l, &[h, cfg.intermediate])?,
-        );
         for t in [T::AttnNorm, T::FfnNorm] {
-            put(t, l, vec![h], &load(t, l, &[h])?);
+            put(&mut tensors, t, l, vec![h], &load(t, l, &[h])?);
         }
         if cfg.qkv_bias {
             for (t, n) in [
@@ -154,25 +186,33 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
                 (T::KBias, cfg.n_kv_heads),
                 (T::VBias, cfg.n_kv_heads),
             ] {
-                put(t, l, vec![n * hd], &load(t, l, &[n * hd])?);
+                put(&mut tensors, t, l, vec![n * hd], &load(t, l, &[n * hd])?);
             }
         }
         if cfg.qk_norm {
             for t in [T::QNorm, T::KNorm] {
-                put(t, l, vec![hd], &load(t, l, &[hd])?);
+                put(&mut tensors, t, l, vec![hd], &load(t, l, &[hd])?);
             }
         }
     }
     put(
+        &mut tensors,
         T::Embed,
         0,
         vec![cfg.vocab_size, h],
         &load(T::Embed, 0, &[cfg.vocab_size, h])?,
     );
-    put(T::OutNorm, 0, vec![h], &load(T::OutNorm, 0, &[h])?);
+    put(
+        &mut tensors,
+        T::OutNorm,
+        0,
+        vec![h],
+        &load(T::OutNorm, 0, &[h])?,
+    );
     let tied = !src.has(&file.tensor_name(T::Output, 0));
     if !tied {
         put(
+            &mut tensors,
             T::Output,
             0,
             vec![cfg.vocab_size, h],
@@ -187,14 +227,18 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
         crate::Arch::Mistral => "mistral",
         crate::Arch::Qwen2 => "qwen2",
         crate::Arch::Qwen3 => "qwen3",
+        crate::Arch::Qwen3Moe => "qwen3_moe",
+        crate::Arch::Mixtral => "mixtral",
     };
     let arch_class = match cfg.arch {
         crate::Arch::Llama => "LlamaForCausalLM",
         crate::Arch::Mistral => "MistralForCausalLM",
         crate::Arch::Qwen2 => "Qwen2ForCausalLM",
         crate::Arch::Qwen3 => "Qwen3ForCausalLM",
+        crate::Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
+        crate::Arch::Mixtral => "MixtralForCausalLM",
     };
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": [arch_class],
         "model_type": model_type,
         "hidden_size": h,
@@ -214,6 +258,34 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
         "bos_token_id": file.tokenizer.bos,
         "eos_token_id": file.tokenizer.eos,
     });
+    if let Some(m) = cfg.moe {
+        let c = &mut config;
+        c["num_experts_per_tok"] = m.used.into();
+        if cfg.arch == crate::Arch::Mixtral {
+            c["num_local_experts"] = m.experts.into();
+            c["intermediate_size"] = m.intermediate.into();
+        } else {
+            c["num_experts"] = m.experts.into();
+            c["moe_intermediate_size"] = m.intermediate.into();
+            c["norm_topk_prob"] = m.norm_topk.into();
+            c["decoder_sparse_step"] = 1.into();
+            c["mlp_only_layers"] = serde_json::json!([]);
+        }
+    }
+    if let Some(m) = cfg.moe {
+        let c = &mut config;
+        c["num_experts_per_tok"] = m.used.into();
+        if cfg.arch == crate::Arch::Mixtral {
+            c["num_local_experts"] = m.experts.into();
+            c["intermediate_size"] = m.intermediate.into();
+        } else {
+            c["num_experts"] = m.experts.into();
+            c["moe_intermediate_size"] = m.intermediate.into();
+            c["norm_topk_prob"] = m.norm_topk.into();
+            c["decoder_sparse_step"] = 1.into();
+            c["mlp_only_layers"] = serde_json::json!([]);
+        }
+    }
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
     std::fs::write(dir.join("config.json"), text).map_err(io(dir, "config.json"))?;
     Ok(())

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::Value;
 
 use crate::chat::ChatTemplate;
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, MoeConfig};
 use crate::defaults::GenerationDefaults;
 use crate::error::{ModelError, Result};
 use crate::source::TensorSource;
@@ -59,7 +59,47 @@ pub(crate) enum T {
     Down,
 }
 
+/// Tensors of a mixture-of-experts FFN.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum M {
+    /// The router, `[experts, hidden]`.
+    Router,
+    Gate,
+    Up,
+    Down,
+}
+
 impl Naming {
+    /// A mixture-of-experts tensor of `layer`. GGUF stacks every expert's
+    /// matrix in one 3-D tensor (`expert` is ignored); the Hugging Face
+    /// layout names each expert's, as the architecture does.
+    pub fn moe_name(self, arch: Arch, m: M, layer: usize, expert: usize) -> String {
+        match self {
+            Naming::Gguf => format!(
+                "blk.{layer}.{}.weight",
+                match m {
+                    M::Router => "ffn_gate_inp",
+                    M::Gate => "ffn_gate_exps",
+                    M::Up => "ffn_up_exps",
+                    M::Down => "ffn_down_exps",
+                }
+            ),
+            Naming::Hf => {
+                let (block, router, [gate, up, down]) = match arch {
+                    Arch::Mixtral => ("block_sparse_moe", "gate", ["w1", "w3", "w2"]),
+                    _ => ("mlp", "gate", ["gate_proj", "up_proj", "down_proj"]),
+                };
+                let p = format!("model.layers.{layer}.{block}");
+                match m {
+                    M::Router => format!("{p}.{router}.weight"),
+                    M::Gate => format!("{p}.experts.{expert}.{gate}.weight"),
+                    M::Up => format!("{p}.experts.{expert}.{up}.weight"),
+                    M::Down => format!("{p}.experts.{expert}.{down}.weight"),
+                }
+            }
+        }
+    }
+
     pub fn name(self, t: T, layer: usize) -> String {
         match self {
             Naming::Gguf => {
@@ -150,13 +190,17 @@ impl ModelFile {
             .tensors()
             .into_iter()
             .map(|(name, stored, shape, kind)| {
-                let decode = match (kind, shape.len()) {
-                    (Some(crate::quant::QKind::Q4_0), 2) => "Q4_0 (on the Q4_1 kernel)".to_string(),
-                    (Some(k), 2) => k.to_string(),
+                // Matrices, and the 3-D stacks of a mixture of experts.
+                let matrix = matches!(shape.len(), 2 | 3);
+                let decode = match (kind, matrix) {
+                    (Some(crate::quant::QKind::Q4_0), true) => {
+                        "Q4_0 (on the Q4_1 kernel)".to_string()
+                    }
+                    (Some(k), true) => k.to_string(),
                     _ => "f32".to_string(),
                 };
                 // The LM head keeps its quantized form in both phases.
-                let prefill = if name == head || kind.is_none() || shape.len() != 2 {
+                let prefill = if name == head || kind.is_none() || !matrix {
                     decode.clone()
                 } else {
                     "f32 (dequantized on load)".to_string()
@@ -164,7 +208,7 @@ impl ModelFile {
                 TensorFormat {
                     name,
                     stored,
-                    quant: kind.filter(|_| shape.len() == 2),
+                    quant: kind.filter(|_| matrix),
                     shape,
                     decode,
                     prefill,
@@ -217,6 +261,12 @@ impl ModelFile {
             ))
         })?;
         let get = |k: &str| md.get(&format!("{arch_name}.{k}"));
+        // Mixtral is `llama` with experts in GGUF.
+        let experts = get("expert_count").and_then(value_usize).unwrap_or(0);
+        let arch = match arch {
+            Arch::Llama | Arch::Mistral if experts > 0 => Arch::Mixtral,
+            a => a,
+        };
         let req_u = |k: &str| -> Result<usize> {
             get(k).and_then(value_usize).ok_or_else(|| {
                 bad(format!(
@@ -226,6 +276,26 @@ impl ModelFile {
         };
         let n_heads = req_u("attention.head_count")?;
         let hidden = req_u("embedding_length")?;
+        let moe = match arch {
+            Arch::Qwen3Moe | Arch::Mixtral => {
+                let ffn = if arch == Arch::Qwen3Moe {
+                    "expert_feed_forward_length"
+                } else {
+                    "feed_forward_length"
+                };
+                Some(MoeConfig {
+                    experts,
+                    used: req_u("expert_used_count")?,
+                    intermediate: req_u(ffn)?,
+                    // llama.cpp renormalises the chosen experts' weights
+                    // for both (Qwen3-MoE checkpoints set norm_topk_prob).
+                    norm_topk: get("expert_weights_norm")
+                        .and_then(|v| v.to_bool().ok())
+                        .unwrap_or(true),
+                })
+            }
+            _ => None,
+        };
         let tokenizer = Tokenizer::from_gguf(path, &md)?;
         let vocab_size = get("vocab_size")
             .and_then(value_usize)
@@ -250,7 +320,12 @@ impl ModelFile {
             head_dim: get("attention.key_length")
                 .and_then(value_usize)
                 .unwrap_or(hidden.checked_div(n_heads).unwrap_or(0)),
-            intermediate: req_u("feed_forward_length")?,
+            intermediate: match moe {
+                Some(m) => get("feed_forward_length")
+                    .and_then(value_usize)
+                    .unwrap_or(m.intermediate),
+                None => req_u("feed_forward_length")?,
+            },
             vocab_size,
             context_length: get("context_length").and_then(value_usize).unwrap_or(4096),
             rope_theta: get("rope.freq_base")
@@ -259,9 +334,10 @@ impl ModelFile {
             rms_eps: get("attention.layer_norm_rms_epsilon")
                 .and_then(|v| v.to_f32().ok())
                 .unwrap_or(1e-5),
-            rope_neox: matches!(arch, Arch::Qwen2 | Arch::Qwen3),
+            rope_neox: matches!(arch, Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe),
             qkv_bias: source.has(&Naming::Gguf.name(T::QBias, 0)),
             qk_norm: source.has(&Naming::Gguf.name(T::QNorm, 0)),
+            moe,
         };
         config.validate().map_err(bad)?;
         let chat_template = md
@@ -297,6 +373,31 @@ impl ModelFile {
         })?;
         let u = |k: &str| cfg[k].as_u64().map(|v| v as usize);
         let req = |k: &str| u(k).ok_or_else(|| bad(format!("{k} is missing")));
+        let moe = match arch {
+            Arch::Mixtral => Some(MoeConfig {
+                experts: req("num_local_experts")?,
+                used: req("num_experts_per_tok")?,
+                intermediate: req("intermediate_size")?,
+                norm_topk: true,
+            }),
+            Arch::Qwen3Moe => Some(MoeConfig {
+                experts: req("num_experts")?,
+                used: req("num_experts_per_tok")?,
+                intermediate: req("moe_intermediate_size")?,
+                norm_topk: cfg["norm_topk_prob"].as_bool().unwrap_or(false),
+            }),
+            _ => None,
+        };
+        if arch == Arch::Qwen3Moe
+            && (u("decoder_sparse_step").is_some_and(|s| s != 1)
+                || cfg["mlp_only_layers"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty()))
+        {
+            return Err(ModelError::Unsupported(
+                "Qwen3-MoE with dense layers between sparse ones (decoder_sparse_step, mlp_only_layers)".into(),
+            ));
+        }
         let n_heads = req("num_attention_heads")?;
         let hidden = req("hidden_size")?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -333,6 +434,7 @@ impl ModelFile {
             rope_neox: true,
             qkv_bias: source.has(&Naming::Hf.name(T::QBias, 0)),
             qk_norm: source.has(&Naming::Hf.name(T::QNorm, 0)),
+            moe,
         };
         config.validate().map_err(bad)?;
         let chat_template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
@@ -354,6 +456,10 @@ impl ModelFile {
 
     pub(crate) fn tensor_name(&self, t: T, layer: usize) -> String {
         self.naming.name(t, layer)
+    }
+
+    pub(crate) fn moe_name(&self, m: M, layer: usize, expert: usize) -> String {
+        self.naming.moe_name(self.config.arch, m, layer, expert)
     }
 }
 

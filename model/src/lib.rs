@@ -43,8 +43,8 @@ mod weights;
 
 pub use attention::SeqSpan;
 pub use chat::{ChatMessage, ChatTemplate};
-pub use comm::{AllReduce, Solo, ThreadGroup};
-pub use config::{Arch, ModelConfig};
+pub use comm::{AllReduce, AllToAll, Collectives, Solo, ThreadGroup};
+pub use config::{Arch, ModelConfig, MoeConfig};
 pub use defaults::GenerationDefaults;
 pub use device::{Device, Gpus};
 pub use engine::{generate, Engine, EngineOptions, Generation, Sequence};

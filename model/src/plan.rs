@@ -28,6 +28,9 @@ pub struct ModelShape {
     /// KV elements per token per layer when not `2 * kv_heads * head_dim`
     /// (multi-head latent attention caches one compressed vector).
     pub kv_elems_per_layer: Option<usize>,
+    /// A mixture of experts: routed experts per layer, and how many each
+    /// token runs.
+    pub experts: Option<(usize, usize)>,
 }
 
 impl ModelShape {
@@ -35,7 +38,10 @@ impl ModelShape {
         let h = cfg.hidden as f64;
         let attn = h * (cfg.n_heads * cfg.head_dim) as f64 * 2.0
             + h * (cfg.n_kv_heads * cfg.head_dim) as f64 * 2.0;
-        let mlp = 3.0 * h * cfg.intermediate as f64;
+        let mlp = match cfg.moe {
+            Some(m) => m.experts as f64 * (3.0 * h * m.intermediate as f64 + h),
+            None => 3.0 * h * cfg.intermediate as f64,
+        };
         let params = cfg.n_layers as f64 * (attn + mlp + 2.0 * h) + 2.0 * cfg.vocab_size as f64 * h;
         ModelShape {
             name: cfg.name.clone(),
@@ -44,6 +50,7 @@ impl ModelShape {
             head_dim: cfg.head_dim,
             params,
             kv_elems_per_layer: None,
+            experts: cfg.moe.map(|m| (m.experts, m.used)),
         }
     }
 
@@ -57,24 +64,39 @@ impl ModelShape {
 
 /// Well-known models by name (case-insensitive), with published shapes.
 pub fn known_model(name: &str) -> Option<ModelShape> {
-    let m = |name: &str, layers, kv_heads, head_dim, params: f64, mla: Option<usize>| ModelShape {
+    let m = |name: &str,
+             layers,
+             kv_heads,
+             head_dim,
+             params: f64,
+             mla: Option<usize>,
+             experts: Option<(usize, usize)>| ModelShape {
         name: name.to_string(),
         layers,
         kv_heads,
         head_dim,
         params,
         kv_elems_per_layer: mla,
+        experts,
     };
     let all = [
-        m("Llama-3-8B", 32, 8, 128, 8.03e9, None),
-        m("Llama-3-70B", 80, 8, 128, 70.6e9, None),
-        m("Llama-3-405B", 126, 8, 128, 405.9e9, None),
-        m("Qwen3-235B-A22B", 94, 4, 128, 235.1e9, None),
-        m("Qwen3-32B", 64, 8, 128, 32.8e9, None),
-        m("Mixtral-8x7B", 32, 8, 128, 46.7e9, None),
-        m("Mixtral-8x22B", 56, 8, 128, 141.0e9, None),
+        m("Llama-3-8B", 32, 8, 128, 8.03e9, None, None),
+        m("Llama-3-70B", 80, 8, 128, 70.6e9, None, None),
+        m("Llama-3-405B", 126, 8, 128, 405.9e9, None, None),
+        m("Qwen3-235B-A22B", 94, 4, 128, 235.1e9, None, Some((128, 8))),
+        m("Qwen3-32B", 64, 8, 128, 32.8e9, None, None),
+        m("Mixtral-8x7B", 32, 8, 128, 46.7e9, None, Some((8, 2))),
+        m("Mixtral-8x22B", 56, 8, 128, 141.0e9, None, Some((8, 2))),
         // Multi-head latent attention: one 512 + 64 element latent per layer, shared by all heads.
-        m("DeepSeek-V3", 61, 1, 576, 671.0e9, Some(576)),
+        m(
+            "DeepSeek-V3",
+            61,
+            1,
+            576,
+            671.0e9,
+            Some(576),
+            Some((256, 8)),
+        ),
     ];
     all.into_iter().find(|s| s.name.eq_ignore_ascii_case(name))
 }
@@ -116,6 +138,9 @@ pub struct Hardware {
 pub struct RolePlan {
     pub role: &'static str,
     pub tp: usize,
+    /// Expert parallelism: each of the TP ranks holds `experts / ep` whole
+    /// experts (1: every rank holds every expert, cut by width).
+    pub ep: usize,
     pub pp: usize,
     pub gpus: usize,
     pub instances: usize,
@@ -193,7 +218,7 @@ pub fn plan(model: &ModelShape, hw: &Hardware) -> Result<Plan, String> {
             model.layers
         )
     })?;
-    let role = |name: &'static str, tp: usize, pp: usize, mut reasoning: Vec<String>| {
+    let role = |name: &'static str, tp: usize, ep: usize, pp: usize, mut reasoning: Vec<String>| {
         let gpus = tp * pp;
         let per_gpu = weights / gpus as f64;
         let kv_room = (hw.gpu_mem_gb * gb * USABLE - per_gpu).max(0.0) * gpus as f64;
@@ -210,6 +235,7 @@ pub fn plan(model: &ModelShape, hw: &Hardware) -> Result<Plan, String> {
         RolePlan {
             role: name,
             tp,
+            ep,
             pp,
             gpus,
             instances: total_gpus / gpus,
@@ -242,7 +268,31 @@ pub fn plan(model: &ModelShape, hw: &Hardware) -> Result<Plan, String> {
     if hw.interconnect == Interconnect::Pcie && tp > 2 {
         dr.push("on PCIe, TP above 2 spends ~25% of a step in all-reduce: benchmark TP = 2 with more PP".into());
     }
-    let decode = role("decode", tp, pp, dr);
+    // Experts: whole experts per rank where TP divides them (EP = TP). The
+    // memory per GPU is the same either way; what changes is the traffic.
+    let ep = match model.experts {
+        Some((e, k)) if tp > 1 && e.is_multiple_of(tp) => {
+            dr.push(format!(
+                "experts: EP = TP = {tp}: each rank holds {} of the {e} experts whole (1/{tp} of the expert weights, as TP would cut them); per layer a token's hidden state goes to the ranks of its {k} experts and back (two all-to-alls of at most {k} x hidden values per token) and an all-gather replaces the FFN's all-reduce",
+                e / tp
+            ));
+            tp
+        }
+        Some((e, _)) if tp > 1 => {
+            dr.push(format!(
+                "experts: TP = {tp} does not divide the {e} experts: EP = 1, each rank holds 1/{tp} of every expert's width"
+            ));
+            1
+        }
+        Some((e, k)) => {
+            dr.push(format!(
+                "experts: one rank holds all {e} experts ({k} per token): EP = 1"
+            ));
+            1
+        }
+        None => 1,
+    };
+    let decode = role("decode", tp, ep, pp, dr);
 
     // Prefill: pipeline stages first (one activation hand-off per chunk), TP only when layers run out.
     let ppp = (min_shards..=model.layers.min(total_gpus))
@@ -253,7 +303,7 @@ pub fn plan(model: &ModelShape, hw: &Hardware) -> Result<Plan, String> {
         shards_line,
         format!("prefill prefers pipeline stages (activations cross a boundary once per chunk; chunked prompts keep every stage busy): PP = {ppp}, TP = {ptp}"),
     ];
-    let prefill = role("prefill", ptp, ppp, pr);
+    let prefill = role("prefill", ptp, 1, ppp, pr);
     Ok(Plan {
         model: model.clone(),
         weights_gb: weights / gb,
@@ -294,6 +344,16 @@ mod tests {
         );
         assert!((p.decode.weights_per_gpu_gb - 29.4).abs() < 0.5);
         assert!(p.decode.tp <= 4);
+        // 128 experts: each of the 4 ranks holds 32 whole.
+        assert_eq!(p.decode.ep, 4);
+        assert!(
+            p.decode
+                .reasoning
+                .iter()
+                .any(|r| r.contains("holds 32 of the 128 experts")),
+            "{:?}",
+            p.decode.reasoning
+        );
     }
 
     #[test]
@@ -301,6 +361,7 @@ mod tests {
         let p = plan(&known_model("Llama-3-70B").expect("known"), &hw(1, 4, 80.0)).expect("fits");
         assert_eq!((p.decode.tp, p.decode.pp), (4, 1));
         assert_eq!((p.prefill.tp, p.prefill.pp), (1, 4));
+        assert_eq!(p.decode.ep, 1, "a dense model");
         for r in [&p.decode, &p.prefill] {
             assert!(
                 (r.weights_per_gpu_gb - 35.3).abs() < 0.5,

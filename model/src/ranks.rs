@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use crate::attention::SeqSpan;
-use crate::comm::{AllReduce, ThreadGroup};
+use crate::comm::{Collectives, ThreadGroup};
 use crate::cuda::{CommSpec, CudaSlice, CudaWeights, Gpu, GpuDtype};
 use crate::device::Device;
 use crate::error::{ModelError, Result};
@@ -27,6 +27,8 @@ use crate::slice::{ModelSlice, Phase, SliceInput, SliceOutput, SliceSpec};
 pub struct RankGroupOptions {
     pub layers: Range<usize>,
     pub tp: usize,
+    /// Expert parallelism for a mixture-of-experts model: 1, or `tp`.
+    pub ep: usize,
     pub block_size: usize,
     pub kv_dtype: KvDtype,
     /// Blocks in each rank's pool.
@@ -45,6 +47,7 @@ impl Default for RankGroupOptions {
         RankGroupOptions {
             layers: 0..1,
             tp: 1,
+            ep: 1,
             block_size: KvLayout::DEFAULT_BLOCK_SIZE,
             kv_dtype: KvDtype::F32,
             kv_blocks: 64,
@@ -124,6 +127,7 @@ impl RankGroup {
                 layers: layers.clone(),
                 tp_rank: r,
                 tp: opts.tp,
+                ep: opts.ep,
             };
             let slice = ModelSlice::load(file, &spec, opts.formats)?;
             let layout = slice.kv_layout(opts.block_size, opts.kv_dtype);
@@ -178,6 +182,7 @@ impl RankGroup {
                 layers: layers.clone(),
                 tp_rank: r,
                 tp: opts.tp,
+                ep: opts.ep,
             };
             let weights = CudaWeights::read(file, &spec, opts.gpu_dtype)?;
             let layout = weights.kv_layout(opts.block_size, opts.kv_dtype);
@@ -404,7 +409,7 @@ fn rank_loop(
                         input,
                         &spans,
                         &mut kv,
-                        &group as &dyn AllReduce,
+                        &group as &dyn Collectives,
                         phase,
                         stop.as_deref(),
                     )

@@ -158,8 +158,13 @@ impl TensorSource {
                 })?;
                 let dims = info.shape.dims().to_vec();
                 let kind = qkind(info.ggml_dtype);
-                if let (true, Some(kind), 2) = (keep_quant, kind, dims.len()) {
-                    let (rows, cols) = (dims[0], dims[1]);
+                // A 3-D stack of expert matrices is kept as one matrix of
+                // every expert's rows.
+                if let (true, Some(kind), 2 | 3) = (keep_quant, kind, dims.len()) {
+                    let (rows, cols) = (
+                        dims[..dims.len() - 1].iter().product(),
+                        dims[dims.len() - 1],
+                    );
                     if cols % kind.block_elems() != 0 {
                         return Err(ModelError::malformed(
                             path,
@@ -210,6 +215,39 @@ impl TensorSource {
                 Ok(RawTensor::F32 { shape, data })
             }
         }
+    }
+
+    /// Loads a 2-D or 3-D tensor as a `[rows, cols]` matrix (a stack of
+    /// expert matrices as every expert's rows, in expert order) and checks
+    /// its size.
+    pub fn load_matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        keep_quant: bool,
+    ) -> Result<RawTensor> {
+        let t = self.load(name, keep_quant)?;
+        let shape = t.shape();
+        let flat = match shape.split_last() {
+            Some((&c, lead)) if (1..=2).contains(&lead.len()) => {
+                (lead.iter().product::<usize>(), c)
+            }
+            _ => (0, 0),
+        };
+        if flat != (rows, cols) {
+            return Err(ModelError::malformed(
+                self.path(),
+                format!("tensor {name} has shape {shape:?}, expected {rows} rows of {cols}"),
+            ));
+        }
+        Ok(match t {
+            RawTensor::F32 { data, .. } => RawTensor::F32 {
+                shape: vec![rows, cols],
+                data,
+            },
+            other => other,
+        })
     }
 
     /// Loads a tensor and checks its shape.

@@ -7,8 +7,9 @@
 //! query groups, the matching input columns of the attention output, and
 //! `1/tp` of the MLP's intermediate dimension.
 
+use crate::config::MoeConfig;
 use crate::error::Result;
-use crate::file::{ModelFile, T};
+use crate::file::{ModelFile, Naming, M, T};
 use crate::slice::SliceSpec;
 use crate::source::RawTensor;
 
@@ -22,9 +23,30 @@ pub(crate) struct LayerTensors {
     /// `[hidden, n_q * hd]`.
     pub o: RawTensor,
     pub ffn_norm: Vec<f32>,
-    /// Gate and up rows stacked, `[2 * inter, hidden]`.
+    pub ffn: FfnTensors,
+}
+
+pub(crate) enum FfnTensors {
+    Dense {
+        /// Gate and up rows stacked, `[2 * inter, hidden]`.
+        gate_up: RawTensor,
+        /// `[hidden, inter]`.
+        down: RawTensor,
+    },
+    Moe {
+        /// `[experts, hidden]`, f32: every rank routes with all of it.
+        router: Vec<f32>,
+        /// The experts this slice holds, from expert `first` on.
+        first: usize,
+        experts: Vec<ExpertTensors>,
+    },
+}
+
+/// One expert's SwiGLU FFN (its width, or a tensor-parallel share of it).
+pub(crate) struct ExpertTensors {
+    /// Gate and up rows stacked, `[2 * width, hidden]`.
     pub gate_up: RawTensor,
-    /// `[hidden, inter]`.
+    /// `[hidden, width]`.
     pub down: RawTensor,
 }
 
@@ -87,9 +109,23 @@ pub(crate) fn read(file: &ModelFile, spec: &SliceSpec, keep_quant: bool) -> Resu
             None
         };
         let o = src.load_shaped(&name(T::O, l), &[h, cfg.n_heads * hd], keep_quant)?;
-        let gate = src.load_shaped(&name(T::Gate, l), &[cfg.intermediate, h], keep_quant)?;
-        let up = src.load_shaped(&name(T::Up, l), &[cfg.intermediate, h], keep_quant)?;
-        let down = src.load_shaped(&name(T::Down, l), &[h, cfg.intermediate], keep_quant)?;
+        let ffn = match cfg.moe {
+            None => {
+                let gate =
+                    src.load_shaped(&name(T::Gate, l), &[cfg.intermediate, h], keep_quant)?;
+                let up = src.load_shaped(&name(T::Up, l), &[cfg.intermediate, h], keep_quant)?;
+                let down =
+                    src.load_shaped(&name(T::Down, l), &[h, cfg.intermediate], keep_quant)?;
+                FfnTensors::Dense {
+                    gate_up: RawTensor::concat_rows(vec![
+                        gate.slice_rows(inter.start, inter.end),
+                        up.slice_rows(inter.start, inter.end),
+                    ]),
+                    down: down.slice_cols(inter.start, inter.end),
+                }
+            }
+            Some(m) => read_experts(file, spec, l, keep_quant, m)?,
+        };
         let (q_norm, k_norm) = if cfg.qk_norm {
             (Some(vec1(T::QNorm, l, hd)?), Some(vec1(T::KNorm, l, hd)?))
         } else {
@@ -103,11 +139,7 @@ pub(crate) fn read(file: &ModelFile, spec: &SliceSpec, keep_quant: bool) -> Resu
             k_norm,
             o: o.slice_cols(qh.start * hd, qh.end * hd),
             ffn_norm: vec1(T::FfnNorm, l, h)?,
-            gate_up: RawTensor::concat_rows(vec![
-                gate.slice_rows(inter.start, inter.end),
-                up.slice_rows(inter.start, inter.end),
-            ]),
-            down: down.slice_cols(inter.start, inter.end),
+            ffn,
         });
     }
 
@@ -146,5 +178,69 @@ pub(crate) fn read(file: &ModelFile, spec: &SliceSpec, keep_quant: bool) -> Resu
         n_q: qh.len(),
         n_kv: kvh.len(),
         inter: inter.len(),
+    })
+}
+
+/// The router and the experts `spec` holds of layer `l`: all of them, each
+/// cut to the shard's share of the width (EP 1), or whole experts, the
+/// shard's share of them (EP = TP).
+fn read_experts(
+    file: &ModelFile,
+    spec: &SliceSpec,
+    l: usize,
+    keep_quant: bool,
+    m: MoeConfig,
+) -> Result<FfnTensors> {
+    let (cfg, src) = (&file.config, &file.source);
+    let (h, w) = (cfg.hidden, m.intermediate);
+    let owned = spec.experts(cfg);
+    let cut = spec.expert_width(cfg);
+    let router = src
+        .load_shaped(&file.moe_name(M::Router, l, 0), &[m.experts, h], false)?
+        .f32_data();
+    let expert = |gate: RawTensor, up: RawTensor, down: RawTensor| ExpertTensors {
+        gate_up: RawTensor::concat_rows(vec![
+            gate.slice_rows(cut.start, cut.end),
+            up.slice_rows(cut.start, cut.end),
+        ]),
+        down: down.slice_cols(cut.start, cut.end),
+    };
+    let experts = match file.naming {
+        Naming::Gguf => {
+            let stack = |t: M, rows: usize, cols: usize| {
+                src.load_matrix(&file.moe_name(t, l, 0), rows, cols, keep_quant)
+            };
+            let gate = stack(M::Gate, m.experts * w, h)?;
+            let up = stack(M::Up, m.experts * w, h)?;
+            let down = stack(M::Down, m.experts * h, w)?;
+            owned
+                .clone()
+                .map(|e| {
+                    expert(
+                        gate.slice_rows(e * w, (e + 1) * w),
+                        up.slice_rows(e * w, (e + 1) * w),
+                        down.slice_rows(e * h, (e + 1) * h),
+                    )
+                })
+                .collect()
+        }
+        Naming::Hf => owned
+            .clone()
+            .map(|e| -> Result<ExpertTensors> {
+                let one = |t: M, shape: &[usize]| {
+                    src.load_shaped(&file.moe_name(t, l, e), shape, keep_quant)
+                };
+                Ok(expert(
+                    one(M::Gate, &[w, h])?,
+                    one(M::Up, &[w, h])?,
+                    one(M::Down, &[h, w])?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
+    Ok(FfnTensors::Moe {
+        router,
+        first: owned.start,
+        experts,
     })
 }

@@ -168,6 +168,7 @@ fn a_preempted_pass_stops_and_runs_again_to_the_same_logits() {
             &RankGroupOptions {
                 layers: 0..file.config.n_layers,
                 tp,
+                ep: 1,
                 block_size: 16,
                 kv_dtype: KvDtype::F32,
                 kv_blocks: 16,

@@ -34,6 +34,7 @@ pub fn run(
         &RankGroupOptions {
             layers: layers.clone(),
             tp: 1,
+            ep: 1,
             block_size,
             kv_dtype: cluster.kv_dtype,
             kv_blocks: pipeline.kv_blocks,

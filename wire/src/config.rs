@@ -212,6 +212,11 @@ pub struct DecodeSection {
     pub addr: NodeAddr,
     #[serde(default = "one")]
     pub tp: usize,
+    /// Expert parallelism for a mixture-of-experts model: 1 (each rank
+    /// holds every expert, cut like the MLP) or `tp` (each rank holds
+    /// `experts / tp` whole experts).
+    #[serde(default = "one")]
+    pub ep: usize,
     /// KV blocks in each rank's pool.
     #[serde(default = "default_kv_blocks")]
     pub kv_blocks: usize,
@@ -574,6 +579,9 @@ impl ClusterFile {
                     d.name, d.tp, model.n_kv_heads, valid_tp
                 )));
             }
+            model
+                .check_ep(d.ep, d.tp)
+                .map_err(|r| bad(format!("decode group '{}': {r}", d.name)))?;
             for (field, v) in [
                 ("kv_blocks", d.kv_blocks),
                 ("max_batch", d.max_batch),

@@ -9,6 +9,7 @@ use crate::file::ModelFile;
 use crate::kv::{KvDtype, KvLayout};
 use crate::slice::SliceSpec;
 use crate::source::RawTensor;
+use crate::weights::FfnTensors;
 
 /// Weight precision on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -102,23 +103,35 @@ impl CudaWeights {
                 cfg.group_size()
             )));
         }
+        if cfg.moe.is_some() {
+            return Err(ModelError::Unsupported(
+                "mixture-of-experts models on a GPU (they run on the CPU)".into(),
+            ));
+        }
         let t = crate::weights::read(file, spec, true)?;
         let d = dtype.dtype();
         let layers = t
             .layers
             .into_iter()
-            .map(|l| HostLayer {
-                attn_norm: l.attn_norm,
-                qkv: convert(l.qkv, d),
-                qkv_bias: l.qkv_bias,
-                q_norm: l.q_norm,
-                k_norm: l.k_norm,
-                o: convert(l.o, d),
-                ffn_norm: l.ffn_norm,
-                gate_up: convert(l.gate_up, d),
-                down: convert(l.down, d),
+            .map(|l| {
+                let FfnTensors::Dense { gate_up, down } = l.ffn else {
+                    return Err(ModelError::Unsupported(
+                        "mixture-of-experts layers on a GPU".into(),
+                    ));
+                };
+                Ok(HostLayer {
+                    attn_norm: l.attn_norm,
+                    qkv: convert(l.qkv, d),
+                    qkv_bias: l.qkv_bias,
+                    q_norm: l.q_norm,
+                    k_norm: l.k_norm,
+                    o: convert(l.o, d),
+                    ffn_norm: l.ffn_norm,
+                    gate_up: convert(gate_up, d),
+                    down: convert(down, d),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let has_embed = t.embed.is_some();
         let head = t.head.map(|h| {
             let lm = if h.tied && has_embed {

@@ -38,6 +38,16 @@ pub fn quant_file(name: &str) -> PathBuf {
     dir.join(format!("smol-{name}.gguf"))
 }
 
+/// A tiny random-weight mixture-of-experts file made by `bench/tiny_moe.py
+/// files`: `${TANDEM_HOME:-~/.cache/tandem}/moe/NAME`.
+pub fn moe_file(name: &str) -> PathBuf {
+    let home = std::env::var_os("TANDEM_HOME").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tandem"),
+        PathBuf::from,
+    );
+    home.join("moe").join(name)
+}
+
 pub fn open() -> ModelFile {
     ModelFile::open(&model_path()).expect("the default model opens")
 }
@@ -170,13 +180,20 @@ pub fn continuation(engine: &mut Engine, file: &ModelFile, ids: &[u32]) -> Vec<u
 /// Each (PP, TP) layout computes what the whole model does: prefill and
 /// decode logits within 1e-3 relative, identical 64-token greedy continuations.
 pub fn composed_equal_full(file: &ModelFile, layouts: &[(usize, usize)]) {
-    let opts = |pp, tp| EngineOptions {
+    let with_ep: Vec<_> = layouts.iter().map(|&(pp, tp)| (pp, tp, 1)).collect();
+    layouts_equal_full(file, &with_ep);
+}
+
+/// As [`composed_equal_full`], for (PP, TP, EP) layouts.
+pub fn layouts_equal_full(file: &ModelFile, layouts: &[(usize, usize, usize)]) {
+    let opts = |pp, tp, ep| EngineOptions {
         pp,
         tp,
+        ep,
         kv_blocks: 64,
         ..Default::default()
     };
-    let mut full = Engine::new(file, &opts(1, 1)).expect("full model");
+    let mut full = Engine::new(file, &opts(1, 1, 1)).expect("full model");
     let reference: Vec<_> = PROMPTS
         .iter()
         .map(|p| {
@@ -185,24 +202,24 @@ pub fn composed_equal_full(file: &ModelFile, layouts: &[(usize, usize)]) {
         })
         .collect();
     drop(full);
-    for &(pp, tp) in layouts {
-        let mut e = Engine::new(file, &opts(pp, tp)).expect("composed engine");
+    for &(pp, tp, ep) in layouts {
+        let mut e = Engine::new(file, &opts(pp, tp, ep)).expect("composed engine");
         for (p, ((pre, dec), cont)) in PROMPTS.iter().zip(&reference) {
             let ids = prompt_ids(file, p);
             let (pre2, dec2) = logits(&mut e, &ids);
             let (dp, dd) = (rel_diff(pre, &pre2), rel_diff(dec, &dec2));
             assert!(
                 dp <= 1e-3,
-                "PP={pp} TP={tp} {p:?}: prefill logits differ by {dp}"
+                "PP={pp} TP={tp} EP={ep} {p:?}: prefill logits differ by {dp}"
             );
             assert!(
                 dd <= 1e-3,
-                "PP={pp} TP={tp} {p:?}: decode logits differ by {dd}"
+                "PP={pp} TP={tp} EP={ep} {p:?}: decode logits differ by {dd}"
             );
             assert_eq!(
                 &continuation(&mut e, file, &ids),
                 cont,
-                "PP={pp} TP={tp} {p:?}: greedy continuation"
+                "PP={pp} TP={tp} EP={ep} {p:?}: greedy continuation"
             );
         }
         assert_eq!(e.free_blocks(), 64, "every block is returned");

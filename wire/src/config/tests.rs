@@ -18,6 +18,7 @@ fn smollm() -> ModelConfig {
         rope_neox: false,
         qkv_bias: false,
         qk_norm: false,
+        moe: None,
     }
 }
 
