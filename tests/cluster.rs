@@ -598,11 +598,11 @@ fn the_cluster_on_the_emulated_gpu_answers_exactly_like_generate() {
     }
 }
 
-/// A mixture-of-experts model (the tiny Qwen3-MoE file `bench/tiny_moe.py
-/// files` makes) through the cluster: prefill stages holding all experts of
-/// their layers send KV to decode groups whose ranks cut every expert (EP
-/// 1) or hold whole experts and exchange tokens (EP = TP = 3); greedy
-/// answers equal `generate`'s.
+/// A mixture-of-experts model (the tiny Qwen3-MoE file that
+/// `bench/tiny_moe.py files` makes) through the cluster: prefill stages
+/// holding all experts of their layers send KV to decode groups whose
+/// ranks cut every expert (EP of one) or hold whole experts and exchange
+/// tokens (EP = TP = 3); greedy answers equal `generate`'s.
 #[test]
 fn a_mixture_of_experts_model_answers_exactly_like_generate() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

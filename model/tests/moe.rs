@@ -44,14 +44,6 @@ fn entry(name: &str) -> serde_json::Value {
     record()["files"][name].clone()
 }
 
-fn cases(v: &serde_json::Value) -> Vec<(Vec<u32>, Vec<u32>)> {
-    v.as_array()
-        .expect("greedy cases")
-        .iter()
-        .map(|c| (common::ids(&c["prompt_ids"]), common::ids(&c["greedy_ids"])))
-        .collect()
-}
-
 fn log_softmax(l: &[f32]) -> Vec<f64> {
     let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let z: f64 = l.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
@@ -234,7 +226,7 @@ fn expert_parallelism_is_checked() {
         panic!("ep 3 with tp 1 was accepted");
     };
     assert!(err.to_string().contains("must be 1 or equal tp"), "{err}");
-    assert!(moe.experts % 3 == 0);
+    assert!(moe.experts.is_multiple_of(3));
     Engine::new(&file, &opts(3, 3)).expect("ep 3 with tp 3");
     // A dense model has no experts to split.
     let dense = common::open();
