@@ -118,15 +118,23 @@ def post(port: int, path: str, body: dict) -> dict:
         return json.load(r)
 
 
-def greedy_on(server: str, model: Path, cases: list) -> list:
+def greedy_on(
+    server: str, model: Path, cases: list, n_predict: int = 48, n_probs: int = 0
+) -> list:
+    """llama-server's greedy answers on `model` for each case's prompt ids;
+    with `n_probs`, also the top tokens and log-probabilities at each
+    position (`top`). The server's log goes beside the model."""
     port = free_port()
+    log = open(model.with_suffix(".server.log"), "w")
     proc = subprocess.Popen(
         [server, "-m", str(model), "--port", str(port), "-t", "2", "-c", "2048", "-np", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         for _ in range(600):
+            if proc.poll() is not None:
+                sys.exit(f"llama-server exited on {model}; see {log.name}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -137,23 +145,31 @@ def greedy_on(server: str, model: Path, cases: list) -> list:
             sys.exit(f"llama-server did not come up on {model}")
         out = []
         for c in cases:
-            r = post(
-                port,
-                "/completion",
-                {
-                    "prompt": c["prompt_ids"],
-                    "n_predict": 48,
-                    "temperature": 0.0,
-                    "cache_prompt": False,
-                    "return_tokens": True,
-                },
-            )
+            body = {
+                "prompt": c["prompt_ids"],
+                "n_predict": n_predict,
+                "temperature": 0.0,
+                "cache_prompt": False,
+                "return_tokens": True,
+            }
+            if n_probs:
+                body["n_probs"] = n_probs
+            r = post(port, "/completion", body)
             assert r["tokens_evaluated"] == len(c["prompt_ids"]), "the server added tokens"
-            out.append({"prompt_ids": c["prompt_ids"], "greedy_ids": r["tokens"]})
+            entry = {"prompt_ids": c["prompt_ids"], "greedy_ids": r["tokens"]}
+            if n_probs:
+                top = [
+                    [{"id": t["id"], "logprob": t["logprob"]} for t in p["top_logprobs"]]
+                    for p in r["completion_probabilities"]
+                ]
+                assert [p[0]["id"] for p in top] == r["tokens"], "greedy is not the top token"
+                entry["top"] = top
+            out.append(entry)
         return out
     finally:
         proc.terminate()
         proc.wait()
+        log.close()
 
 
 def record(files: dict) -> None:

@@ -123,13 +123,13 @@ TANDEM_TEST_MODEL (the default model's path, if not in the cache).
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import zlib
 from pathlib import Path
+
+# llama-server's greedy answers, shared with the dense quantization files.
+from quants import greedy_on
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMACPP = ROOT / "bench" / "llamacpp.sh"
@@ -434,70 +434,6 @@ def make_files() -> dict:
 # --- llama.cpp's answers -------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(port: int, path: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.load(r)
-
-
-def greedy_on(server: str, model: Path, cases: list) -> list:
-    port = free_port()
-    log = open(model.with_suffix(".server.log"), "w")
-    proc = subprocess.Popen(
-        [server, "-m", str(model), "--port", str(port), "-t", "2", "-c", "2048", "-np", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                sys.exit(f"llama-server exited on {model}; see {log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            sys.exit(f"llama-server did not come up on {model}")
-        out = []
-        for c in cases:
-            r = post(
-                port,
-                "/completion",
-                {
-                    "prompt": c["prompt_ids"],
-                    "n_predict": N_PREDICT,
-                    "temperature": 0.0,
-                    "cache_prompt": False,
-                    "return_tokens": True,
-                    "n_probs": N_PROBS,
-                },
-            )
-            assert r["tokens_evaluated"] == len(c["prompt_ids"]), "the server added tokens"
-            top = [
-                [{"id": t["id"], "logprob": t["logprob"]} for t in p["top_logprobs"]]
-                for p in r["completion_probabilities"]
-            ]
-            assert [p[0]["id"] for p in top] == r["tokens"], "greedy is not the top token"
-            out.append({"prompt_ids": c["prompt_ids"], "greedy_ids": r["tokens"], "top": top})
-        return out
-    finally:
-        proc.terminate()
-        proc.wait()
-        log.close()
-
-
 def check(name: str, greedy: list) -> dict:
     """Logit gaps (top-1 minus top-2) along the continuations; exits if an
     answer is degenerate (one token over and over)."""
@@ -533,7 +469,7 @@ def record(files: dict) -> None:
     }
     for name, path in files.items():
         print(f"[tiny_moe] {name}: recording llama-server's greedy answers", file=sys.stderr)
-        greedy = greedy_on(server, path, cases)
+        greedy = greedy_on(server, path, cases, N_PREDICT, N_PROBS)
         result["files"][name] = {
             "file": path.name,
             "architecture": "llama" if name.startswith("mixtral") else "qwen3moe",

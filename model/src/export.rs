@@ -272,20 +272,6 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
             c["mlp_only_layers"] = serde_json::json!([]);
         }
     }
-    if let Some(m) = cfg.moe {
-        let c = &mut config;
-        c["num_experts_per_tok"] = m.used.into();
-        if cfg.arch == crate::Arch::Mixtral {
-            c["num_local_experts"] = m.experts.into();
-            c["intermediate_size"] = m.intermediate.into();
-        } else {
-            c["num_experts"] = m.experts.into();
-            c["moe_intermediate_size"] = m.intermediate.into();
-            c["norm_topk_prob"] = m.norm_topk.into();
-            c["decoder_sparse_step"] = 1.into();
-            c["mlp_only_layers"] = serde_json::json!([]);
-        }
-    }
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
     std::fs::write(dir.join("config.json"), text).map_err(io(dir, "config.json"))?;
     Ok(())

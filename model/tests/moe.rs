@@ -9,7 +9,6 @@ mod common;
 
 use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
 use tandem_model::quant::QKind;
 use tandem_model::{
     Arch, Engine, EngineOptions, Formats, ModelFile, ModelSlice, Sequence, SliceSpec,
@@ -23,21 +22,11 @@ fn record() -> serde_json::Value {
 
 /// Opens a recorded file after checking it is the one llama.cpp answered on.
 fn open(entry: &serde_json::Value) -> ModelFile {
-    let path = common::moe_file(entry["file"].as_str().expect("file name"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; make the files with `bench/tiny_moe.py files` (CI does)",
-            path.display()
-        )
-    });
-    let sha = format!("{:x}", Sha256::digest(&bytes));
-    assert_eq!(
-        sha,
+    common::open_recorded(
+        &common::moe_file(entry["file"].as_str().expect("file name")),
         entry["sha256"].as_str().expect("sha256"),
-        "{} is not the file llama.cpp's answers were recorded on",
-        path.display()
-    );
-    ModelFile::open(&path).expect("the MoE model opens")
+        "bench/tiny_moe.py files",
+    )
 }
 
 fn entry(name: &str) -> serde_json::Value {

@@ -9,7 +9,6 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
 use tandem_model::quant::QKind;
 use tandem_model::{Formats, ModelFile, ModelSlice, SliceSpec};
 
@@ -21,21 +20,7 @@ fn record() -> serde_json::Value {
 
 /// Opens a recorded variant after checking it is the file llama.cpp answered on.
 fn open(name: &str, want_sha: &str) -> ModelFile {
-    let path = common::quant_file(name);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; make the files with `bench/quants.py files` (CI does)",
-            path.display()
-        )
-    });
-    let sha = format!("{:x}", Sha256::digest(&bytes));
-    assert_eq!(
-        sha,
-        want_sha,
-        "{} is not the file llama.cpp's answers were recorded on",
-        path.display()
-    );
-    ModelFile::open(&path).expect("the quantized model opens")
+    common::open_recorded(&common::quant_file(name), want_sha, "bench/quants.py files")
 }
 
 fn cases(v: &serde_json::Value) -> Vec<(Vec<u32>, Vec<u32>)> {

@@ -48,6 +48,26 @@ pub fn moe_file(name: &str) -> PathBuf {
     home.join("moe").join(name)
 }
 
+/// Opens a model file after checking its SHA-256 is `want_sha`: the file
+/// llama.cpp's recorded answers were made on. `make` says how to make it.
+pub fn open_recorded(path: &std::path::Path, want_sha: &str, make: &str) -> ModelFile {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; make the files with `{make}` (CI does)",
+            path.display()
+        )
+    });
+    let sha = format!("{:x}", Sha256::digest(&bytes));
+    assert_eq!(
+        sha,
+        want_sha,
+        "{} is not the file llama.cpp's answers were recorded on",
+        path.display()
+    );
+    ModelFile::open(path).expect("the model opens")
+}
+
 pub fn open() -> ModelFile {
     ModelFile::open(&model_path()).expect("the default model opens")
 }
