@@ -120,7 +120,6 @@ Environment: TANDEM_MOE_DIR (default ${TANDEM_HOME:-~/.cache/tandem}/moe),
 TANDEM_TEST_MODEL (the default model's path, if not in the cache).
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -128,8 +127,9 @@ import sys
 import zlib
 from pathlib import Path
 
-# llama-server's greedy answers, shared with the dense quantization files.
-from quants import greedy_on
+# Paths, digests and llama-server's greedy answers, shared with the dense
+# quantization files.
+from quants import base_model, greedy_on, home, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMACPP = ROOT / "bench" / "llamacpp.sh"
@@ -193,25 +193,8 @@ ARCHS = {
 }
 
 
-def home() -> Path:
-    return Path(os.environ.get("TANDEM_HOME", Path.home() / ".cache" / "tandem"))
-
-
 def moe_dir() -> Path:
     return Path(os.environ.get("TANDEM_MOE_DIR", home() / "moe"))
-
-
-def base_model() -> Path:
-    p = os.environ.get("TANDEM_TEST_MODEL")
-    return Path(p) if p else home() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def in_venv() -> bool:

@@ -204,27 +204,33 @@ impl AllToAll for ThreadGroup {
 mod tests {
     use super::*;
 
+    /// Runs `rounds` rounds of `f(group, round)` on each of `world` rank
+    /// threads; every rank's results, by rank.
+    fn on_ranks<R: Send + 'static>(
+        world: usize,
+        rounds: usize,
+        f: fn(&ThreadGroup, usize) -> R,
+    ) -> Vec<Vec<R>> {
+        let handles: Vec<_> = ThreadGroup::new(world)
+            .into_iter()
+            .map(|g| std::thread::spawn(move || (0..rounds).map(|r| f(&g, r)).collect()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    }
+
     #[test]
     fn all_to_all_delivers_each_buffer_to_its_rank() {
-        let groups = ThreadGroup::new(3);
-        let handles: Vec<_> = groups
-            .into_iter()
-            .map(|g| {
-                std::thread::spawn(move || {
-                    let mut out = Vec::new();
-                    for round in 0..20 {
-                        // Rank r sends d + 1 + round values of 100 r + d to rank d.
-                        let send = (0..3)
-                            .map(|d| vec![(100 * g.rank() + d) as f32; d + 1 + round % 2])
-                            .collect();
-                        out.push(g.all_to_all(send).expect("all ranks alive"));
-                    }
-                    (g.rank(), out)
-                })
-            })
-            .collect();
-        for h in handles {
-            let (me, rounds) = h.join().expect("rank thread");
+        // Rank r sends d + 1 + round % 2 values of 100 r + d to rank d.
+        let results = on_ranks(3, 20, |g, round| {
+            let send = (0..3)
+                .map(|d| vec![(100 * g.rank() + d) as f32; d + 1 + round % 2])
+                .collect();
+            g.all_to_all(send).expect("all ranks alive")
+        });
+        for (me, rounds) in results.iter().enumerate() {
             for (round, got) in rounds.iter().enumerate() {
                 for (src, buf) in got.iter().enumerate() {
                     assert_eq!(buf, &vec![(100 * src + me) as f32; me + 1 + round % 2]);
@@ -236,27 +242,13 @@ mod tests {
 
     #[test]
     fn threads_sum_identically() {
-        let groups = ThreadGroup::new(3);
-        let handles: Vec<_> = groups
-            .into_iter()
-            .map(|g| {
-                std::thread::spawn(move || {
-                    let mut out = Vec::new();
-                    for round in 0..50 {
-                        let mut buf: Vec<f32> = (0..7)
-                            .map(|i| (g.rank() * 100 + i + round) as f32 * 0.1)
-                            .collect();
-                        g.all_reduce_sum(&mut buf).expect("all ranks alive");
-                        out.push(buf);
-                    }
-                    out
-                })
-            })
-            .collect();
-        let results: Vec<_> = handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect();
+        let results = on_ranks(3, 50, |g, round| {
+            let mut buf: Vec<f32> = (0..7)
+                .map(|i| (g.rank() * 100 + i + round) as f32 * 0.1)
+                .collect();
+            g.all_reduce_sum(&mut buf).expect("all ranks alive");
+            buf
+        });
         assert_eq!(results[0], results[1]);
         assert_eq!(results[1], results[2]);
         let want: f32 = (0..3).map(|r| (r * 100 + 2 + 5) as f32 * 0.1).sum();
