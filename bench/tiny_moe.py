@@ -129,12 +129,9 @@ from pathlib import Path
 
 # Paths, digests and llama-server's greedy answers, shared with the dense
 # quantization files.
-from quants import base_model, greedy_on, home, sha256
+from quants import LLAMACPP, REFERENCE, ROOT, base_model, greedy_on, home, sha256
 
-ROOT = Path(__file__).resolve().parent.parent
-LLAMACPP = ROOT / "bench" / "llamacpp.sh"
 RECORD = ROOT / "model" / "tests" / "data" / "moe-llamacpp.json"
-REFERENCE = ROOT.parent / "shared" / "reference" / "smollm2-llamacpp.json"
 
 # The writer and the random numbers: pinned, so the bytes never change.
 GGUF_VERSION = "0.19.0"
