@@ -172,11 +172,16 @@ def greedy_on(
         log.close()
 
 
-def record(files: dict) -> None:
+def server_and_prompts() -> tuple:
+    """The pinned llama-server's path, and the shared reference's prompts."""
     server = subprocess.run(
         [str(LLAMACPP), "server-path"], check=True, capture_output=True, text=True
     ).stdout.strip()
-    cases = json.loads(REFERENCE.read_text())["greedy"]
+    return server, json.loads(REFERENCE.read_text())["greedy"]
+
+
+def record(files: dict) -> None:
+    server, cases = server_and_prompts()
     result = {
         "source": "llama.cpp from llama-cpp-python 0.3.36: portable llama-quantize "
         "--allow-requantize from the default model (Q4_1); llama-server -t 2, "

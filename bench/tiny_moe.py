@@ -129,7 +129,7 @@ from pathlib import Path
 
 # Paths, digests and llama-server's greedy answers, shared with the dense
 # quantization files.
-from quants import LLAMACPP, REFERENCE, ROOT, base_model, greedy_on, home, sha256
+from quants import LLAMACPP, ROOT, base_model, greedy_on, home, server_and_prompts, sha256
 
 RECORD = ROOT / "model" / "tests" / "data" / "moe-llamacpp.json"
 
@@ -436,10 +436,7 @@ def check(name: str, greedy: list) -> dict:
 
 
 def record(files: dict) -> None:
-    server = subprocess.run(
-        [str(LLAMACPP), "server-path"], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    cases = json.loads(REFERENCE.read_text())["greedy"]
+    server, cases = server_and_prompts()
     result = {
         "source": "llama.cpp from llama-cpp-python 0.3.36: llama-server -t 2, /completion "
         f"with temperature 0, n_predict {N_PREDICT}, n_probs {N_PROBS} (top: the top tokens "
