@@ -21,8 +21,9 @@ llama-quantize (`bench/llamacpp.sh quantize`, as bench/quants.py does).
 Both have 4 layers (pipeline parallel 2 splits them 2+2), 6 query heads over 3
 KV heads of 16 (tensor parallel 3 divides the KV heads), n_embd 96, 6 experts
 of which 2 are used per token (expert parallel 3 gives 2 experts per rank),
-expert FFN width 96 (tensor parallel 3 without expert parallelism cuts
-each expert in three; 96 is also whole Q8_0 blocks), context 4096, and the tokenizer of the default model
+expert FFN width 192 (tensor parallel 3 without expert parallelism cuts
+each expert in three, 64 columns, whole Q8_0 blocks; unlike n_embd, so a
+swapped hidden size and expert width cannot pass), context 4096, and the tokenizer of the default model
 (SmolLM2-135M-Instruct, 49152 tokens): every `tokenizer.*` key, chat template
 included, copied byte for byte. token_embd and output (both files have
 their own lm head) are F16, the other matrices and the norms F32. In the
@@ -148,7 +149,7 @@ N_HEAD_KV = 3
 HEAD_DIM = 16
 N_EXPERT = 6
 N_EXPERT_USED = 2
-N_FF_EXP = 96
+N_FF_EXP = 192
 N_CTX = 4096
 
 # Per architecture: metadata as the real models have it, and the weight

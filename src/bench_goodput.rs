@@ -429,7 +429,9 @@ pub fn run(common: &Common, a: BenchGoodputArgs) -> Result<()> {
                         first_job: k * 1_000_000,
                     };
                     let r = run::run(&ep, &workload, &opts);
-                    let summary = summarize(&r.records, r.duration_s, Some(mix.slo));
+                    // Lone-derived SLOs are known only at the end.
+                    let live = (!a.slo_from_lone).then_some(mix.slo);
+                    let summary = summarize(&r.records, r.duration_s, live);
                     let p = Point {
                         label: format!("{sys} {} {rate}/s seed {seed}", mix.name),
                         rate: Some(rate),

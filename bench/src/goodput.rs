@@ -70,14 +70,17 @@ impl fmt::Display for Goodput {
 }
 
 /// What several seeds say about system A against system B.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Verdict {
     /// A's goodput is higher in every seed.
-    Higher,
+    Higher { p: f64 },
     /// A's goodput is lower in every seed.
-    Lower,
-    /// Equal in every seed (or neither sweep found a limit).
+    Lower { p: f64 },
+    /// Equal within the sweep in every seed.
     Same,
+    /// Equal in every seed, at least once because both passed every rate
+    /// or both failed the lowest: the sweep could not tell them apart.
+    Unresolved,
     /// The seeds disagree: no claim either way.
     Mixed {
         higher: usize,
@@ -86,25 +89,42 @@ pub enum Verdict {
     },
 }
 
+/// The two-sided sign test's p-value for `n` seeds that all went one way:
+/// how often that happens by chance when neither system is better. Three
+/// seeds can do no better than 0.25, so "every seed" is a necessary
+/// condition for a claim, not proof.
+fn sign_p(n: usize) -> f64 {
+    (2.0 * 0.5f64.powi(n as i32)).min(1.0)
+}
+
 impl Verdict {
     /// Pairs the two systems' goodputs seed by seed.
     pub fn of(a: &[Goodput], b: &[Goodput]) -> Option<Verdict> {
         if a.is_empty() || a.len() != b.len() {
             return None;
         }
-        let (mut higher, mut same, mut lower) = (0, 0, 0);
+        let (mut higher, mut same, mut lower, mut outside) = (0, 0, 0, 0);
         for (x, y) in a.iter().zip(b) {
             match x.compare(*y) {
                 Ordering::Greater => higher += 1,
-                Ordering::Equal => same += 1,
+                Ordering::Equal => {
+                    same += 1;
+                    outside += usize::from(matches!(
+                        (x, y),
+                        (Goodput::AtLeast(_), Goodput::AtLeast(_))
+                            | (Goodput::Below(_), Goodput::Below(_))
+                    ));
+                }
                 Ordering::Less => lower += 1,
             }
         }
         let n = a.len();
         Some(if higher == n {
-            Verdict::Higher
+            Verdict::Higher { p: sign_p(n) }
         } else if lower == n {
-            Verdict::Lower
+            Verdict::Lower { p: sign_p(n) }
+        } else if same == n && outside > 0 {
+            Verdict::Unresolved
         } else if same == n {
             Verdict::Same
         } else {
@@ -120,9 +140,13 @@ impl Verdict {
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Verdict::Higher => write!(f, "higher in every seed"),
-            Verdict::Lower => write!(f, "lower in every seed"),
+            Verdict::Higher { p } => write!(f, "higher in every seed (sign test p = {p:.2})"),
+            Verdict::Lower { p } => write!(f, "lower in every seed (sign test p = {p:.2})"),
             Verdict::Same => write!(f, "the same in every seed"),
+            Verdict::Unresolved => write!(
+                f,
+                "not separated: the same in every seed, both beyond the sweep at least once"
+            ),
             Verdict::Mixed {
                 higher,
                 same,
@@ -138,6 +162,11 @@ impl fmt::Display for Verdict {
 /// The 95% Wilson score interval of a share `good / n` (`None` for n = 0).
 /// Unlike the normal approximation it stays inside [0, 1] and is not zero
 /// wide at 0% or 100%, which is where SLO attainment usually sits.
+///
+/// It treats the `n` requests as independent. Requests of one run share a
+/// queue (and a session's turns share a conversation), so the spread over
+/// seeds is the better guide; the interval is a lower bound on the
+/// uncertainty.
 pub fn wilson(good: usize, n: usize) -> Option<(f64, f64)> {
     if n == 0 {
         return None;
@@ -147,7 +176,17 @@ pub fn wilson(good: usize, n: usize) -> Option<(f64, f64)> {
     let denom = 1.0 + z * z / n;
     let centre = (p + z * z / (2.0 * n)) / denom;
     let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
-    Some(((centre - half).max(0.0), (centre + half).min(1.0)))
+    let lo = if good == 0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let hi = if good as f64 == n {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
+    Some((lo, hi))
 }
 
 /// One rate's attainment over seeds.
@@ -177,7 +216,7 @@ impl fmt::Display for Spread {
         let (lo, hi) = wilson(self.good, self.requests).unwrap_or((0.0, 0.0));
         write!(
             f,
-            "{:>5.1}% (seeds {:.0}-{:.0}%, 95% CI {:.0}-{:.0}%, {}/{})",
+            "{:>5.1}% (seeds {:.0}-{:.0}%, Wilson 95% {:.0}-{:.0}% if independent, {}/{})",
             self.pooled() * 100.0,
             self.min * 100.0,
             self.max * 100.0,
@@ -214,7 +253,7 @@ mod tests {
         let v = |a: &[Goodput], b: &[Goodput]| Verdict::of(a, b).expect("paired");
         assert_eq!(
             v(&[AtLeast(0.2), At(0.1)], &[At(0.1), Below(0.1)]),
-            Verdict::Higher
+            Verdict::Higher { p: 0.5 }
         );
         assert_eq!(
             v(&[AtLeast(0.2), At(0.1)], &[At(0.1), AtLeast(0.2)]),
@@ -224,8 +263,14 @@ mod tests {
                 lower: 1
             }
         );
-        assert_eq!(v(&[AtLeast(0.2)], &[AtLeast(0.2)]), Verdict::Same);
-        assert_eq!(v(&[Below(0.1)], &[At(0.1)]), Verdict::Lower);
+        assert_eq!(v(&[At(0.1), At(0.2)], &[At(0.1), At(0.2)]), Verdict::Same);
+        // Both passed every rate: the sweep did not separate them.
+        assert_eq!(
+            v(&[AtLeast(0.2), At(0.1)], &[AtLeast(0.2), At(0.1)]),
+            Verdict::Unresolved
+        );
+        assert_eq!(v(&[Below(0.1)], &[At(0.1)]), Verdict::Lower { p: 1.0 });
+        assert_eq!(sign_p(3), 0.25);
         assert_eq!(Verdict::of(&[At(0.1)], &[]), None);
     }
 
@@ -239,6 +284,9 @@ mod tests {
         );
         let (lo, hi) = wilson(20, 20).expect("n > 0");
         assert!(hi == 1.0 && (lo - 0.8389).abs() < 5e-4, "{lo}");
+        // The endpoints at 0% and 100% are exact for any n.
+        assert_eq!(wilson(60, 60).expect("n > 0").1, 1.0);
+        assert_eq!(wilson(0, 6).expect("n > 0").0, 0.0);
         assert_eq!(wilson(0, 0), None);
     }
 
@@ -263,9 +311,10 @@ mod tests {
             let b: Vec<_> = b[..n].iter().map(|&x| g(x)).collect();
             let (ab, ba) = (Verdict::of(&a, &b).expect("paired"), Verdict::of(&b, &a).expect("paired"));
             let flipped = match ab {
-                Verdict::Higher => Verdict::Lower,
-                Verdict::Lower => Verdict::Higher,
+                Verdict::Higher { p } => Verdict::Lower { p },
+                Verdict::Lower { p } => Verdict::Higher { p },
                 Verdict::Same => Verdict::Same,
+                Verdict::Unresolved => Verdict::Unresolved,
                 Verdict::Mixed { higher, same, lower } => Verdict::Mixed { higher: lower, same, lower: higher },
             };
             prop_assert_eq!(ba, flipped);

@@ -4,7 +4,8 @@
 //! per rank; [`AllReduce`] combines them. Expert parallelism sends each
 //! token to the rank holding its expert and back with [`AllToAll`].
 //! [`ThreadGroup`] implements both for ranks that are threads of one process
-//! (shared memory); the GPU ranks put NCCL behind the same operations.
+//! (shared memory). The GPU ranks have an NCCL all-reduce of their own
+//! (`cuda::comm`); an NCCL all-to-all is not built yet.
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -22,6 +23,11 @@ pub trait AllToAll: Send + Sync {
     /// Sends `send[d]` to rank `d` (one buffer per rank, any lengths, its
     /// own included) and returns what every rank sent this one, by source.
     fn all_to_all(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>>;
+
+    /// Leaves the group: every rank's pending and later collectives fail.
+    /// A rank that fails where the others go on to a collective calls it,
+    /// so that they get an error instead of waiting for it forever.
+    fn abort(&self);
 }
 
 /// Everything a slice's ranks need from their group.
@@ -37,6 +43,8 @@ impl AllToAll for Solo {
         check_sends(&send, 1)?;
         Ok(send)
     }
+
+    fn abort(&self) {}
 }
 
 fn check_sends(send: &[Vec<f32>], world: usize) -> Result<()> {
@@ -198,6 +206,10 @@ impl AllToAll for ThreadGroup {
         self.shared.wait()?;
         Ok(out)
     }
+
+    fn abort(&self) {
+        self.shared.abort();
+    }
 }
 
 #[cfg(test)]
@@ -262,6 +274,17 @@ mod tests {
             |g| g.all_reduce_sum(&mut [1.0]),
             |g| g.all_to_all(vec![vec![1.0], vec![2.0]]).map(|_| ()),
         ];
+        // A rank that aborts releases the others as one that leaves does.
+        let mut groups = ThreadGroup::new(2);
+        let g1 = groups.pop().expect("two handles");
+        let g0 = groups.pop().expect("two handles");
+        let h = std::thread::spawn(move || g0.all_reduce_sum(&mut [1.0]));
+        g1.abort();
+        assert!(h.join().expect("thread").is_err());
+        assert!(
+            g1.all_reduce_sum(&mut [1.0]).is_err(),
+            "the group stays closed"
+        );
         for op in ops {
             let mut groups = ThreadGroup::new(2);
             let g1 = groups.pop().expect("two handles");

@@ -147,7 +147,7 @@ pub fn write_hf(file: &ModelFile, dir: &Path) -> Result<()> {
                 bf16(vec![m.experts, h], &router),
             );
             for (t, rows, cols) in [(M::Gate, w, h), (M::Up, w, h), (M::Down, h, w)] {
-                let stack = src.load_matrix(&name(t, 0), m.experts * rows, cols, false)?;
+                let stack = src.load_stack(&name(t, 0), [m.experts, rows, cols], false)?;
                 let data = stack.f32_data();
                 for e in 0..m.experts {
                     tensors.insert(

@@ -499,3 +499,54 @@ pub(crate) fn metadata_ints(md: &HashMap<String, Value>, key: &str) -> Option<Ve
 pub(crate) fn metadata_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
     md.get(key).and_then(value_usize).map(|v| v as u32)
 }
+
+#[cfg(test)]
+mod moe_name_tests {
+    use super::*;
+
+    /// The names the published checkpoints use (an export read back would
+    /// not notice two of them swapped).
+    #[test]
+    fn expert_tensors_have_the_checkpoints_names() {
+        let hf = |arch, m, e| Naming::Hf.moe_name(arch, m, 3, e);
+        let mixtral = "model.layers.3.block_sparse_moe";
+        assert_eq!(
+            hf(Arch::Mixtral, M::Router, 0),
+            format!("{mixtral}.gate.weight")
+        );
+        assert_eq!(
+            hf(Arch::Mixtral, M::Gate, 5),
+            format!("{mixtral}.experts.5.w1.weight")
+        );
+        assert_eq!(
+            hf(Arch::Mixtral, M::Up, 5),
+            format!("{mixtral}.experts.5.w3.weight")
+        );
+        assert_eq!(
+            hf(Arch::Mixtral, M::Down, 5),
+            format!("{mixtral}.experts.5.w2.weight")
+        );
+        let qwen = "model.layers.3.mlp";
+        assert_eq!(
+            hf(Arch::Qwen3Moe, M::Router, 0),
+            format!("{qwen}.gate.weight")
+        );
+        assert_eq!(
+            hf(Arch::Qwen3Moe, M::Gate, 7),
+            format!("{qwen}.experts.7.gate_proj.weight")
+        );
+        assert_eq!(
+            hf(Arch::Qwen3Moe, M::Up, 7),
+            format!("{qwen}.experts.7.up_proj.weight")
+        );
+        assert_eq!(
+            hf(Arch::Qwen3Moe, M::Down, 7),
+            format!("{qwen}.experts.7.down_proj.weight")
+        );
+        let gguf = |m| Naming::Gguf.moe_name(Arch::Qwen3Moe, m, 3, 9);
+        assert_eq!(gguf(M::Router), "blk.3.ffn_gate_inp.weight");
+        assert_eq!(gguf(M::Gate), "blk.3.ffn_gate_exps.weight");
+        assert_eq!(gguf(M::Up), "blk.3.ffn_up_exps.weight");
+        assert_eq!(gguf(M::Down), "blk.3.ffn_down_exps.weight");
+    }
+}

@@ -292,6 +292,9 @@ pub fn plan(model: &ModelShape, hw: &Hardware) -> Result<Plan, String> {
         }
         None => 1,
     };
+    if model.experts.is_some() {
+        dr.push("Tandem runs mixture-of-experts models on the CPU only today: this layout is arithmetic, not something `serve --device cuda` accepts".into());
+    }
     let decode = role("decode", tp, ep, pp, dr);
 
     // Prefill: pipeline stages first (one activation hand-off per chunk), TP only when layers run out.

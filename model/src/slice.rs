@@ -604,6 +604,9 @@ impl ModelSlice {
             ModelError::Invalid("a mixture-of-experts layer in a dense model".into())
         })?;
         let (world, rank) = (comm.world(), comm.rank());
+        // At EP 1 every rank routes every token and must choose the same
+        // experts: the router's input is the same bits on every rank (an
+        // all-reduce's result) and its product sums in a fixed order.
         let mine = if m.split {
             token_share(t, world, rank)
         } else {
@@ -644,7 +647,11 @@ impl ModelSlice {
             .iter()
             .flat_map(|b| b.chunks_exact(h + 1).map(|r| (r[0] as usize, &r[1..])))
             .collect();
-        let ys = self.run_experts(m, &rows, fmt)?;
+        // Only this rank may fail here while the others go on to the next
+        // all-to-all: leave the group so that they fail too, not wait.
+        let ys = self
+            .run_experts(m, &rows, fmt)
+            .inspect_err(|_| comm.abort())?;
         // Each source gets its rows' outputs back, in the order it sent them.
         let mut back = Vec::with_capacity(world);
         let mut off = 0;

@@ -217,33 +217,37 @@ impl TensorSource {
         }
     }
 
-    /// Loads a 2-D or 3-D tensor as a `[rows, cols]` matrix (a stack of
-    /// expert matrices as every expert's rows, in expert order) and checks
-    /// its size.
-    pub fn load_matrix(
-        &self,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        keep_quant: bool,
-    ) -> Result<RawTensor> {
-        let t = self.load(name, keep_quant)?;
-        let shape = t.shape();
-        let flat = match shape.split_last() {
-            Some((&c, lead)) if (1..=2).contains(&lead.len()) => {
-                (lead.iter().product::<usize>(), c)
+    /// The stored shape of a tensor, row-major (`None` if it is missing).
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            TensorSource::Gguf { content, .. } => content
+                .tensor_infos
+                .get(name)
+                .map(|i| i.shape.dims().to_vec()),
+            TensorSource::Safetensors { tensors, .. } => {
+                tensors.get(name).ok().map(|v| v.shape().to_vec())
             }
-            _ => (0, 0),
-        };
-        if flat != (rows, cols) {
+        }
+    }
+
+    /// Loads a 3-D stack of `[experts, rows, cols]` expert matrices as one
+    /// `[experts * rows, cols]` matrix of every expert's rows, in expert
+    /// order (kept quantized when `keep_quant`), after checking the stored
+    /// shape.
+    pub fn load_stack(&self, name: &str, stack: [usize; 3], keep_quant: bool) -> Result<RawTensor> {
+        let dims = self.dims(name).ok_or_else(|| {
+            ModelError::malformed(self.path(), format!("tensor {name} is missing"))
+        })?;
+        if dims != stack {
             return Err(ModelError::malformed(
                 self.path(),
-                format!("tensor {name} has shape {shape:?}, expected {rows} rows of {cols}"),
+                format!("tensor {name} has shape {dims:?}, expected {stack:?}"),
             ));
         }
-        Ok(match t {
+        let [experts, rows, cols] = stack;
+        Ok(match self.load(name, keep_quant)? {
             RawTensor::F32 { data, .. } => RawTensor::F32 {
-                shape: vec![rows, cols],
+                shape: vec![experts * rows, cols],
                 data,
             },
             other => other,

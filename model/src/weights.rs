@@ -8,8 +8,9 @@
 //! `1/tp` of the MLP's intermediate dimension.
 
 use crate::config::MoeConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::file::{ModelFile, Naming, M, T};
+use crate::quant::QKind;
 use crate::slice::SliceSpec;
 use crate::source::RawTensor;
 
@@ -208,11 +209,12 @@ fn read_experts(
     let experts = match file.naming {
         Naming::Gguf => {
             let stack = |t: M, rows: usize, cols: usize| {
-                src.load_matrix(&file.moe_name(t, l, 0), rows, cols, keep_quant)
+                src.load_stack(&file.moe_name(t, l, 0), [m.experts, rows, cols], keep_quant)
             };
-            let gate = stack(M::Gate, m.experts * w, h)?;
-            let up = stack(M::Up, m.experts * w, h)?;
-            let down = stack(M::Down, m.experts * h, w)?;
+            let gate = stack(M::Gate, w, h)?;
+            let up = stack(M::Up, w, h)?;
+            let down = stack(M::Down, h, w)?;
+            block_aligned(&down, &cut, spec, &file.moe_name(M::Down, l, 0))?;
             owned
                 .clone()
                 .map(|e| {
@@ -243,4 +245,67 @@ fn read_experts(
         first: owned.start,
         experts,
     })
+}
+
+/// At EP 1 each rank takes a range of every expert's down-projection
+/// columns; a range that splits quantized blocks would turn every expert's
+/// matrix into f32 (a dense MLP accepts that for one matrix; times the
+/// expert count it is the model's size several times over), so it is
+/// refused with the way out.
+fn block_aligned(
+    down: &RawTensor,
+    cut: &std::ops::Range<usize>,
+    spec: &SliceSpec,
+    name: &str,
+) -> Result<()> {
+    let kinds: Vec<QKind> = match down {
+        RawTensor::Quant(q) => vec![q.kind],
+        RawTensor::QuantRows(qs) => qs.iter().map(|q| q.kind).collect(),
+        RawTensor::F32 { .. } => return Ok(()),
+    };
+    for k in kinds {
+        let b = k.block_elems();
+        if !cut.start.is_multiple_of(b) || !cut.end.is_multiple_of(b) {
+            return Err(ModelError::InvalidSlice(format!(
+                "tp {} cuts each expert's width into {} columns, which splits the {k} blocks of {b} in {name}; every expert would be dequantized to f32. Give each rank whole experts with ep = {}",
+                spec.tp,
+                cut.len(),
+                spec.tp
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::QMat;
+
+    #[test]
+    fn expert_shards_that_split_blocks_are_refused() {
+        let kind = QKind::Q8_0;
+        let down = RawTensor::Quant(QMat {
+            kind,
+            rows: 4,
+            cols: 96,
+            data: vec![0; 4 * 96 / kind.block_elems() * kind.block_bytes()],
+        });
+        let spec = |tp| SliceSpec {
+            layers: 0..1,
+            tp_rank: 0,
+            tp,
+            ep: 1,
+        };
+        // 96 / 3 = 32 columns: whole blocks.
+        block_aligned(&down, &(0..32), &spec(3), "d").expect("aligned");
+        // 96 / 2 = 48: every expert would be dequantized.
+        let err = block_aligned(&down, &(48..96), &spec(2), "d").expect_err("splits blocks");
+        assert!(err.to_string().contains("ep = 2"), "{err}");
+        let dense = RawTensor::F32 {
+            shape: vec![4, 96],
+            data: vec![0.0; 4 * 96],
+        };
+        block_aligned(&dense, &(48..96), &spec(2), "d").expect("f32 is cut anywhere");
+    }
 }
