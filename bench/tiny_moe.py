@@ -7,7 +7,7 @@
                                 model/tests/data/moe-llamacpp.json
 
 Two architectures for testing mixture-of-experts support without a real MoE
-checkpoint, about 23 MB each (12 MB as Q8_0), nearly all of it the
+checkpoint, about 26 MB each (13 MB as Q8_0), most of it the
 49152-token embedding and lm head:
 
     tiny-qwen3moe.gguf   architecture `qwen3moe`, as Qwen3-30B-A3B
