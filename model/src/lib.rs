@@ -28,6 +28,7 @@ pub mod gemm;
 pub mod grammar;
 pub mod kv;
 pub mod linear;
+mod moe;
 pub mod plan;
 pub mod prefix;
 pub mod qmatmul;

@@ -3,6 +3,8 @@
 //! (memory-bound, matrix-vector). Which one runs is the caller's choice, made
 //! per phase so that every layout computes a phase the same way.
 
+use rayon::prelude::*;
+
 use crate::error::Result;
 use crate::gemm::{sgemm, Strides};
 use crate::qmatmul::PackedMat;
@@ -217,4 +219,27 @@ impl Linear {
         self.dense.as_ref().map_or(0, |d| d.len() * 4)
             + self.quant.as_ref().map_or(0, QWeight::bytes)
     }
+}
+
+/// `down(silu(gate(x)) * up(x))` for `t` rows of `x`; `width` is the
+/// FFN's (shard's) intermediate size.
+pub(crate) fn swiglu(
+    gate_up: &Linear,
+    down: &Linear,
+    x: &[f32],
+    t: usize,
+    width: usize,
+    fmt: Format,
+) -> Result<Vec<f32>> {
+    let gu = gate_up.forward(x, t, fmt)?;
+    let mut act = vec![0f32; t * width];
+    act.par_chunks_mut(width)
+        .zip(gu.par_chunks(2 * width))
+        .for_each(|(a, gu)| {
+            let (g, u) = gu.split_at(width);
+            for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                *a = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+    down.forward(&act, t, fmt)
 }
