@@ -217,6 +217,28 @@ fn expert_parallelism_is_checked() {
     assert!(err.to_string().contains("must be 1 or equal tp"), "{err}");
     assert!(moe.experts.is_multiple_of(3));
     Engine::new(&file, &opts(3, 3)).expect("ep 3 with tp 3");
+    // EP 3 gives each rank a third of the experts, EP 1 every expert (the
+    // layout test alone would pass with EP silently ignored).
+    let cfg = &file.config;
+    for (ep, held) in [(3, moe.experts / 3), (1, moe.experts)] {
+        for tp_rank in 0..3 {
+            let spec = SliceSpec {
+                layers: 0..cfg.n_layers,
+                tp_rank,
+                tp: 3,
+                ep,
+            };
+            let slice = ModelSlice::load(&file, &spec, Formats::DECODE).expect("loads");
+            // Per layer Q/K/V and output, then gate/up and down per expert.
+            let rank0_head = usize::from(tp_rank == 0);
+            assert_eq!(
+                slice.decode_kinds().len(),
+                cfg.n_layers * (2 + 2 * held) + rank0_head,
+                "EP {ep}, rank {tp_rank}"
+            );
+            assert_eq!(spec.experts(cfg).len(), held);
+        }
+    }
     // A dense model has no experts to split.
     let dense = common::open();
     let err = dense.config.check_ep(3, 3).expect_err("dense");
