@@ -202,7 +202,7 @@ fn kill_9_of_the_decode_process_while_kv_streams_to_it_and_the_answer_completes(
 #[test]
 fn kill_9_of_a_prefill_stage_mid_prefill_and_the_request_completes() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let prompt = LONG.repeat(6);
+    let prompt = LONG.repeat(12);
     let want = generate(&prompt, 16);
     let c = Cluster::start(&["--pipelines", "2", "--local-prefill-max", "0"]);
     // Learn which pipeline the session is pinned to, then send the long
