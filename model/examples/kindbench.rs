@@ -27,6 +27,7 @@ fn main() {
                 data,
             };
             let rm = tandem_model::qrows::RowMat::new(&qm);
+            let qm2 = qm.clone();
             let l = Linear::new(RawTensor::Quant(qm), None, Formats::DECODE).unwrap();
             for t in [1usize, 32] {
                 let x: Vec<f32> = (0..t * cols).map(|i| (i as f32 * 0.01).sin()).collect();
@@ -43,7 +44,15 @@ fn main() {
                     rm.matmul(&x, t, &mut out);
                 }
                 let us_rows = s.elapsed().as_secs_f64() * 1e6 / reps as f64;
-                println!("{rows}x{cols} {kind:5} t={t:<3} {us:9.1} us  {:6.2} GMAC/s   row kernel {us_rows:9.1} us", (rows * cols * t) as f64 / us / 1e3);
+                let lanes = tandem_model::qlanes::LaneMat::pack(&qm2).map(|lm| {
+                    lm.matmul(&x, t, &mut out);
+                    let s = Instant::now();
+                    for _ in 0..reps {
+                        lm.matmul(&x, t, &mut out);
+                    }
+                    s.elapsed().as_secs_f64() * 1e6 / reps as f64
+                });
+                println!("{rows}x{cols} {kind:5} t={t:<3} {us:9.1} us  {:6.2} GMAC/s   row kernel {us_rows:9.1} us   lanes {}", (rows * cols * t) as f64 / us / 1e3, lanes.map_or(String::new(), |l| format!("{l:9.1} us {:6.2} GMAC/s", (rows * cols * t) as f64 / l / 1e3)));
             }
         }
     }

@@ -35,6 +35,42 @@ pub trait Collectives: AllReduce + AllToAll {}
 
 impl<C: AllReduce + AllToAll> Collectives for C {}
 
+/// Sums column pieces ([`crate::linear::ColumnPieces`]) over the group in
+/// one fixed order: every rank's pieces, rank by rank, each rank's in order,
+/// starting from the first piece itself. A whole model holding every piece
+/// sums them in that same order, so each layout gets the same bits. Every
+/// piece is `[t, rows]` of one length; a rank holds `pieces / world` of them.
+pub fn sum_pieces(comm: &dyn Collectives, pieces: Vec<Vec<f32>>) -> Result<Vec<f32>> {
+    let len = pieces.first().map_or(0, Vec::len);
+    if len == 0 || pieces.iter().any(|p| p.len() != len) {
+        return Err(ModelError::Worker(
+            "column pieces of different lengths (or none) to sum".into(),
+        ));
+    }
+    let all = if comm.world() == 1 {
+        pieces
+    } else {
+        let flat = pieces.concat();
+        let got = comm.all_to_all(vec![flat; comm.world()])?;
+        if got.iter().any(|g| g.is_empty() || !g.len().is_multiple_of(len)) {
+            return Err(ModelError::Worker(
+                "a rank sent column pieces of another length".into(),
+            ));
+        }
+        got.iter()
+            .flat_map(|g| g.chunks_exact(len).map(<[f32]>::to_vec))
+            .collect()
+    };
+    let mut all = all.into_iter();
+    let mut out = all.next().expect("at least one piece");
+    for p in all {
+        for (o, v) in out.iter_mut().zip(&p) {
+            *o += v;
+        }
+    }
+    Ok(out)
+}
+
 /// The trivial group of one rank.
 pub struct Solo;
 

@@ -193,10 +193,24 @@ impl ModelFile {
                 // Matrices, and the 3-D stacks of a mixture of experts.
                 let matrix = matches!(shape.len(), 2 | 3);
                 let decode = match (kind, matrix) {
-                    (Some(crate::quant::QKind::Q4_0), true) => {
-                        "Q4_0 (on the Q4_1 kernel)".to_string()
+                    (Some(k), true) => {
+                        // A dense model's layers and every LM head have
+                        // layout-exact inputs (see `int8_decode`).
+                        let exact = name == head || self.config.moe.is_none();
+                        let acts = if crate::linear::int8_decode(k, exact)
+                            && crate::qlanes::available()
+                        {
+                            "8-bit"
+                        } else {
+                            "f32"
+                        };
+                        match k {
+                            crate::quant::QKind::Q4_0 => {
+                                format!("Q4_0 (as Q4_1), {acts} activations")
+                            }
+                            k => format!("{k}, {acts} activations"),
+                        }
                     }
-                    (Some(k), true) => k.to_string(),
                     _ => "f32".to_string(),
                 };
                 // The LM head keeps its quantized form in both phases.

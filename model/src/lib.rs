@@ -31,6 +31,7 @@ pub mod linear;
 mod moe;
 pub mod plan;
 pub mod prefix;
+pub mod qlanes;
 pub mod qmatmul;
 pub mod qrows;
 pub mod quant;

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::gemm::{sgemm, Strides};
+use crate::qlanes::LaneMat;
 use crate::qmatmul::PackedMat;
 use crate::qrows::RowMat;
 use crate::quant::{QKind, QMat};
@@ -62,14 +63,39 @@ struct QWeight {
 
 #[derive(Debug)]
 enum QPart {
-    /// Q4_1 and Q8_0 (and Q4_0 rewritten as Q4_1): repacked scales.
+    /// Q4_1 and Q8_0 (and Q4_0 rewritten as Q4_1) with f32 activations:
+    /// repacked scales.
     Packed(PackedMat),
+    /// The same formats with 8-bit activations: one block per vector lane.
+    Lanes(LaneMat),
     /// Every other format, blocks as stored.
     Rows(RowMat),
 }
 
+/// Whether decode multiplies a weight of format `kind` with 8-bit
+/// activations ([`crate::qrows::int8_activations`], on a CPU with VNNI).
+///
+/// `exact`: every layout computes this weight's input bit for bit as the
+/// whole model does (the layers of a dense model, whose tensor-parallel
+/// sums are [`ColumnPieces`]; the LM head, whose logits feed only
+/// sampling). There every format runs 8-bit activations. Elsewhere (a
+/// mixture of experts' layers, whose expert sums are all-reduced) a
+/// last-bit difference between layouts can move an 8-bit activation by a
+/// whole step, and steps compound over the layers: Q4_0, Q4_1 and Q8_0 keep
+/// f32 activations there, so such layouts stay within rounding of the whole
+/// on those formats.
+pub fn int8_decode(kind: QKind, exact: bool) -> bool {
+    crate::qrows::int8_activations()
+        && (exact || !matches!(kind, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0))
+}
+
 impl QPart {
-    fn new(q: &QMat) -> QPart {
+    fn new(q: &QMat, exact: bool) -> QPart {
+        if int8_decode(q.kind, exact) && crate::qlanes::available() {
+            if let Some(l) = LaneMat::pack(q) {
+                return QPart::Lanes(l);
+            }
+        }
         match q.kind {
             QKind::Q4_1 | QKind::Q8_0 => QPart::Packed(PackedMat::pack(q)),
             QKind::Q4_0 => match q.q4_0_as_q4_1() {
@@ -83,6 +109,7 @@ impl QPart {
     fn rows(&self) -> usize {
         match self {
             QPart::Packed(p) => p.rows,
+            QPart::Lanes(l) => l.rows,
             QPart::Rows(r) => r.rows,
         }
     }
@@ -91,6 +118,7 @@ impl QPart {
     fn kind(&self) -> QKind {
         match self {
             QPart::Packed(p) => p.kind,
+            QPart::Lanes(l) => l.kind,
             QPart::Rows(r) => r.kind,
         }
     }
@@ -98,6 +126,7 @@ impl QPart {
     fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
         match self {
             QPart::Packed(p) => p.matmul(x, t, out),
+            QPart::Lanes(l) => l.matmul(x, t, out),
             QPart::Rows(r) => r.matmul(x, t, out),
         }
     }
@@ -105,15 +134,16 @@ impl QPart {
     fn bytes(&self) -> usize {
         match self {
             QPart::Packed(p) => p.bytes(),
+            QPart::Lanes(l) => l.bytes(),
             QPart::Rows(r) => r.bytes(),
         }
     }
 }
 
 impl QWeight {
-    fn new(parts: &[QMat]) -> QWeight {
+    fn new(parts: &[QMat], exact: bool) -> QWeight {
         QWeight {
-            parts: parts.iter().map(QPart::new).collect(),
+            parts: parts.iter().map(|q| QPart::new(q, exact)).collect(),
         }
     }
 
@@ -141,7 +171,29 @@ impl QWeight {
 }
 
 impl Linear {
+    /// A weight whose input may differ between layouts by rounding.
     pub fn new(raw: RawTensor, bias: Option<Vec<f32>>, formats: Formats) -> Result<Linear> {
+        Self::build(raw, bias, formats, false)
+    }
+
+    /// A weight whose input every layout computes bit for bit as the whole
+    /// model does, so decode may quantize it in any format ([`int8_decode`]).
+    pub fn exact(raw: RawTensor, bias: Option<Vec<f32>>, formats: Formats) -> Result<Linear> {
+        Self::build(raw, bias, formats, true)
+    }
+
+    /// The LM head: quantized in every phase (dense only when the file has
+    /// no quantized form); its logits feed only sampling.
+    pub fn head(raw: RawTensor) -> Result<Linear> {
+        Self::build(raw, None, Formats::DECODE, true)
+    }
+
+    fn build(
+        raw: RawTensor,
+        bias: Option<Vec<f32>>,
+        formats: Formats,
+        exact: bool,
+    ) -> Result<Linear> {
         let shape = raw.shape();
         let (rows, cols) = (shape[0], shape[1]);
         let (dense_data, quant) = match raw {
@@ -150,13 +202,13 @@ impl Linear {
                 formats.dense.then(|| q.to_f32()),
                 formats
                     .quant
-                    .then(|| QWeight::new(std::slice::from_ref(&q))),
+                    .then(|| QWeight::new(std::slice::from_ref(&q), exact)),
             ),
             RawTensor::QuantRows(qs) => (
                 formats
                     .dense
                     .then(|| qs.iter().flat_map(QMat::to_f32).collect()),
-                formats.quant.then(|| QWeight::new(&qs)),
+                formats.quant.then(|| QWeight::new(&qs, exact)),
             ),
         };
         // A weight with no quantized form keeps its dense form whatever was asked.
@@ -221,16 +273,81 @@ impl Linear {
     }
 }
 
-/// `down(silu(gate(x)) * up(x))` for `t` rows of `x`; `width` is the
-/// FFN's (shard's) intermediate size.
-pub(crate) fn swiglu(
+/// A weight whose input columns tensor parallelism splits (the attention
+/// output and the MLP's down projection), held as equal column pieces: the
+/// model's finest tensor-parallel shards. Each piece's product is computed
+/// on its own and every piece of the group is summed in one fixed order
+/// ([`crate::comm::sum_pieces`]), so a rank computes its pieces bit for bit
+/// as the whole model does and the group's sum is the whole model's: every
+/// tensor-parallel layout gives the same bits, not just the same values to
+/// rounding. That exactness is also what lets 8-bit activations run in
+/// every layout, as a rounding difference can no longer move one by a step.
+#[derive(Debug)]
+pub struct ColumnPieces {
+    pub pieces: Vec<Linear>,
+}
+
+impl ColumnPieces {
+    /// `raw`'s columns in `n` pieces, or in one where `n` pieces would cut
+    /// its quantized blocks (which would dequantize them). `exact` as for
+    /// [`Linear::exact`].
+    pub fn new(raw: RawTensor, n: usize, formats: Formats, exact: bool) -> Result<ColumnPieces> {
+        let linear = |raw| Linear::build(raw, None, formats, exact);
+        let cols = raw.shape()[1];
+        let aligned = |w: usize| match &raw {
+            RawTensor::F32 { .. } => true,
+            RawTensor::Quant(q) => w.is_multiple_of(q.kind.block_elems()),
+            RawTensor::QuantRows(qs) => qs.iter().all(|q| w.is_multiple_of(q.kind.block_elems())),
+        };
+        if n <= 1 || !cols.is_multiple_of(n) || !aligned(cols / n) {
+            return Ok(ColumnPieces {
+                pieces: vec![linear(raw)?],
+            });
+        }
+        let w = cols / n;
+        let pieces = (0..n)
+            .map(|p| linear(raw.slice_cols(p * w, (p + 1) * w)))
+            .collect::<Result<_>>()?;
+        Ok(ColumnPieces { pieces })
+    }
+
+    /// Each piece's product, `[pieces][t, rows]`, for `x` of `[t, cols]`.
+    pub fn forward(&self, x: &[f32], t: usize, fmt: Format) -> Result<Vec<Vec<f32>>> {
+        if let [one] = &self.pieces[..] {
+            return Ok(vec![one.forward(x, t, fmt)?]);
+        }
+        let w = self.pieces[0].cols;
+        let cols = w * self.pieces.len();
+        self.pieces
+            .iter()
+            .enumerate()
+            .map(|(p, l)| {
+                let mut xp = Vec::with_capacity(t * w);
+                for row in x.chunks_exact(cols) {
+                    xp.extend_from_slice(&row[p * w..(p + 1) * w]);
+                }
+                l.forward(&xp, t, fmt)
+            })
+            .collect()
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))` for `t` rows of `x`, as `down`'s column
+/// pieces; `width` is the FFN's (shard's) intermediate size.
+pub(crate) fn swiglu_pieces(
     gate_up: &Linear,
-    down: &Linear,
+    down: &ColumnPieces,
     x: &[f32],
     t: usize,
     width: usize,
     fmt: Format,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<Vec<f32>>> {
+    let act = swiglu_act(gate_up, x, t, width, fmt)?;
+    down.forward(&act, t, fmt)
+}
+
+/// `silu(gate(x)) * up(x)`.
+fn swiglu_act(gate_up: &Linear, x: &[f32], t: usize, width: usize, fmt: Format) -> Result<Vec<f32>> {
     let gu = gate_up.forward(x, t, fmt)?;
     let mut act = vec![0f32; t * width];
     act.par_chunks_mut(width)
@@ -241,5 +358,19 @@ pub(crate) fn swiglu(
                 *a = g / (1.0 + (-g).exp()) * u;
             }
         });
+    Ok(act)
+}
+
+/// `down(silu(gate(x)) * up(x))` for `t` rows of `x`; `width` is the
+/// FFN's (shard's) intermediate size.
+pub(crate) fn swiglu(
+    gate_up: &Linear,
+    down: &Linear,
+    x: &[f32],
+    t: usize,
+    width: usize,
+    fmt: Format,
+) -> Result<Vec<f32>> {
+    let act = swiglu_act(gate_up, x, t, width, fmt)?;
     down.forward(&act, t, fmt)
 }

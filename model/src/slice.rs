@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{paged_attention, SeqSpan};
-use crate::comm::Collectives;
+use crate::comm::{sum_pieces, Collectives};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
 use crate::kv::{KvDtype, KvLayout, KvPool};
-use crate::linear::{swiglu, Format, Formats, Linear};
+use crate::linear::{swiglu_pieces, ColumnPieces, Format, Formats, Linear};
 use crate::moe::Moe;
 use crate::quant::QMat;
 use crate::source::RawTensor;
@@ -187,7 +187,7 @@ struct Layer {
     qkv: Linear,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
-    o: Linear,
+    o: ColumnPieces,
     ffn_norm: Vec<f32>,
     ffn: Ffn,
 }
@@ -196,7 +196,7 @@ enum Ffn {
     /// A SwiGLU MLP (this shard's share of its width).
     Dense {
         gate_up: Linear,
-        down: Linear,
+        down: ColumnPieces,
     },
     Moe(Moe),
 }
@@ -204,7 +204,7 @@ enum Ffn {
 impl Ffn {
     fn linears(&self) -> Vec<&Linear> {
         match self {
-            Ffn::Dense { gate_up, down } => vec![gate_up, down],
+            Ffn::Dense { gate_up, down } => [gate_up].into_iter().chain(&down.pieces).collect(),
             Ffn::Moe(m) => m.linears().collect(),
         }
     }
@@ -242,11 +242,15 @@ impl ModelSlice {
         let t = crate::weights::read(file, spec, formats.quant)?;
         let mut layers = Vec::with_capacity(t.layers.len());
         let cfg = &file.config;
+        let pieces = column_pieces(cfg, spec);
+        // A dense model's layouts compute every layer's inputs bit for bit
+        // (column pieces); a mixture of experts all-reduces its expert sums.
+        let exact = cfg.moe.is_none();
         for l in t.layers {
             let ffn = match l.ffn {
                 FfnTensors::Dense { gate_up, down } => Ffn::Dense {
-                    gate_up: Linear::new(gate_up, None, formats)?,
-                    down: Linear::new(down, None, formats)?,
+                    gate_up: Linear::exact(gate_up, None, formats)?,
+                    down: ColumnPieces::new(down, pieces, formats, true)?,
                 },
                 FfnTensors::Moe {
                     router,
@@ -256,10 +260,14 @@ impl ModelSlice {
             };
             layers.push(Layer {
                 attn_norm: l.attn_norm,
-                qkv: Linear::new(l.qkv, l.qkv_bias, formats)?,
+                qkv: if exact {
+                    Linear::exact(l.qkv, l.qkv_bias, formats)?
+                } else {
+                    Linear::new(l.qkv, l.qkv_bias, formats)?
+                },
                 q_norm: l.q_norm,
                 k_norm: l.k_norm,
-                o: Linear::new(l.o, None, formats)?,
+                o: ColumnPieces::new(l.o, pieces, formats, exact)?,
                 ffn_norm: l.ffn_norm,
                 ffn,
             });
@@ -280,7 +288,7 @@ impl ModelSlice {
         let head = match t.head {
             Some(hd) => Some(Head {
                 norm: hd.norm,
-                lm: Linear::new(hd.lm, None, Formats::DECODE)?,
+                lm: Linear::head(hd.lm)?,
             }),
             None => None,
         };
@@ -324,7 +332,11 @@ impl ModelSlice {
     fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.layers
             .iter()
-            .flat_map(|l| [&l.qkv, &l.o].into_iter().chain(l.ffn.linears()))
+            .flat_map(|l| {
+                std::iter::once(&l.qkv)
+                    .chain(&l.o.pieces)
+                    .chain(l.ffn.linears())
+            })
             .chain(self.head.as_ref().map(|h| &h.lm))
     }
 
@@ -515,8 +527,7 @@ impl ModelSlice {
         }
         let mut attn = vec![0f32; t * nq * hd];
         paged_attention(pool, li, seqs, &q, nq, nq / nkv, &mut attn);
-        let mut o = l.o.forward(&attn, t, fmt)?;
-        comm.all_reduce_sum(&mut o)?;
+        let o = sum_pieces(comm, l.o.forward(&attn, t, fmt)?)?;
         for (x, o) in x.iter_mut().zip(&o) {
             *x += o;
         }
@@ -524,9 +535,7 @@ impl ModelSlice {
         rms_norm_rows(&mut xn, &l.ffn_norm, eps, h);
         let d = match &l.ffn {
             Ffn::Dense { gate_up, down } => {
-                let mut d = swiglu(gate_up, down, &xn, t, self.inter, fmt)?;
-                comm.all_reduce_sum(&mut d)?;
-                d
+                sum_pieces(comm, swiglu_pieces(gate_up, down, &xn, t, self.inter, fmt)?)?
             }
             Ffn::Moe(m) => m.forward(&xn, t, comm, fmt)?,
         };
@@ -534,6 +543,26 @@ impl ModelSlice {
             *x += d;
         }
         Ok(())
+    }
+}
+
+/// How many column pieces ([`ColumnPieces`]) a shard holds of each weight
+/// that tensor parallelism splits by input column: the model's finest shards
+/// (the least common multiple of its tensor-parallel degrees, itself one of
+/// them) over this shard's `tp`.
+fn column_pieces(cfg: &ModelConfig, spec: &SliceSpec) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let finest = cfg.valid_tp().into_iter().fold(1, |l, t| l / gcd(l, t) * t);
+    if finest.is_multiple_of(spec.tp) {
+        finest / spec.tp
+    } else {
+        1
     }
 }
 

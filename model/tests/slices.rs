@@ -3,12 +3,19 @@
 
 mod common;
 
-use common::{logits, prompt_ids, PROMPTS};
+use common::{prompt_ids, PROMPTS};
 use tandem_model::{Engine, EngineOptions, Sequence};
 
 #[test]
 fn composed_slices_equal_the_full_model() {
     common::composed_equal_full(&common::open(), &[(2, 1), (3, 1), (5, 1), (1, 3), (2, 3)]);
+}
+
+/// Tensor-parallel ranks sum their column pieces in the whole model's order,
+/// so every layout computes the same bits (as pipeline layouts always did).
+#[test]
+fn every_layout_gives_the_whole_models_bits() {
+    common::layouts_bit_identical(&common::open(), &[(1, 3), (2, 3), (3, 1)]);
 }
 
 #[test]
@@ -80,6 +87,30 @@ fn chunked_prefill_equals_one_pass() {
     }
 }
 
+/// Prefill logits, and the next step's after `next` (the same token for
+/// every engine compared, so a near-tie flip cannot change what follows).
+fn logits_after(engine: &mut Engine, ids: &[u32], next: Option<u32>) -> (Vec<f32>, Vec<f32>) {
+    let mut seq = Sequence {
+        tokens: ids.to_vec(),
+        ..Default::default()
+    };
+    let pre = engine.prefill(&mut seq, 512).expect("prefill");
+    seq.tokens
+        .push(next.unwrap_or_else(|| tandem_model::sampling::argmax(&pre)));
+    let dec = engine.decode(&mut [&mut seq]).expect("decode");
+    engine.release(&mut seq);
+    (pre, dec)
+}
+
+/// `b`'s best token is `a`'s, or within `gap` logits of it in `a` (a near-tie).
+fn same_best(a: &[f32], b: &[f32], gap: f32) -> bool {
+    let (ba, bb) = (
+        tandem_model::sampling::argmax(a) as usize,
+        tandem_model::sampling::argmax(b) as usize,
+    );
+    ba == bb || a[ba] - a[bb] < gap
+}
+
 #[test]
 fn half_precision_kv_stays_close() {
     let file = common::open();
@@ -92,7 +123,8 @@ fn half_precision_kv_stays_close() {
         },
     )
     .expect("engine");
-    let (pre, dec) = logits(&mut base, &ids);
+    let (pre, dec) = logits_after(&mut base, &ids, None);
+    let next = tandem_model::sampling::argmax(&pre);
     for dtype in [tandem_model::KvDtype::F16, tandem_model::KvDtype::Bf16] {
         let mut e = Engine::new(
             &file,
@@ -103,25 +135,30 @@ fn half_precision_kv_stays_close() {
             },
         )
         .expect("engine");
-        let (p2, d2) = logits(&mut e, &ids);
-        assert_eq!(
-            tandem_model::sampling::argmax(&pre),
-            tandem_model::sampling::argmax(&p2),
-            "{dtype:?}"
-        );
+        let (p2, d2) = logits_after(&mut e, &ids, Some(next));
+        // The first token's top two are 0.05 logits apart: bf16's rounding
+        // may swap them.
+        assert!(same_best(&pre, &p2, 0.1), "{dtype:?}: another best token");
         let d = common::rel_diff(&dec, &d2);
         assert!(d < 0.05, "{dtype:?} KV moves decode logits by {d}");
     }
 }
 
 /// A decode group prefilling a short suffix itself runs the prompt through
-/// the quantized weights instead of the dense ones: the same numbers
-/// (dense weights are the dequantized blocks), summed in another order, so
-/// logits agree within a stated tolerance rather than bit for bit.
+/// the quantized weights instead of the dense ones: the same weights (dense
+/// ones are the dequantized blocks), with decode's activations. With f32
+/// activations that is the same numbers summed in another order; with 8-bit
+/// ones (the default, as llama.cpp's) each block of 32 activations is
+/// rounded to 255 levels, which moves logits by a few percent of the largest.
 #[test]
 fn prefill_on_quantized_weights_stays_within_tolerance() {
-    /// Largest difference allowed, relative to the largest logit.
-    const TOLERANCE: f32 = 1e-3;
+    // Largest difference allowed, relative to the largest logit (measured:
+    // under 2e-4 with f32 activations, 0.03-0.04 with 8-bit ones).
+    let tolerance: f32 = if tandem_model::qrows::int8_activations() {
+        0.08
+    } else {
+        1e-3
+    };
     let file = common::open();
     let opts = |formats| EngineOptions {
         kv_blocks: 32,
@@ -132,19 +169,14 @@ fn prefill_on_quantized_weights_stays_within_tolerance() {
     let mut quant = Engine::new(&file, &opts(tandem_model::Formats::DECODE)).expect("engine");
     for p in PROMPTS {
         let ids = prompt_ids(&file, p);
-        let (pre, dec) = logits(&mut dense, &ids);
-        let (p2, d2) = logits(&mut quant, &ids);
-        let d = common::rel_diff(&pre, &p2);
-        assert!(d < TOLERANCE, "{p:?}: prefill logits differ by {d}");
-        assert!(
-            common::rel_diff(&dec, &d2) < TOLERANCE,
-            "{p:?}: the next step too"
-        );
-        assert_eq!(
-            tandem_model::sampling::argmax(&pre),
-            tandem_model::sampling::argmax(&p2),
-            "{p:?}"
-        );
+        let (pre, dec) = logits_after(&mut dense, &ids, None);
+        let next = tandem_model::sampling::argmax(&pre);
+        let (p2, d2) = logits_after(&mut quant, &ids, Some(next));
+        let (dp, dd) = (common::rel_diff(&pre, &p2), common::rel_diff(&dec, &d2));
+        eprintln!("{p:?}: prefill logits differ by {dp:.2e}, the next step's by {dd:.2e}");
+        assert!(dp < tolerance, "{p:?}: prefill logits differ by {dp}");
+        assert!(dd < tolerance, "{p:?}: the next step's differ by {dd}");
+        assert!(same_best(&pre, &p2, 0.5), "{p:?}: another best token");
     }
 }
 

@@ -245,3 +245,50 @@ pub fn layouts_equal_full(file: &ModelFile, layouts: &[(usize, usize, usize)]) {
         assert_eq!(e.free_blocks(), 64, "every block is returned");
     }
 }
+
+/// Prefill logits and those of 16 greedy decode steps, one after another.
+pub fn step_logits(engine: &mut Engine, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut seq = Sequence {
+        tokens: ids.to_vec(),
+        ..Default::default()
+    };
+    let mut all = vec![engine.prefill(&mut seq, 512).expect("prefill")];
+    for _ in 0..16 {
+        seq.tokens
+            .push(tandem_model::sampling::argmax(all.last().expect("logits")));
+        all.push(engine.decode(&mut [&mut seq]).expect("decode"));
+    }
+    engine.release(&mut seq);
+    all
+}
+
+/// Each (PP, TP) layout gives the whole model's logits bit for bit, in
+/// prefill and over 16 decode steps.
+pub fn layouts_bit_identical(file: &ModelFile, layouts: &[(usize, usize)]) {
+    let opts = |pp, tp| EngineOptions {
+        pp,
+        tp,
+        kv_blocks: 64,
+        ..Default::default()
+    };
+    let mut full = Engine::new(file, &opts(1, 1)).expect("full model");
+    let reference: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| step_logits(&mut full, &prompt_ids(file, p)))
+        .collect();
+    drop(full);
+    for &(pp, tp) in layouts {
+        let mut e = Engine::new(file, &opts(pp, tp)).expect("composed engine");
+        for (p, want) in PROMPTS.iter().zip(&reference) {
+            let got = step_logits(&mut e, &prompt_ids(file, p));
+            for (step, (w, g)) in want.iter().zip(&got).enumerate() {
+                let differ = w.iter().zip(g).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert!(
+                    differ == 0,
+                    "PP={pp} TP={tp} {p:?} step {step}: {differ} logits differ from the whole model's (largest relative difference {})",
+                    rel_diff(w, g)
+                );
+            }
+        }
+    }
+}
