@@ -52,7 +52,10 @@ pub fn sum_pieces(comm: &dyn Collectives, pieces: Vec<Vec<f32>>) -> Result<Vec<f
     } else {
         let flat = pieces.concat();
         let got = comm.all_to_all(vec![flat; comm.world()])?;
-        if got.iter().any(|g| g.is_empty() || !g.len().is_multiple_of(len)) {
+        if got
+            .iter()
+            .any(|g| g.is_empty() || !g.len().is_multiple_of(len))
+        {
             return Err(ModelError::Worker(
                 "a rank sent column pieces of another length".into(),
             ));

@@ -197,13 +197,12 @@ impl ModelFile {
                         // A dense model's layers and every LM head have
                         // layout-exact inputs (see `int8_decode`).
                         let exact = name == head || self.config.moe.is_none();
-                        let acts = if crate::linear::int8_decode(k, exact)
-                            && crate::qlanes::available()
-                        {
-                            "8-bit"
-                        } else {
-                            "f32"
-                        };
+                        let acts =
+                            if crate::linear::int8_decode(k, exact) && crate::qlanes::available() {
+                                "8-bit"
+                            } else {
+                                "f32"
+                            };
                         match k {
                             crate::quant::QKind::Q4_0 => {
                                 format!("Q4_0 (as Q4_1), {acts} activations")

@@ -347,7 +347,13 @@ pub(crate) fn swiglu_pieces(
 }
 
 /// `silu(gate(x)) * up(x)`.
-fn swiglu_act(gate_up: &Linear, x: &[f32], t: usize, width: usize, fmt: Format) -> Result<Vec<f32>> {
+fn swiglu_act(
+    gate_up: &Linear,
+    x: &[f32],
+    t: usize,
+    width: usize,
+    fmt: Format,
+) -> Result<Vec<f32>> {
     let gu = gate_up.forward(x, t, fmt)?;
     let mut act = vec![0f32; t * width];
     act.par_chunks_mut(width)

@@ -150,7 +150,10 @@ fn quantized_experts_decode_as_stored() {
         let slice = ModelSlice::load(&file, &SliceSpec::full(&file.config), Formats::DECODE)
             .expect("loads");
         let kinds = slice.decode_kinds();
-        let per_layer = 2 + 2 * file.config.moe.expect("moe").experts;
+        // Q/K/V, the attention output in column pieces (one per rank of
+        // the finest tensor-parallel layout), and each expert's two.
+        let pieces = file.config.valid_tp().into_iter().max().expect("a TP");
+        let per_layer = 1 + pieces + 2 * file.config.moe.expect("moe").experts;
         assert_eq!(kinds.len(), file.config.n_layers * per_layer + 1, "{name}");
         for (i, k) in kinds.iter().enumerate() {
             assert_eq!(

@@ -113,6 +113,16 @@ pub fn greedy_agrees(file: &ModelFile, cases: &[(Vec<u32>, Vec<u32>)], label: &s
     .expect("engine");
     let (mut positions, mut same) = (0, 0);
     let mut widest = 0f32;
+    // How far below this engine's best llama.cpp's token may be (a near-tie).
+    // With 8-bit activations both engines round activations, differently
+    // (llama.cpp per 256 values for K-quant weights, Tandem per 32), and the
+    // two roundings add: measured up to 0.71 logits on the K-quant files,
+    // against 0.39 with f32 activations.
+    let limit = if tandem_model::qrows::int8_activations() {
+        1.0
+    } else {
+        0.5
+    };
     for (prompt_ids, want) in cases {
         let mut seq = Sequence {
             tokens: prompt_ids.clone(),
@@ -123,7 +133,7 @@ pub fn greedy_agrees(file: &ModelFile, cases: &[(Vec<u32>, Vec<u32>)], label: &s
             let best = argmax(&logits);
             let gap = logits[best] - logits[y as usize];
             assert!(
-                gap < 0.5,
+                gap < limit,
                 "{label}: at token {i} llama.cpp chose {y}, {gap} logits below this engine's {best}"
             );
             widest = widest.max(gap);
@@ -282,7 +292,11 @@ pub fn layouts_bit_identical(file: &ModelFile, layouts: &[(usize, usize)]) {
         for (p, want) in PROMPTS.iter().zip(&reference) {
             let got = step_logits(&mut e, &prompt_ids(file, p));
             for (step, (w, g)) in want.iter().zip(&got).enumerate() {
-                let differ = w.iter().zip(g).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                let differ = w
+                    .iter()
+                    .zip(g)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
                 assert!(
                     differ == 0,
                     "PP={pp} TP={tp} {p:?} step {step}: {differ} logits differ from the whole model's (largest relative difference {})",
