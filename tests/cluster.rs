@@ -566,9 +566,15 @@ fn the_cluster_on_the_emulated_gpu_answers_exactly_like_generate() {
     let mut args = vec!["--chat", SHORT];
     args.extend(dev);
     let want = generate_with(&args, 6);
+    // The device computes activations in full precision: the CPU with f32
+    // activations is its reference (8-bit ones part at this near-tie).
     assert_eq!(
         want,
-        generate(SHORT, 6),
+        generate_env(
+            &["--chat", SHORT],
+            6,
+            &[("TANDEM_DECODE_ACTIVATIONS", "f32")]
+        ),
         "the emulated GPU writes what the CPU writes"
     );
     for (pp, tp) in [(1, 1), (2, 1), (2, 3)] {

@@ -176,6 +176,15 @@ fn attend_group<T: KvElem>(
     scores.clear();
     scores.resize(gs * ctx, 0.0);
     let n_blocks = ctx.div_ceil(bs);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if let Some(d) = T::as_f32(cx.data) {
+        let blocks = &blocks[..n_blocks.min(blocks.len())];
+        if regs::attend(
+            d, blocks, be, k_off, v_off, bs, hd, gs, ctx, cx.scale, q, scores, out,
+        ) {
+            return;
+        }
+    }
     let simd = T::as_f32(cx.data).filter(|_| hd % 16 == 0);
     for (bi, b) in blocks.iter().enumerate().take(n_blocks) {
         let base = b.0 as usize * be + k_off;
@@ -209,6 +218,145 @@ fn attend_group<T: KvElem>(
                             *o += w * v.to_f32();
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Decode attention over f32 KV with the group's query heads and outputs
+/// held in registers: each key and value row is loaded once for every head
+/// of the group, and the outputs are stored once at the end instead of after
+/// every position. Head dimensions 64 and 128, groups of up to four heads
+/// (eight at 64); `attend` returns false for other shapes.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod regs {
+    use crate::kv::BlockId;
+    use std::arch::x86_64::*;
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        data: &[f32],
+        blocks: &[BlockId],
+        block_elems: usize,
+        k_off: usize,
+        v_off: usize,
+        bs: usize,
+        hd: usize,
+        gs: usize,
+        ctx: usize,
+        scale: f32,
+        q: &[f32],
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) -> bool {
+        macro_rules! go {
+            ($g:literal, $v:literal) => {
+                run::<$g, $v>(
+                    data,
+                    blocks,
+                    block_elems,
+                    k_off,
+                    v_off,
+                    bs,
+                    ctx,
+                    scale,
+                    q,
+                    scores,
+                    out,
+                )
+            };
+        }
+        let inside = blocks
+            .iter()
+            .all(|b| b.0 as usize * block_elems + k_off.max(v_off) + bs * hd <= data.len());
+        if blocks.len() * bs < ctx || !inside {
+            return false;
+        }
+        // Up to sixteen registers of queries and as many of outputs.
+        match (gs, hd) {
+            (1, 64) => go!(1, 4),
+            (2, 64) => go!(2, 4),
+            (3, 64) => go!(3, 4),
+            (4, 64) => go!(4, 4),
+            (1, 128) => go!(1, 8),
+            (2, 128) => go!(2, 8),
+            _ => return false,
+        }
+        true
+    }
+
+    /// `G` query heads of `V * 16` dimensions.
+    #[allow(clippy::too_many_arguments)]
+    fn run<const G: usize, const V: usize>(
+        data: &[f32],
+        blocks: &[BlockId],
+        block_elems: usize,
+        k_off: usize,
+        v_off: usize,
+        bs: usize,
+        ctx: usize,
+        scale: f32,
+        q: &[f32],
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = V * 16;
+        assert!(q.len() >= G * hd && out.len() >= G * hd && scores.len() >= G * ctx);
+        // SAFETY: AVX-512F is enabled at compile time. Every row read below
+        // is block b's slot s < bs at b * block_elems + k_off (or v_off) +
+        // s * hd, inside `data` (`attend` checked), for positions < ctx
+        // (which the blocks hold); q, out and scores as asserted.
+        unsafe {
+            let mut qv = [[_mm512_setzero_ps(); V]; G];
+            for (j, qj) in qv.iter_mut().enumerate() {
+                for (c, v) in qj.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(q.as_ptr().add(j * hd + c * 16));
+                }
+            }
+            let dp = data.as_ptr();
+            let sp = scores.as_mut_ptr();
+            for (bi, b) in blocks.iter().enumerate() {
+                let base = b.0 as usize * block_elems + k_off;
+                for slot in 0..(ctx - bi * bs).min(bs) {
+                    let k = dp.add(base + slot * hd);
+                    let mut acc = [_mm512_setzero_ps(); G];
+                    for c in 0..V {
+                        let kv = _mm512_loadu_ps(k.add(c * 16));
+                        for j in 0..G {
+                            acc[j] = _mm512_fmadd_ps(qv[j][c], kv, acc[j]);
+                        }
+                    }
+                    for j in 0..G {
+                        *sp.add(j * ctx + bi * bs + slot) = _mm512_reduce_add_ps(acc[j]) * scale;
+                    }
+                }
+            }
+            for j in 0..G {
+                super::softmax(&mut scores[j * ctx..(j + 1) * ctx]);
+            }
+            let sp = scores.as_ptr();
+            let mut o = [[_mm512_setzero_ps(); V]; G];
+            for (bi, b) in blocks.iter().enumerate() {
+                let base = b.0 as usize * block_elems + v_off;
+                for slot in 0..(ctx - bi * bs).min(bs) {
+                    let v = dp.add(base + slot * hd);
+                    let at = bi * bs + slot;
+                    let mut w = [_mm512_setzero_ps(); G];
+                    for (j, w) in w.iter_mut().enumerate() {
+                        *w = _mm512_set1_ps(*sp.add(j * ctx + at));
+                    }
+                    for c in 0..V {
+                        let vv = _mm512_loadu_ps(v.add(c * 16));
+                        for j in 0..G {
+                            o[j][c] = _mm512_fmadd_ps(w[j], vv, o[j][c]);
+                        }
+                    }
+                }
+            }
+            for (j, oj) in o.iter().enumerate() {
+                for (c, v) in oj.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(j * hd + c * 16), *v);
                 }
             }
         }

@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::gemm::{sgemm, Strides};
 use crate::qlanes::LaneMat;
 use crate::qmatmul::PackedMat;
-use crate::qrows::RowMat;
+use crate::qrows::{Activations, RowMat};
 use crate::quant::{QKind, QMat};
 use crate::source::RawTensor;
 
@@ -73,20 +73,22 @@ enum QPart {
 }
 
 /// Whether decode multiplies a weight of format `kind` with 8-bit
-/// activations ([`crate::qrows::int8_activations`], on a CPU with VNNI).
+/// activations ([`crate::qrows::activations`]), on a CPU with VNNI.
 ///
 /// `exact`: every layout computes this weight's input bit for bit as the
 /// whole model does (the layers of a dense model, whose tensor-parallel
 /// sums are [`ColumnPieces`]; the LM head, whose logits feed only
-/// sampling). There every format runs 8-bit activations. Elsewhere (a
-/// mixture of experts' layers, whose expert sums are all-reduced) a
-/// last-bit difference between layouts can move an 8-bit activation by a
-/// whole step, and steps compound over the layers: Q4_0, Q4_1 and Q8_0 keep
-/// f32 activations there, so such layouts stay within rounding of the whole
-/// on those formats.
+/// sampling). Q4_0, Q4_1 and Q8_0 quantize activations only with
+/// [`Activations::Int8`] and only there: a mixture of experts all-reduces
+/// its expert sums, so a last-bit difference between layouts could step an
+/// 8-bit activation and the steps compound.
 pub fn int8_decode(kind: QKind, exact: bool) -> bool {
-    crate::qrows::int8_activations()
-        && (exact || !matches!(kind, QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0))
+    match kind {
+        QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => {
+            exact && crate::qrows::activations() == Activations::Int8
+        }
+        _ => crate::qrows::int8_activations(),
+    }
 }
 
 impl QPart {

@@ -23,32 +23,77 @@
 use crate::qmatmul::{by_row_tasks, huge_page_vec, kernel, Kernel};
 use crate::quant::{dequantize_row_inline, unpack_row_inline, QKind, QMat};
 
-/// 0: not yet decided (read `TANDEM_DECODE_ACTIVATIONS`), 1: 8-bit, 2: f32.
+/// Which activations decode multiplies quantized weights with, where the
+/// CPU has AVX-512 VNNI (elsewhere always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// 8-bit for every format but Q4_0, Q4_1 and Q8_0 (the default model's),
+    /// which keep f32 (`TANDEM_DECODE_ACTIVATIONS` unset).
+    Auto,
+    /// f32 for every format (`TANDEM_DECODE_ACTIVATIONS=f32`).
+    F32,
+    /// 8-bit for every format (`TANDEM_DECODE_ACTIVATIONS=int8`).
+    Int8,
+}
+
+/// 0: not yet decided (read `TANDEM_DECODE_ACTIVATIONS`), then 1 + the mode.
 static ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Whether the integer kernels run (where the CPU has them). They are the
-/// fast path, but 8-bit activations make tensor-parallel layouts differ from
-/// one process by more than rounding: a last-bit difference after an
-/// all-reduce can move an activation by a whole step, and steps compound
-/// over the layers (about 2% of the logits at TP 3 on the default model's
-/// K-quant mix). `TANDEM_DECODE_ACTIVATIONS=f32` (or
-/// [`set_int8_activations`]) keeps every layout within rounding of the whole.
-pub fn int8_activations() -> bool {
+/// This process's choice.
+///
+/// 8-bit activations are the fast path (as llama.cpp's), and every
+/// tensor-parallel layout still computes the whole model's bits with them
+/// ([`crate::linear::ColumnPieces`]). What they give up is continuity: a
+/// last-bit difference in an activation (a prompt prefilled in other
+/// chunks, or through the dense prefill weights rather than decode's) can
+/// round it to another 8-bit step, and steps compound over the layers, so
+/// two paths to the same tokens part by a few percent of the logits instead
+/// of by rounding, and greedy text can part where it nearly ties. A stream
+/// resumed on another decode group re-prefills what it had generated, so
+/// `Auto` keeps the default model's formats on f32 activations, where a
+/// resumed stream continues as the interrupted one would have.
+pub fn activations() -> Activations {
     use std::sync::atomic::Ordering;
     match ACTIVATIONS.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
+        1 => Activations::Auto,
+        2 => Activations::F32,
+        3 => Activations::Int8,
         _ => {
-            let on = std::env::var("TANDEM_DECODE_ACTIVATIONS").map_or(true, |v| v != "f32");
-            ACTIVATIONS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
+            let a = match std::env::var("TANDEM_DECODE_ACTIVATIONS").as_deref() {
+                Ok("f32") => Activations::F32,
+                Ok("int8") => Activations::Int8,
+                _ => Activations::Auto,
+            };
+            set_activations(a);
+            a
         }
     }
 }
 
-/// Chooses 8-bit (`true`) or f32 activations for this process from now on.
+/// Chooses this process's activations from now on (weights loaded before
+/// keep the kernel they were packed for).
+pub fn set_activations(a: Activations) {
+    let v = match a {
+        Activations::Auto => 1,
+        Activations::F32 => 2,
+        Activations::Int8 => 3,
+    };
+    ACTIVATIONS.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the integer kernels run for the formats [`Activations::Auto`]
+/// quantizes (Q5_0, Q5_1 and the K-quants).
+pub fn int8_activations() -> bool {
+    activations() != Activations::F32
+}
+
+/// `Auto` (`true`) or `F32` (`false`) from now on.
 pub fn set_int8_activations(on: bool) {
-    ACTIVATIONS.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    set_activations(if on {
+        Activations::Auto
+    } else {
+        Activations::F32
+    });
 }
 
 /// Rows one task computes (its unpacked rows are reused for every token).

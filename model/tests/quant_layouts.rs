@@ -16,17 +16,21 @@ fn q4_k_m() -> ModelFile {
     })
 }
 
-/// With f32 or 8-bit activations, every layout computes the whole model's
-/// bits: tensor-parallel ranks sum their column pieces in the whole model's
+/// With f32 activations, the default mix (8-bit for the K-quants and Q5_0)
+/// or 8-bit for every format, every layout computes the whole model's bits:
+/// tensor-parallel ranks sum their column pieces in the whole model's
 /// order, so no rounding difference reaches an 8-bit activation (before
 /// column pieces, TP 3 differed from the whole by 2-3% of the logits with
-/// 8-bit activations on this file).
+/// 8-bit activations on this file). The default model too, with 8-bit
+/// activations for its Q4_1 and Q8_0 (its own tests cover the default mode).
 #[test]
 fn a_k_quant_mix_gives_the_same_answers_in_every_layout() {
+    use tandem_model::qrows::{set_activations, Activations};
     let file = q4_k_m();
-    for int8 in [false, true] {
-        tandem_model::qrows::set_int8_activations(int8);
+    for a in [Activations::F32, Activations::Auto, Activations::Int8] {
+        set_activations(a);
         common::composed_equal_full(&file, &[(2, 1), (1, 3), (2, 3)]);
         common::layouts_bit_identical(&file, &[(2, 1), (1, 3), (2, 3)]);
     }
+    common::layouts_bit_identical(&common::open(), &[(1, 3), (2, 3)]);
 }

@@ -147,18 +147,16 @@ fn half_precision_kv_stays_close() {
 /// A decode group prefilling a short suffix itself runs the prompt through
 /// the quantized weights instead of the dense ones: the same weights (dense
 /// ones are the dequantized blocks), with decode's activations. With f32
-/// activations that is the same numbers summed in another order; with 8-bit
-/// ones (the default, as llama.cpp's) each block of 32 activations is
-/// rounded to 255 levels, which moves logits by a few percent of the largest.
+/// activations (the default model's default) that is the same numbers
+/// summed in another order; with 8-bit ones (`TANDEM_DECODE_ACTIVATIONS=int8`,
+/// as llama.cpp's) each block of 32 activations is rounded to 255 levels,
+/// which moves logits by a few percent of the largest.
 #[test]
 fn prefill_on_quantized_weights_stays_within_tolerance() {
     // Largest difference allowed, relative to the largest logit (measured:
     // under 2e-4 with f32 activations, 0.03-0.04 with 8-bit ones).
-    let tolerance: f32 = if tandem_model::qrows::int8_activations() {
-        0.08
-    } else {
-        1e-3
-    };
+    let int8 = tandem_model::qrows::activations() == tandem_model::qrows::Activations::Int8;
+    let tolerance: f32 = if int8 { 0.08 } else { 1e-3 };
     let file = common::open();
     let opts = |formats| EngineOptions {
         kv_blocks: 32,

@@ -139,7 +139,13 @@ pub fn generate(chat: &str, max_tokens: usize) -> String {
 /// `tandem generate`'s greedy text for these arguments (`--chat TEXT` or
 /// `--messages JSON`), in one process: the reference the cluster must equal.
 pub fn generate_with(args: &[&str], max_tokens: usize) -> String {
+    generate_env(args, max_tokens, &[])
+}
+
+/// [`generate_with`] with environment variables set.
+pub fn generate_env(args: &[&str], max_tokens: usize, env: &[(&str, &str)]) -> String {
     let out = Command::new(EXE)
+        .envs(env.iter().copied())
         .args(["generate", "--chunk", CHUNK])
         .args(["--max-tokens", &max_tokens.to_string()])
         .args(args)
