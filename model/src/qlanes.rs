@@ -89,7 +89,7 @@ impl LaneMat {
         let q4 = q.kind == QKind::Q4_1;
         let (nb, bb) = (q.cols / 32, q.kind.block_bytes());
         let (full, tail) = (nb / LANES, nb % LANES);
-        let bundle = if tail == 0 { 1 } else { LANES / tail };
+        let bundle = LANES.checked_div(tail).unwrap_or(1);
         let bundles = q.rows.div_ceil(bundle);
         let bpb = if q4 { 16 } else { 32 };
         let off = if q4 { 4 } else { 2 };
