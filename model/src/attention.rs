@@ -178,10 +178,18 @@ fn attend_group<T: KvElem>(
     let n_blocks = ctx.div_ceil(bs);
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     if let Some(d) = T::as_f32(cx.data) {
-        let blocks = &blocks[..n_blocks.min(blocks.len())];
-        if regs::attend(
-            d, blocks, be, k_off, v_off, bs, hd, gs, ctx, cx.scale, q, scores, out,
-        ) {
+        let rows = regs::Rows {
+            data: d,
+            blocks: &blocks[..n_blocks.min(blocks.len())],
+            block_elems: be,
+            k_off,
+            v_off,
+            bs,
+            hd,
+            ctx,
+            scale: cx.scale,
+        };
+        if regs::attend(&rows, gs, q, scores, out) {
             return;
         }
     }
@@ -227,80 +235,66 @@ fn attend_group<T: KvElem>(
 /// Decode attention over f32 KV with the group's query heads and outputs
 /// held in registers: each key and value row is loaded once for every head
 /// of the group, and the outputs are stored once at the end instead of after
-/// every position. Head dimensions 64 and 128, groups of up to four heads
-/// (eight at 64); `attend` returns false for other shapes.
+/// every position. Head dimension 64 with up to four heads per group, or 128
+/// with up to two; `attend` returns false for other shapes.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 mod regs {
     use crate::kv::BlockId;
     use std::arch::x86_64::*;
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend(
-        data: &[f32],
-        blocks: &[BlockId],
-        block_elems: usize,
-        k_off: usize,
-        v_off: usize,
-        bs: usize,
-        hd: usize,
-        gs: usize,
-        ctx: usize,
-        scale: f32,
-        q: &[f32],
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) -> bool {
-        macro_rules! go {
-            ($g:literal, $v:literal) => {
-                run::<$g, $v>(
-                    data,
-                    blocks,
-                    block_elems,
-                    k_off,
-                    v_off,
-                    bs,
-                    ctx,
-                    scale,
-                    q,
-                    scores,
-                    out,
-                )
-            };
-        }
-        let inside = blocks
-            .iter()
-            .all(|b| b.0 as usize * block_elems + k_off.max(v_off) + bs * hd <= data.len());
-        if blocks.len() * bs < ctx || !inside {
+    /// Where one KV head's rows of one sequence lie in the pool.
+    pub struct Rows<'a> {
+        pub data: &'a [f32],
+        pub blocks: &'a [BlockId],
+        pub block_elems: usize,
+        pub k_off: usize,
+        pub v_off: usize,
+        pub bs: usize,
+        pub hd: usize,
+        pub ctx: usize,
+        pub scale: f32,
+    }
+
+    /// Attention of `gs` query heads over `r`; false for shapes it leaves to
+    /// the general path.
+    pub fn attend(r: &Rows, gs: usize, q: &[f32], scores: &mut [f32], out: &mut [f32]) -> bool {
+        let inside = r.blocks.iter().all(|b| {
+            b.0 as usize * r.block_elems + r.k_off.max(r.v_off) + r.bs * r.hd <= r.data.len()
+        });
+        if r.blocks.len() * r.bs < r.ctx || !inside {
             return false;
         }
         // Up to sixteen registers of queries and as many of outputs.
-        match (gs, hd) {
-            (1, 64) => go!(1, 4),
-            (2, 64) => go!(2, 4),
-            (3, 64) => go!(3, 4),
-            (4, 64) => go!(4, 4),
-            (1, 128) => go!(1, 8),
-            (2, 128) => go!(2, 8),
+        match (gs, r.hd) {
+            (1, 64) => run::<1, 4>(r, q, scores, out),
+            (2, 64) => run::<2, 4>(r, q, scores, out),
+            (3, 64) => run::<3, 4>(r, q, scores, out),
+            (4, 64) => run::<4, 4>(r, q, scores, out),
+            (1, 128) => run::<1, 8>(r, q, scores, out),
+            (2, 128) => run::<2, 8>(r, q, scores, out),
             _ => return false,
         }
         true
     }
 
     /// `G` query heads of `V * 16` dimensions.
-    #[allow(clippy::too_many_arguments)]
     fn run<const G: usize, const V: usize>(
-        data: &[f32],
-        blocks: &[BlockId],
-        block_elems: usize,
-        k_off: usize,
-        v_off: usize,
-        bs: usize,
-        ctx: usize,
-        scale: f32,
+        r: &Rows,
         q: &[f32],
         scores: &mut [f32],
         out: &mut [f32],
     ) {
+        let Rows {
+            data,
+            blocks,
+            block_elems,
+            k_off,
+            v_off,
+            bs,
+            ctx,
+            scale,
+            ..
+        } = *r;
         let hd = V * 16;
         assert!(q.len() >= G * hd && out.len() >= G * hd && scores.len() >= G * ctx);
         // SAFETY: AVX-512F is enabled at compile time. Every row read below

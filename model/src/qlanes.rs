@@ -384,19 +384,24 @@ mod avx512 {
                 .step_by(TOKEN_TILE)
                 .map(move |t0| (t0, (t - t0).min(TOKEN_TILE)))
         };
+        // Each row's whole groups, then each bundle's tails, in token tiles.
+        macro_rules! tiled {
+            ($f:ident, $r:expr, $t0:expr, $n:expr, $o:expr) => {
+                match (m.q4(), $n) {
+                    (true, 4) => $f::<true, 4>(m, $r, a, $t0, $o),
+                    (true, 3) => $f::<true, 3>(m, $r, a, $t0, $o),
+                    (true, 2) => $f::<true, 2>(m, $r, a, $t0, $o),
+                    (true, _) => $f::<true, 1>(m, $r, a, $t0, $o),
+                    (false, 4) => $f::<false, 4>(m, $r, a, $t0, $o),
+                    (false, 3) => $f::<false, 3>(m, $r, a, $t0, $o),
+                    (false, 2) => $f::<false, 2>(m, $r, a, $t0, $o),
+                    (false, _) => $f::<false, 1>(m, $r, a, $t0, $o),
+                }
+            };
+        }
         for (j, o) in out.chunks_exact_mut(t).enumerate() {
             for (t0, n) in tiles() {
-                let o = &mut o[t0..t0 + n];
-                match (m.q4(), n) {
-                    (true, 4) => row::<true, 4>(m, r0 + j, a, t0, o),
-                    (true, 3) => row::<true, 3>(m, r0 + j, a, t0, o),
-                    (true, 2) => row::<true, 2>(m, r0 + j, a, t0, o),
-                    (true, _) => row::<true, 1>(m, r0 + j, a, t0, o),
-                    (false, 4) => row::<false, 4>(m, r0 + j, a, t0, o),
-                    (false, 3) => row::<false, 3>(m, r0 + j, a, t0, o),
-                    (false, 2) => row::<false, 2>(m, r0 + j, a, t0, o),
-                    (false, _) => row::<false, 1>(m, r0 + j, a, t0, o),
-                }
+                tiled!(row, r0 + j, t0, n, &mut o[t0..t0 + n]);
             }
         }
         if m.tail == 0 {
@@ -405,16 +410,7 @@ mod avx512 {
         for k0 in (0..n_rows).step_by(m.bundle) {
             let o = &mut out[k0 * t..(k0 + m.bundle).min(n_rows) * t];
             for (t0, n) in tiles() {
-                match (m.q4(), n) {
-                    (true, 4) => tail::<true, 4>(m, r0 + k0, a, t0, o),
-                    (true, 3) => tail::<true, 3>(m, r0 + k0, a, t0, o),
-                    (true, 2) => tail::<true, 2>(m, r0 + k0, a, t0, o),
-                    (true, _) => tail::<true, 1>(m, r0 + k0, a, t0, o),
-                    (false, 4) => tail::<false, 4>(m, r0 + k0, a, t0, o),
-                    (false, 3) => tail::<false, 3>(m, r0 + k0, a, t0, o),
-                    (false, 2) => tail::<false, 2>(m, r0 + k0, a, t0, o),
-                    (false, _) => tail::<false, 1>(m, r0 + k0, a, t0, o),
-                }
+                tiled!(tail, r0 + k0, t0, n, o);
             }
         }
     }
