@@ -194,9 +194,9 @@ impl ModelFile {
                 let matrix = matches!(shape.len(), 2 | 3);
                 let decode = match (kind, matrix) {
                     (Some(k), true) => {
-                        // A dense model's layers and every LM head have
-                        // layout-exact inputs (see `int8_decode`).
-                        let exact = name == head || self.config.moe.is_none();
+                        // Every LM head has layout-exact inputs (see
+                        // `int8_decode`), and a dense model's layers.
+                        let exact = name == head || crate::linear::exact_layers(&self.config);
                         let acts =
                             if crate::linear::int8_decode(k, exact) && crate::qlanes::available() {
                                 "8-bit"

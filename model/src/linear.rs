@@ -82,6 +82,12 @@ enum QPart {
 /// [`Activations::Int8`] and only there: a mixture of experts all-reduces
 /// its expert sums, so a last-bit difference between layouts could step an
 /// 8-bit activation and the steps compound.
+/// Whether a model's layer weights get exact inputs in every layout: a
+/// dense model's do (column pieces); a mixture of experts all-reduces.
+pub fn exact_layers(cfg: &crate::config::ModelConfig) -> bool {
+    cfg.moe.is_none()
+}
+
 pub fn int8_decode(kind: QKind, exact: bool) -> bool {
     match kind {
         QKind::Q4_0 | QKind::Q4_1 | QKind::Q8_0 => {
@@ -178,19 +184,16 @@ impl Linear {
         Self::build(raw, bias, formats, false)
     }
 
-    /// A weight whose input every layout computes bit for bit as the whole
-    /// model does, so decode may quantize it in any format ([`int8_decode`]).
-    pub fn exact(raw: RawTensor, bias: Option<Vec<f32>>, formats: Formats) -> Result<Linear> {
-        Self::build(raw, bias, formats, true)
-    }
-
     /// The LM head: quantized in every phase (dense only when the file has
     /// no quantized form); its logits feed only sampling.
     pub fn head(raw: RawTensor) -> Result<Linear> {
         Self::build(raw, None, Formats::DECODE, true)
     }
 
-    fn build(
+    /// `exact`: every layout computes this weight's input bit for bit as the
+    /// whole model does, so decode may quantize it in any format
+    /// ([`int8_decode`]).
+    pub fn build(
         raw: RawTensor,
         bias: Option<Vec<f32>>,
         formats: Formats,
@@ -292,7 +295,7 @@ pub struct ColumnPieces {
 impl ColumnPieces {
     /// `raw`'s columns in `n` pieces, or in one where `n` pieces would cut
     /// its quantized blocks (which would dequantize them). `exact` as for
-    /// [`Linear::exact`].
+    /// [`Linear::build`].
     pub fn new(raw: RawTensor, n: usize, formats: Formats, exact: bool) -> Result<ColumnPieces> {
         let linear = |raw| Linear::build(raw, None, formats, exact);
         let cols = raw.shape()[1];

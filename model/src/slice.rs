@@ -243,14 +243,12 @@ impl ModelSlice {
         let mut layers = Vec::with_capacity(t.layers.len());
         let cfg = &file.config;
         let pieces = column_pieces(cfg, spec);
-        // A dense model's layouts compute every layer's inputs bit for bit
-        // (column pieces); a mixture of experts all-reduces its expert sums.
-        let exact = cfg.moe.is_none();
+        let exact = crate::linear::exact_layers(cfg);
         for l in t.layers {
             let ffn = match l.ffn {
                 FfnTensors::Dense { gate_up, down } => Ffn::Dense {
-                    gate_up: Linear::exact(gate_up, None, formats)?,
-                    down: ColumnPieces::new(down, pieces, formats, true)?,
+                    gate_up: Linear::build(gate_up, None, formats, exact)?,
+                    down: ColumnPieces::new(down, pieces, formats, exact)?,
                 },
                 FfnTensors::Moe {
                     router,
@@ -260,11 +258,7 @@ impl ModelSlice {
             };
             layers.push(Layer {
                 attn_norm: l.attn_norm,
-                qkv: if exact {
-                    Linear::exact(l.qkv, l.qkv_bias, formats)?
-                } else {
-                    Linear::new(l.qkv, l.qkv_bias, formats)?
-                },
+                qkv: Linear::build(l.qkv, l.qkv_bias, formats, exact)?,
                 q_norm: l.q_norm,
                 k_norm: l.k_norm,
                 o: ColumnPieces::new(l.o, pieces, formats, exact)?,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{prompt_ids, PROMPTS};
+use common::{logits_after, prompt_ids, PROMPTS};
 use tandem_model::{Engine, EngineOptions, Sequence};
 
 #[test]
@@ -85,21 +85,6 @@ fn chunked_prefill_equals_one_pass() {
         let d = common::rel_diff(&one_pass, &l);
         assert!(d <= 1e-4, "chunks of {chunk}: logits differ by {d}");
     }
-}
-
-/// Prefill logits, and the next step's after `next` (the same token for
-/// every engine compared, so a near-tie flip cannot change what follows).
-fn logits_after(engine: &mut Engine, ids: &[u32], next: Option<u32>) -> (Vec<f32>, Vec<f32>) {
-    let mut seq = Sequence {
-        tokens: ids.to_vec(),
-        ..Default::default()
-    };
-    let pre = engine.prefill(&mut seq, 512).expect("prefill");
-    seq.tokens
-        .push(next.unwrap_or_else(|| tandem_model::sampling::argmax(&pre)));
-    let dec = engine.decode(&mut [&mut seq]).expect("decode");
-    engine.release(&mut seq);
-    (pre, dec)
 }
 
 /// `b`'s best token is `a`'s, or within `gap` logits of it in `a` (a near-tie).

@@ -133,8 +133,8 @@ pub fn model_checks(
     mut each: impl FnMut(&Check),
 ) -> Vec<Check> {
     // The device computes activations in full precision, so the CPU
-    // reference does too (its default decode quantizes them to 8 bits,
-    // which moves logits by a few percent).
+    // reference does too (by default its decode quantizes them to 8 bits for
+    // K-quant and Q5 weights, which moves logits by a few percent).
     crate::qrows::set_int8_activations(false);
     let mut out = Vec::new();
     let mut push = |c: Check| {

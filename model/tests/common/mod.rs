@@ -187,12 +187,20 @@ pub fn prompt_ids(file: &ModelFile, p: &str) -> Vec<u32> {
 
 /// Prefill logits, then the logits of one decode step after the greedy token.
 pub fn logits(engine: &mut Engine, ids: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    logits_after(engine, ids, None)
+}
+
+/// Prefill logits, and the next step's after `next` (default: the prefill's
+/// best), so that engines compared can be given the same token and a
+/// near-tie flip cannot change what follows.
+pub fn logits_after(engine: &mut Engine, ids: &[u32], next: Option<u32>) -> (Vec<f32>, Vec<f32>) {
     let mut seq = Sequence {
         tokens: ids.to_vec(),
         ..Default::default()
     };
     let pre = engine.prefill(&mut seq, 512).expect("prefill");
-    seq.tokens.push(tandem_model::sampling::argmax(&pre));
+    seq.tokens
+        .push(next.unwrap_or_else(|| tandem_model::sampling::argmax(&pre)));
     let dec = engine.decode(&mut [&mut seq]).expect("decode");
     engine.release(&mut seq);
     (pre, dec)
