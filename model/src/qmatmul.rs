@@ -10,9 +10,14 @@
 //! agree with the whole to rounding error, where 8-bit activations would turn
 //! those differences into whole quantization steps.
 //!
-//! Four rows share each activation load at batch 1; a block is unpacked once
-//! for up to eight tokens in batched decode. AVX-512 where the CPU has it, a
-//! portable scalar path otherwise.
+//! Each block is unpacked once into its weights times its scale (exact in
+//! f32), then multiplied into every token of the tile with two FMAs per 32
+//! weights. Four rows share each activation load at batch 1; in batched
+//! decode two rows share each activation load and a block is unpacked once
+//! for up to eight tokens. Every (row, token) pair sees the same operations
+//! in the same order whatever the tile, so a token's result does not depend
+//! on its batch. AVX-512 where the CPU has it, a portable scalar path
+//! otherwise.
 
 use half::f16;
 use rayon::prelude::*;
@@ -23,6 +28,8 @@ use crate::quant::{QKind, QMat};
 const ROW_GROUP: usize = 4;
 /// Tokens computed together against one row.
 const TOKEN_TILE: usize = 8;
+/// Rows computed together against a chunk of tokens.
+const BATCH_ROWS: usize = 2;
 const ROWS_PER_TASK: usize = 64;
 
 #[derive(Debug, Clone)]
@@ -99,26 +106,25 @@ impl PackedMat {
             }
             // Tokens in chunks whose activations stay in L1 while every row
             // of the task passes over them; within a chunk, two rows share
-            // each activation load and four tokens each unpacked block
-            // (8 + 8 accumulators stay in registers).
+            // each activation load and every token of the chunk each
+            // unpacked block (16 accumulators stay in registers).
             for c0 in (0..t).step_by(TOKEN_TILE) {
-                let c1 = (c0 + TOKEN_TILE).min(t);
+                let n = (c0 + TOKEN_TILE).min(t) - c0;
+                let (xs, ss) = (&x[c0 * cols..], &xsum[c0 * nb..]);
                 let mut j = 0;
                 while j < n_rows {
-                    let pair = j + 2 <= n_rows;
-                    let mut t0 = c0;
-                    while t0 < c1 {
-                        let (xs, ss) = (&x[t0 * cols..], &xsum[t0 * nb..]);
-                        let four = c1 - t0 >= 4;
-                        match (pair, four) {
-                            (true, true) => self.tile_into::<2, 4>(r0, j, t0, xs, ss, o, t),
-                            (true, false) => self.tile_into::<2, 1>(r0, j, t0, xs, ss, o, t),
-                            (false, true) => self.tile_into::<1, 4>(r0, j, t0, xs, ss, o, t),
-                            (false, false) => self.tile_into::<1, 1>(r0, j, t0, xs, ss, o, t),
-                        }
-                        t0 += if four { 4 } else { 1 };
+                    let pair = j + BATCH_ROWS <= n_rows;
+                    macro_rules! tiles {
+                        ($($n:literal)*) => {
+                            match (pair, n) {
+                                $((true, $n) => self.tile_into::<BATCH_ROWS, $n>(r0, j, c0, xs, ss, o, t),
+                                  (false, $n) => self.tile_into::<1, $n>(r0, j, c0, xs, ss, o, t),)*
+                                _ => unreachable!("a chunk holds 1 to {TOKEN_TILE} tokens"),
+                            }
+                        };
                     }
-                    j += if pair { 2 } else { 1 };
+                    tiles!(1 2 3 4 5 6 7 8);
+                    j += if pair { BATCH_ROWS } else { 1 };
                 }
             }
         });
@@ -432,8 +438,10 @@ mod avx512 {
         let table = _mm512_setr_ps(
             0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
         );
+        // One accumulator per row and token. Every (row, token) pair sees the
+        // same sequence of operations whatever R and N are, so a token's
+        // result does not depend on the batch it decodes in.
         let mut acc = [[_mm512_setzero_ps(); N]; R];
-        let mut accm = [[_mm512_setzero_ps(); N]; R];
         let (dp, mp, qp, xp, sp) = (
             p.d.as_ptr(),
             p.m.as_ptr(),
@@ -452,47 +460,54 @@ mod avx512 {
                 let row_blk = (r0 + r) * nb + c;
                 _mm512_storeu_ps(ds[r].as_mut_ptr(), load_f16x16(dp.add(row_blk), mask));
                 if q4 {
+                    // The minimums of 16 blocks against their activation sums,
+                    // one block per lane (the final sum adds every lane).
                     let mv = load_f16x16(mp.add(row_blk), mask);
                     for n in 0..N {
-                        accm[r][n] = _mm512_fmadd_ps(
+                        acc[r][n] = _mm512_fmadd_ps(
                             mv,
                             _mm512_maskz_loadu_ps(mask, sp.add(n * nb + c)),
-                            accm[r][n],
+                            acc[r][n],
                         );
                     }
                 }
             }
             for b in c..c + len {
-                let mut xl = [_mm512_setzero_ps(); N];
-                let mut xh = [_mm512_setzero_ps(); N];
-                for n in 0..N {
-                    xl[n] = _mm512_loadu_ps(xp.add(n * cols + b * 32));
-                    xh[n] = _mm512_loadu_ps(xp.add(n * cols + b * 32 + 16));
-                }
                 for r in 0..R {
                     let q = qp.add(((r0 + r) * nb + b) * qb);
+                    let d = _mm512_set1_ps(ds[r][b - c]);
+                    // The block's weights times its scale, exactly (an f16
+                    // scale times a 4- or 8-bit value fits f32's mantissa),
+                    // once for every token of the tile.
                     let (lo, hi) = if q4 {
                         // Each 32-bit lane holds one byte; the permute reads a
-                        // lane's low four bits as its index: nibble -> float.
+                        // lane's low four bits as its index: nibble -> d * nibble.
                         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i));
+                        let td = _mm512_mul_ps(table, d);
                         (
-                            _mm512_permutexvar_ps(v, table),
-                            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table),
+                            _mm512_permutexvar_ps(v, td),
+                            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), td),
                         )
                     } else {
                         (
-                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                q as *const __m128i,
-                            ))),
-                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                q.add(16) as *const __m128i
-                            ))),
+                            _mm512_mul_ps(
+                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                    q as *const __m128i,
+                                ))),
+                                d,
+                            ),
+                            _mm512_mul_ps(
+                                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                    q.add(16) as *const __m128i,
+                                ))),
+                                d,
+                            ),
                         )
                     };
-                    let d = _mm512_set1_ps(ds[r][b - c]);
                     for n in 0..N {
-                        let s = _mm512_fmadd_ps(lo, xl[n], _mm512_mul_ps(hi, xh[n]));
-                        acc[r][n] = _mm512_fmadd_ps(s, d, acc[r][n]);
+                        let xb = xp.add(n * cols + b * 32);
+                        acc[r][n] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[r][n]);
+                        acc[r][n] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), acc[r][n]);
                     }
                 }
             }
@@ -500,7 +515,7 @@ mod avx512 {
         }
         for r in 0..R {
             for n in 0..N {
-                out[r][n] = _mm512_reduce_add_ps(acc[r][n]) + _mm512_reduce_add_ps(accm[r][n]);
+                out[r][n] = _mm512_reduce_add_ps(acc[r][n]);
             }
         }
     }
