@@ -41,6 +41,7 @@ pub mod slice;
 mod source;
 pub mod stream;
 pub mod tokenizer;
+mod vmath;
 mod weights;
 
 pub use attention::SeqSpan;

@@ -365,9 +365,7 @@ fn swiglu_act(
         .zip(gu.par_chunks(2 * width))
         .for_each(|(a, gu)| {
             let (g, u) = gu.split_at(width);
-            for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                *a = g / (1.0 + (-g).exp()) * u;
-            }
+            crate::vmath::silu_mul(a, g, u);
         });
     Ok(act)
 }
