@@ -567,6 +567,10 @@ mod tests {
             w.matmul(&x, t, &mut out);
             let xsum: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
             for ti in 0..t {
+                // A token alone gives the same bits as in the batch.
+                let mut alone = vec![0f32; rows];
+                w.matmul(&x[ti * cols..(ti + 1) * cols], 1, &mut alone);
+                prop_assert!(alone.iter().zip(&out[ti * rows..(ti + 1) * rows]).all(|(a, b)| a.to_bits() == b.to_bits()), "token {} alone differs from its batch of {}", ti, t);
                 for r in 0..rows {
                     let exact: f32 = (0..cols).map(|c| wf[r * cols + c] * x[ti * cols + c]).sum();
                     let scale: f32 = (0..cols).map(|c| (wf[r * cols + c] * x[ti * cols + c]).abs()).sum();
